@@ -1,0 +1,1 @@
+"""The emulated codec unit: per-guest worker processes that execute channel register files."""

@@ -1,0 +1,126 @@
+"""Execute one channel's register file against one guest region.
+
+The engine reads only its registers (seed 000): the program block hostd wrote,
+and for SESSION_OPEN the config page hostd filled with the copy it validated.
+Buffers named by the registers were range-checked by hostd against this
+guest's heap, but their contents are hostile.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vmediad import abi
+from vmediad.abi import ErrorCode, Op
+
+if TYPE_CHECKING:
+    from codec_backend.av_sessions import SessionManager
+
+# With fault injection enabled (tests only), a source buffer starting with this
+# marker makes the worker die of a real SIGSEGV, as a crashing codec would.
+CRASH_MARKER = b"\xde\xadVMEDIAD-SEGV\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    result: int = 0
+    result_len: int = 0
+    error: int = ErrorCode.OK
+    copied: int = 0
+
+
+class Engine:
+    def __init__(self, mem: memoryview, limits: dict[str, int], *, fault_injection: bool = False) -> None:
+        self.mem = mem
+        self.limits = limits
+        self.fault_injection = fault_injection
+        self._sessions: SessionManager | None = None
+
+    @property
+    def sessions(self) -> SessionManager:
+        if self._sessions is None:
+            # PyAV is imported on first codec use so a worker respawns fast.
+            from codec_backend.av_sessions import GeometryCaps, SessionManager
+
+            self._sessions = SessionManager(
+                GeometryCaps(self.limits["max_width"], self.limits["max_height"], self.limits["max_pixels"]),
+                max_sessions=self.limits["max_sessions"],
+            )
+        return self._sessions
+
+    def _maybe_crash(self, off: int, length: int) -> None:
+        if self.fault_injection and length >= len(CRASH_MARKER):
+            if bytes(self.mem[off : off + len(CRASH_MARKER)]) == CRASH_MARKER:
+                os.kill(os.getpid(), signal.SIGSEGV)
+
+    def run(self, prog: tuple[int, ...], config: bytes) -> Outcome:
+        opcode, flags, session, _cfg_len, src_off, src_len, dst_off, dst_len, a0, a1, a2, _a3 = prog
+        op = Op(opcode)
+        if op in (Op.CRC32, Op.ENCODE_FRAME, Op.DECODE, Op.COPY):
+            self._maybe_crash(src_off, src_len)
+        if op == Op.NOP:
+            return Outcome()
+        if op == Op.COPY:
+            # memoryview slice assignment is a memmove; hostd rejected overlap anyway.
+            self.mem[dst_off : dst_off + src_len] = self.mem[src_off : src_off + src_len]
+            return Outcome(result_len=src_len, copied=src_len)
+        if op == Op.CRC32:
+            return Outcome(result=zlib.crc32(self.mem[src_off : src_off + src_len]), result_len=src_len)
+        return self._codec(op, flags, session, config, src_off, src_len, dst_off, dst_len, a0, a1, a2)
+
+    def _codec(self, op: Op, flags: int, session: int, config: bytes, src_off: int, src_len: int,
+               dst_off: int, dst_len: int, a0: int, a1: int, a2: int) -> Outcome:
+        from codec_backend.av_sessions import CodecError, write_caps
+
+        sm = self.sessions
+        copied_before = _copied(sm)
+        pts = _signed(a0) if flags & abi.DescFlag.PTS_VALID else None
+        drain = bool(flags & abi.DescFlag.DRAIN_PENDING)
+        try:
+            if op == Op.CAPS:
+                count, used = write_caps(self.mem, dst_off, dst_len, sm.caps)
+            elif op == Op.SESSION_OPEN:
+                sm.open(session, abi.SessionConfig.unpack(config))
+                return Outcome(result=session)
+            elif op == Op.SESSION_CLOSE:
+                sm.close(session)
+                return Outcome(result=session)
+            elif op == Op.ENCODE_FRAME:
+                strides = (a1 & 0xFFFFFFFF, a1 >> 32, a2 & 0xFFFFFFFF)
+                count, used = sm.encode(
+                    session, self.mem, src_off, src_len, strides, pts,
+                    bool(flags & abi.DescFlag.FORCE_KEYFRAME), drain, dst_off, dst_len,
+                )
+            elif op == Op.DECODE:
+                count, used = sm.decode(
+                    session, self.mem, src_off, src_len, pts, bool(flags & abi.DescFlag.PARSE), drain,
+                    dst_off, dst_len,
+                )
+            elif op == Op.FLUSH:
+                count, used = sm.flush(session, self.mem, dst_off, dst_len)
+            else:  # pragma: no cover - validate.check() admits only the ops above
+                return Outcome(error=ErrorCode.BAD_OPCODE)
+        except CodecError as e:
+            return Outcome(result_len=e.required, error=e.code, copied=_copied(sm) - copied_before)
+        except ValueError:
+            return Outcome(error=ErrorCode.BAD_ARG)
+        return Outcome(result=count, result_len=used, copied=_copied(sm) - copied_before)
+
+    def statistics(self) -> dict[str, object]:
+        return {} if self._sessions is None else self._sessions.statistics()
+
+    def close(self) -> None:
+        if self._sessions is not None:
+            self._sessions.close_all()
+
+
+def _copied(sm: SessionManager) -> int:
+    return int(sm.bytes_copied_total)
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v

@@ -1,0 +1,143 @@
+"""A guest's codec worker process: maps only that guest's region and hostd's bank.
+
+Started by hostd as ``python -m codec_backend.worker`` with the two fds passed.
+An FFmpeg crash here kills this process only; hostd fails the running task
+with WORKER_CRASHED and respawns the worker.
+
+Mailbox protocol (bank words, see vmediad.abi):
+  hostd: program channel, store CTRL=START (release), fetch-add KICK[slot],
+         futex-wake KICK[slot] only if NEED_WAKEUP[slot] is set.
+  worker: CAS CTRL START->RUNNING, execute, write result registers,
+          store CTRL=DONE (release), fetch-add HOST_EVENT, futex-wake it only
+          if BANK_HOST_NEED_WAKEUP is set.
+Both sleep sides use "store flag; seq-cst fence; re-check; futex_wait".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+
+from vmediad._native._core import lib
+
+from codec_backend.engine import Engine, Outcome
+from vmediad import abi
+from vmediad.abi import Ctrl, ErrorCode, Op
+from vmediad.shm import MappedRegion, fence
+
+SPINS = 4000
+SLEEP_S = 1.0
+_INLINE_OPS = frozenset({Op.NOP, Op.COPY, Op.CRC32})
+
+
+class Worker:
+    def __init__(self, slot: int, channels: int, region: MappedRegion, bank: MappedRegion,
+                 limits: dict[str, int], fault_injection: bool, parent: int) -> None:
+        self.slot = slot
+        self.owner = slot + 1
+        self.channels = channels
+        self.region = region
+        self.bank = bank
+        self.parent = parent
+        self.engine = Engine(region.mem, limits, fault_injection=fault_injection)
+        self._kick = abi.worker_kick_offset(slot)
+        self._need_wakeup = abi.worker_need_wakeup_offset(slot)
+        self._queues: dict[int, queue.SimpleQueue[int]] = {}
+        # Codec sessions are stateful and not thread-safe across one session;
+        # hostd runs one task per channel at a time and binds each session to
+        # one channel, so one thread per channel keeps every session ordered.
+        self._engine_lock = threading.Lock()
+
+    def run_channel(self, k: int) -> None:
+        ch = abi.channel_offset(k)
+        prog = abi.CH_PROGRAM_STRUCT.unpack_from(self.bank.mem, ch + abi.CH_PROGRAM)
+        config = b""
+        if prog[0] == Op.SESSION_OPEN:
+            cfg_len = min(prog[3], abi.CONFIG_PAGE)
+            off = abi.channel_config_offset(self.channels, k)
+            config = bytes(self.bank.mem[off : off + cfg_len])
+        try:
+            out = self.engine.run(prog, config)
+        except Exception:  # a backend bug must fail the task, not the worker
+            out = Outcome(error=ErrorCode.BACKEND)
+        abi.CH_RESULT_STRUCT.pack_into(
+            self.bank.mem, ch + abi.CH_RESULT, out.result, out.result_len, out.error, 0, out.copied
+        )
+        self.bank.store32(ch + abi.CH_CTRL, Ctrl.DONE)  # release: publishes the results above
+        self.bank.fadd32(abi.BANK_HOST_EVENT, 1)
+        if self.bank.load32(abi.BANK_HOST_NEED_WAKEUP):
+            self.bank.futex_wake(abi.BANK_HOST_EVENT, 1)
+
+    def _channel_thread(self, k: int, q: queue.SimpleQueue[int]) -> None:
+        while True:
+            q.get()
+            self.run_channel(k)
+
+    def _dispatch(self, k: int) -> None:
+        prog_op = self.bank.load32(abi.channel_offset(k) + abi.CH_PROGRAM)
+        if prog_op in _INLINE_OPS:
+            self.run_channel(k)
+            return
+        q = self._queues.get(k)
+        if q is None:
+            q = self._queues[k] = queue.SimpleQueue()
+            threading.Thread(target=self._channel_thread, args=(k, q), daemon=True,
+                             name=f"channel-{k}").start()
+        q.put(k)
+
+    def scan(self) -> None:
+        for k in range(self.channels):
+            ch = abi.channel_offset(k)
+            if self.bank.load32(ch + abi.CH_OWNER) != self.owner:
+                continue
+            if self.bank.cas32(ch + abi.CH_CTRL, Ctrl.START, Ctrl.RUNNING) == Ctrl.START:
+                self._dispatch(k)
+
+    def loop(self) -> None:
+        while True:
+            seen = self.bank.load32(self._kick)
+            self.scan()
+            if self.bank.spin32(self._kick, seen, SPINS) != seen:
+                continue
+            self.bank.store32(self._need_wakeup, 1)
+            fence()
+            if self.bank.load32(self._kick) == seen:
+                self.bank.futex_wait(self._kick, seen, SLEEP_S)
+            self.bank.store32(self._need_wakeup, 0)
+            if os.getppid() != self.parent:
+                return  # hostd is gone; PDEATHSIG normally got here first
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vmediad-worker")
+    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--vm", type=int, required=True)
+    p.add_argument("--region-fd", type=int, required=True)
+    p.add_argument("--region-size", type=int, required=True)
+    p.add_argument("--bank-fd", type=int, required=True)
+    p.add_argument("--channels", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--limits", default="{}")
+    p.add_argument("--fault-injection", action="store_true")
+    a = p.parse_args(argv)
+    lib.vm_set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != a.parent:
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is hostd's to handle
+    region = MappedRegion(a.region_fd, a.region_size)
+    bank = MappedRegion(a.bank_fd, abi.bank_size(a.channels))
+    os.close(a.region_fd)
+    os.close(a.bank_fd)
+    limits = {"max_width": 8192, "max_height": 8192, "max_pixels": 35_000_000, "max_sessions": 16}
+    limits.update(json.loads(a.limits))
+    Worker(a.slot, a.channels, region, bank, limits, a.fault_injection, a.parent).loop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

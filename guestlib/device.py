@@ -1,0 +1,507 @@
+"""guestlib: the guest side of the vmediad device.
+
+Submitting (any thread; ``_lock`` serialises the producer side of the ring):
+  descriptor input block -> status=SUBMITTED -> SQ entry -> SQ_TAIL (release)
+  -> DOORBELL=KICK (seq-cst exchange) -> futex-wake DOORBELL only if hostd
+  published NEED_WAKEUP.  Under load hostd is awake and no syscall is made.
+Waiting (the submitting thread, on its own slot's status word only):
+  spin briefly; then WAITERS += 1 (seq-cst), re-check status, futex_wait on
+  the status word; WAITERS -= 1.  hostd flips status with a seq-cst exchange
+  and then reads WAITERS, so a sleeper is never missed and nobody else is woken.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from guestlib.heap import Heap, OutOfMemory
+from vmediad import abi, protocol
+from vmediad.abi import Doorbell, ErrorCode, Op, Status
+from vmediad.shm import EAGAIN, MappedRegion, monotonic_ns
+
+SPINS = 2000  # ~ a few microseconds of pause-spinning before sleeping
+LIVENESS_S = 3.0  # a heartbeat older than this means hostd is gone
+SLEEP_SLICE_S = 0.5
+
+
+class DeviceError(Exception):
+    """A task ended with an ERROR status (``code``) or the device refused a request."""
+
+    def __init__(self, code: ErrorCode, message: str = "", result_len: int = 0) -> None:
+        super().__init__(message or f"device error {code.name}")
+        self.code = code
+        self.result_len = result_len
+
+
+class DeviceGone(DeviceError):
+    def __init__(self, message: str = "hostd is gone") -> None:
+        super().__init__(ErrorCode.DEVICE_GONE, message)
+
+
+class SessionLost(DeviceError):
+    def __init__(self, message: str = "session lost (worker crash or hostd restart)") -> None:
+        super().__init__(ErrorCode.SESSION_LOST, message)
+
+
+class AttachError(Exception):
+    """hostd refused the attach (``kind`` says why: permission, limit, ...)."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def default_socket() -> str:
+    env = os.environ.get("VMEDIAD_SOCKET")
+    if env:
+        return env
+    from hostd.config import default_socket_path
+
+    return str(default_socket_path())
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    status: Status
+    result: int
+    result_len: int
+    error: ErrorCode
+    channel: int
+    device_ns: int
+    seq: int
+
+
+class Buffer:
+    """A block of the region's heap: ``mem`` writes go straight to shared memory."""
+
+    def __init__(self, dev: Device, offset: int, size: int) -> None:
+        self.device = dev
+        self.offset = offset
+        self.size = size
+        self.mem: memoryview = dev.region.mem[offset : offset + size]
+
+    def array(self, dtype: npt.DTypeLike = np.uint8, shape: tuple[int, ...] | int | None = None) -> npt.NDArray[Any]:
+        """A zero-copy numpy view of the buffer."""
+        a = np.frombuffer(self.mem, dtype=dtype)
+        return a if shape is None else a[: int(np.prod(shape))].reshape(shape)
+
+    def release(self) -> None:
+        self.mem.release()
+
+    def __repr__(self) -> str:
+        return f"Buffer(offset={self.offset:#x}, size={self.size})"
+
+
+class Task:
+    """One submitted descriptor.  ``wait()`` returns its result and frees the slot."""
+
+    __slots__ = ("_done", "_value", "device", "op", "slot", "wakeups")
+
+    def __init__(self, dev: Device, slot: int, op: Op) -> None:
+        self.device = dev
+        self.slot = slot
+        self.op = op
+        self.wakeups = 0  # futex wakeups this task's waiter received
+        self._done: Completion | None = None
+        self._value: Any = None
+
+    def completion(self, timeout: float | None = None) -> Completion:
+        if self._done is None:
+            self._done = self.device._wait(self, timeout)
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> Any:
+        c = self.completion(timeout)
+        if c.status != Status.DONE:
+            raise _error_for(c)
+        if self.op == Op.CRC32:
+            return c.result
+        if self.op in (Op.NOP, Op.COPY):
+            return None
+        return c
+
+    def done(self) -> bool:
+        if self._done is not None:
+            return True
+        return self.device.region.load32(self.device._desc(self.slot) + abi.D_STATUS) != Status.SUBMITTED
+
+
+def _error_for(c: Completion) -> DeviceError:
+    if c.error == ErrorCode.SESSION_LOST:
+        return SessionLost()
+    if c.error == ErrorCode.DEVICE_GONE:
+        return DeviceGone("the device went away before the task ran")
+    return DeviceError(c.error, f"task failed: {c.error.name}", c.result_len)
+
+
+class Device:
+    """An attached guest.  Thread-safe: many threads may submit and wait at once."""
+
+    def __init__(self, socket_path: str | None = None, name: str | None = None, region_size: int | None = None,
+                 ring_entries: int | None = None, *, named: bool = False, poll_only: bool = False,
+                 auto_reattach: bool = True, spins: int = SPINS) -> None:
+        self.socket_path = socket_path or default_socket()
+        self.name = name or f"vm{os.getpid()}"
+        self.poll_only = poll_only
+        self.auto_reattach = auto_reattach
+        self.spins = spins
+        self._lock = threading.Lock()
+        self._slot_free = threading.Condition(self._lock)
+        self._closed = False
+        self.wakeups = 0
+        self.spurious_wakeups = 0
+        self.syscalls_doorbell = 0
+        self.reattaches = 0
+        self._sock, reply, fd = self._connect(
+            {"cmd": "attach", "name": self.name, "region_size": region_size,
+             "ring_entries": ring_entries, "named": named}
+        )
+        self.fd = fd
+        self.vm_id: int = reply["vm"]
+        self.epoch: int = reply["epoch"]
+        self.shm_name: str | None = reply.get("shm_name")
+        self.channels: int = reply.get("channels", 0)
+        lay = reply["layout"]
+        self.region = MappedRegion(fd, lay["region_size"])
+        self.layout = abi.layout_from_registers(bytes(self.region.mem[: abi.PAGE_SIZE]))
+        if self.layout.as_dict() != lay:
+            raise AttachError("region registers disagree with the attach reply")
+        self.heap = Heap(self.layout.heap_offset, self.layout.heap_size)
+        self._free_slots = list(range(self.layout.ring_entries))[::-1]
+        self._tail = self.region.load32(abi.REG_SQ_TAIL)
+        self._monitor = threading.Thread(target=self._watch_control, daemon=True, name="vmediad-monitor")
+        self._monitor.start()
+
+    # -- control plane -------------------------------------------------------------------
+    def _connect(self, request: dict[str, Any], pass_fd: int | None = None) -> tuple[socket.socket, dict[str, Any], int]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
+            raise DeviceGone(f"cannot reach hostd at {self.socket_path}: {e}") from None
+        msg = protocol.encode(request)
+        if pass_fd is None:
+            sock.sendall(msg)
+        else:
+            socket.send_fds(sock, [msg], [pass_fd])
+        buf = b""
+        fds: list[int] = []
+        while b"\n" not in buf:
+            data, new_fds, _f, _a = socket.recv_fds(sock, 65536, 2)
+            fds.extend(new_fds)
+            if not data:
+                sock.close()
+                raise DeviceGone("hostd closed the connection during attach")
+            buf += data
+        reply = protocol.json.loads(buf.partition(b"\n")[0])
+        if not reply.get("ok"):
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise AttachError(reply.get("error", "refused"), reply.get("kind", ""))
+        if not fds:
+            sock.close()
+            raise AttachError("hostd sent no region fd")
+        for extra in fds[1:]:
+            os.close(extra)
+        return sock, reply, fds[0]
+
+    def _watch_control(self) -> None:
+        """Socket EOF means hostd died: re-attach by passing our region fd back."""
+        while not self._closed:
+            try:
+                data = self._sock.recv(4096)
+            except OSError:
+                data = b""
+            if data:
+                continue
+            if self._closed or not self.auto_reattach:
+                return
+            deadline = monotonic_ns() + int(30e9)
+            while not self._closed and monotonic_ns() < deadline:
+                try:
+                    self._reattach()
+                    break
+                except (DeviceGone, AttachError, OSError):
+                    threading.Event().wait(0.05)
+            else:
+                return
+
+    def _reattach(self) -> None:
+        sock, reply, fd = self._connect({"cmd": "attach", "name": self.name, "adopt": True}, pass_fd=self.fd)
+        os.close(fd)  # the same memfd we already map
+        old = self._sock
+        self._sock = sock
+        old.close()
+        self.vm_id = reply["vm"]
+        self.epoch = reply["epoch"]
+        self.reattaches += 1
+        self._ring()  # tasks submitted while hostd was down
+
+    def status(self) -> dict[str, Any]:
+        return hostd_status(self.socket_path)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.sendall(protocol.encode({"cmd": "detach"}))
+        except OSError:
+            pass
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        try:
+            self.region.close()
+        except BufferError:
+            pass  # views handed to the caller keep the mapping alive until collected
+        os.close(self.fd)
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- heap ------------------------------------------------------------------------------------
+    def alloc(self, nbytes: int) -> Buffer:
+        with self._lock:
+            off = self.heap.alloc(nbytes)
+        return Buffer(self, off, nbytes)
+
+    def free(self, buf: Buffer) -> None:
+        buf.release()
+        with self._lock:
+            self.heap.free(buf.offset)
+
+    def put(self, data: bytes | bytearray | memoryview | npt.NDArray[Any]) -> Buffer:
+        """Copy private memory into the region once."""
+        mv = memoryview(data).cast("B")
+        buf = self.alloc(max(1, mv.nbytes))
+        buf.mem[: mv.nbytes] = mv
+        if mv.nbytes == 0:
+            buf.size = 0
+        return buf
+
+    # -- submission ------------------------------------------------------------------------------
+    def _desc(self, slot: int) -> int:
+        return self.layout.desc(slot)
+
+    def _check_alive(self) -> None:
+        st = self.region.load32(abi.REG_DEVICE_STATE)
+        if st in (abi.DeviceState.STOPPING, abi.DeviceState.GONE) and not self.auto_reattach:
+            raise DeviceGone("hostd is stopping")
+
+    def _claim_slot(self, timeout: float | None) -> int:
+        # Caller holds _lock.
+        if not self._free_slots:
+            if not self._slot_free.wait_for(lambda: bool(self._free_slots), timeout):
+                raise TimeoutError("no free ring slot")
+        return self._free_slots.pop()
+
+    def _write(self, slot: int, d: abi.Descriptor) -> None:
+        # Caller holds _lock.  Plain stores for the input block: the SQ_TAIL
+        # release store below publishes them.
+        at = self._desc(slot)
+        abi.DESC_INPUT.pack_into(self.region.mem, at + abi.D_INPUT, *_fields(d))
+        self.region.store32(at + abi.D_STATUS, Status.SUBMITTED)
+        self.region.store32(self.layout.sq_entry(self._tail), slot)
+        self._tail = (self._tail + 1) & 0xFFFFFFFF
+
+    def _publish(self) -> None:
+        self.region.store32(abi.REG_SQ_TAIL, self._tail)  # release: entries and descriptors first
+
+    def _ring(self) -> None:
+        # Exchange is seq-cst: the NEED_WAKEUP load cannot pass the doorbell store.
+        self.region.xchg32(abi.REG_DOORBELL, Doorbell.KICK)
+        if not self.poll_only and self.region.load32(abi.REG_NEED_WAKEUP):
+            self.syscalls_doorbell += 1
+            self.region.futex_wake(abi.REG_DOORBELL, 1)
+
+    def submit(self, op: Op, *, flags: int = 0, session: int = 0, src: tuple[int, int] = (0, 0),
+               dst: tuple[int, int] = (0, 0), args: tuple[int, int, int, int] = (0, 0, 0, 0),
+               tag: int = 0, timeout: float | None = None) -> Task:
+        """Submit one raw descriptor (for ops guestlib has no wrapper for)."""
+        if self._closed:
+            raise DeviceGone("device closed")
+        d = abi.Descriptor(tag, int(op), flags, session, src[0], src[1], dst[0], dst[1], *args)
+        with self._lock:
+            slot = self._claim_slot(timeout)
+            self._write(slot, d)
+            self._publish()
+        self._ring()
+        return Task(self, slot, Op(op) if op in Op._value2member_map_ else op)
+
+    def submit_raw(self, d: abi.Descriptor) -> Task:
+        """Submit a descriptor exactly as given (fuzzing, other-language guests)."""
+        with self._lock:
+            slot = self._claim_slot(None)
+            self._write(slot, d)
+            self._publish()
+        self._ring()
+        return Task(self, slot, Op(d.opcode) if d.opcode in Op._value2member_map_ else Op.NOP)
+
+    def nop(self) -> Task:
+        return self.submit(Op.NOP)
+
+    def copy(self, src: Buffer, dst: Buffer, nbytes: int | None = None) -> Task:
+        n = src.size if nbytes is None else nbytes
+        return self.submit(Op.COPY, src=(src.offset, n), dst=(dst.offset, dst.size))
+
+    def crc32(self, buf: Buffer, nbytes: int | None = None) -> Task:
+        return self.submit(Op.CRC32, src=(buf.offset, buf.size if nbytes is None else nbytes))
+
+    @contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """Descriptors added inside go out with one SQ_TAIL store and one doorbell."""
+        b = Batch(self)
+        yield b
+        b.submit()
+
+    # -- completion ------------------------------------------------------------------------------
+    def _wait(self, task: Task, timeout: float | None) -> Completion:
+        reg = self.region
+        at = self._desc(task.slot)
+        st_off = at + abi.D_STATUS
+        deadline = None if timeout is None else monotonic_ns() + int(timeout * 1e9)
+        status = reg.spin32(st_off, Status.SUBMITTED, self.spins) if self.spins else reg.load32(st_off)
+        if status == Status.SUBMITTED:
+            reg.fadd32(at + abi.D_WAITERS, 1)
+            try:
+                while (status := reg.load32(st_off)) == Status.SUBMITTED:
+                    slice_s = SLEEP_SLICE_S
+                    if deadline is not None:
+                        left = (deadline - monotonic_ns()) / 1e9
+                        if left <= 0:
+                            raise TimeoutError(f"task in slot {task.slot} not done within {timeout}s")
+                        slice_s = min(slice_s, left)
+                    r = reg.futex_wait(st_off, Status.SUBMITTED, slice_s)
+                    if r == 0:
+                        task.wakeups += 1
+                        self.wakeups += 1
+                        if reg.load32(st_off) == Status.SUBMITTED:
+                            self.spurious_wakeups += 1
+                    elif r != EAGAIN:
+                        self._liveness()
+            finally:
+                reg.fadd32(at + abi.D_WAITERS, -1)
+        r = abi.DESC_RESULT.unpack_from(reg.mem, at + abi.D_RESULT)
+        code = ErrorCode(r[2]) if r[2] in ErrorCode._value2member_map_ else ErrorCode.BACKEND
+        c = Completion(Status(status), r[0], r[1], code, r[3], r[4], r[5])
+        reg.store32(st_off, Status.FREE)
+        with self._lock:
+            self._free_slots.append(task.slot)
+            self._slot_free.notify()
+        return c
+
+    def _liveness(self) -> None:
+        if self._closed:
+            raise DeviceGone("device closed")
+        hb = self.region.load64(abi.REG_HEARTBEAT)
+        if self.auto_reattach:
+            return  # the monitor re-attaches; the task completes then
+        if self.region.load32(abi.REG_DEVICE_STATE) == abi.DeviceState.GONE:
+            raise DeviceGone("hostd shut down")
+        if monotonic_ns() - hb > LIVENESS_S * 1e9:
+            raise DeviceGone("hostd heartbeat stopped")
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm_id, "epoch": self.epoch, "wakeups": self.wakeups,
+            "spurious_wakeups": self.spurious_wakeups, "doorbell_syscalls": self.syscalls_doorbell,
+            "reattaches": self.reattaches, "heap_free": self.heap.available(),
+            "free_slots": len(self._free_slots),
+        }
+
+
+def _fields(d: abi.Descriptor) -> tuple[int, ...]:
+    return (d.tag, d.opcode, d.flags, d.session, d.src_off, d.src_len, d.dst_off, d.dst_len,
+            d.arg0, d.arg1, d.arg2, d.arg3)
+
+
+class Batch:
+    def __init__(self, dev: Device) -> None:
+        self.device = dev
+        self._pending: list[tuple[abi.Descriptor, Op]] = []
+        self.tasks: list[Task] = []
+
+    def add(self, op: Op, *, flags: int = 0, session: int = 0, src: tuple[int, int] = (0, 0),
+            dst: tuple[int, int] = (0, 0), args: tuple[int, int, int, int] = (0, 0, 0, 0)) -> int:
+        self._pending.append((abi.Descriptor(0, int(op), flags, session, *src, *dst, *args), op))
+        return len(self._pending) - 1
+
+    def nop(self) -> int:
+        return self.add(Op.NOP)
+
+    def copy(self, src: Buffer, dst: Buffer) -> int:
+        return self.add(Op.COPY, src=(src.offset, src.size), dst=(dst.offset, dst.size))
+
+    def crc32(self, buf: Buffer) -> int:
+        return self.add(Op.CRC32, src=(buf.offset, buf.size))
+
+    def submit(self) -> list[Task]:
+        dev = self.device
+        todo, self._pending = self._pending, []
+        while todo:
+            with dev._lock:
+                # Take as many slots as are free (at least one) and publish them together.
+                n = max(1, min(len(todo), len(dev._free_slots)))
+                for d, op in todo[:n]:
+                    slot = dev._claim_slot(None)
+                    dev._write(slot, d)
+                    self.tasks.append(Task(dev, slot, op))
+                dev._publish()
+            dev._ring()
+            todo = todo[n:]
+        return self.tasks
+
+
+def attach(socket: str | None = None, name: str | None = None, region_size: int | None = None,
+           ring_entries: int | None = None, **kw: Any) -> Device:
+    """Attach to hostd; the returned Device is also a context manager."""
+    return Device(socket, name, region_size, ring_entries, **kw)
+
+
+def hostd_status(socket_path: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """hostd's statistics() snapshot over the control socket."""
+    return _request(socket_path or default_socket(), {"cmd": "status"}, timeout)["status"]  # type: ignore[no-any-return]
+
+
+def _request(path: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise DeviceGone(f"cannot reach hostd at {path}: {e}") from None
+        s.sendall(protocol.encode(req))
+        buf = b""
+        while b"\n" not in buf:
+            data = s.recv(1 << 20)
+            if not data:
+                raise DeviceGone("hostd closed the connection")
+            buf += data
+    reply: dict[str, Any] = protocol.json.loads(buf.partition(b"\n")[0])
+    if not reply.get("ok"):
+        raise AttachError(reply.get("error", "refused"), reply.get("kind", ""))
+    return reply
+
+
+__all__ = [
+    "AttachError", "Batch", "Buffer", "Completion", "Device", "DeviceError", "DeviceGone",
+    "OutOfMemory", "SessionLost", "Task", "attach", "hostd_status",
+]

@@ -1,0 +1,1 @@
+"""hostd: the vmediad host daemon (control plane, scheduler, register files, workers)."""

@@ -1,0 +1,194 @@
+"""hostd configuration: TOML file + flag overrides, validated with errors that name the key."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from vmediad.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/vmediad/config.toml")
+POLICIES = ("fifo", "round-robin", "weighted")
+MiB = 1 << 20
+
+
+def default_socket_path() -> Path:
+    """$RUNTIME_DIRECTORY (systemd), else /run/vmediad, else $XDG_RUNTIME_DIR/vmediad."""
+    rt = os.environ.get("RUNTIME_DIRECTORY")
+    if rt:
+        return Path(rt.split(":")[0]) / "hostd.sock"
+    run = Path("/run/vmediad")
+    if run.is_dir() and os.access(run, os.W_OK):
+        return run / "hostd.sock"
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return run / "hostd.sock"
+    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vmediad-{os.getuid()}"
+    return Path(xdg) / "vmediad" / "hostd.sock"
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: Path = field(default_factory=default_socket_path)
+    socket_mode: int = 0o660
+    allowed_uids: tuple[int, ...] = ()  # empty: hostd's own uid (and root)
+    allowed_gids: tuple[int, ...] = ()
+    channels: int = 0  # 0: CPU count
+    max_guests: int = 64
+    metrics: str = ""  # "host:port" serves Prometheus metrics
+    region_min: int = 1 * MiB
+    region_max: int = 1024 * MiB
+    region_default: int = 64 * MiB
+    ring_min: int = 8
+    ring_max: int = 4096
+    ring_default: int = 256
+    named_regions: bool = False  # allow the posix_ipc named-region opt-in
+    max_inflight_per_guest: int = 8
+    max_sessions_per_guest: int = 16
+    max_width: int = 8192
+    max_height: int = 8192
+    max_pixels: int = 35_000_000
+    policy: str = "fifo"
+    weights: tuple[tuple[str, int], ...] = ()  # guest name -> weight (policy "weighted")
+    spin_us: int = 50  # hostd spins this long before sleeping on futexes
+    poll_only: bool = False  # never sleep on futexes: poll doorbells every poll_interval_us
+    poll_interval_us: int = 200
+    worker_recycle_tasks: int = 0  # 0: never recycle by count
+    worker_recycle_rss_mb: int = 0  # 0: never recycle by RSS
+    shutdown_grace_s: float = 5.0
+    fault_injection: bool = False  # tests only: a marker buffer makes a worker SIGSEGV
+
+    def channel_count(self) -> int:
+        return self.channels or (os.cpu_count() or 1)
+
+    def weight_of(self, name: str) -> int:
+        return dict(self.weights).get(name, 1)
+
+
+# TOML table -> accepted keys.  A key is looked up as "table.key" in errors.
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "hostd": ("socket", "socket_mode", "allowed_uids", "allowed_gids", "channels", "max_guests",
+              "metrics", "spin_us", "poll_only", "poll_interval_us", "shutdown_grace_s",
+              "fault_injection"),
+    "limits": ("region_min", "region_max", "region_default", "ring_min", "ring_max", "ring_default",
+               "named_regions", "max_inflight_per_guest", "max_sessions_per_guest", "max_width",
+               "max_height", "max_pixels"),
+    "scheduler": ("policy", "weights"),
+    "workers": ("recycle_tasks", "recycle_rss_mb"),
+}
+_RENAMES = {"workers.recycle_tasks": "worker_recycle_tasks", "workers.recycle_rss_mb": "worker_recycle_rss_mb"}
+
+
+def _coerce(key: str, name: str, value: Any) -> Any:
+    types = {f.name: f.type for f in fields(Config)}
+    kind = types[name]
+    if name == "socket":
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(key, "must be a non-empty path string")
+        return Path(value)
+    if name == "socket_mode":
+        if isinstance(value, str):
+            try:
+                value = int(value, 8)
+            except ValueError:
+                raise ConfigError(key, f"must be an octal mode like \"0660\", got {value!r}") from None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
+            raise ConfigError(key, "must be a file mode between 0 and 0777")
+        return value
+    if name in ("allowed_uids", "allowed_gids"):
+        if not isinstance(value, list) or not all(isinstance(v, int) and v >= 0 for v in value):
+            raise ConfigError(key, "must be a list of non-negative integers")
+        return tuple(value)
+    if name == "weights":
+        if not isinstance(value, dict):
+            raise ConfigError(key, "must be a table of guest name = integer weight")
+        for k, v in value.items():
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1000:
+                raise ConfigError(f"{key}.{k}", "weight must be an integer from 1 to 1000")
+        return tuple(sorted(value.items()))
+    if kind in ("bool",):
+        if not isinstance(value, bool):
+            raise ConfigError(key, "must be true or false")
+        return value
+    if kind in ("int",):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if kind in ("float",):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if kind in ("str",):
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(key, "unsupported")  # pragma: no cover
+
+
+def validate(cfg: Config) -> Config:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(key, msg)
+
+    need(0 <= cfg.channels <= 64, "hostd.channels", "must be 0 (CPU count) to 64")
+    need(1 <= cfg.max_guests <= 120, "hostd.max_guests", "must be 1 to 120 (one futex_waitv call)")
+    if cfg.metrics:
+        host, sep, port = cfg.metrics.rpartition(":")
+        need(bool(sep and host and port.isdigit() and 0 <= int(port) < 65536), "hostd.metrics",
+             f"must be host:port, got {cfg.metrics!r}")
+    need(cfg.spin_us >= 0, "hostd.spin_us", "must be >= 0")
+    need(cfg.poll_interval_us >= 10, "hostd.poll_interval_us", "must be >= 10")
+    need(cfg.shutdown_grace_s >= 0, "hostd.shutdown_grace_s", "must be >= 0")
+    for k in ("region_min", "region_max", "region_default"):
+        v = getattr(cfg, k)
+        need(v > 0 and v % 4096 == 0, f"limits.{k}", "must be a positive multiple of 4096")
+    need(cfg.region_min <= cfg.region_default <= cfg.region_max, "limits.region_default",
+         "must lie between region_min and region_max")
+    for k in ("ring_min", "ring_max", "ring_default"):
+        v = getattr(cfg, k)
+        need(v > 0 and v & (v - 1) == 0 and v <= 65536, f"limits.{k}", "must be a power of two <= 65536")
+    need(cfg.ring_min <= cfg.ring_default <= cfg.ring_max, "limits.ring_default",
+         "must lie between ring_min and ring_max")
+    need(cfg.max_inflight_per_guest >= 1, "limits.max_inflight_per_guest", "must be >= 1")
+    need(cfg.max_sessions_per_guest >= 1, "limits.max_sessions_per_guest", "must be >= 1")
+    for k in ("max_width", "max_height", "max_pixels"):
+        need(getattr(cfg, k) >= 16, f"limits.{k}", "must be >= 16")
+    need(cfg.policy in POLICIES, "scheduler.policy", f"must be one of {', '.join(POLICIES)}")
+    need(cfg.worker_recycle_tasks >= 0, "workers.recycle_tasks", "must be >= 0")
+    need(cfg.worker_recycle_rss_mb >= 0, "workers.recycle_rss_mb", "must be >= 0")
+    return cfg
+
+
+def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
+    changes: dict[str, Any] = {}
+    for section, table in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(section, f"unknown section (expected one of {', '.join(_SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table")
+        for k, v in table.items():
+            key = f"{section}.{k}"
+            if k not in _SECTIONS[section]:
+                raise ConfigError(key, "unknown key")
+            name = _RENAMES.get(key, k)
+            changes[name] = _coerce(key, name, v)
+    return validate(replace(base or Config(), **changes))
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (missing default path is fine), then apply flag overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            if path != DEFAULT_CONFIG_PATH:
+                raise ConfigError("--config", f"{path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+    cfg = from_mapping(data)
+    if overrides:
+        cfg = validate(replace(cfg, **{k: v for k, v in overrides.items() if v is not None}))
+    return cfg

@@ -1,0 +1,117 @@
+"""hostd's life cycle: start the device, the control socket and metrics; stop them in order."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from hostd.config import Config
+from hostd.control import ControlServer
+from hostd.device import Device, RunState
+from hostd.notify import Notifier
+
+log = structlog.get_logger("hostd")
+EXIT_INTERNAL = 70  # EX_SOFTWARE: systemd's Restart=on-failure brings hostd back
+
+
+class Hostd:
+    """hostd as an object: ``with Hostd(cfg) as h: ...`` runs it in-process (tests, demo)."""
+
+    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or Notifier("")
+        self.device = Device(cfg)
+        self.control = ControlServer(cfg, self.device)
+        self._metrics_server: Any = None
+        self._status_tick = 0.0
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.control.path)
+
+    def start(self) -> None:
+        self.device.on_loop = self._on_loop
+        self.device.start()
+        self.control.start()
+        if self.cfg.metrics:
+            self._start_metrics()
+        log.info("hostd ready", socket=self.socket_path, channels=self.device.channels_n,
+                 policy=self.cfg.policy, epoch=self.device.epoch)
+        self.notifier.ready(self._status_line())
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        from hostd.metrics import registry_for
+
+        host, _, port = self.cfg.metrics.rpartition(":")
+        self._metrics_server, _thread = start_http_server(int(port), addr=host.strip("[]"),
+                                                          registry=registry_for(self.device.statistics))
+        log.info("metrics listening", address=self.cfg.metrics)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics_server is None else int(self._metrics_server.server_port)
+
+    def _status_line(self) -> str:
+        d = self.device
+        busy = sum(1 for c in d.channels if c.running is not None)
+        return f"{len(d.guests)} guests, {busy}/{d.channels_n} channels busy, policy {d.scheduler.policy}"
+
+    def _on_loop(self) -> None:
+        # Runs on the device thread: a hung scheduler loop stops the watchdog pings.
+        self.notifier.watchdog()
+        if self.notifier.enabled:
+            import time
+
+            now = time.monotonic()
+            if now - self._status_tick > 5:
+                self._status_tick = now
+                self.notifier.status(self._status_line())
+
+    def stop(self) -> None:
+        self.notifier.stopping()
+        self.device.request_stop()
+        self.device.join(self.cfg.shutdown_grace_s + 10)
+        self.control.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        self.device.close()
+        log.info("hostd stopped")
+
+    def __enter__(self) -> Hostd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_foreground(cfg: Config) -> int:
+    """The service entry point: SIGTERM/SIGINT stop cleanly; an internal bug exits non-zero."""
+    h = Hostd(cfg, Notifier())
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    h.start()
+    while not stop.is_set() and not h.device.stopped.is_set():
+        stop.wait(0.5)
+    crashed = h.device.crashed
+    if crashed is None and h.device.state == RunState.RUNNING:
+        h.stop()
+    else:
+        h.control.close()
+    if crashed is not None:
+        log.error("internal error; exiting for a restart", error=repr(crashed))
+        return EXIT_INTERNAL
+    return 0

@@ -1,0 +1,780 @@
+"""The emulated device: doorbells, the scheduler loop, channel register files, completions.
+
+One thread (the device thread) owns every piece of device state below.  Other
+threads (control connections, worker reapers, signal handlers) only ``post()``
+events to it; posting bumps BANK_HOST_EVENT so a sleeping device thread wakes.
+
+Per task, in order (seed 000):
+  1. guest: descriptor into a free slot, status=SUBMITTED, slot index into the
+     SQ, SQ_TAIL release-stored, DOORBELL=KICK; futex-wake DOORBELL only if
+     NEED_WAKEUP is set.
+  2. hostd: swaps DOORBELL back to 0 and acts only if it held KICK; reads
+     SQ_TAIL (acquire) and moves the new slot indices into the scheduler.
+  3. hostd: when the scheduler picks the task, copies the descriptor once,
+     validates the copy, programs a channel's register file, kicks the worker.
+  4. worker: runs from the registers, writes result registers, CTRL=DONE, IRQ.
+  5. hostd: writes the result fields, flips status (seq-cst exchange), bumps
+     IRQ_COUNT, and futex-wakes that slot's status word only, and only if the
+     slot's WAITERS word says a thread sleeps there (seed 002).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from hostd import validate
+from hostd.config import Config
+from hostd.regions import Region, adopt_region, create_bank, create_region
+from hostd.scheduler import Pending, Scheduler
+from hostd.stats import GuestStats
+from hostd.workers import WorkerHandle, kick_worker, spawn_worker
+from vmediad import abi
+from vmediad.abi import Ctrl, Doorbell, ErrorCode, Op, Status
+from vmediad.errors import GuestFault, InternalError
+from vmediad.shm import fence, futex_waitv, monotonic_ns
+
+log = structlog.get_logger("hostd.device")
+
+U32 = 0xFFFFFFFF
+
+
+class RunState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Running:
+    vm_id: int
+    slot: int
+    tag: int
+    op: Op
+    session: int
+    seq: int
+    dispatch_ns: int
+    submit_ns: int
+
+
+@dataclass
+class Channel:
+    index: int
+    running: Running | None = None
+    bound_sessions: int = 0
+    busy_ns: int = 0
+    tasks: int = 0
+
+
+@dataclass
+class Staged:
+    """A task whose descriptor was copied and validated but whose channel is busy."""
+
+    pending: Pending
+    prog: validate.Program
+    config: bytes
+    channel: int | None  # None: any free channel
+    arrival_ns: int
+
+
+@dataclass
+class Guest:
+    vm_id: int
+    name: str
+    pid: int
+    uid: int
+    region: Region
+    slot: int  # worker mailbox slot
+    weight: int = 1
+    worker: WorkerHandle | None = None
+    generation: int = 0
+    sq_head: int = 0  # hostd's private consumer count; REG_SQ_HEAD is only a copy for the guest
+    held_slots: set[int] = field(default_factory=set)  # queued, staged or running
+    arrival_ns: dict[int, int] = field(default_factory=dict)
+    sessions: dict[int, int] = field(default_factory=dict)  # session id -> channel
+    session_codec: dict[int, str] = field(default_factory=dict)
+    lost_sessions: set[int] = field(default_factory=set)
+    staged: Staged | None = None
+    ring_broken: bool = False
+    dying: bool = False
+    recycling: bool = False
+    attached_ns: int = 0
+    worker_tasks: int = 0
+    stats: GuestStats = field(default_factory=GuestStats)
+
+    @property
+    def log(self) -> Any:
+        return log.bind(vm=self.vm_id, name=self.name)
+
+
+@dataclass
+class AttachRequest:
+    name: str
+    pid: int
+    uid: int
+    region_size: int
+    ring_entries: int
+    named: bool
+    adopt_fd: int | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    guest: Guest | None = None
+    error: Exception | None = None
+
+
+class Device:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.channels_n = cfg.channel_count()
+        self.epoch = secrets.randbits(63) | 1
+        self.state = RunState.STARTING
+        self.started_ns = monotonic_ns()
+        self.bank_fd, self.bank = create_bank(self.channels_n)
+        self.channels = [Channel(i) for i in range(self.channels_n)]
+        self.scheduler = Scheduler(cfg.policy, cfg.max_inflight_per_guest)
+        self.limits = validate.Limits(cfg.max_width, cfg.max_height, cfg.max_pixels)
+        self.caps = int(abi.Caps.FUTEX | abi.Caps.POLL | abi.Caps.CODEC
+                        | (abi.Caps.NAMED_REGION if cfg.named_regions else 0))
+        self.guests: dict[int, Guest] = {}
+        self._events: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._next_vm = 1
+        self._next_session = 1
+        self._task_seq = 0
+        self._free_slots = list(range(min(cfg.max_guests, abi.BANK_MAX_WORKERS)))[::-1]
+        self._ev_seen = 0
+        self._last_heartbeat = 0
+        self._stop_requested = False
+        self._stop_deadline = 0
+        self._loop_iterations = 0
+        self._sleeps = 0
+        self._wakes_sent = 0
+        self.on_loop: Callable[[], None] | None = None  # e.g. the systemd watchdog ping
+        self._thread: threading.Thread | None = None
+        self.crashed: BaseException | None = None
+        self.stopped = threading.Event()
+
+    # -- threads --------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._thread_main, name="device", daemon=True)
+        self._thread.start()
+
+    def _thread_main(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # an internal bug: the daemon must exit non-zero
+            self.crashed = e
+            log.exception("device loop crashed")
+        finally:
+            self.stopped.set()
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the device thread (thread-safe)."""
+        self._events.put(fn)
+        self.bank.fadd32(abi.BANK_HOST_EVENT, 1)
+        if self.bank.load32(abi.BANK_HOST_NEED_WAKEUP):
+            self.bank.futex_wake(abi.BANK_HOST_EVENT, 1)
+
+    def request_stop(self) -> None:
+        self.post(self._begin_stop)
+
+    def join(self, timeout: float | None = None) -> bool:
+        return self.stopped.wait(timeout)
+
+    # -- control-plane entry points (called from other threads) ----------------
+    def attach(self, req: AttachRequest, timeout: float = 10.0) -> Guest:
+        if self.state in (RunState.STOPPING, RunState.STOPPED):
+            raise GuestFault(ErrorCode.DEVICE_GONE, "hostd is stopping")
+        self.post(lambda: self._do_attach(req))
+        if not req.done.wait(timeout):
+            raise InternalError("attach not processed by the device thread")
+        if req.error is not None:
+            raise req.error
+        assert req.guest is not None
+        return req.guest
+
+    def detach(self, vm_id: int, reason: str) -> None:
+        self.post(lambda: self._do_detach(vm_id, reason))
+
+    # -- the loop ---------------------------------------------------------------
+    def run(self) -> None:
+        self.state = RunState.RUNNING
+        spin_ns = self.cfg.spin_us * 1000
+        idle_since = 0
+        while True:
+            self._loop_iterations += 1
+            busy = self._poll_once()
+            if self.on_loop is not None:
+                self.on_loop()
+            if self.state == RunState.STOPPING and self._try_finish_stop():
+                break
+            if busy:
+                idle_since = 0
+                continue
+            now = monotonic_ns()
+            if idle_since == 0:
+                idle_since = now
+            if self.cfg.poll_only:
+                time.sleep(self.cfg.poll_interval_us / 1e6)
+            elif now - idle_since < spin_ns:
+                os.sched_yield()
+            else:
+                self._sleep()
+                idle_since = 0
+        self.state = RunState.STOPPED
+
+    def _poll_once(self) -> bool:
+        self._ev_seen = self.bank.load32(abi.BANK_HOST_EVENT)
+        busy = False
+        while True:
+            try:
+                fn = self._events.get_nowait()
+            except queue.Empty:
+                break
+            fn()
+            busy = True
+        for g in list(self.guests.values()):
+            if not g.dying and self._doorbell(g):
+                busy = True
+        if self._collect_irqs():
+            busy = True
+        if self.state == RunState.RUNNING and self._dispatch():
+            busy = True
+        now = monotonic_ns()
+        if now - self._last_heartbeat >= abi.HEARTBEAT_PERIOD_S * 1e9 / 2:
+            self._last_heartbeat = now
+            for g in self.guests.values():
+                g.region.mapped.store64(abi.REG_HEARTBEAT, now)
+        return busy
+
+    def _sleep(self) -> None:
+        """NEED_WAKEUP handshake: publish the flag, fence, re-check, then futex_waitv."""
+        guests = [g for g in self.guests.values() if not g.dying]
+        self.bank.store32(abi.BANK_HOST_NEED_WAKEUP, 1)
+        for g in guests:
+            g.region.mapped.store32(abi.REG_NEED_WAKEUP, 1)
+        fence()
+        ready = (
+            self.bank.load32(abi.BANK_HOST_EVENT) != self._ev_seen
+            or not self._events.empty()
+            or any(g.region.mapped.load32(abi.REG_DOORBELL) for g in guests)
+        )
+        if not ready:
+            words = [(self.bank.address(abi.BANK_HOST_EVENT), self._ev_seen)]
+            words += [(g.region.mapped.address(abi.REG_DOORBELL), 0) for g in guests]
+            self._sleeps += 1
+            futex_waitv(words, abi.HEARTBEAT_PERIOD_S / 2)
+        self.bank.store32(abi.BANK_HOST_NEED_WAKEUP, 0)
+        for g in guests:
+            g.region.mapped.store32(abi.REG_NEED_WAKEUP, 0)
+
+    # -- doorbell and SQ ----------------------------------------------------------
+    def _doorbell(self, g: Guest) -> bool:
+        reg = g.region.mapped
+        bell = reg.xchg32(abi.REG_DOORBELL, 0)
+        if bell == 0:
+            return False
+        if bell == Doorbell.RESET:
+            tail = reg.load32(abi.REG_SQ_TAIL)
+            g.sq_head = tail
+            g.ring_broken = False
+            reg.store32(abi.REG_SQ_HEAD, tail)
+            reg.store32(abi.REG_RING_ERROR, 0)
+            g.log.info("ring reset", tail=tail)
+            return True
+        if bell != Doorbell.KICK:
+            g.stats.bad_doorbells += 1  # any other value is ignored (seed 000 claim 4)
+            return True
+        g.stats.doorbells += 1
+        if g.ring_broken:
+            return True
+        self._drain_sq(g)
+        return True
+
+    def _drain_sq(self, g: Guest) -> None:
+        reg = g.region.mapped
+        entries = g.region.layout.ring_entries
+        tail = reg.load32(abi.REG_SQ_TAIL)  # acquire: the SQ entries before it are visible
+        avail = (tail - g.sq_head) & U32
+        if avail > entries:
+            self._ring_error(g, ErrorCode.RING_OVERRUN, tail=tail, head=g.sq_head)
+            g.ring_broken = True
+            return
+        now = monotonic_ns()
+        for _ in range(avail):
+            slot = reg.load32(g.region.layout.sq_entry(g.sq_head))
+            g.sq_head = (g.sq_head + 1) & U32
+            if slot >= entries:
+                self._ring_error(g, ErrorCode.BAD_RING_INDEX, slot=slot)
+            elif slot in g.held_slots:
+                self._ring_error(g, ErrorCode.SLOT_BUSY, slot=slot)
+            else:
+                g.held_slots.add(slot)
+                g.arrival_ns[slot] = now
+                self.scheduler.arrive(g.vm_id, slot)
+        reg.store32(abi.REG_SQ_HEAD, g.sq_head)
+
+    def _ring_error(self, g: Guest, code: ErrorCode, **kw: int) -> None:
+        reg = g.region.mapped
+        reg.store32(abi.REG_RING_ERROR, code)
+        reg.fadd32(abi.REG_RING_ERROR_COUNT, 1)
+        g.stats.ring_errors[code.name] += 1
+        g.log.warning("ring error", error=code.name, **kw)
+
+    # -- dispatch -------------------------------------------------------------------
+    def _free_channel(self) -> int | None:
+        for ch in self.channels:
+            if ch.running is None:
+                return ch.index
+        return None
+
+    def _dispatch(self) -> bool:
+        progressed = False
+        # Staged tasks first, oldest first: they were picked before anything queued.
+        staged = sorted((g.staged for g in self.guests.values() if g.staged), key=lambda s: s.pending.seq)
+        for st in staged:
+            ch = st.channel if st.channel is not None else self._free_channel()
+            if ch is not None and self.channels[ch].running is None:
+                g = self.guests[st.pending.vm]
+                g.staged = None
+                self.scheduler.block(g.vm_id, False)
+                self._start(g, st, ch)
+                progressed = True
+        while self._free_channel() is not None:
+            p = self.scheduler.next()
+            if p is None:
+                break
+            progressed = True
+            g = self.guests[p.vm]
+            st = self._prepare(g, p)
+            if st is None:
+                continue
+            ch = st.channel if st.channel is not None else self._free_channel()
+            if ch is None or self.channels[ch].running is not None:
+                g.staged = st
+                self.scheduler.block(g.vm_id, True)
+                continue
+            self._start(g, st, ch)
+        return progressed
+
+    def _prepare(self, g: Guest, p: Pending) -> Staged | None:
+        """Copy the descriptor once (claim 6: just before it runs) and validate the copy."""
+        layout = g.region.layout
+        mem = g.region.mapped.mem
+        at = layout.desc(p.slot) + abi.D_INPUT
+        desc = abi.Descriptor.unpack(bytes(mem[at : at + abi.DESC_INPUT.size]))
+        checked = validate.check(desc, layout)
+        if isinstance(checked, ErrorCode):
+            self._fail(g, p.slot, desc.tag, checked, op=desc.opcode)
+            return None
+        prog = checked
+        config = b""
+        channel: int | None = None
+        if prog.opcode == Op.SESSION_OPEN:
+            if len(g.sessions) >= self.cfg.max_sessions_per_guest:
+                self._fail(g, p.slot, desc.tag, ErrorCode.BUSY, op=prog.opcode)
+                return None
+            config = bytes(mem[prog.src_off : prog.src_off + prog.src_len])
+            cfg = validate.check_session_config(config, self.limits)
+            if isinstance(cfg, ErrorCode):
+                self._fail(g, p.slot, desc.tag, cfg, op=prog.opcode)
+                return None
+            sid = self._next_session
+            self._next_session = (self._next_session + 1) & U32 or 1
+            channel = min(self.channels, key=lambda c: (c.bound_sessions, c.running is not None)).index
+            g.sessions[sid] = channel
+            g.session_codec[sid] = abi.CODEC_NAMES[abi.Codec(cfg.codec)]
+            self.channels[channel].bound_sessions += 1
+            prog = validate.Program(prog.opcode, prog.flags, sid, *_tail(prog))
+        elif prog.opcode in abi.SESSION_OPS:
+            if prog.session in g.lost_sessions:
+                self._fail(g, p.slot, desc.tag, ErrorCode.SESSION_LOST, op=prog.opcode)
+                return None
+            bound = g.sessions.get(prog.session)
+            if bound is None:
+                self._fail(g, p.slot, desc.tag, ErrorCode.BAD_SESSION, op=prog.opcode)
+                return None
+            channel = bound
+        return Staged(p, prog, config, channel, g.arrival_ns.get(p.slot, monotonic_ns()))
+
+    def _start(self, g: Guest, st: Staged, k: int) -> None:
+        """Program channel ``k``'s register file and start the codec unit."""
+        prog = st.prog
+        ch = abi.channel_offset(k)
+        bank = self.bank
+        if st.config:
+            off = abi.channel_config_offset(self.channels_n, k)
+            bank.mem[off : off + len(st.config)] = st.config
+        abi.CH_PROGRAM_STRUCT.pack_into(
+            bank.mem, ch + abi.CH_PROGRAM, prog.opcode, prog.flags, prog.session, len(st.config),
+            prog.src_off, prog.src_len, prog.dst_off, prog.dst_len, prog.arg0, prog.arg1, prog.arg2, prog.arg3,
+        )
+        self._task_seq += 1
+        bank.store32(ch + abi.CH_OWNER, g.slot + 1)
+        bank.store64(ch + abi.CH_SEQ, self._task_seq)
+        now = monotonic_ns()
+        tag = 0
+        self.channels[k].running = Running(
+            g.vm_id, st.pending.slot, tag, prog.opcode, prog.session, self._task_seq, now, st.arrival_ns
+        )
+        bank.store32(ch + abi.CH_CTRL, Ctrl.START)  # release: the registers above are visible first
+        kick_worker(bank, g.slot)
+
+    # -- completion -------------------------------------------------------------------
+    def _collect_irqs(self) -> bool:
+        done = False
+        for chan in self.channels:
+            if chan.running is None:
+                continue
+            ch = abi.channel_offset(chan.index)
+            if self.bank.load32(ch + abi.CH_CTRL) != Ctrl.DONE:
+                continue
+            result, result_len, error, _, copied = abi.CH_RESULT_STRUCT.unpack_from(
+                self.bank.mem, ch + abi.CH_RESULT
+            )
+            self._retire(chan, ErrorCode(error) if error in ErrorCode._value2member_map_ else ErrorCode.BACKEND,
+                         result, result_len, copied)
+            done = True
+        return done
+
+    def _retire(self, chan: Channel, error: ErrorCode, result: int = 0, result_len: int = 0,
+                copied: int = 0) -> None:
+        run = chan.running
+        assert run is not None
+        chan.running = None
+        self.bank.store32(abi.channel_offset(chan.index) + abi.CH_CTRL, Ctrl.IDLE)
+        now = monotonic_ns()
+        chan.busy_ns += now - run.dispatch_ns
+        chan.tasks += 1
+        g = self.guests.get(run.vm_id)
+        if g is None:
+            return
+        g.worker_tasks += 1
+        if run.op == Op.SESSION_OPEN and error != ErrorCode.OK:
+            self._unbind(g, run.session)
+        elif run.op == Op.SESSION_CLOSE and error == ErrorCode.OK:
+            self._unbind(g, run.session)
+        if run.op in (Op.ENCODE_FRAME, Op.DECODE) and error == ErrorCode.OK:
+            g.stats.frames += 1
+        g.stats.bytes_copied += copied
+        if error == ErrorCode.OK and run.op in (Op.COPY, Op.CRC32, Op.ENCODE_FRAME, Op.DECODE):
+            g.stats.bytes_moved += result_len
+        self._complete(g, run.slot, error, result, result_len, chan.index, now - run.dispatch_ns,
+                       op=run.op, session=run.session, submit_ns=run.submit_ns)
+        self._maybe_recycle(g)
+
+    def _unbind(self, g: Guest, sid: int) -> None:
+        ch = g.sessions.pop(sid, None)
+        g.session_codec.pop(sid, None)
+        if ch is not None:
+            self.channels[ch].bound_sessions -= 1
+
+    def _fail(self, g: Guest, slot: int, tag: int, code: ErrorCode, op: int = 0) -> None:
+        """A task that never reached a channel ends with ``code``."""
+        self.scheduler.finished(g.vm_id)
+        self._complete(g, slot, code, 0, 0, U32, 0, op=op, session=0, submit_ns=g.arrival_ns.get(slot, 0),
+                       counted=True)
+        g.log.info("task rejected", task=slot, tag=tag, error=code.name)
+
+    def _complete(self, g: Guest, slot: int, error: ErrorCode, result: int, result_len: int, channel: int,
+                  device_ns: int, *, op: int, session: int, submit_ns: int, counted: bool = False) -> None:
+        reg = g.region.mapped
+        desc = g.region.layout.desc(slot)
+        self._task_seq += 1
+        abi.DESC_RESULT.pack_into(reg.mem, desc + abi.D_RESULT, result & (2**64 - 1), result_len, error,
+                                  channel, device_ns, self._task_seq)
+        # Exchange (seq-cst) orders the result fields before the flip and the
+        # WAITERS load after it; the guest increments WAITERS before it re-reads
+        # the status and sleeps, so one side always sees the other.
+        reg.xchg32(desc + abi.D_STATUS, Status.DONE if error == ErrorCode.OK else Status.ERROR)
+        reg.fadd64(abi.REG_IRQ_COUNT, 1)
+        if reg.load32(desc + abi.D_WAITERS):
+            self._wakes_sent += 1
+            reg.futex_wake(desc + abi.D_STATUS)
+        g.held_slots.discard(slot)
+        g.arrival_ns.pop(slot, None)
+        if not counted:
+            self.scheduler.finished(g.vm_id)
+        now = monotonic_ns()
+        if submit_ns:
+            g.stats.latency.observe((now - submit_ns) / 1e9)
+        try:
+            op_name = Op(op).name
+        except ValueError:
+            op_name = "INVALID"
+        codec = g.session_codec.get(session, "") if op in abi.SESSION_OPS or op == Op.SESSION_OPEN else ""
+        g.stats.tasks[(op_name, codec, error.name)] += 1
+        if error == ErrorCode.OK:
+            g.stats.tasks_done += 1
+            reg.fadd64(abi.REG_TASKS_DONE, 1)
+        else:
+            g.stats.tasks_failed += 1
+            g.stats.errors[error.name] += 1
+            reg.fadd64(abi.REG_TASKS_FAILED, 1)
+            if error not in (ErrorCode.NO_SPACE,):
+                g.log.info("task failed", task=slot, op=op_name, error=error.name)
+
+    # -- attach / detach / workers --------------------------------------------------------
+    def _do_attach(self, req: AttachRequest) -> None:
+        try:
+            if self.state != RunState.RUNNING:
+                raise GuestFault(ErrorCode.DEVICE_GONE, "hostd is stopping")
+            if not self._free_slots:
+                raise GuestFault(ErrorCode.BUSY, f"max_guests ({self.cfg.max_guests}) reached")
+            vm_id = self._next_vm
+            if req.adopt_fd is not None:
+                region = adopt_region(req.adopt_fd, vm_id, self.caps, self.epoch)
+            else:
+                region = create_region(vm_id, req.region_size, req.ring_entries, self.caps, self.epoch,
+                                       named=req.named)
+            self._next_vm += 1
+            g = Guest(vm_id, req.name, req.pid, req.uid, region, self._free_slots.pop(),
+                      weight=self.cfg.weight_of(req.name), attached_ns=monotonic_ns())
+            region.mapped.store64(abi.REG_HEARTBEAT, monotonic_ns())
+            rerun = self._readopt(g) if req.adopt_fd is not None else []
+            self.guests[vm_id] = g
+            self.scheduler.add_vm(vm_id, g.weight)
+            for slot in rerun:
+                self.scheduler.arrive(vm_id, slot)
+            self._spawn(g)
+            req.guest = g
+            g.log.info("guest attached", pid=req.pid, uid=req.uid, region_size=region.layout.region_size,
+                       ring=region.layout.ring_entries, named=region.name is not None,
+                       adopted=req.adopt_fd is not None)
+        except Exception as e:
+            req.error = e
+        finally:
+            req.done.set()
+
+    def _readopt(self, g: Guest) -> list[int]:
+        """Resume a region that a previous hostd served (the guest kept the fd).
+
+        Entries between REG_SQ_HEAD and SQ_TAIL were never read: they are queued
+        again by the next KICK.  Slots still SUBMITTED outside that window were in
+        flight when the old hostd died: stateless ops are re-run (they are
+        idempotent), session ops end with SESSION_LOST since their session died.
+        """
+        reg = g.region.mapped
+        layout = g.region.layout
+        g.sq_head = reg.load32(abi.REG_SQ_HEAD)
+        tail = reg.load32(abi.REG_SQ_TAIL)
+        unread: set[int] = set()
+        if (tail - g.sq_head) & U32 <= layout.ring_entries:
+            for i in range((tail - g.sq_head) & U32):
+                unread.add(reg.load32(layout.sq_entry(g.sq_head + i)))
+        reg.store32(abi.REG_RING_ERROR, 0)
+        rerun: list[int] = []
+        for slot in range(layout.ring_entries):
+            if slot in unread or reg.load32(layout.desc(slot) + abi.D_STATUS) != Status.SUBMITTED:
+                continue
+            at = layout.desc(slot) + abi.D_INPUT
+            desc = abi.Descriptor.unpack(bytes(reg.mem[at : at + abi.DESC_INPUT.size]))
+            if desc.opcode in abi.SESSION_OPS or desc.opcode == Op.SESSION_OPEN:
+                self._complete(g, slot, ErrorCode.SESSION_LOST, 0, 0, U32, 0, op=desc.opcode, session=0,
+                               submit_ns=0, counted=True)
+            else:
+                g.held_slots.add(slot)
+                g.arrival_ns[slot] = monotonic_ns()
+                rerun.append(slot)
+        return rerun
+
+    def _spawn(self, g: Guest) -> None:
+        g.generation += 1
+        gen = g.generation
+        limits = {"max_width": self.cfg.max_width, "max_height": self.cfg.max_height,
+                  "max_pixels": self.cfg.max_pixels, "max_sessions": self.cfg.max_sessions_per_guest}
+
+        def on_exit(h: WorkerHandle, rc: int) -> None:
+            self.post(lambda: self._worker_exited(g.vm_id, gen, rc))
+
+        g.worker = spawn_worker(
+            slot=g.slot, vm_id=g.vm_id, generation=gen, region_fd=g.region.fd,
+            region_size=g.region.layout.region_size, bank_fd=self.bank_fd, channels=self.channels_n,
+            limits=limits, fault_injection=self.cfg.fault_injection, started_ns=monotonic_ns(),
+            on_exit=on_exit,
+        )
+        g.worker_tasks = 0
+
+    def _worker_exited(self, vm_id: int, generation: int, rc: int) -> None:
+        g = self.guests.get(vm_id)
+        if g is None or generation != g.generation:
+            return
+        self._collect_irqs()  # results the worker posted before it died still count
+        crashed = [c for c in self.channels if c.running is not None and c.running.vm_id == vm_id]
+        for chan in crashed:
+            self._retire(chan, ErrorCode.DEVICE_GONE if g.dying else ErrorCode.WORKER_CRASHED)
+        if g.dying:
+            self._reclaim(g)
+            return
+        if g.sessions:
+            g.lost_sessions.update(g.sessions)
+            for sid in list(g.sessions):
+                self._unbind(g, sid)
+        if g.staged is not None and g.staged.prog.session in g.lost_sessions:
+            st, g.staged = g.staged, None
+            self.scheduler.block(vm_id, False)
+            self._fail(g, st.pending.slot, 0, ErrorCode.SESSION_LOST, op=st.prog.opcode)
+        recycled, g.recycling = g.recycling, False
+        if not recycled:
+            g.stats.worker_restarts += 1
+            g.log.warning("worker died; respawning", rc=rc, failed_tasks=len(crashed),
+                          lost_sessions=len(g.lost_sessions))
+        if self.state == RunState.RUNNING:
+            self._spawn(g)
+
+    def _maybe_recycle(self, g: Guest) -> None:
+        """Recycle a worker by task count or RSS, only between tasks and with no sessions."""
+        w = g.worker
+        if w is None or g.sessions or any(c.running and c.running.vm_id == g.vm_id for c in self.channels):
+            return
+        by_count = self.cfg.worker_recycle_tasks and g.worker_tasks >= self.cfg.worker_recycle_tasks
+        by_rss = self.cfg.worker_recycle_rss_mb and w.rss_bytes() > self.cfg.worker_recycle_rss_mb << 20
+        if by_count or by_rss:
+            g.recycling = True
+            g.log.info("recycling worker", tasks=g.worker_tasks, rss=w.rss_bytes())
+            w.kill()
+
+    def _do_detach(self, vm_id: int, reason: str) -> None:
+        g = self.guests.get(vm_id)
+        if g is None or g.dying:
+            return
+        g.dying = True
+        g.log.info("guest detaching", reason=reason)
+        dropped = self.scheduler.remove_vm(vm_id)
+        if g.staged is not None:
+            dropped.append(g.staged.pending)
+            g.staged = None
+        for p in dropped:
+            self._complete(g, p.slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0, session=0, submit_ns=0,
+                           counted=True)
+        if g.worker is not None and not g.worker.exited.is_set():
+            g.worker.kill()  # its reaper posts _worker_exited, which reclaims
+        else:
+            self._reclaim(g)
+
+    def _reclaim(self, g: Guest) -> None:
+        for chan in self.channels:
+            if chan.running is not None and chan.running.vm_id == g.vm_id:
+                chan.running = None
+                self.bank.store32(abi.channel_offset(chan.index) + abi.CH_CTRL, Ctrl.IDLE)
+        for sid in list(g.sessions):
+            self._unbind(g, sid)
+        self.scheduler.remove_vm(g.vm_id)
+        self.guests.pop(g.vm_id, None)
+        self._free_slots.append(g.slot)
+        g.region.close()
+        g.log.info("guest reclaimed")
+
+    # -- stop -------------------------------------------------------------------------------
+    def _begin_stop(self) -> None:
+        if self.state != RunState.RUNNING:
+            return
+        log.info("device stopping", grace_s=self.cfg.shutdown_grace_s)
+        self.state = RunState.STOPPING
+        self._stop_deadline = monotonic_ns() + int(self.cfg.shutdown_grace_s * 1e9)
+        for g in self.guests.values():
+            g.region.mapped.store32(abi.REG_DEVICE_STATE, abi.DeviceState.STOPPING)
+
+    def _try_finish_stop(self) -> bool:
+        running = [c for c in self.channels if c.running is not None]
+        if running and monotonic_ns() < self._stop_deadline:
+            return False
+        for chan in running:
+            self._retire(chan, ErrorCode.DEVICE_GONE)
+        for g in list(self.guests.values()):
+            dropped = self.scheduler.remove_vm(g.vm_id)
+            if g.staged is not None:
+                dropped.append(g.staged.pending)
+                g.staged = None
+            for p in dropped:
+                self._complete(g, p.slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0, session=0,
+                               submit_ns=0, counted=True)
+            self._fail_unread(g)
+            g.region.mapped.store32(abi.REG_DEVICE_STATE, abi.DeviceState.GONE)
+            if g.worker is not None:
+                g.worker.kill()
+        log.info("device stopped")
+        return True
+
+    def _fail_unread(self, g: Guest) -> None:
+        """SQ entries never read end with DEVICE_GONE, so no waiter hangs."""
+        reg = g.region.mapped
+        layout = g.region.layout
+        tail = reg.load32(abi.REG_SQ_TAIL)
+        avail = (tail - g.sq_head) & U32
+        if avail > layout.ring_entries:
+            return
+        for _ in range(avail):
+            slot = reg.load32(layout.sq_entry(g.sq_head))
+            g.sq_head = (g.sq_head + 1) & U32
+            if slot < layout.ring_entries and slot not in g.held_slots:
+                self._complete(g, slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0, session=0, submit_ns=0,
+                               counted=True)
+        reg.store32(abi.REG_SQ_HEAD, g.sq_head)
+
+    def close(self) -> None:
+        for g in list(self.guests.values()):
+            if g.worker is not None:
+                g.worker.kill()
+                g.worker.proc.wait(5)
+            g.region.close()
+        self.guests.clear()
+        self.bank.close()
+        os.close(self.bank_fd)
+
+    # -- statistics -------------------------------------------------------------------------
+    def statistics(self) -> dict[str, Any]:
+        now = monotonic_ns()
+        sched = self.scheduler.statistics()
+        sched_vms: dict[int, dict[str, Any]] = sched["vms"]  # type: ignore[assignment]
+        vms = []
+        for g in list(self.guests.values()):
+            sv = sched_vms.get(g.vm_id, {})
+            w = g.worker
+            vms.append({
+                "vm": g.vm_id,
+                "name": g.name,
+                "pid": g.pid,
+                "worker_pid": w.pid if w else None,
+                "worker_rss": w.rss_bytes() if w else 0,
+                "region_size": g.region.layout.region_size,
+                "ring_entries": g.region.layout.ring_entries,
+                "named_region": g.region.name,
+                "queue_depth": sv.get("queued", 0) + (1 if g.staged else 0),
+                "inflight": sv.get("inflight", 0),
+                "sessions": len(g.sessions),
+                "lost_sessions": len(g.lost_sessions),
+                "uptime_s": round((now - g.attached_ns) / 1e9, 3),
+                **g.stats.snapshot(),
+            })
+        return {
+            "state": self.state.value,
+            "epoch": self.epoch,
+            "uptime_s": round((now - self.started_ns) / 1e9, 3),
+            "policy": self.scheduler.policy,
+            "cap": self.scheduler.cap,
+            "channels": [
+                {"index": c.index, "busy": c.running is not None,
+                 "vm": c.running.vm_id if c.running else None,
+                 "op": c.running.op.name if c.running else None,
+                 "bound_sessions": c.bound_sessions, "tasks": c.tasks,
+                 "busy_seconds": round((c.busy_ns + (now - c.running.dispatch_ns if c.running else 0)) / 1e9, 6)}
+                for c in self.channels
+            ],
+            "guests": len(vms),
+            "vms": vms,
+            "loop": {"iterations": self._loop_iterations, "sleeps": self._sleeps, "wakes_sent": self._wakes_sent},
+        }
+
+
+def _tail(p: validate.Program) -> tuple[int, ...]:
+    return (p.src_off, p.src_len, p.dst_off, p.dst_len, p.arg0, p.arg1, p.arg2, p.arg3)
+

@@ -1,0 +1,87 @@
+"""Counters and latency summaries kept per guest and per channel (pure)."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+# Histogram bucket upper bounds in seconds (Prometheus convention).
+LATENCY_BUCKETS = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
+    500e-3, 1.0, 2.5, 5.0,
+)
+RESERVOIR = 4096
+
+
+@dataclass
+class Latency:
+    """Recent-window percentiles plus a cumulative histogram."""
+
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RESERVOIR))
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.recent.append(seconds)
+        self.count += 1
+        self.total += seconds
+        for i, le in enumerate(LATENCY_BUCKETS):
+            if seconds <= le:
+                self.buckets[i] += 1
+                break
+
+    def percentile(self, q: float) -> float:
+        data = sorted(list(self.recent))
+        if not data:
+            return 0.0
+        idx = min(len(data) - 1, max(0, round(q / 100 * (len(data) - 1))))
+        return data[idx]
+
+    def snapshot(self) -> dict[str, object]:
+        cumulative, acc = [], 0
+        for le, n in zip(LATENCY_BUCKETS, self.buckets, strict=True):
+            acc += n
+            cumulative.append((le, acc))
+        return {
+            "p50_us": round(self.percentile(50) * 1e6, 1),
+            "p99_us": round(self.percentile(99) * 1e6, 1),
+            "count": self.count,
+            "sum_s": self.total,
+            "buckets": cumulative,
+        }
+
+
+@dataclass
+class GuestStats:
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    doorbells: int = 0
+    bad_doorbells: int = 0
+    ring_errors: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    tasks: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (op, codec, result)
+    bytes_moved: int = 0
+    bytes_copied: int = 0
+    frames: int = 0
+    worker_restarts: int = 0
+    latency: Latency = field(default_factory=Latency)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "tasks_done": self.tasks_done,
+            "tasks_failed": self.tasks_failed,
+            "doorbells": self.doorbells,
+            "bad_doorbells": self.bad_doorbells,
+            "ring_errors": dict(self.ring_errors),
+            "errors": dict(self.errors),
+            "tasks": [
+                {"op": op, "codec": codec, "result": result, "count": n}
+                for (op, codec, result), n in sorted(self.tasks.items())
+            ],
+            "bytes_moved": self.bytes_moved,
+            "bytes_copied": self.bytes_copied,
+            "bytes_copied_per_frame": round(self.bytes_copied / self.frames, 1) if self.frames else 0.0,
+            "worker_restarts": self.worker_restarts,
+            "latency": self.latency.snapshot(),
+        }

@@ -1,0 +1,113 @@
+"""Descriptor validation: pure, on the single copy hostd took of a descriptor.
+
+``check(desc, layout, limits)`` returns either a ``Program`` (what hostd will
+load into a channel's register file) or the ``ErrorCode`` the task ends with.
+Buffers must lie inside the heap, so no task can touch the register page, the
+ring or the descriptor table; all range arithmetic is overflow-proof u64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmediad import abi
+from vmediad.abi import Descriptor, ErrorCode, Layout, Op
+
+MAX_CONFIG_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_width: int = 8192
+    max_height: int = 8192
+    max_pixels: int = 35_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    opcode: Op
+    flags: int
+    session: int
+    src_off: int
+    src_len: int
+    dst_off: int
+    dst_len: int
+    arg0: int
+    arg1: int
+    arg2: int
+    arg3: int
+
+
+# Which buffers each op reads (src) and writes (dst).
+_USES: dict[Op, tuple[bool, bool]] = {
+    Op.NOP: (False, False),
+    Op.COPY: (True, True),
+    Op.CRC32: (True, False),
+    Op.CAPS: (False, True),
+    Op.SESSION_OPEN: (True, False),
+    Op.ENCODE_FRAME: (True, True),
+    Op.DECODE: (True, True),
+    Op.FLUSH: (False, True),
+    Op.SESSION_CLOSE: (False, False),
+}
+# Ops whose src may be empty (DRAIN_PENDING retries consume no input).
+_EMPTY_SRC_OK = frozenset({Op.ENCODE_FRAME, Op.DECODE, Op.COPY, Op.CRC32})
+
+
+def check(desc: Descriptor, layout: Layout) -> Program | ErrorCode:
+    try:
+        op = Op(desc.opcode)
+    except ValueError:
+        return ErrorCode.BAD_OPCODE
+    if desc.flags & ~abi.DESC_FLAGS_MASK:
+        return ErrorCode.BAD_FLAGS
+    lo, hi = layout.heap_offset, layout.region_size
+    uses_src, uses_dst = _USES[op]
+    if uses_src and not (desc.src_len == 0 and op in _EMPTY_SRC_OK):
+        err = abi.range_ok(desc.src_off, desc.src_len, lo, hi)
+        if err:
+            return err
+    if uses_dst:
+        err = abi.range_ok(desc.dst_off, desc.dst_len, lo, hi)
+        if err:
+            return err
+    if op == Op.COPY:
+        if desc.dst_len < desc.src_len:
+            return ErrorCode.NO_SPACE
+        if abi.ranges_overlap(desc.src_off, desc.src_len, desc.dst_off, desc.src_len):
+            return ErrorCode.OVERLAP
+    if op == Op.SESSION_OPEN and not abi.SESSION_CONFIG.size <= desc.src_len <= MAX_CONFIG_BYTES:
+        return ErrorCode.BAD_ARG
+    if op in (Op.ENCODE_FRAME, Op.DECODE) and desc.src_len == 0 and not (
+        desc.flags & abi.DescFlag.DRAIN_PENDING
+    ):
+        return ErrorCode.BAD_ARG
+    return Program(
+        op, desc.flags, desc.session, desc.src_off, desc.src_len, desc.dst_off, desc.dst_len,
+        desc.arg0, desc.arg1, desc.arg2, desc.arg3,
+    )
+
+
+def check_session_config(raw: bytes, limits: Limits) -> abi.SessionConfig | ErrorCode:
+    """Validate a SESSION_OPEN config hostd copied out of the region."""
+    try:
+        cfg = abi.SessionConfig.unpack(raw)
+    except (ValueError, UnicodeDecodeError):
+        return ErrorCode.BAD_ARG
+    if cfg.direction not in (abi.Direction.ENCODE, abi.Direction.DECODE):
+        return ErrorCode.BAD_ARG
+    if cfg.codec not in abi.Codec.__members__.values():
+        return ErrorCode.UNSUPPORTED_CODEC
+    if cfg.pix_fmt not in abi.PixFmt.__members__.values():
+        return ErrorCode.BAD_ARG
+    if cfg.direction == abi.Direction.ENCODE:
+        if cfg.width == 0 or cfg.height == 0:
+            return ErrorCode.BAD_ARG
+        if (cfg.width > limits.max_width or cfg.height > limits.max_height
+                or cfg.width * cfg.height > limits.max_pixels):
+            return ErrorCode.TOO_LARGE
+        if cfg.fps_num == 0 or cfg.fps_den == 0 or cfg.tb_num == 0 or cfg.tb_den == 0:
+            return ErrorCode.BAD_ARG
+    if cfg.rc_mode not in abi.RateControl.__members__.values():
+        return ErrorCode.BAD_ARG
+    return cfg

@@ -1,0 +1,80 @@
+"""Spawning and reaping per-guest codec worker processes (an edge module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vmediad import abi
+from vmediad.shm import MappedRegion
+
+
+@dataclass
+class WorkerHandle:
+    slot: int
+    vm_id: int
+    proc: subprocess.Popen[bytes]
+    generation: int
+    started_ns: int
+    tasks: int = 0
+    exited: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def rss_bytes(self) -> int:
+        try:
+            with open(f"/proc/{self.proc.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+
+def spawn_worker(*, slot: int, vm_id: int, generation: int, region_fd: int, region_size: int,
+                 bank_fd: int, channels: int, limits: dict[str, int], fault_injection: bool,
+                 started_ns: int, on_exit: Callable[[WorkerHandle, int], None]) -> WorkerHandle:
+    """Start a worker; ``on_exit(handle, returncode)`` runs on a reaper thread when it dies.
+
+    Call this from a long-lived thread: the worker's PDEATHSIG fires when the
+    *thread* that forked it exits.
+    """
+    cmd = [
+        sys.executable, "-m", "codec_backend.worker",
+        "--slot", str(slot), "--vm", str(vm_id),
+        "--region-fd", str(region_fd), "--region-size", str(region_size),
+        "--bank-fd", str(bank_fd), "--channels", str(channels),
+        "--parent", str(os.getpid()), "--limits", json.dumps(limits),
+    ]
+    if fault_injection:
+        cmd.append("--fault-injection")
+    proc = subprocess.Popen(cmd, pass_fds=(region_fd, bank_fd), stdin=subprocess.DEVNULL, close_fds=True)
+    handle = WorkerHandle(slot, vm_id, proc, generation, started_ns)
+
+    def reap() -> None:
+        rc = proc.wait()
+        handle.exited.set()
+        on_exit(handle, rc)
+
+    threading.Thread(target=reap, daemon=True, name=f"reaper-vm{vm_id}").start()
+    return handle
+
+
+def kick_worker(bank: MappedRegion, slot: int) -> None:
+    """Tell worker ``slot`` a channel is programmed; a syscall only if it sleeps."""
+    bank.fadd32(abi.worker_kick_offset(slot), 1)
+    if bank.load32(abi.worker_need_wakeup_offset(slot)):
+        bank.futex_wake(abi.worker_kick_offset(slot), 1)

@@ -1,0 +1,491 @@
+"""The vmediad device ABI: region layout, descriptors, codes and codec tables.
+
+This module is pure: it does no I/O and imports nothing that does.  Every
+byte a guest and hostd exchange is defined here, and ``tests/test_abi.py``
+pins it with golden bytes.  Bump ``ABI_VERSION`` on any incompatible change.
+
+Region layout (all integers little-endian)::
+
+    [0, 4096)                  register page ("BAR0"), see REG_*
+    [SQ_OFFSET, +4*entries)    submission queue: u32 slot indices
+    [DESC_OFFSET, +128*entries) descriptor table, one 128-byte slot per task
+    [HEAP_OFFSET, region_size) heap: payload buffers addressed by offset
+
+Ownership of words (who may store to them):
+
+* guest: DOORBELL, SQ_TAIL, SQ entries, descriptor input fields, a slot's
+  ``status`` only for FREE->SUBMITTED and DONE/ERROR->FREE, ``waiters``.
+* hostd: everything else on the register page, descriptor result fields and
+  the SUBMITTED->DONE/ERROR flip of ``status``.
+
+hostd never trusts a guest-owned word twice: it copies a descriptor's input
+fields once, when the task is about to run, and validates the copy.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+ABI_VERSION = 1
+MAGIC = 0x44454D56  # b"VMED" little-endian
+PAGE_SIZE = 4096
+DESC_SIZE = 128
+HEAP_ALIGN = 64
+U32_MAX = 0xFFFF_FFFF
+U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+# --- register page -------------------------------------------------------
+# Host-written, read-only for the guest (layout and identity).
+REG_MAGIC = 0x000  # u32
+REG_ABI_VERSION = 0x004  # u32
+REG_REGION_SIZE = 0x008  # u64
+REG_RING_ENTRIES = 0x010  # u32
+REG_DESC_SIZE = 0x014  # u32
+REG_SQ_OFFSET = 0x018  # u64
+REG_DESC_OFFSET = 0x020  # u64
+REG_HEAP_OFFSET = 0x028  # u64
+REG_HEAP_SIZE = 0x030  # u64
+REG_CAPS = 0x038  # u64, CAP_* bits
+REG_VM_ID = 0x040  # u32
+# Guest-written cache line.
+REG_DOORBELL = 0x080  # u32: guest stores a DOORBELL_* command; hostd swaps it back to 0
+REG_SQ_TAIL = 0x084  # u32: producer count, free-running, release-stored after the SQ entries
+# Host-written cache line (hot).
+REG_NEED_WAKEUP = 0x0C0  # u32: 1 while hostd may sleep; the guest futex-wakes DOORBELL only then
+REG_SQ_HEAD = 0x0C4  # u32: consumer count, free-running
+REG_RING_ERROR = 0x0C8  # u32: last ring-level ErrorCode (not tied to one slot)
+REG_RING_ERROR_COUNT = 0x0CC  # u32
+REG_DEVICE_STATE = 0x0D0  # u32: DeviceState
+# Host-written liveness.
+REG_EPOCH = 0x100  # u64: random per hostd run; a change means hostd restarted
+REG_HEARTBEAT = 0x108  # u64: hostd monotonic ns, refreshed at least every HEARTBEAT_PERIOD_S
+REG_IRQ_COUNT = 0x110  # u64: completions posted to this region
+REG_TASKS_DONE = 0x118  # u64
+REG_TASKS_FAILED = 0x120  # u64
+
+HEARTBEAT_PERIOD_S = 0.5
+
+
+class Doorbell(enum.IntEnum):
+    IDLE = 0
+    KICK = 0x4B49434B  # "KICK": the only value that makes hostd read the ring (seed 000 claim 4)
+    RESET = 0x52455345  # "RESE": clear a ring error, resynchronise SQ_HEAD to SQ_TAIL
+
+
+class DeviceState(enum.IntEnum):
+    INIT = 0
+    RUNNING = 1
+    STOPPING = 2
+    GONE = 3
+
+
+class Caps(enum.IntFlag):
+    FUTEX = 1 << 0  # NEED_WAKEUP and completion futexes are honoured
+    POLL = 1 << 1  # hostd also polls doorbells (poll-only guests may skip futex_wake)
+    CODEC = 1 << 2  # session ops present
+    NAMED_REGION = 1 << 3
+
+
+# --- descriptor ------------------------------------------------------------
+class Status(enum.IntEnum):
+    FREE = 0
+    SUBMITTED = 1  # the patent's "first value"
+    DONE = 2  # the "second value"
+    ERROR = 3
+
+
+class Op(enum.IntEnum):
+    NOP = 1
+    COPY = 2
+    CRC32 = 3
+    CAPS = 4
+    SESSION_OPEN = 16
+    ENCODE_FRAME = 17
+    DECODE = 18
+    FLUSH = 19
+    SESSION_CLOSE = 20
+
+
+SESSION_OPS = frozenset({Op.ENCODE_FRAME, Op.DECODE, Op.FLUSH, Op.SESSION_CLOSE})
+
+
+class ErrorCode(enum.IntEnum):
+    OK = 0
+    BAD_OPCODE = 1
+    BAD_RANGE = 2  # buffer not inside the heap
+    OVERFLOW = 3  # offset + length overflows u64
+    BAD_RING_INDEX = 4  # ring-level: SQ entry names a slot >= ring entries
+    RING_OVERRUN = 5  # ring-level: SQ_TAIL - SQ_HEAD > ring entries
+    SLOT_BUSY = 6  # ring-level: slot submitted again while still in flight
+    BAD_ARG = 7
+    OVERLAP = 8  # COPY source and destination overlap
+    WORKER_CRASHED = 9
+    DEVICE_GONE = 10
+    UNSUPPORTED_CODEC = 11
+    INVALID_DATA = 12
+    NO_SPACE = 13  # result_len holds the size needed; output kept for a retry
+    BAD_SESSION = 14
+    SESSION_LOST = 15
+    TOO_LARGE = 16  # geometry caps
+    BUSY = 17  # too many sessions
+    BACKEND = 18  # codec library failure that is not the guest's fault
+    BAD_FLAGS = 19
+
+
+class DescFlag(enum.IntFlag):
+    FORCE_KEYFRAME = 1 << 0  # ENCODE_FRAME
+    PARSE = 1 << 1  # DECODE: src is an elementary stream, split with a parser
+    PTS_VALID = 1 << 2  # arg0 carries a pts
+    DRAIN_PENDING = 1 << 3  # ENCODE_FRAME/DECODE: consume no input, return output kept by NO_SPACE
+
+
+DESC_FLAGS_MASK = int(
+    DescFlag.FORCE_KEYFRAME | DescFlag.PARSE | DescFlag.PTS_VALID | DescFlag.DRAIN_PENDING
+)
+
+# Offsets inside a 128-byte descriptor slot.
+D_STATUS = 0x00  # u32 Status; futex word the submitting thread waits on
+D_WAITERS = 0x04  # u32 guest threads asleep on D_STATUS; hostd wakes only if non-zero
+D_INPUT = 0x08  # start of the input block hostd copies once
+D_RESULT = 0x58  # u64
+D_RESULT_LEN = 0x60  # u64
+D_ERROR = 0x68  # u32 ErrorCode
+D_CHANNEL = 0x6C  # u32 channel that ran the task
+D_DEVICE_NS = 0x70  # u64 ns from dispatch to completion
+D_SEQ = 0x78  # u64 hostd's global completion sequence number
+
+# Input block: tag, opcode, flags, session, src_off, src_len, dst_off, dst_len, arg0..arg3
+DESC_INPUT = struct.Struct("<QHHIQQQQQQQQ")
+assert D_INPUT + DESC_INPUT.size == D_RESULT
+DESC_RESULT = struct.Struct("<QQIIQQ")  # result, result_len, error, channel, device_ns, seq
+assert D_RESULT + DESC_RESULT.size == DESC_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """The input block of a descriptor, as copied once by hostd."""
+
+    tag: int = 0
+    opcode: int = 0
+    flags: int = 0
+    session: int = 0
+    src_off: int = 0
+    src_len: int = 0
+    dst_off: int = 0
+    dst_len: int = 0
+    arg0: int = 0
+    arg1: int = 0
+    arg2: int = 0
+    arg3: int = 0
+
+    def pack(self) -> bytes:
+        return DESC_INPUT.pack(
+            self.tag, self.opcode, self.flags, self.session, self.src_off, self.src_len,
+            self.dst_off, self.dst_len, self.arg0, self.arg1, self.arg2, self.arg3,
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes | bytearray | memoryview) -> Descriptor:
+        return cls(*DESC_INPUT.unpack(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    region_size: int
+    ring_entries: int
+    sq_offset: int
+    desc_offset: int
+    heap_offset: int
+    heap_size: int
+
+    def desc(self, slot: int) -> int:
+        return self.desc_offset + slot * DESC_SIZE
+
+    def sq_entry(self, index: int) -> int:
+        return self.sq_offset + 4 * (index % self.ring_entries)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "region_size": self.region_size,
+            "ring_entries": self.ring_entries,
+            "sq_offset": self.sq_offset,
+            "desc_offset": self.desc_offset,
+            "heap_offset": self.heap_offset,
+            "heap_size": self.heap_size,
+        }
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def _align(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+def compute_layout(region_size: int, ring_entries: int) -> Layout:
+    """The one layout for a region of ``region_size`` bytes and ``ring_entries`` slots."""
+    if ring_entries < 1 or ring_entries & (ring_entries - 1):
+        raise LayoutError(f"ring_entries must be a power of two, got {ring_entries}")
+    if region_size % PAGE_SIZE:
+        raise LayoutError(f"region_size must be a multiple of {PAGE_SIZE}, got {region_size}")
+    sq_offset = PAGE_SIZE
+    desc_offset = _align(sq_offset + 4 * ring_entries, DESC_SIZE)
+    heap_offset = _align(desc_offset + DESC_SIZE * ring_entries, PAGE_SIZE)
+    if heap_offset + PAGE_SIZE > region_size:
+        raise LayoutError(f"region_size {region_size} leaves no heap for {ring_entries} slots")
+    return Layout(region_size, ring_entries, sq_offset, desc_offset, heap_offset, region_size - heap_offset)
+
+
+def layout_from_registers(page: bytes | memoryview) -> Layout:
+    """Read (and check) the layout a hostd published on the register page."""
+    magic, version = struct.unpack_from("<II", page, REG_MAGIC)
+    if magic != MAGIC:
+        raise LayoutError(f"bad magic {magic:#x}")
+    if version != ABI_VERSION:
+        raise LayoutError(f"ABI version {version}, this side speaks {ABI_VERSION}")
+    (size,) = struct.unpack_from("<Q", page, REG_REGION_SIZE)
+    (entries,) = struct.unpack_from("<I", page, REG_RING_ENTRIES)
+    layout = compute_layout(size, entries)
+    published = struct.unpack_from("<QQQQ", page, REG_SQ_OFFSET)
+    if published != (layout.sq_offset, layout.desc_offset, layout.heap_offset, layout.heap_size):
+        raise LayoutError("published layout does not match the computed one")
+    return layout
+
+
+def register_page_init(layout: Layout, vm_id: int, caps: int) -> list[tuple[int, str, int]]:
+    """(offset, struct format, value) triples hostd writes once, before publishing the region."""
+    return [
+        (REG_ABI_VERSION, "<I", ABI_VERSION),
+        (REG_REGION_SIZE, "<Q", layout.region_size),
+        (REG_RING_ENTRIES, "<I", layout.ring_entries),
+        (REG_DESC_SIZE, "<I", DESC_SIZE),
+        (REG_SQ_OFFSET, "<Q", layout.sq_offset),
+        (REG_DESC_OFFSET, "<Q", layout.desc_offset),
+        (REG_HEAP_OFFSET, "<Q", layout.heap_offset),
+        (REG_HEAP_SIZE, "<Q", layout.heap_size),
+        (REG_CAPS, "<Q", caps),
+        (REG_VM_ID, "<I", vm_id),
+        # MAGIC last: a reader that sees it sees everything above.
+        (REG_MAGIC, "<I", MAGIC),
+    ]
+
+
+def range_ok(off: int, length: int, lo: int, hi: int) -> ErrorCode:
+    """Check [off, off+length) lies inside [lo, hi) without ever overflowing u64.
+
+    Python ints do not overflow, so the u64 semantics a C guest would have are
+    checked explicitly: the fields are u64 and their sum must fit in u64.
+    """
+    if off > U64_MAX - length:
+        return ErrorCode.OVERFLOW
+    if off < lo or length > hi - lo or off - lo > hi - lo - length:
+        return ErrorCode.BAD_RANGE
+    return ErrorCode.OK
+
+
+def ranges_overlap(a_off: int, a_len: int, b_off: int, b_len: int) -> bool:
+    return a_len > 0 and b_len > 0 and a_off < b_off + b_len and b_off < a_off + a_len
+
+
+# --- codec ABI ---------------------------------------------------------------
+class Codec(enum.IntEnum):
+    H264 = 1
+    HEVC = 2
+    VP9 = 3
+    AV1 = 4
+    MJPEG = 5
+    MPEG4 = 6
+
+
+class PixFmt(enum.IntEnum):
+    YUV420P = 1
+    NV12 = 2
+    RGB24 = 3
+    BGRA = 4
+
+
+PIX_FMT_NAMES = {PixFmt.YUV420P: "yuv420p", PixFmt.NV12: "nv12", PixFmt.RGB24: "rgb24", PixFmt.BGRA: "bgra"}
+CODEC_NAMES = {
+    Codec.H264: "h264", Codec.HEVC: "hevc", Codec.VP9: "vp9",
+    Codec.AV1: "av1", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4",
+}
+# FFmpeg implementation behind each codec, per direction.
+ENCODER_IMPL = {
+    Codec.H264: "libx264", Codec.HEVC: "libx265", Codec.VP9: "libvpx-vp9",
+    Codec.AV1: "libsvtav1", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4",
+}
+DECODER_IMPL = {
+    Codec.H264: "h264", Codec.HEVC: "hevc", Codec.VP9: "vp9",
+    Codec.AV1: "libdav1d", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4",
+}
+
+
+def plane_shapes(fmt: PixFmt, width: int, height: int) -> list[tuple[int, int]]:
+    """(rows, bytes per row) of each plane of an unpadded frame."""
+    cw, ch = (width + 1) // 2, (height + 1) // 2
+    if fmt == PixFmt.YUV420P:
+        return [(height, width), (ch, cw), (ch, cw)]
+    if fmt == PixFmt.NV12:
+        return [(height, width), (ch, 2 * cw)]
+    if fmt == PixFmt.RGB24:
+        return [(height, 3 * width)]
+    if fmt == PixFmt.BGRA:
+        return [(height, 4 * width)]
+    raise ValueError(f"unknown pixel format {fmt}")
+
+
+def frame_size(fmt: PixFmt, width: int, height: int, strides: list[int] | None = None) -> int:
+    shapes = plane_shapes(fmt, width, height)
+    if strides is None:
+        return sum(r * b for r, b in shapes)
+    return sum(r * s for (r, _), s in zip(shapes, strides, strict=True))
+
+
+class Direction(enum.IntEnum):
+    ENCODE = 1
+    DECODE = 2
+
+
+class RateControl(enum.IntEnum):
+    DEFAULT = 0
+    BITRATE = 1
+    CRF = 2
+    QP = 3
+
+
+# SESSION_OPEN: src points at this struct, optionally followed by an options
+# string "key=value\0key=value\0" (UTF-8) of length src_len - SESSION_CONFIG.size.
+# Fields: direction, codec, width, height, pix_fmt, tb_num, tb_den, fps_num,
+# fps_den, rc_mode, rc_value (bitrate bit/s, or CRF/QP), gop, bframes (0 off,
+# 1 on: codec default B-frames), threads, flags, reserved, preset[16], profile[16]
+SESSION_CONFIG = struct.Struct("<IIIIIIIIIIQIIIII16s16s")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    direction: int
+    codec: int
+    width: int = 0
+    height: int = 0
+    pix_fmt: int = PixFmt.YUV420P
+    tb_num: int = 1
+    tb_den: int = 30
+    fps_num: int = 30
+    fps_den: int = 1
+    rc_mode: int = RateControl.DEFAULT
+    rc_value: int = 0
+    gop: int = 0
+    bframes: int = 0
+    threads: int = 0
+    flags: int = 0
+    preset: str = ""
+    profile: str = ""
+    options: tuple[tuple[str, str], ...] = ()
+
+    def pack(self) -> bytes:
+        head = SESSION_CONFIG.pack(
+            self.direction, self.codec, self.width, self.height, self.pix_fmt, self.tb_num,
+            self.tb_den, self.fps_num, self.fps_den, self.rc_mode, self.rc_value, self.gop,
+            self.bframes, self.threads, self.flags, 0,
+            self.preset.encode(), self.profile.encode(),
+        )
+        tail = b"".join(f"{k}={v}".encode() + b"\0" for k, v in self.options)
+        return head + tail
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> SessionConfig:
+        """Parse a copied config; raises ValueError on malformed text fields."""
+        if len(raw) < SESSION_CONFIG.size:
+            raise ValueError("session config too short")
+        f = SESSION_CONFIG.unpack_from(raw)
+        opts: list[tuple[str, str]] = []
+        for item in raw[SESSION_CONFIG.size:].split(b"\0"):
+            if not item:
+                continue
+            key, sep, value = item.decode("utf-8").partition("=")
+            if not sep or not key:
+                raise ValueError(f"bad option {item!r}")
+            opts.append((key, value))
+        return cls(
+            *f[:15],
+            preset=f[16].rstrip(b"\0").decode("ascii"),
+            profile=f[17].rstrip(b"\0").decode("ascii"),
+            options=tuple(opts),
+        )
+
+
+# Output tables written at dst by ENCODE_FRAME / DECODE / FLUSH / CAPS.
+# Header: kind, count, used (bytes of dst used, header included).
+OUT_HEADER = struct.Struct("<IIQ")
+OUT_PACKETS = 1
+OUT_FRAMES = 2
+OUT_JSON = 3
+# Packet entry: data offset from dst start, size, pts, dts, flags (bit0 keyframe), reserved.
+PACKET_ENTRY = struct.Struct("<QQqqII")
+PACKET_KEY = 1
+# Frame entry: data offset from dst start, width, height, pix_fmt, nplanes, pts,
+# plane offsets (from data offset) x3, strides x3, reserved.
+FRAME_ENTRY = struct.Struct("<QIIIIq3I3IQ")
+NO_PTS = -(1 << 63)
+
+
+def out_table_size(kind: int, count: int) -> int:
+    entry = PACKET_ENTRY.size if kind == OUT_PACKETS else FRAME_ENTRY.size
+    return _align(OUT_HEADER.size + count * entry, HEAP_ALIGN)
+
+
+# --- channel register file (host <-> codec worker; never guest-visible) -----
+# One 256-byte file per hardware channel in hostd's register bank.
+class Ctrl(enum.IntEnum):
+    IDLE = 0
+    START = 1  # hostd: registers programmed, worker may run
+    RUNNING = 2  # worker: claimed (CAS START->RUNNING), executing
+    DONE = 3  # worker: result registers valid ("interrupt raised")
+
+
+CH_SIZE = 256
+CH_CTRL = 0x00  # u32 Ctrl; hostd stores START (release), worker CASes RUNNING, stores DONE (release)
+CH_OWNER = 0x04  # u32 worker slot + 1 that may run this channel
+CH_SEQ = 0x08  # u64 task sequence number programmed
+CH_PROGRAM = 0x10  # program block, see CH_PROGRAM_STRUCT
+# opcode, flags, session, config_len, src_off, src_len, dst_off, dst_len, arg0..arg3
+CH_PROGRAM_STRUCT = struct.Struct("<IIIIQQQQQQQQ")
+CH_RESULT = 0x70  # result, result_len, error, reserved, bytes the engine copied
+CH_RESULT_STRUCT = struct.Struct("<QQIIQ")
+CONFIG_PAGE = 4096  # per-channel page holding the SESSION_OPEN config hostd copied
+assert CH_PROGRAM + CH_PROGRAM_STRUCT.size <= CH_RESULT
+assert CH_RESULT + CH_RESULT_STRUCT.size <= CH_SIZE
+
+# Register bank: header page, K channel files, then K config pages.
+BANK_HOST_EVENT = 0x00  # u32: bumped by workers (IRQ) and hostd threads; hostd's futex
+BANK_HOST_NEED_WAKEUP = 0x04  # u32: 1 while hostd may sleep on HOST_EVENT
+BANK_WORKER_BASE = 0x40  # per worker slot: kick u32, need_wakeup u32
+BANK_WORKER_STRIDE = 8
+BANK_MAX_WORKERS = (PAGE_SIZE - BANK_WORKER_BASE) // BANK_WORKER_STRIDE
+
+
+def _channels_end(channels: int) -> int:
+    return _align(PAGE_SIZE + channels * CH_SIZE, PAGE_SIZE)
+
+
+def bank_size(channels: int) -> int:
+    return _channels_end(channels) + channels * CONFIG_PAGE
+
+
+def channel_offset(index: int) -> int:
+    return PAGE_SIZE + index * CH_SIZE
+
+
+def channel_config_offset(channels: int, index: int) -> int:
+    return _channels_end(channels) + index * CONFIG_PAGE
+
+
+def worker_kick_offset(slot: int) -> int:
+    return BANK_WORKER_BASE + slot * BANK_WORKER_STRIDE
+
+
+def worker_need_wakeup_offset(slot: int) -> int:
+    return worker_kick_offset(slot) + 4

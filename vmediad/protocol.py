@@ -1,0 +1,110 @@
+"""The control-plane protocol: JSON lines over a Unix socket (pure, no I/O).
+
+Requests are one JSON object per line with a ``cmd``:
+
+* ``attach``: ``name``, ``region_size``, ``ring_entries``, ``named`` (posix_ipc
+  opt-in), ``adopt`` (the region fd travels with the request, SCM_RIGHTS).
+  Reply: ``vm``, ``epoch``, ``caps``, ``layout``, ``shm_name``; the region fd
+  travels with the reply.
+* ``detach``: ends the connection's guest.  Socket EOF means the same.
+* ``status``: reply ``status`` is hostd's ``statistics()`` snapshot.
+* ``ping``: reply ``version`` and ``abi``.
+
+Replies carry ``ok``; a refusal is ``{"ok": false, "error": text, "kind": ...}``.
+The control plane is never used per task.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from vmediad import abi
+from vmediad.errors import ProtocolError
+
+MAX_LINE = 64 * 1024
+COMMANDS = ("attach", "detach", "status", "ping")
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    name: str = ""
+    region_size: int | None = None
+    ring_entries: int | None = None
+    named: bool = False
+    adopt: bool = False
+
+
+def parse_request(line: bytes) -> Request:
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"request longer than {MAX_LINE} bytes")
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("request must be a JSON object")
+    cmd = obj.get("cmd")
+    if cmd not in COMMANDS:
+        raise ProtocolError(f"unknown cmd {cmd!r}; expected one of {', '.join(COMMANDS)}")
+    name = obj.get("name", "")
+    if not isinstance(name, str) or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+        raise ProtocolError("name must be up to 64 characters of [A-Za-z0-9._-]")
+    ints: dict[str, int | None] = {}
+    for key in ("region_size", "ring_entries"):
+        v = obj.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ProtocolError(f"{key} must be a positive integer")
+        ints[key] = v
+    flags: dict[str, bool] = {}
+    for key in ("named", "adopt"):
+        v = obj.get(key, False)
+        if not isinstance(v, bool):
+            raise ProtocolError(f"{key} must be true or false")
+        flags[key] = v
+    return Request(cmd, name, ints["region_size"], ints["ring_entries"], flags["named"], flags["adopt"])
+
+
+@dataclass(frozen=True)
+class AttachLimits:
+    region_min: int
+    region_max: int
+    region_default: int
+    ring_min: int
+    ring_max: int
+    ring_default: int
+    named_regions: bool
+
+
+def resolve_attach(req: Request, lim: AttachLimits) -> tuple[int, int]:
+    """The region size and ring entries hostd will grant, or ProtocolError saying why not."""
+    size = req.region_size if req.region_size is not None else lim.region_default
+    ring = req.ring_entries if req.ring_entries is not None else lim.ring_default
+    if size % abi.PAGE_SIZE:
+        raise ProtocolError(f"region_size must be a multiple of {abi.PAGE_SIZE}", "limit")
+    if not lim.region_min <= size <= lim.region_max:
+        raise ProtocolError(f"region_size {size} outside [{lim.region_min}, {lim.region_max}]", "limit")
+    if ring & (ring - 1) or not lim.ring_min <= ring <= lim.ring_max:
+        raise ProtocolError(f"ring_entries {ring} must be a power of two in [{lim.ring_min}, {lim.ring_max}]",
+                            "limit")
+    if req.named and not lim.named_regions:
+        raise ProtocolError("named regions are disabled (limits.named_regions = false)", "limit")
+    try:
+        abi.compute_layout(size, ring)
+    except abi.LayoutError as e:
+        raise ProtocolError(str(e), "limit") from None
+    return size, ring
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def ok(**fields: Any) -> bytes:
+    return encode({"ok": True, **fields})
+
+
+def refuse(message: str, kind: str = "bad_request") -> bytes:
+    return encode({"ok": False, "error": message, "kind": kind})
