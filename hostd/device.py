@@ -488,17 +488,7 @@ class Device:
                   device_ns: int, *, op: int, session: int, submit_ns: int, counted: bool = False) -> None:
         reg = g.region.mapped
         desc = g.region.layout.desc(slot)
-        self._task_seq += 1
-        abi.DESC_RESULT.pack_into(reg.mem, desc + abi.D_RESULT, result & (2**64 - 1), result_len, error,
-                                  channel, device_ns, self._task_seq)
-        # Exchange (seq-cst) orders the result fields before the flip and the
-        # WAITERS load after it; the guest increments WAITERS before it re-reads
-        # the status and sleeps, so one side always sees the other.
-        reg.xchg32(desc + abi.D_STATUS, Status.DONE if error == ErrorCode.OK else Status.ERROR)
-        reg.fadd64(abi.REG_IRQ_COUNT, 1)
-        if reg.load32(desc + abi.D_WAITERS):
-            self._wakes_sent += 1
-            reg.futex_wake(desc + abi.D_STATUS)
+        # Bookkeeping first: whoever sees the status flip also sees the counters.
         g.held_slots.discard(slot)
         g.arrival_ns.pop(slot, None)
         if not counted:
@@ -521,6 +511,17 @@ class Device:
             reg.fadd64(abi.REG_TASKS_FAILED, 1)
             if error not in (ErrorCode.NO_SPACE,):
                 g.log.info("task failed", task=slot, op=op_name, error=error.name)
+        self._task_seq += 1
+        abi.DESC_RESULT.pack_into(reg.mem, desc + abi.D_RESULT, result & (2**64 - 1), result_len, error,
+                                  channel, device_ns, self._task_seq)
+        # Exchange (seq-cst) orders the result fields before the flip and the
+        # WAITERS load after it; the guest increments WAITERS before it re-reads
+        # the status and sleeps, so one side always sees the other.
+        reg.xchg32(desc + abi.D_STATUS, Status.DONE if error == ErrorCode.OK else Status.ERROR)
+        reg.fadd64(abi.REG_IRQ_COUNT, 1)
+        if reg.load32(desc + abi.D_WAITERS):
+            self._wakes_sent += 1
+            reg.futex_wake(desc + abi.D_STATUS)
 
     # -- attach / detach / workers --------------------------------------------------------
     def _do_attach(self, req: AttachRequest) -> None:

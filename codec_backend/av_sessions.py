@@ -1,0 +1,1041 @@
+"""Codec sessions of one guest, run on PyAV inside that guest's worker process.
+
+The worker hands every call the guest's whole region as a writable ``memoryview``
+(``mem``) plus absolute offsets that hostd has range-checked; everything inside
+those ranges is hostile.  Input frames are wrapped in place (no copy) whenever the
+layout allows; output (packets or decoded planes) is copied once into the region.
+
+Output layout written at ``dst_off`` (all offsets relative to ``dst_off``)::
+
+    OUT_HEADER(kind, count, used)
+    count x PACKET_ENTRY or FRAME_ENTRY, table padded to abi.out_table_size()
+    payloads, each starting on a HEAP_ALIGN (64-byte) boundary
+
+``used`` is the end of the last payload (the table size when count == 0).  A
+decoded frame's planes are packed one after another with stride = visible row
+bytes (the plane offsets and strides in FRAME_ENTRY say so explicitly), i.e.
+exactly the unpadded layout ``abi.plane_shapes`` describes, so a decoded frame
+can be fed back to an encoder with strides (0, 0, 0).
+
+NO_SPACE: the input of the call is consumed, all output stays queued in the
+session and ``CodecError.required`` is the exact ``dst_len`` that takes all of it.
+The next encode/decode (normal or ``drain_pending``) or flush returns it first.
+While more than ``MAX_PENDING_ITEMS`` items or ``MAX_PENDING_BYTES`` bytes are
+queued, calls that would consume input fail with BUSY and consume nothing.
+
+flush drains the codec (parser included), queues what comes out, and discards
+the codec context.  The session stays open: the next encode/decode opens a fresh
+context with the same configuration, i.e. starts a new stream (encoders begin
+with a keyframe and in-band headers; the automatic pts counter keeps running).
+
+Encoder defaults (only where the config leaves the choice open):
+
+* libx264: preset ultrafast, thread_type FRAME (bit-identical to threads=1), CRF 23
+  (x264 default); ``bframes=1`` means 3 B-frames.
+* libx265: preset ultrafast, ``log-level=error``; ``bframes=1`` keeps x265's preset
+  B-frames (3 for ultrafast).
+* libvpx-vp9: deadline realtime, cpu-used 8, constant quality crf 30 (b=0);
+  ``bframes=0`` sets lag-in-frames 0 (no alt-ref look-ahead).  A numeric preset is
+  cpu-used, "realtime"/"good"/"best" is the deadline.
+* libsvtav1: preset 12, CRF 35 (SVT default); ``bframes=0`` selects the low-delay
+  prediction structure (``pred-struct=1``), ``bframes=1`` SVT's random access.
+* mjpeg, mpeg4: fixed quantiser qscale 3 (CRF and QP both map to qscale);
+  mjpeg is tagged full range (samples are passed through untouched); mpeg4
+  ``bframes=1`` means 2 B-frames.
+
+Decoders use thread_type AUTO (frame + slice threads) unless ``threads == 1``,
+and ``max_pixels`` from the geometry caps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import cache, lru_cache
+from typing import Any, Final, Literal, TypeVar, cast
+
+import av
+import av.error
+import numpy as np
+from av.codec.context import ThreadType
+from av.packet import Packet
+from av.video.codeccontext import VideoCodecContext
+from av.video.frame import PictureType, VideoFrame
+
+from vmediad import abi
+from vmediad.abi import Codec, Direction, ErrorCode, PixFmt, RateControl, SessionConfig
+
+__all__ = [
+    "CodecError",
+    "GeometryCaps",
+    "SessionManager",
+    "caps_document",
+    "write_caps",
+]
+
+_T = TypeVar("_T")
+
+MAX_PENDING_ITEMS: Final = 256
+MAX_PENDING_BYTES: Final = 512 << 20
+MAX_THREADS: Final = 64
+MAX_OPTIONS: Final = 64
+MAX_CHUNK: Final = (1 << 31) - 4096  # FFmpeg packet sizes are C ints
+MAX_STRIDE: Final = 1 << 30
+# Bytes that must stay mapped after a frame wrapped in place: SIMD readers in
+# swscale/encoders may over-read a little past the last row.
+INPUT_SLACK: Final = 64
+
+_I64_MIN: Final = -(1 << 63)
+_I64_MAX: Final = (1 << 63) - 1
+_JPEG_RANGE: Final = 2  # AVCOL_RANGE_JPEG
+
+_NATIVE_ENCODERS: Final = frozenset({"mjpeg", "mpeg4"})
+_B_FRAMES_ON: Final = {"libx264": 3, "mpeg4": 2}
+_DEFAULT_QSCALE: Final = 3
+_FF_QP2LAMBDA: Final = 118
+
+# Decoded formats whose memory layout equals an output format (no conversion).
+_SAME_LAYOUT: Final = {
+    PixFmt.YUV420P: frozenset({"yuv420p", "yuvj420p"}),
+    PixFmt.NV12: frozenset({"nv12"}),
+}
+
+# Options a guest may pass: generic AVCodecContext options on this list, and any
+# private option of the codec not on the deny list.  Everything that touches
+# files, geometry, pixel format, threading mode or buffer limits is refused.
+_GENERIC_ALLOWED: Final = frozenset({
+    "b", "bt", "g", "qcomp", "qblur", "qmin", "qmax", "qdiff", "bf", "b_qfactor",
+    "b_qoffset", "i_qfactor", "i_qoffset", "maxrate", "minrate", "bufsize",
+    "rc_init_occupancy", "rc_max_vbv_use", "rc_min_vbv_use", "keyint_min", "refs",
+    "trellis", "flags", "flags2", "strict", "err_detect", "ec", "mbd", "cmp",
+    "subcmp", "mbcmp", "precmp", "dia_size", "last_pred", "pre_dia_size", "subq",
+    "me_range", "mblmin", "mblmax", "lumi_mask", "tcplx_mask", "scplx_mask",
+    "p_mask", "dark_mask", "dct", "idct", "nssew", "bidir_refine", "mv0_threshold",
+    "compression_level", "global_quality", "level", "slices", "aspect", "sar",
+    "colorspace", "color_primaries", "color_trc", "color_range",
+    "chroma_sample_location", "field_order", "skip_loop_filter", "skip_idct",
+    "skip_frame", "lowres", "discard_damaged_percentage", "export_side_data", "bug",
+    "apply_cropping",
+})
+_PRIVATE_DENIED: Final = frozenset({"passlogfile", "stats", "x265-stats"})
+_PARAM_LISTS: Final = frozenset({"x264-params", "x264opts", "x265-params", "svtav1-params"})
+_PARAM_DENIED_PARTS: Final = ("file", "stat", "csv", "dump", "recon", "analysis", "clbin",
+                              "input", "rpu", "path", "config")
+_PARAM_DENIED: Final = frozenset({
+    "w", "h", "width", "height", "csp", "color-format", "depth", "scaling-list",
+    "fgs-table", "source-width", "source-height", "forced-max-frame-width",
+    "forced-max-frame-height",
+})
+_FRACTION_RE: Final = re.compile(r"\d+/\d+")
+
+
+class CodecError(Exception):
+    """A task failure with its ABI error code (``required``: dst bytes for NO_SPACE)."""
+
+    def __init__(self, code: ErrorCode, message: str, required: int = 0) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = ErrorCode(code)
+        self.required: int = required
+
+    def __repr__(self) -> str:
+        return f"CodecError({self.code.name}, {str(self)!r}, required={self.required})"
+
+
+@dataclass(frozen=True)
+class GeometryCaps:
+    max_width: int = 8192
+    max_height: int = 8192
+    max_pixels: int = 35_000_000
+
+
+def _align(value: int, to: int = abi.HEAP_ALIGN) -> int:
+    return (value + to - 1) // to * to
+
+
+def _check_range(mem: memoryview, off: int, length: int, what: str) -> None:
+    if off < 0 or length < 0 or off + length > mem.nbytes:
+        raise CodecError(ErrorCode.BAD_RANGE, f"{what} [{off}, +{length}) outside the region")
+
+
+def _ff_error(exc: av.error.FFmpegError, guest_code: ErrorCode) -> CodecError:
+    """Map an FFmpeg error: resource/library faults are BACKEND, the rest the guest's."""
+    if isinstance(exc, (av.error.MemoryError, av.error.BugError, av.error.ExternalError,
+                        av.error.UnknownError)):
+        return CodecError(ErrorCode.BACKEND, str(exc))
+    return CodecError(guest_code, str(exc))
+
+
+@dataclass
+class _Stats:
+    enc_frames_in: int = 0
+    enc_packets_out: int = 0
+    enc_bytes_out: int = 0
+    enc_in_copied: int = 0
+    enc_out_copied: int = 0
+    dec_chunks_in: int = 0
+    dec_packets_in: int = 0
+    dec_frames_out: int = 0
+    dec_bytes_in: int = 0
+    dec_in_copied: int = 0
+    dec_out_copied: int = 0
+    opened: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class _InLayout:
+    linesizes: tuple[int, ...]
+    need: int
+    public: bool  # VideoFrame.from_numpy_buffer can describe it
+
+
+@dataclass(slots=True)
+class _PendingPacket:
+    packet: Packet[Any]
+    size: int
+    pts: int
+    dts: int
+    flags: int
+
+
+# --- option handling ---------------------------------------------------------------
+def _check_param_list(key: str, value: str) -> None:
+    for item in value.split(":"):
+        sub, _, sub_value = item.partition("=")
+        sub = sub.strip().lower()
+        if sub in _PARAM_DENIED or any(part in sub for part in _PARAM_DENIED_PARTS):
+            raise CodecError(ErrorCode.BAD_ARG, f"{key}: parameter {sub!r} is not allowed")
+        _check_value(key, sub_value)
+
+
+def _check_value(key: str, value: str) -> None:
+    if ("/" in value or "\\" in value) and not _FRACTION_RE.fullmatch(value):
+        raise CodecError(ErrorCode.BAD_ARG, f"option {key}: paths are not allowed")
+
+
+def _guest_options(ctx: VideoCodecContext, options: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    if len(options) > MAX_OPTIONS:
+        raise CodecError(ErrorCode.BAD_ARG, "too many options")
+    if not options:
+        return {}
+    private = {o.name for o in ctx.supported_options.private}
+    out: dict[str, str] = {}
+    for key, value in options:
+        if "\0" in key or "\0" in value:
+            raise CodecError(ErrorCode.BAD_ARG, "NUL in option")
+        if key in private:
+            if key in _PRIVATE_DENIED:
+                raise CodecError(ErrorCode.BAD_ARG, f"option {key!r} is not allowed")
+            if key in _PARAM_LISTS:
+                _check_param_list(key, value)
+            else:
+                _check_value(key, value)
+        elif key not in _GENERIC_ALLOWED:
+            raise CodecError(ErrorCode.BAD_ARG, f"option {key!r} is unknown or not allowed")
+        out[key] = value
+    return out
+
+
+def _merge_params(opts: dict[str, str], key: str, defaults: str) -> None:
+    """Prepend our defaults to a key=value:... list; the guest's later entries win."""
+    guest = opts.get(key)
+    opts[key] = f"{defaults}:{guest}" if guest else defaults
+
+
+def _open_ctx(ctx: VideoCodecContext, opts: dict[str, str]) -> None:
+    ctx.options = opts
+    try:
+        ctx.open()
+    except av.error.FFmpegError as exc:
+        raise _ff_error(exc, ErrorCode.BAD_ARG) from exc
+    leftover = dict(ctx.options)
+    if leftover:
+        raise CodecError(ErrorCode.BAD_ARG, f"options not recognised by {ctx.name}: {sorted(leftover)}")
+
+
+def _check_common(cfg: SessionConfig) -> None:
+    if cfg.flags:
+        raise CodecError(ErrorCode.BAD_FLAGS, f"unknown session flags {cfg.flags:#x}")
+    if not 0 <= cfg.threads <= MAX_THREADS:
+        raise CodecError(ErrorCode.BAD_ARG, f"threads must be 0..{MAX_THREADS}")
+    if cfg.bframes not in (0, 1):
+        raise CodecError(ErrorCode.BAD_ARG, "bframes must be 0 or 1")
+
+
+def _check_geometry(width: int, height: int, caps: GeometryCaps, required: bool) -> None:
+    if required and (width <= 0 or height <= 0):
+        raise CodecError(ErrorCode.BAD_ARG, "width and height are required")
+    if width > caps.max_width or height > caps.max_height or width * height > caps.max_pixels:
+        raise CodecError(ErrorCode.TOO_LARGE, f"{width}x{height} exceeds the geometry caps")
+
+
+def _pix_fmt(value: int, allowed: tuple[PixFmt, ...]) -> PixFmt:
+    try:
+        fmt = PixFmt(value)
+    except ValueError:
+        raise CodecError(ErrorCode.BAD_ARG, f"unknown pix_fmt {value}") from None
+    if fmt not in allowed:
+        raise CodecError(ErrorCode.BAD_ARG, f"pix_fmt {fmt.name} not allowed here")
+    return fmt
+
+
+def _codec(value: int, table: dict[Codec, str], mode: Literal["r", "w"]) -> tuple[Codec, str]:
+    try:
+        codec = Codec(value)
+    except ValueError:
+        raise CodecError(ErrorCode.UNSUPPORTED_CODEC, f"unknown codec {value}") from None
+    impl = table[codec]
+    if not _available(impl, mode):
+        raise CodecError(ErrorCode.UNSUPPORTED_CODEC, f"{impl} is not in this FFmpeg build")
+    return codec, impl
+
+
+@cache
+def _available(impl: str, mode: Literal["r", "w"]) -> bool:
+    try:
+        av.Codec(impl, mode)
+    except (ValueError, av.error.FFmpegError):
+        return False
+    return True
+
+
+@cache
+def _codec_formats(impl: str) -> frozenset[str]:
+    formats = av.Codec(impl, "w").video_formats or ()
+    return frozenset(f.name for f in formats)
+
+
+def _ratio(num: int, den: int, what: str) -> Fraction:
+    if not (0 < num <= 0x7FFF_FFFF and 0 < den <= 0x7FFF_FFFF):
+        raise CodecError(ErrorCode.BAD_ARG, f"bad {what} {num}/{den}")
+    return Fraction(num, den)
+
+
+def _frame_bytes(fmt: PixFmt, width: int, height: int) -> int:
+    return sum(r * b for r, b in abi.plane_shapes(fmt, width, height))
+
+
+def _copy_planes_in(frame: VideoFrame, src: np.ndarray, fmt: PixFmt, width: int, height: int,
+                    linesizes: tuple[int, ...]) -> int:
+    """Copy a packed-with-strides image into an FFmpeg-owned frame; returns bytes copied."""
+    pos = copied = 0
+    for i, (rows, row_bytes) in enumerate(abi.plane_shapes(fmt, width, height)):
+        plane = frame.planes[i]
+        dst = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(plane),
+                         strides=(plane.line_size, 1))
+        np.copyto(dst, np.lib.stride_tricks.as_strided(
+            src[pos:], (rows, row_bytes), (linesizes[i], 1), writeable=False))
+        pos += rows * linesizes[i]
+        copied += rows * row_bytes
+    return copied
+
+
+# --- sessions --------------------------------------------------------------------------
+class _Session:
+    pending_items: int
+    pending_bytes: int
+
+    def __init__(self, stats: _Stats) -> None:
+        self._stats = stats
+        self.pending_items = 0
+        self.pending_bytes = 0
+
+    def _check_backlog(self) -> None:
+        if self.pending_items >= MAX_PENDING_ITEMS or self.pending_bytes >= MAX_PENDING_BYTES:
+            raise CodecError(ErrorCode.BUSY, "output backlog: drain pending output first")
+
+    def flush(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _EncoderSession(_Session):
+    def __init__(self, cfg: SessionConfig, caps: GeometryCaps, stats: _Stats) -> None:
+        super().__init__(stats)
+        _check_common(cfg)
+        self._codec, self._impl = _codec(cfg.codec, abi.ENCODER_IMPL, "w")
+        self._cfg = cfg
+        _check_geometry(cfg.width, cfg.height, caps, required=True)
+        self._fmt = _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA))
+        self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
+        self._w, self._h = cfg.width, cfg.height
+        self._shapes = abi.plane_shapes(self._fmt, self._w, self._h)
+        if self._fmt == PixFmt.NV12 and "nv12" in _codec_formats(self._impl):
+            self._ctx_fmt = "nv12"
+        else:
+            self._ctx_fmt = "yuv420p"
+        self._convert = self._ctx_fmt != self._fmt_name
+        self._convert_bytes = _frame_bytes(PixFmt(PixFmt.NV12 if self._ctx_fmt == "nv12"
+                                                  else PixFmt.YUV420P), self._w, self._h)
+        self._tb = _ratio(cfg.tb_num, cfg.tb_den, "time base")
+        self._fps = _ratio(cfg.fps_num, cfg.fps_den, "frame rate")
+        self._duration = max(1, round(1 / (self._fps * self._tb)))
+        self._next_pts = 0
+        self._layouts: dict[tuple[int, ...], _InLayout] = {}
+        self._pending: deque[_PendingPacket] = deque()
+        self._retains_input = False
+        self._fed = 0
+        self._ctx: VideoCodecContext | None = None
+        self._ctx = self._open()
+
+    def _open(self) -> VideoCodecContext:
+        cfg, impl = self._cfg, self._impl
+        ctx = cast(VideoCodecContext, av.CodecContext.create(impl, "w"))
+        ctx.width, ctx.height, ctx.pix_fmt = self._w, self._h, self._ctx_fmt
+        ctx.time_base = self._tb
+        ctx.framerate = self._fps
+        if cfg.gop:
+            if cfg.gop > 0x7FFF_FFFF:
+                raise CodecError(ErrorCode.BAD_ARG, "gop too large")
+            ctx.gop_size = cfg.gop
+        ctx.thread_count = cfg.threads
+        ctx.thread_type = ThreadType.FRAME if impl == "libx264" else ThreadType.SLICE
+        if impl in ("libx264", "mpeg4"):
+            ctx.max_b_frames = _B_FRAMES_ON[impl] if cfg.bframes else 0
+        elif impl == "libx265" and not cfg.bframes:
+            ctx.max_b_frames = 0
+        if impl == "mjpeg":
+            ctx.color_range = _JPEG_RANGE
+
+        opts: dict[str, str] = {}
+        self._preset(opts)
+        self._rate_control(ctx, opts)
+        if cfg.profile:
+            if any(o.name == "profile" for o in ctx.supported_options.private):
+                opts["profile"] = cfg.profile
+            elif cfg.profile in ctx.profiles:
+                ctx.profile = cfg.profile
+            else:
+                raise CodecError(ErrorCode.BAD_ARG, f"unknown profile {cfg.profile!r} for {impl}")
+        guest = _guest_options(ctx, cfg.options)
+        if impl == "libx265":
+            _merge_params(guest, "x265-params", "log-level=error")
+        elif impl == "libsvtav1" and not cfg.bframes:
+            _merge_params(guest, "svtav1-params", "pred-struct=1")
+        opts.update(guest)
+        _open_ctx(ctx, opts)
+        # FFmpeg's own encoders keep references to input frames across calls when
+        # they reorder (B-frames); those frames must not point into guest memory.
+        self._retains_input = impl in _NATIVE_ENCODERS and (
+            ctx.max_b_frames > 0 or ThreadType.FRAME in ctx.thread_type)
+        self._fed = 0
+        return ctx
+
+    def _preset(self, opts: dict[str, str]) -> None:
+        preset, impl = self._cfg.preset, self._impl
+        if impl in ("libx264", "libx265"):
+            opts["preset"] = preset or "ultrafast"
+        elif impl == "libsvtav1":
+            if preset and not re.fullmatch(r"-?\d{1,2}", preset):
+                raise CodecError(ErrorCode.BAD_ARG, "libsvtav1 preset must be a number")
+            opts["preset"] = preset or "12"
+        elif impl == "libvpx-vp9":
+            if not preset:
+                opts.update({"deadline": "realtime", "cpu-used": "8"})
+            elif preset in ("realtime", "good", "best"):
+                opts["deadline"] = preset
+            elif re.fullmatch(r"-?\d", preset):
+                opts.update({"deadline": "realtime" if int(preset) >= 5 else "good",
+                             "cpu-used": preset})
+            else:
+                raise CodecError(ErrorCode.BAD_ARG, f"bad libvpx-vp9 preset {preset!r}")
+            if not self._cfg.bframes:
+                opts["lag-in-frames"] = "0"
+        elif preset:
+            raise CodecError(ErrorCode.BAD_ARG, f"{impl} has no presets")
+
+    def _rate_control(self, ctx: VideoCodecContext, opts: dict[str, str]) -> None:
+        mode, value, impl = self._cfg.rc_mode, self._cfg.rc_value, self._impl
+        if mode == RateControl.BITRATE:
+            if not 0 < value <= 1 << 40:
+                raise CodecError(ErrorCode.BAD_ARG, "bitrate out of range")
+            ctx.bit_rate = value
+            return
+        if mode in (RateControl.CRF, RateControl.QP):
+            if not 0 <= value <= 255:
+                raise CodecError(ErrorCode.BAD_ARG, "CRF/QP out of range")
+        elif mode != RateControl.DEFAULT:
+            raise CodecError(ErrorCode.BAD_ARG, f"unknown rc_mode {mode}")
+        if impl in _NATIVE_ENCODERS:
+            q = value if mode != RateControl.DEFAULT else _DEFAULT_QSCALE
+            if not 1 <= q <= 31:
+                raise CodecError(ErrorCode.BAD_ARG, "qscale must be 1..31")
+            ctx.qscale = True
+            ctx.global_quality = q * _FF_QP2LAMBDA
+        elif impl == "libvpx-vp9":
+            opts["b"] = "0"
+            if mode == RateControl.QP:
+                opts.update({"qmin": str(value), "qmax": str(value), "crf": str(value)})
+            else:
+                opts["crf"] = str(value) if mode == RateControl.CRF else "30"
+        elif mode == RateControl.CRF:
+            opts["crf"] = str(value)
+        elif mode == RateControl.QP:
+            opts["qp"] = str(value)
+
+    def _context(self) -> VideoCodecContext:
+        if self._ctx is None:
+            try:
+                self._ctx = self._open()
+            except CodecError as exc:
+                raise CodecError(ErrorCode.BACKEND, f"reopen failed: {exc}") from exc
+        return self._ctx
+
+    def _layout(self, strides: tuple[int, ...]) -> _InLayout:
+        layout = self._layouts.get(strides)
+        if layout is not None:
+            return layout
+        linesizes: list[int] = []
+        need = 0
+        for i, (rows, row_bytes) in enumerate(self._shapes):
+            stride = strides[i] if i < len(strides) else 0
+            stride = stride or row_bytes
+            if stride < row_bytes or stride > MAX_STRIDE:
+                raise CodecError(ErrorCode.BAD_ARG, f"plane {i}: stride {stride} invalid")
+            linesizes.append(stride)
+            need += rows * stride
+        even = self._w % 2 == 0 and self._h % 2 == 0
+        s0 = linesizes[0]
+        if self._fmt == PixFmt.YUV420P:
+            public = even and s0 % 2 == 0 and linesizes[1] == linesizes[2] == s0 // 2
+        elif self._fmt == PixFmt.NV12:
+            public = even and linesizes[1] == s0
+        else:
+            public = True
+        layout = _InLayout(tuple(linesizes), need, public)
+        if len(self._layouts) >= 8:
+            self._layouts.clear()
+        self._layouts[strides] = layout
+        return layout
+
+    def _wrap(self, mem: memoryview, src_off: int, src_len: int,
+              strides: tuple[int, ...]) -> tuple[VideoFrame, int]:
+        """The input as a VideoFrame, in place when possible; returns (frame, bytes copied)."""
+        layout = self._layout(strides)
+        if layout.need > src_len:
+            raise CodecError(ErrorCode.BAD_ARG,
+                             f"frame needs {layout.need} bytes, src_len is {src_len}")
+        w, h, fmt, name = self._w, self._h, self._fmt, self._fmt_name
+        s = layout.linesizes
+        # The arrays below alias guest memory: the VideoFrame built on them holds a
+        # reference (and the region's buffer export) until FFmpeg unrefs the frame.
+        # libx264/x265/libvpx/libsvtav1 copy the picture inside avcodec_send_frame.
+        in_place = src_off + layout.need + INPUT_SLACK <= mem.nbytes
+        if self._retains_input and not self._convert:
+            in_place = False
+        frame: VideoFrame | None = None
+        copied = 0
+        if in_place and layout.public:
+            if fmt in (PixFmt.YUV420P, PixFmt.NV12):
+                arr = np.ndarray((h * 3 // 2, w), np.uint8, buffer=mem, offset=src_off,
+                                 strides=(s[0], 1))
+                frame = VideoFrame.from_numpy_buffer(arr, name, width=w)
+            else:
+                depth = 3 if fmt == PixFmt.RGB24 else 4
+                arr = np.ndarray((h, w, depth), np.uint8, buffer=mem, offset=src_off,
+                                 strides=(s[0], depth, 1))
+                frame = VideoFrame.from_numpy_buffer(arr, name)
+        elif in_place:
+            # Same zero-copy wrapping as from_numpy_buffer, with per-plane linesizes
+            # (odd sizes, chroma strides that are not half the luma stride).
+            frame = VideoFrame()
+            fill = getattr(frame, "_image_fill_pointers_numpy", None)
+            if fill is None:
+                frame = None
+            else:
+                fill(np.frombuffer(mem, np.uint8, count=layout.need, offset=src_off), w, h, s, name)
+        if frame is None:
+            frame = VideoFrame(w, h, name)
+            src = np.frombuffer(mem, np.uint8, count=layout.need, offset=src_off)
+            copied = _copy_planes_in(frame, src, fmt, w, h, s)
+        if self._convert:
+            frame = frame.reformat(format=self._ctx_fmt)
+            copied += self._convert_bytes
+        return frame, copied
+
+    def encode(self, mem: memoryview, src_off: int, src_len: int, strides: tuple[int, ...],
+               pts: int | None, force_key: bool, drain_pending: bool,
+               dst_off: int, dst_len: int) -> tuple[int, int]:
+        _check_range(mem, dst_off, dst_len, "dst")
+        if not drain_pending:
+            _check_range(mem, src_off, src_len, "src")
+            self._check_backlog()
+            if pts is not None and not _I64_MIN < pts <= _I64_MAX:
+                raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
+            ctx = self._context()
+            frame, copied = self._wrap(mem, src_off, src_len, strides)
+            pts = self._next_pts if pts is None else pts
+            frame.pts = pts
+            self._next_pts = pts + self._duration
+            if force_key:
+                frame.pict_type = PictureType.I
+            try:
+                packets = ctx.encode(frame)
+            except av.error.FFmpegError as exc:
+                raise _ff_error(exc, ErrorCode.BAD_ARG) from exc
+            finally:
+                del frame
+            self._fed += 1
+            self._stats.enc_frames_in += 1
+            self._stats.enc_in_copied += copied
+            self._queue(packets)
+        return self._emit(mem, dst_off, dst_len)
+
+    def flush(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
+        _check_range(mem, dst_off, dst_len, "dst")
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None and self._fed:
+            try:
+                packets = ctx.encode(None)
+            except av.error.FFmpegError as exc:
+                raise _ff_error(exc, ErrorCode.BACKEND) from exc
+            self._queue(packets)
+        elif ctx is not None:
+            self._ctx = ctx
+        return self._emit(mem, dst_off, dst_len)
+
+    def _queue(self, packets: list[Packet[Any]]) -> None:
+        for p in packets:
+            size = p.size
+            self._pending.append(_PendingPacket(
+                p, size,
+                abi.NO_PTS if p.pts is None else p.pts,
+                abi.NO_PTS if p.dts is None else p.dts,
+                abi.PACKET_KEY if p.is_keyframe else 0,
+            ))
+            self.pending_items += 1
+            self.pending_bytes += size
+
+    def _emit(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
+        pending = self._pending
+        count = len(pending)
+        table = abi.out_table_size(abi.OUT_PACKETS, count)
+        offsets: list[int] = []
+        used = table
+        for item in pending:
+            pos = _align(used)
+            offsets.append(pos)
+            used = pos + item.size
+        if used > dst_len:
+            raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
+        entry_pos = dst_off + abi.OUT_HEADER.size
+        abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_PACKETS, count, used)
+        for item, pos in zip(pending, offsets, strict=True):
+            abi.PACKET_ENTRY.pack_into(mem, entry_pos, pos, item.size, item.pts, item.dts,
+                                       item.flags, 0)
+            entry_pos += abi.PACKET_ENTRY.size
+            mem[dst_off + pos:dst_off + pos + item.size] = memoryview(item.packet)
+        mem[entry_pos:dst_off + table] = bytes(dst_off + table - entry_pos)
+        copied = self.pending_bytes
+        self._stats.enc_packets_out += count
+        self._stats.enc_bytes_out += copied
+        self._stats.enc_out_copied += copied
+        pending.clear()
+        self.pending_items = self.pending_bytes = 0
+        return count, used
+
+    def close(self) -> None:
+        self._ctx = None
+        self._pending.clear()
+        self.pending_items = self.pending_bytes = 0
+
+
+class _DecoderSession(_Session):
+    def __init__(self, cfg: SessionConfig, caps: GeometryCaps, stats: _Stats) -> None:
+        super().__init__(stats)
+        _check_common(cfg)
+        self._codec, self._impl = _codec(cfg.codec, abi.DECODER_IMPL, "r")
+        self._cfg = cfg
+        self._caps = caps
+        _check_geometry(cfg.width, cfg.height, caps, required=False)
+        self._fmt = _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12))
+        self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
+        self._pending: deque[VideoFrame] = deque()
+        self._fed = 0
+        self._parsed = False
+        self._stream_pos = 0  # bytes fed to the parser
+        self._parsed_pos = 0  # bytes the parser has handed out as packets
+        self._chunk_pts: deque[list[int | None]] = deque()  # [chunk start, pts or None, used]
+        self._ctx: VideoCodecContext | None = None
+        self._ctx = self._open()
+
+    def _open(self) -> VideoCodecContext:
+        cfg = self._cfg
+        ctx = cast(VideoCodecContext, av.CodecContext.create(self._impl, "r"))
+        if cfg.threads == 1:
+            ctx.thread_type, ctx.thread_count = ThreadType.SLICE, 1
+        else:
+            ctx.thread_type, ctx.thread_count = ThreadType.AUTO, cfg.threads
+        opts = _guest_options(ctx, cfg.options)
+        opts["max_pixels"] = str(self._caps.max_pixels)
+        _open_ctx(ctx, opts)
+        self._fed = 0
+        self._parsed = False
+        self._stream_pos = self._parsed_pos = 0
+        self._chunk_pts.clear()
+        return ctx
+
+    def _context(self) -> VideoCodecContext:
+        if self._ctx is None:
+            try:
+                self._ctx = self._open()
+            except CodecError as exc:
+                raise CodecError(ErrorCode.BACKEND, f"reopen failed: {exc}") from exc
+        return self._ctx
+
+    def _stamp(self, packets: list[Packet[Any]]) -> None:
+        """Give a parsed packet the pts of the chunk its first byte came from (once)."""
+        marks = self._chunk_pts
+        for p in packets:
+            start = self._parsed_pos
+            self._parsed_pos += p.size
+            while len(marks) > 1 and cast(int, marks[1][0]) <= start:
+                marks.popleft()
+            if marks and cast(int, marks[0][0]) <= start and not marks[0][2]:
+                marks[0][2] = 1
+                if marks[0][1] is not None:
+                    p.pts = marks[0][1]
+            self._stats.dec_in_copied += p.size
+
+    def _decode_packets(self, ctx: VideoCodecContext, packets: list[Packet[Any] | None],
+                        ) -> CodecError | None:
+        """Decode and queue; the first error is returned so frames before it are kept."""
+        error: CodecError | None = None
+        for pkt in packets:
+            try:
+                frames = ctx.decode(pkt)
+            except av.error.InvalidDataError as exc:
+                error = error or CodecError(ErrorCode.INVALID_DATA, str(exc))
+                continue
+            except av.error.FFmpegError as exc:
+                error = error or _ff_error(exc, ErrorCode.INVALID_DATA)
+                self._ctx = None
+                break
+            if pkt is not None:
+                self._stats.dec_packets_in += 1
+            for frame in frames:
+                error = self._queue(frame) or error
+        return error
+
+    def _queue(self, frame: VideoFrame) -> CodecError | None:
+        w, h = frame.width, frame.height
+        caps = self._caps
+        if (not 0 < w <= caps.max_width or not 0 < h <= caps.max_height
+                or w * h > caps.max_pixels):
+            return CodecError(ErrorCode.TOO_LARGE, f"decoded {w}x{h} exceeds the geometry caps")
+        size = _frame_bytes(self._fmt, w, h)
+        if frame.format.name not in _SAME_LAYOUT[self._fmt]:
+            try:
+                frame = frame.reformat(format=self._fmt_name)
+            except (av.error.FFmpegError, ValueError) as exc:
+                return CodecError(ErrorCode.INVALID_DATA, f"cannot convert frame: {exc}")
+            self._stats.dec_out_copied += size
+        self._pending.append(frame)
+        self.pending_items += 1
+        self.pending_bytes += size
+        return None
+
+    def decode(self, mem: memoryview, src_off: int, src_len: int, pts: int | None,
+               parse: bool, drain_pending: bool, dst_off: int, dst_len: int) -> tuple[int, int]:
+        _check_range(mem, dst_off, dst_len, "dst")
+        error: CodecError | None = None
+        if not drain_pending and src_len:
+            _check_range(mem, src_off, src_len, "src")
+            if src_len > MAX_CHUNK:
+                raise CodecError(ErrorCode.TOO_LARGE, "bitstream chunk too large")
+            if pts is not None and not _I64_MIN < pts <= _I64_MAX:
+                raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
+            self._check_backlog()
+            ctx = self._context()
+            # One copy into FFmpeg-owned, zero-padded memory: decoders and parsers
+            # over-read up to 64 bytes and frame threads read packets later, so the
+            # bitstream must neither alias the region nor be re-read from it.
+            buf = Packet(src_len)
+            memoryview(buf)[:] = mem[src_off:src_off + src_len]
+            self._stats.dec_chunks_in += 1
+            self._stats.dec_bytes_in += src_len
+            self._stats.dec_in_copied += src_len
+            packets: list[Packet[Any] | None]
+            if parse:
+                self._parsed = True
+                self._chunk_pts.append([self._stream_pos, pts, 0])
+                self._stream_pos += src_len
+                try:
+                    parsed = ctx.parse(memoryview(buf))
+                except av.error.FFmpegError as exc:
+                    self._ctx = None
+                    raise _ff_error(exc, ErrorCode.INVALID_DATA) from exc
+                self._stamp(parsed)
+                packets = list(parsed)
+            else:
+                buf.pts = pts
+                packets = [buf]
+            self._fed += 1
+            error = self._decode_packets(ctx, packets)
+        if error is not None:
+            raise error
+        return self._emit(mem, dst_off, dst_len)
+
+    def flush(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
+        _check_range(mem, dst_off, dst_len, "dst")
+        ctx, self._ctx = self._ctx, None
+        error: CodecError | None = None
+        if ctx is not None and self._fed:
+            packets: list[Packet[Any] | None] = []
+            if self._parsed:
+                try:
+                    parsed = ctx.parse(None)
+                except av.error.FFmpegError as exc:
+                    error = _ff_error(exc, ErrorCode.INVALID_DATA)
+                    parsed = []
+                self._stamp(parsed)
+                packets.extend(parsed)
+            packets.append(None)
+            self._ctx = ctx
+            error = self._decode_packets(ctx, packets) or error
+            self._ctx = None
+        elif ctx is not None:
+            self._ctx = ctx
+        if error is not None:
+            raise error
+        return self._emit(mem, dst_off, dst_len)
+
+    def _emit(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
+        pending = self._pending
+        count = len(pending)
+        fmt = self._fmt
+        table = abi.out_table_size(abi.OUT_FRAMES, count)
+        layouts: list[tuple[int, list[tuple[int, int]]]] = []
+        used = table
+        for frame in pending:
+            pos = _align(used)
+            shapes = abi.plane_shapes(fmt, frame.width, frame.height)
+            layouts.append((pos, shapes))
+            used = pos + sum(r * b for r, b in shapes)
+        if used > dst_len:
+            raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
+        abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
+        entry_pos = dst_off + abi.OUT_HEADER.size
+        copied = 0
+        for frame, (pos, shapes) in zip(pending, layouts, strict=True):
+            offs = [0, 0, 0]
+            strides = [0, 0, 0]
+            plane_off = 0
+            for i, (rows, row_bytes) in enumerate(shapes):
+                plane = frame.planes[i]
+                line = plane.line_size
+                if line < row_bytes:
+                    raise CodecError(ErrorCode.BACKEND, "decoded plane narrower than its format")
+                # One copy, straight from the AVFrame plane (rows of line_size bytes,
+                # cropped to the visible width) into the region.
+                src = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(plane),
+                                 strides=(line, 1))
+                dst = np.ndarray((rows, row_bytes), np.uint8, buffer=mem,
+                                 offset=dst_off + pos + plane_off)
+                np.copyto(dst, src)
+                offs[i], strides[i] = plane_off, row_bytes
+                plane_off += rows * row_bytes
+            copied += plane_off
+            abi.FRAME_ENTRY.pack_into(
+                mem, entry_pos, pos, frame.width, frame.height, int(fmt), len(shapes),
+                abi.NO_PTS if frame.pts is None else frame.pts, *offs, *strides, 0)
+            entry_pos += abi.FRAME_ENTRY.size
+        mem[entry_pos:dst_off + table] = bytes(dst_off + table - entry_pos)
+        self._stats.dec_frames_out += count
+        self._stats.dec_out_copied += copied
+        pending.clear()
+        self.pending_items = self.pending_bytes = 0
+        return count, used
+
+    def close(self) -> None:
+        self._ctx = None
+        self._pending.clear()
+        self.pending_items = self.pending_bytes = 0
+
+
+class SessionManager:
+    """All codec sessions of ONE guest (lives in that guest's worker process)."""
+
+    def __init__(self, caps: GeometryCaps = GeometryCaps(), max_sessions: int = 16) -> None:
+        self._caps = caps
+        self._max = max_sessions
+        self._sessions: dict[int, _EncoderSession | _DecoderSession] = {}
+        self._stats = _Stats()
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its config at info level
+
+    def _guard(self, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except CodecError as exc:
+            self._stats.errors[exc.code.name] += 1
+            raise
+        except Exception as exc:
+            # A surprise from the codec library or numpy is reported, never raised raw:
+            # the worker loop must survive any guest input.
+            self._stats.errors[ErrorCode.BACKEND.name] += 1
+            raise CodecError(ErrorCode.BACKEND, f"{type(exc).__name__}: {exc}") from exc
+
+    def _get(self, session_id: int) -> _EncoderSession | _DecoderSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise CodecError(ErrorCode.BAD_SESSION, f"no session {session_id}")
+        return session
+
+    def open(self, session_id: int, cfg: SessionConfig) -> None:
+        def run() -> None:
+            if session_id in self._sessions:
+                raise CodecError(ErrorCode.BAD_SESSION, f"session {session_id} already open")
+            if len(self._sessions) >= self._max:
+                raise CodecError(ErrorCode.BUSY, f"at most {self._max} sessions")
+            session: _EncoderSession | _DecoderSession
+            if cfg.direction == Direction.ENCODE:
+                session = _EncoderSession(cfg, self._caps, self._stats)
+            elif cfg.direction == Direction.DECODE:
+                session = _DecoderSession(cfg, self._caps, self._stats)
+            else:
+                raise CodecError(ErrorCode.BAD_ARG, f"unknown direction {cfg.direction}")
+            self._sessions[session_id] = session
+            self._stats.opened += 1
+        self._guard(run)
+
+    def encode(self, session_id: int, mem: memoryview, src_off: int, src_len: int,
+               strides: tuple[int, ...], pts: int | None, force_key: bool, drain_pending: bool,
+               dst_off: int, dst_len: int) -> tuple[int, int]:
+        def run() -> tuple[int, int]:
+            session = self._get(session_id)
+            if not isinstance(session, _EncoderSession):
+                raise CodecError(ErrorCode.BAD_SESSION, f"session {session_id} is not an encoder")
+            return session.encode(mem, src_off, src_len, strides, pts, force_key, drain_pending,
+                                  dst_off, dst_len)
+        return self._guard(run)
+
+    def decode(self, session_id: int, mem: memoryview, src_off: int, src_len: int,
+               pts: int | None, parse: bool, drain_pending: bool,
+               dst_off: int, dst_len: int) -> tuple[int, int]:
+        def run() -> tuple[int, int]:
+            session = self._get(session_id)
+            if not isinstance(session, _DecoderSession):
+                raise CodecError(ErrorCode.BAD_SESSION, f"session {session_id} is not a decoder")
+            return session.decode(mem, src_off, src_len, pts, parse, drain_pending,
+                                  dst_off, dst_len)
+        return self._guard(run)
+
+    def flush(self, session_id: int, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
+        return self._guard(lambda: self._get(session_id).flush(mem, dst_off, dst_len))
+
+    def close(self, session_id: int) -> None:
+        def run() -> None:
+            self._get(session_id).close()
+            del self._sessions[session_id]
+        self._guard(run)
+
+    def close_all(self) -> None:
+        """Free every codec context; afterwards no FFmpeg buffer refers to the region."""
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        for session in sessions:
+            session.close()
+
+    def statistics(self) -> dict[str, object]:
+        s = self._stats
+        enc_copied = s.enc_in_copied + s.enc_out_copied
+        dec_copied = s.dec_in_copied + s.dec_out_copied
+        kinds = Counter("encode" if isinstance(x, _EncoderSession) else "decode"
+                        for x in self._sessions.values())
+        return {
+            "sessions_open": len(self._sessions),
+            "sessions_encode": kinds["encode"],
+            "sessions_decode": kinds["decode"],
+            "sessions_opened_total": s.opened,
+            "pending_items": sum(x.pending_items for x in self._sessions.values()),
+            "encode": {
+                "frames_in": s.enc_frames_in,
+                "packets_out": s.enc_packets_out,
+                "bytes_out": s.enc_bytes_out,
+                "input_bytes_copied": s.enc_in_copied,
+                "output_bytes_copied": s.enc_out_copied,
+                "bytes_copied": enc_copied,
+                "bytes_copied_per_frame": enc_copied / s.enc_frames_in if s.enc_frames_in else 0.0,
+            },
+            "decode": {
+                "chunks_in": s.dec_chunks_in,
+                "packets_in": s.dec_packets_in,
+                "frames_out": s.dec_frames_out,
+                "bytes_in": s.dec_bytes_in,
+                "input_bytes_copied": s.dec_in_copied,
+                "output_bytes_copied": s.dec_out_copied,
+                "bytes_copied": dec_copied,
+                "bytes_copied_per_frame": dec_copied / s.dec_frames_out if s.dec_frames_out else 0.0,
+            },
+            "errors": dict(s.errors),
+        }
+
+
+# --- capabilities ------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _codec_caps() -> tuple[dict[str, object], ...]:
+    out: list[dict[str, object]] = []
+    for codec in Codec:
+        enc, dec = abi.ENCODER_IMPL[codec], abi.DECODER_IMPL[codec]
+        enc_ok, dec_ok = _available(enc, "w"), _available(dec, "r")
+        native = sorted({"yuv420p", "nv12"} & _codec_formats(enc)) if enc_ok else []
+        parser = False
+        if dec_ok:
+            try:
+                av.CodecContext.create(dec, "r").parse(None)
+                parser = True
+            except (ValueError, av.error.FFmpegError):
+                parser = False
+        out.append({
+            "id": int(codec),
+            "name": abi.CODEC_NAMES[codec],
+            "encoder": {
+                "impl": enc,
+                "available": enc_ok,
+                "pix_fmts": [abi.PIX_FMT_NAMES[f] for f in PixFmt] if enc_ok else [],
+                "zero_copy_pix_fmts": native,
+                "bframes": enc in ("libx264", "libx265", "mpeg4", "libsvtav1"),
+            },
+            "decoder": {
+                "impl": dec,
+                "available": dec_ok,
+                "pix_fmts": ["yuv420p", "nv12"] if dec_ok else [],
+                "parser": parser,
+            },
+        })
+    return tuple(out)
+
+
+def caps_document(caps: GeometryCaps = GeometryCaps()) -> dict[str, object]:
+    """What this FFmpeg build really offers, per abi.Codec, plus the geometry caps."""
+    return {
+        "abi_version": abi.ABI_VERSION,
+        "backend": "pyav",
+        "pyav_version": av.__version__,
+        "ffmpeg_version": str(av.ffmpeg_version_info),
+        "codecs": [dict(c) for c in _codec_caps()],
+        "pix_fmts": {name: int(fmt) for fmt, name in abi.PIX_FMT_NAMES.items()},
+        "rc_modes": {m.name: int(m) for m in RateControl},
+        "geometry": {"max_width": caps.max_width, "max_height": caps.max_height,
+                     "max_pixels": caps.max_pixels},
+        "decoded_stride": "visible row bytes, planes packed",
+    }
+
+
+def write_caps(mem: memoryview, dst_off: int, dst_len: int, caps: GeometryCaps) -> tuple[int, int]:
+    """OUT_HEADER(OUT_JSON, 1, used) then the UTF-8 JSON, right after the header."""
+    _check_range(mem, dst_off, dst_len, "dst")
+    payload = json.dumps(caps_document(caps), sort_keys=True, separators=(",", ":")).encode()
+    used = abi.OUT_HEADER.size + len(payload)
+    if used > dst_len:
+        raise CodecError(ErrorCode.NO_SPACE, f"caps need {used} bytes", required=used)
+    abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_JSON, 1, used)
+    mem[dst_off + abi.OUT_HEADER.size:dst_off + used] = payload
+    return 1, used

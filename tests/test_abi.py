@@ -1,0 +1,115 @@
+"""Golden bytes: these pin ABI version 1.  A failure here is an ABI break: bump ABI_VERSION."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vmediad import abi
+
+REG_PAGE_1MIB_16 = (
+    "564d4544010000000000100000000000100000008000000000100000000000008010000000000000"
+    "002000000000000000e00f000000000005000000000000000700000000000000"
+)
+DESC = (
+    "8877665544332211020004000900000000000100000000002000000000000000000002000000000040000000000000000100"
+    "000000000000020000000000000003000000000000000400000000000000"
+)
+SESSION = (
+    "010000000100000000050000d002000001000000010000001e0000001e000000010000000200000017000000000000003c00"
+    "000001000000020000000000000000000000666173740000000000000000000000006869676800000000000000000000000074"
+    "756e653d7a65726f6c6174656e637900"
+)
+
+
+def test_constants() -> None:
+    assert abi.ABI_VERSION == 1
+    assert abi.MAGIC.to_bytes(4, "little") == b"VMED"
+    assert (abi.DESC_SIZE, abi.PAGE_SIZE, abi.HEAP_ALIGN) == (128, 4096, 64)
+    assert abi.Doorbell.KICK.to_bytes(4, "big") == b"KICK"
+    assert [s.value for s in abi.Status] == [0, 1, 2, 3]
+    assert {o.name: o.value for o in abi.Op} == {
+        "NOP": 1, "COPY": 2, "CRC32": 3, "CAPS": 4, "SESSION_OPEN": 16, "ENCODE_FRAME": 17, "DECODE": 18,
+        "FLUSH": 19, "SESSION_CLOSE": 20,
+    }
+    assert abi.ErrorCode.WORKER_CRASHED == 9 and abi.ErrorCode.NO_SPACE == 13 and abi.ErrorCode.SESSION_LOST == 15
+    assert (abi.REG_DOORBELL, abi.REG_SQ_TAIL, abi.REG_NEED_WAKEUP, abi.REG_SQ_HEAD) == (0x80, 0x84, 0xC0, 0xC4)
+    assert (abi.REG_EPOCH, abi.REG_HEARTBEAT, abi.REG_IRQ_COUNT) == (0x100, 0x108, 0x110)
+    assert (abi.D_STATUS, abi.D_WAITERS, abi.D_INPUT, abi.D_RESULT, abi.D_SEQ) == (0, 4, 8, 0x58, 0x78)
+
+
+def test_register_page_golden() -> None:
+    lay = abi.compute_layout(1 << 20, 16)
+    assert (lay.sq_offset, lay.desc_offset, lay.heap_offset, lay.heap_size) == (4096, 4224, 8192, 1040384)
+    page = bytearray(abi.PAGE_SIZE)
+    writes = abi.register_page_init(lay, vm_id=7, caps=5)
+    assert writes[-1][0] == abi.REG_MAGIC  # magic is published last
+    for off, fmt, value in writes:
+        struct.pack_into(fmt, page, off, value)
+    assert bytes(page[:0x48]).hex() == REG_PAGE_1MIB_16
+    assert abi.layout_from_registers(bytes(page)) == lay
+
+
+def test_descriptor_golden() -> None:
+    d = abi.Descriptor(tag=0x1122334455667788, opcode=abi.Op.COPY, flags=abi.DescFlag.PTS_VALID, session=9,
+                       src_off=0x10000, src_len=0x20, dst_off=0x20000, dst_len=0x40, arg0=1, arg1=2, arg2=3, arg3=4)
+    raw = d.pack()
+    assert raw.hex() == DESC and len(raw) == abi.D_RESULT - abi.D_INPUT
+    assert abi.Descriptor.unpack(raw) == d
+    assert abi.DESC_RESULT.size == abi.DESC_SIZE - abi.D_RESULT
+
+
+def test_session_config_golden() -> None:
+    c = abi.SessionConfig(direction=1, codec=abi.Codec.H264, width=1280, height=720, rc_mode=abi.RateControl.CRF,
+                          rc_value=23, gop=60, bframes=1, threads=2, preset="fast", profile="high",
+                          options=(("tune", "zerolatency"),))
+    raw = c.pack()
+    assert raw.hex() == SESSION and abi.SESSION_CONFIG.size == 100
+    assert abi.SessionConfig.unpack(raw) == c
+    with pytest.raises(ValueError):
+        abi.SessionConfig.unpack(raw[:50])
+    with pytest.raises(ValueError):
+        abi.SessionConfig.unpack(raw[:100] + b"novalue\0")
+
+
+def test_output_tables_golden() -> None:
+    assert abi.OUT_HEADER.pack(1, 2, 3).hex() == "01000000020000000300000000000000"
+    assert abi.PACKET_ENTRY.pack(64, 100, 5, 4, 1, 0).hex() == (
+        "40000000000000006400000000000000050000000000000004000000000000000100000000000000")
+    assert abi.FRAME_ENTRY.pack(128, 64, 48, 1, 3, 10, 0, 3072, 3840, 64, 32, 32, 0).hex() == (
+        "8000000000000000400000003000000001000000030000000a0000000000000000000000000c0000000f0000400000002000"
+        "0000200000000000000000000000")
+    assert (abi.OUT_HEADER.size, abi.PACKET_ENTRY.size, abi.FRAME_ENTRY.size) == (16, 40, 64)
+    assert abi.out_table_size(abi.OUT_PACKETS, 3) == 192
+
+
+def test_channel_register_file_fits() -> None:
+    assert abi.CH_PROGRAM_STRUCT.size == 80 and abi.CH_RESULT == 0x70
+    assert abi.bank_size(2) == 4096 + 4096 + 2 * 4096
+    assert abi.channel_config_offset(2, 1) == 8192 + 4096
+
+
+@pytest.mark.parametrize(("off", "length", "want"), [
+    (100, 0, abi.ErrorCode.OK), (100, 900, abi.ErrorCode.OK), (100, 901, abi.ErrorCode.BAD_RANGE),
+    (99, 1, abi.ErrorCode.BAD_RANGE), (999, 1, abi.ErrorCode.OK), (1000, 1, abi.ErrorCode.BAD_RANGE),
+    (abi.U64_MAX, 1, abi.ErrorCode.OVERFLOW), (1, abi.U64_MAX, abi.ErrorCode.OVERFLOW),
+    (abi.U64_MAX, 0, abi.ErrorCode.BAD_RANGE), (0, abi.U64_MAX, abi.ErrorCode.BAD_RANGE),
+])
+def test_range_ok(off: int, length: int, want: abi.ErrorCode) -> None:
+    assert abi.range_ok(off, length, 100, 1000) == want
+
+
+def test_layout_rejects_bad_geometry() -> None:
+    with pytest.raises(abi.LayoutError):
+        abi.compute_layout(1 << 20, 100)
+    with pytest.raises(abi.LayoutError):
+        abi.compute_layout(1000, 16)
+    with pytest.raises(abi.LayoutError):
+        abi.compute_layout(8192, 64)
+
+
+def test_plane_shapes() -> None:
+    assert abi.plane_shapes(abi.PixFmt.YUV420P, 5, 3) == [(3, 5), (2, 3), (2, 3)]
+    assert abi.plane_shapes(abi.PixFmt.NV12, 4, 4) == [(4, 4), (2, 4)]
+    assert abi.frame_size(abi.PixFmt.BGRA, 2, 2) == 16
