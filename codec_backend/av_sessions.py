@@ -37,7 +37,7 @@ Encoder defaults (only where the config leaves the choice open):
 * libvpx-vp9: deadline realtime, cpu-used 8, constant quality crf 30 (b=0);
   ``bframes=0`` sets lag-in-frames 0 (no alt-ref look-ahead).  A numeric preset is
   cpu-used, "realtime"/"good"/"best" is the deadline.
-* libsvtav1: preset 12, CRF 35 (SVT default); ``bframes=0`` selects the low-delay
+* libsvtav1: preset 10, CRF 35 (SVT default); ``bframes=0`` selects the low-delay
   prediction structure (``pred-struct=1``), ``bframes=1`` SVT's random access.
 * mjpeg, mpeg4: fixed quantiser qscale 3 (CRF and QP both map to qscale);
   mjpeg is tagged full range (samples are passed through untouched); mpeg4
@@ -435,7 +435,7 @@ class _EncoderSession(_Session):
         elif impl == "libsvtav1":
             if preset and not re.fullmatch(r"-?\d{1,2}", preset):
                 raise CodecError(ErrorCode.BAD_ARG, "libsvtav1 preset must be a number")
-            opts["preset"] = preset or "12"
+            opts["preset"] = preset or "10"
         elif impl == "libvpx-vp9":
             if not preset:
                 opts.update({"deadline": "realtime", "cpu-used": "8"})
@@ -501,7 +501,9 @@ class _EncoderSession(_Session):
                 raise CodecError(ErrorCode.BAD_ARG, f"plane {i}: stride {stride} invalid")
             linesizes.append(stride)
             need += rows * stride
-        even = self._w % 2 == 0 and self._h % 2 == 0
+        # from_numpy_buffer derives a 4:2:0 height as rows // 6 * 4, which is wrong
+        # (and silently rescaled by PyAV) unless the height is a multiple of 4.
+        even = self._w % 2 == 0 and self._h % 4 == 0
         s0 = linesizes[0]
         if self._fmt == PixFmt.YUV420P:
             public = even and s0 % 2 == 0 and linesizes[1] == linesizes[2] == s0 // 2
@@ -551,6 +553,8 @@ class _EncoderSession(_Session):
                 frame = None
             else:
                 fill(np.frombuffer(mem, np.uint8, count=layout.need, offset=src_off), w, h, s, name)
+        if frame is not None and (frame.width, frame.height) != (w, h):
+            frame = None
         if frame is None:
             frame = VideoFrame(w, h, name)
             src = np.frombuffer(mem, np.uint8, count=layout.need, offset=src_off)

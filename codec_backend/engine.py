@@ -18,7 +18,7 @@ from vmediad import abi
 from vmediad.abi import ErrorCode, Op
 
 if TYPE_CHECKING:
-    from codec_backend.av_sessions import SessionManager
+    from codec_backend.av_sessions import GeometryCaps, SessionManager
 
 # With fault injection enabled (tests only), a source buffer starting with this
 # marker makes the worker die of a real SIGSEGV, as a crashing codec would.
@@ -39,6 +39,7 @@ class Engine:
         self.limits = limits
         self.fault_injection = fault_injection
         self._sessions: SessionManager | None = None
+        self._copied_seen = 0
 
     @property
     def sessions(self) -> SessionManager:
@@ -46,11 +47,22 @@ class Engine:
             # PyAV is imported on first codec use so a worker respawns fast.
             from codec_backend.av_sessions import GeometryCaps, SessionManager
 
-            self._sessions = SessionManager(
-                GeometryCaps(self.limits["max_width"], self.limits["max_height"], self.limits["max_pixels"]),
-                max_sessions=self.limits["max_sessions"],
-            )
+            self._sessions = SessionManager(self.geometry(), max_sessions=self.limits["max_sessions"])
         return self._sessions
+
+    def geometry(self) -> GeometryCaps:
+        from codec_backend.av_sessions import GeometryCaps
+
+        return GeometryCaps(self.limits["max_width"], self.limits["max_height"], self.limits["max_pixels"])
+
+    def _copied_delta(self) -> int:
+        """Bytes the codec sessions copied since the last call (per-task accounting)."""
+        if self._sessions is None:
+            return 0
+        st = self._sessions.statistics()
+        total = sum(int(st[k]["bytes_copied"]) for k in ("encode", "decode"))  # type: ignore[index]
+        delta, self._copied_seen = total - self._copied_seen, total
+        return delta
 
     def _maybe_crash(self, off: int, length: int) -> None:
         if self.fault_injection and length >= len(CRASH_MARKER):
@@ -77,12 +89,12 @@ class Engine:
         from codec_backend.av_sessions import CodecError, write_caps
 
         sm = self.sessions
-        copied_before = _copied(sm)
+        self._copied_delta()
         pts = _signed(a0) if flags & abi.DescFlag.PTS_VALID else None
         drain = bool(flags & abi.DescFlag.DRAIN_PENDING)
         try:
             if op == Op.CAPS:
-                count, used = write_caps(self.mem, dst_off, dst_len, sm.caps)
+                count, used = write_caps(self.mem, dst_off, dst_len, self.geometry())
             elif op == Op.SESSION_OPEN:
                 sm.open(session, abi.SessionConfig.unpack(config))
                 return Outcome(result=session)
@@ -105,10 +117,10 @@ class Engine:
             else:  # pragma: no cover - validate.check() admits only the ops above
                 return Outcome(error=ErrorCode.BAD_OPCODE)
         except CodecError as e:
-            return Outcome(result_len=e.required, error=e.code, copied=_copied(sm) - copied_before)
+            return Outcome(result_len=e.required, error=e.code, copied=self._copied_delta())
         except ValueError:
             return Outcome(error=ErrorCode.BAD_ARG)
-        return Outcome(result=count, result_len=used, copied=_copied(sm) - copied_before)
+        return Outcome(result=count, result_len=used, copied=self._copied_delta())
 
     def statistics(self) -> dict[str, object]:
         return {} if self._sessions is None else self._sessions.statistics()
@@ -116,10 +128,6 @@ class Engine:
     def close(self) -> None:
         if self._sessions is not None:
             self._sessions.close_all()
-
-
-def _copied(sm: SessionManager) -> int:
-    return int(sm.bytes_copied_total)
 
 
 def _signed(v: int) -> int:

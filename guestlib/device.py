@@ -12,13 +12,14 @@ Waiting (the submitting thread, on its own slot's status word only):
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +29,10 @@ from vmediad import abi, protocol
 from vmediad.abi import Doorbell, ErrorCode, Op, Status
 from vmediad.shm import EAGAIN, MappedRegion, monotonic_ns
 
-SPINS = 2000  # ~ a few microseconds of pause-spinning before sleeping
+if TYPE_CHECKING:
+    from guestlib.codec import Decoder, Encoder
+
+SPINS = 200  # pause-spins before sleeping; longer spins lose on 2 cores (docs/benchmarks.md)
 LIVENESS_S = 3.0  # a heartbeat older than this means hostd is gone
 SLEEP_SLICE_S = 0.5
 
@@ -203,7 +207,7 @@ class Device:
                 sock.close()
                 raise DeviceGone("hostd closed the connection during attach")
             buf += data
-        reply = protocol.json.loads(buf.partition(b"\n")[0])
+        reply = json.loads(buf.partition(b"\n")[0])
         if not reply.get("ok"):
             sock.close()
             for fd in fds:
@@ -290,7 +294,7 @@ class Device:
 
     def put(self, data: bytes | bytearray | memoryview | npt.NDArray[Any]) -> Buffer:
         """Copy private memory into the region once."""
-        mv = memoryview(data).cast("B")
+        mv = memoryview(data).cast("B")  # type: ignore[arg-type]
         buf = self.alloc(max(1, mv.nbytes))
         buf.mem[: mv.nbytes] = mv
         if mv.nbytes == 0:
@@ -365,6 +369,25 @@ class Device:
     def crc32(self, buf: Buffer, nbytes: int | None = None) -> Task:
         return self.submit(Op.CRC32, src=(buf.offset, buf.size if nbytes is None else nbytes))
 
+    def encoder(self, codec: str = "h264", width: int = 0, height: int = 0, fps: float = 30,
+                bitrate: int | None = None, crf: float | None = None, gop: int | None = None,
+                pix_fmt: str = "yuv420p", **options: Any) -> Encoder:
+        """Open an encode session (a context manager); see guestlib.codec.Encoder."""
+        from guestlib.codec import Encoder
+
+        return Encoder(self, codec, width, height, fps, bitrate, crf, gop, pix_fmt, **options)
+
+    def decoder(self, codec: str = "h264", **options: Any) -> Decoder:
+        """Open a decode session (a context manager); see guestlib.codec.Decoder."""
+        from guestlib.codec import Decoder
+
+        return Decoder(self, codec, **options)
+
+    def caps(self) -> dict[str, Any]:
+        from guestlib.codec import caps
+
+        return caps(self)
+
     @contextmanager
     def batch(self) -> Iterator[Batch]:
         """Descriptors added inside go out with one SQ_TAIL store and one doorbell."""
@@ -399,9 +422,9 @@ class Device:
                         self._liveness()
             finally:
                 reg.fadd32(at + abi.D_WAITERS, -1)
-        r = abi.DESC_RESULT.unpack_from(reg.mem, at + abi.D_RESULT)
-        code = ErrorCode(r[2]) if r[2] in ErrorCode._value2member_map_ else ErrorCode.BACKEND
-        c = Completion(Status(status), r[0], r[1], code, r[3], r[4], r[5])
+        res = abi.DESC_RESULT.unpack_from(reg.mem, at + abi.D_RESULT)
+        code = ErrorCode(res[2]) if res[2] in ErrorCode._value2member_map_ else ErrorCode.BACKEND
+        c = Completion(Status(status), res[0], res[1], code, res[3], res[4], res[5])
         reg.store32(st_off, Status.FREE)
         with self._lock:
             self._free_slots.append(task.slot)
@@ -495,7 +518,7 @@ def _request(path: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
             if not data:
                 raise DeviceGone("hostd closed the connection")
             buf += data
-    reply: dict[str, Any] = protocol.json.loads(buf.partition(b"\n")[0])
+    reply: dict[str, Any] = json.loads(buf.partition(b"\n")[0])
     if not reply.get("ok"):
         raise AttachError(reply.get("error", "refused"), reply.get("kind", ""))
     return reply

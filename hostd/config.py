@@ -172,7 +172,7 @@ def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
             key = f"{section}.{k}"
             if k not in _SECTIONS[section]:
                 raise ConfigError(key, "unknown key")
-            name = _RENAMES.get(key, k)
+            name = _RENAMES[key] if key in _RENAMES else str(k)
             changes[name] = _coerce(key, name, v)
     return validate(replace(base or Config(), **changes))
 

@@ -340,13 +340,13 @@ class Device:
         progressed = False
         # Staged tasks first, oldest first: they were picked before anything queued.
         staged = sorted((g.staged for g in self.guests.values() if g.staged), key=lambda s: s.pending.seq)
-        for st in staged:
-            ch = st.channel if st.channel is not None else self._free_channel()
+        for held in staged:
+            ch = held.channel if held.channel is not None else self._free_channel()
             if ch is not None and self.channels[ch].running is None:
-                g = self.guests[st.pending.vm]
+                g = self.guests[held.pending.vm]
                 g.staged = None
                 self.scheduler.block(g.vm_id, False)
-                self._start(g, st, ch)
+                self._start(g, held, ch)
                 progressed = True
         while self._free_channel() is not None:
             p = self.scheduler.next()
@@ -458,6 +458,7 @@ class Device:
         if g is None:
             return
         g.worker_tasks += 1
+        codec = g.session_codec.get(run.session, "")
         if run.op == Op.SESSION_OPEN and error != ErrorCode.OK:
             self._unbind(g, run.session)
         elif run.op == Op.SESSION_CLOSE and error == ErrorCode.OK:
@@ -468,7 +469,7 @@ class Device:
         if error == ErrorCode.OK and run.op in (Op.COPY, Op.CRC32, Op.ENCODE_FRAME, Op.DECODE):
             g.stats.bytes_moved += result_len
         self._complete(g, run.slot, error, result, result_len, chan.index, now - run.dispatch_ns,
-                       op=run.op, session=run.session, submit_ns=run.submit_ns)
+                       op=run.op, codec=codec, submit_ns=run.submit_ns)
         self._maybe_recycle(g)
 
     def _unbind(self, g: Guest, sid: int) -> None:
@@ -480,12 +481,12 @@ class Device:
     def _fail(self, g: Guest, slot: int, tag: int, code: ErrorCode, op: int = 0) -> None:
         """A task that never reached a channel ends with ``code``."""
         self.scheduler.finished(g.vm_id)
-        self._complete(g, slot, code, 0, 0, U32, 0, op=op, session=0, submit_ns=g.arrival_ns.get(slot, 0),
+        self._complete(g, slot, code, 0, 0, U32, 0, op=op, submit_ns=g.arrival_ns.get(slot, 0),
                        counted=True)
         g.log.info("task rejected", task=slot, tag=tag, error=code.name)
 
     def _complete(self, g: Guest, slot: int, error: ErrorCode, result: int, result_len: int, channel: int,
-                  device_ns: int, *, op: int, session: int, submit_ns: int, counted: bool = False) -> None:
+                  device_ns: int, *, op: int, submit_ns: int, codec: str = "", counted: bool = False) -> None:
         reg = g.region.mapped
         desc = g.region.layout.desc(slot)
         # Bookkeeping first: whoever sees the status flip also sees the counters.
@@ -500,7 +501,6 @@ class Device:
             op_name = Op(op).name
         except ValueError:
             op_name = "INVALID"
-        codec = g.session_codec.get(session, "") if op in abi.SESSION_OPS or op == Op.SESSION_OPEN else ""
         g.stats.tasks[(op_name, codec, error.name)] += 1
         if error == ErrorCode.OK:
             g.stats.tasks_done += 1
@@ -579,7 +579,7 @@ class Device:
             at = layout.desc(slot) + abi.D_INPUT
             desc = abi.Descriptor.unpack(bytes(reg.mem[at : at + abi.DESC_INPUT.size]))
             if desc.opcode in abi.SESSION_OPS or desc.opcode == Op.SESSION_OPEN:
-                self._complete(g, slot, ErrorCode.SESSION_LOST, 0, 0, U32, 0, op=desc.opcode, session=0,
+                self._complete(g, slot, ErrorCode.SESSION_LOST, 0, 0, U32, 0, op=desc.opcode,
                                submit_ns=0, counted=True)
             else:
                 g.held_slots.add(slot)
@@ -654,7 +654,7 @@ class Device:
             dropped.append(g.staged.pending)
             g.staged = None
         for p in dropped:
-            self._complete(g, p.slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0, session=0, submit_ns=0,
+            self._complete(g, p.slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0, submit_ns=0,
                            counted=True)
         if g.worker is not None and not g.worker.exited.is_set():
             g.worker.kill()  # its reaper posts _worker_exited, which reclaims
@@ -696,7 +696,7 @@ class Device:
                 dropped.append(g.staged.pending)
                 g.staged = None
             for p in dropped:
-                self._complete(g, p.slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0, session=0,
+                self._complete(g, p.slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0,
                                submit_ns=0, counted=True)
             self._fail_unread(g)
             g.region.mapped.store32(abi.REG_DEVICE_STATE, abi.DeviceState.GONE)
@@ -717,7 +717,7 @@ class Device:
             slot = reg.load32(layout.sq_entry(g.sq_head))
             g.sq_head = (g.sq_head + 1) & U32
             if slot < layout.ring_entries and slot not in g.held_slots:
-                self._complete(g, slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0, session=0, submit_ns=0,
+                self._complete(g, slot, ErrorCode.DEVICE_GONE, 0, 0, U32, 0, op=0, submit_ns=0,
                                counted=True)
         reg.store32(abi.REG_SQ_HEAD, g.sq_head)
 

@@ -410,7 +410,9 @@ class SessionConfig:
                 raise ValueError(f"bad option {item!r}")
             opts.append((key, value))
         return cls(
-            *f[:15],
+            direction=f[0], codec=f[1], width=f[2], height=f[3], pix_fmt=f[4], tb_num=f[5], tb_den=f[6],
+            fps_num=f[7], fps_den=f[8], rc_mode=f[9], rc_value=f[10], gop=f[11], bframes=f[12],
+            threads=f[13], flags=f[14],
             preset=f[16].rstrip(b"\0").decode("ascii"),
             profile=f[17].rstrip(b"\0").decode("ascii"),
             options=tuple(opts),

@@ -1,0 +1,44 @@
+"""Shared helpers for the benchmarks: percentiles, CPU time, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    if not s:
+        return 0.0
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summary_us(samples_s: list[float]) -> dict[str, float]:
+    us = [x * 1e6 for x in samples_s]
+    return {"p50_us": round(pct(us, 50), 2), "p99_us": round(pct(us, 99), 2),
+            "mean_us": round(statistics.fmean(us), 2) if us else 0.0, "n": len(us)}
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """utime+stime of a process (all threads), from /proc."""
+    path = f"/proc/{pid or os.getpid()}/stat"
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def save(results: dict[str, Any], path: Path | None) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
