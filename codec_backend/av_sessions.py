@@ -20,7 +20,7 @@ can be fed back to an encoder with strides (0, 0, 0).
 NO_SPACE: the input of the call is consumed, all output stays queued in the
 session and ``CodecError.required`` is the exact ``dst_len`` that takes all of it.
 The next encode/decode (normal or ``drain_pending``) or flush returns it first.
-While more than ``MAX_PENDING_ITEMS`` items or ``MAX_PENDING_BYTES`` bytes are
+While at least ``MAX_PENDING_ITEMS`` items or ``MAX_PENDING_BYTES`` bytes are
 queued, calls that would consume input fail with BUSY and consume nothing.
 
 flush drains the codec (parser included), queues what comes out, and discards
@@ -39,12 +39,27 @@ Encoder defaults (only where the config leaves the choice open):
   cpu-used, "realtime"/"good"/"best" is the deadline.
 * libsvtav1: preset 10, CRF 35 (SVT default); ``bframes=0`` selects the low-delay
   prediction structure (``pred-struct=1``), ``bframes=1`` SVT's random access.
+  Presets 11+ (rtc or not) drop frames below 30 dB on moving content here.
 * mjpeg, mpeg4: fixed quantiser qscale 3 (CRF and QP both map to qscale);
   mjpeg is tagged full range (samples are passed through untouched); mpeg4
   ``bframes=1`` means 2 B-frames.
 
+Input conversion: nv12 goes to the codec as is where it takes nv12 (libx264),
+otherwise it is converted to yuv420p; rgb24/bgra are converted to yuv420p
+(swscale defaults: BT.601, limited range).  Conversions, frames at the very end
+of the region and mpeg4/mjpeg input while B-frames are on cost one frame copy.
+Guest options: generic AVCodecContext options on an allow list, private codec
+options except file-writing ones; ``*-params`` lists are screened for file,
+geometry and pixel-format keys; values that look like paths are refused.
+
 Decoders use thread_type AUTO (frame + slice threads) unless ``threads == 1``,
-and ``max_pixels`` from the geometry caps.
+and ``max_pixels`` from the geometry caps.  A zero-length DECODE chunk consumes
+nothing (it would be an end-of-stream packet to FFmpeg).  With ``parse`` the
+chunk's pts goes to the first packet the parser cuts that starts inside the
+chunk (FFmpeg's av_parser_parse2 rule); the vp9 and av1 parsers do not split
+streams, so their chunks must hold whole frames.  Decoding errors raise
+INVALID_DATA after the frames decoded before the error were queued (they come
+back with the next call); the session stays usable.
 """
 
 from __future__ import annotations
@@ -86,6 +101,7 @@ MAX_THREADS: Final = 64
 MAX_OPTIONS: Final = 64
 MAX_CHUNK: Final = (1 << 31) - 4096  # FFmpeg packet sizes are C ints
 MAX_STRIDE: Final = 1 << 30
+MAX_PARSER_BACKLOG: Final = 64 << 20  # bytes a parser may buffer without cutting a frame
 # Bytes that must stay mapped after a frame wrapped in place: SIMD readers in
 # swscale/encoders may over-read a little past the last row.
 INPUT_SLACK: Final = 64
@@ -769,6 +785,8 @@ class _DecoderSession(_Session):
             packets: list[Packet[Any] | None]
             if parse:
                 self._parsed = True
+                if len(self._chunk_pts) >= 4096:
+                    self._chunk_pts.popleft()
                 self._chunk_pts.append([self._stream_pos, pts, 0])
                 self._stream_pos += src_len
                 try:
@@ -778,6 +796,10 @@ class _DecoderSession(_Session):
                     raise _ff_error(exc, ErrorCode.INVALID_DATA) from exc
                 self._stamp(parsed)
                 packets = list(parsed)
+                if self._stream_pos - self._parsed_pos > MAX_PARSER_BACKLOG:
+                    self._ctx = None
+                    raise CodecError(ErrorCode.INVALID_DATA,
+                                     "no frame boundary found; parser state discarded")
             else:
                 buf.pts = pts
                 packets = [buf]
@@ -1012,6 +1034,9 @@ def _codec_caps() -> tuple[dict[str, object], ...]:
                 "available": dec_ok,
                 "pix_fmts": ["yuv420p", "nv12"] if dec_ok else [],
                 "parser": parser,
+                # FFmpeg's vp9 and av1 parsers do not split a byte stream into
+                # frames: with PARSE every chunk must still hold whole frames.
+                "parser_splits": parser and codec not in (Codec.VP9, Codec.AV1),
             },
         })
     return tuple(out)

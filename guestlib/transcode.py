@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import av
+import av.bitstream
 
 from guestlib.codec import Encoder, Frame, Packet, codec_id
 from vmediad import abi
@@ -18,6 +19,31 @@ if TYPE_CHECKING:
 # Encoder name PyAV's muxer should label each device codec with.
 MUX_NAME = {abi.Codec.H264: "h264", abi.Codec.HEVC: "hevc", abi.Codec.VP9: "vp9", abi.Codec.AV1: "av1",
             abi.Codec.MJPEG: "mjpeg", abi.Codec.MPEG4: "mpeg4"}
+
+
+_TO_ANNEXB = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}
+
+
+def demux_elementary(container: Any, stream: Any) -> Iterator[Any]:
+    """Demux ``stream`` as self-contained packets the device can decode without extradata.
+
+    MP4/MKV carry H.264/HEVC length-prefixed with the parameter sets in extradata;
+    the standard bitstream filter rewrites them as Annex-B with in-band SPS/PPS.
+    """
+    name = stream.codec_context.name
+    extradata = stream.codec_context.extradata or b""
+    bsf = None
+    if name in _TO_ANNEXB and extradata[:1] == b"\x01":
+        bsf = av.bitstream.BitStreamFilterContext(_TO_ANNEXB[name], stream)
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue
+        if bsf is None:
+            yield packet
+        else:
+            yield from bsf.filter(packet)
+    if bsf is not None:
+        yield from bsf.filter(None)
 
 
 class Muxer:
@@ -76,9 +102,7 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
                         if on_frame is not None:
                             on_frame(frames)
 
-                for packet in src.demux(vstream):
-                    if packet.size == 0:
-                        continue
+                for packet in demux_elementary(src, vstream):
                     packets_in += 1
                     emit(dec.decode(memoryview(packet), pts=packet.pts))
                     if max_frames is not None and frames >= max_frames:

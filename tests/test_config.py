@@ -299,12 +299,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize(("text", "key"), [
+CLI_BAD = [
     ("[limits]\nring_default = 100\n", "limits.ring_default"),
     ("[scheduler]\nweights = { vm0 = 0 }\n", "scheduler.weights.vm0"),
     ("[hostd]\nmetrics = \"nohost\"\n", "hostd.metrics"),
     ("[bogus]\nx = 1\n", "bogus"),
-])
+]
+
+
+@pytest.mark.parametrize(("text", "key"), CLI_BAD, ids=[k for _, k in CLI_BAD])
 def test_cli_refuses_a_bad_config(tmp_path: Path, text: str, key: str) -> None:
     bad = _write(tmp_path, text, "bad.toml")
     sock = tmp_path / "h.sock"
