@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -28,6 +29,7 @@ class Hostd:
         self.control = ControlServer(cfg, self.device)
         self._metrics_server: Any = None
         self._status_tick = 0.0
+        self._ready = False  # no WATCHDOG/STATUS before READY=1
 
     @property
     def socket_path(self) -> str:
@@ -42,6 +44,8 @@ class Hostd:
         log.info("hostd ready", socket=self.socket_path, channels=self.device.channels_n,
                  policy=self.cfg.policy, epoch=self.device.epoch)
         self.notifier.ready(self._status_line())
+        self._status_tick = time.monotonic()
+        self._ready = True
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
@@ -64,10 +68,10 @@ class Hostd:
 
     def _on_loop(self) -> None:
         # Runs on the device thread: a hung scheduler loop stops the watchdog pings.
+        if not self._ready:
+            return
         self.notifier.watchdog()
         if self.notifier.enabled:
-            import time
-
             now = time.monotonic()
             if now - self._status_tick > 5:
                 self._status_tick = now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 
@@ -14,6 +15,7 @@ class Notifier:
         wpid = os.environ.get("WATCHDOG_PID", "")
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and (not wpid or wpid == str(os.getpid())) else 0.0
         self._last_ping = 0.0
+        self._lock = threading.Lock()  # the device thread and the main thread both send
         self._sock: socket.socket | None = None
         self.sent = 0
 
@@ -27,13 +29,14 @@ class Notifier:
         addr = self.path
         if addr.startswith("@"):
             addr = "\0" + addr[1:]  # abstract namespace
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            self._sock.sendto("\n".join(fields).encode(), addr)
-        except OSError:
-            return False
-        self.sent += 1
+        with self._lock:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                self._sock.sendto("\n".join(fields).encode(), addr)
+            except OSError:
+                return False
+            self.sent += 1
         return True
 
     def ready(self, status: str) -> None:

@@ -147,6 +147,6 @@ class Scheduler:
             "vms": {
                 vm: {"queued": len(q.queue), "inflight": q.inflight, "started": q.started,
                      "weight": q.weight, "blocked": q.blocked}
-                for vm, q in self._vms.items()
+                for vm, q in list(self._vms.items())
             },
         }

@@ -476,8 +476,7 @@ def test_no_space_then_drain_is_lossless(mgr: SessionManager, mem: memoryview) -
     mgr.flush(3, mem, DST, DST_LEN)
     got.extend(read_packets(mem))
     assert [p.data for p in got] == [p.data for p in want]
-    assert mgr.statistics()["errors"] == {"NO_SPACE": cast(dict[str, int],
-                                                          mgr.statistics()["errors"])["NO_SPACE"]}
+    assert set(cast(dict[str, int], mgr.statistics()["errors"])) == {"NO_SPACE"}
 
 
 def test_decoder_no_space_keeps_frames(mgr: SessionManager, mem: memoryview) -> None:
@@ -533,6 +532,7 @@ def test_corrupt_h264_never_crashes(mgr: SessionManager, mem: memoryview) -> Non
                 read_frames(mem)
             except CodecError as exc:
                 assert exc.code in allowed, exc
+    assert cast(dict[str, int], mgr.statistics()["errors"])["INVALID_DATA"] > 10
     # A fresh valid stream decodes completely afterwards.
     decoded = decode_chunks(mgr, mem, 2, stream, 4096)
     assert len(decoded) == N

@@ -20,7 +20,12 @@ from rich.table import Table
 
 from vmediad import logs
 
-console = Console(stderr=False)
+# Not a terminal (pipes, CI logs): wide enough that tables do not truncate names.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
+
+
+class ConfigExit(click.ClickException):
+    exit_code = 78  # EX_CONFIG: the unit's RestartPreventExitStatus=78 stops restart loops
 
 
 def _socket_default() -> str:
@@ -77,7 +82,7 @@ def hostd(socket_path: Path | None, channels: int | None, config_path: Path | No
             "fault_injection": fault_injection,
         })
     except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+        raise ConfigExit(str(e)) from None
     sys.exit(run_foreground(cfg))
 
 
@@ -300,10 +305,8 @@ def demo(output: Path, size: str, frames: int, channels: int) -> None:
         reports = run_fleet(specs, console)
         stats = h.device.statistics()
     console.print(summary_table(reports, "demo summary"))
-    done = sum(v["tasks_done"] for v in stats["vms"])
     console.print(f"device: {sum(c['tasks'] for c in stats['channels'])} tasks on {len(stats['channels'])} channels; "
                   f"outputs in {output.resolve()}")
-    _ = done
     if any(r.state != "done" for r in reports):
         for r in reports:
             if r.state != "done":

@@ -14,6 +14,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,15 @@ class VmReport:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
+@lru_cache(maxsize=4)
+def _ramp(width: int, height: int) -> npt.NDArray[np.uint8]:
+    yy, xx = np.mgrid[0:height, 0:width]
+    return ((xx + yy) % 256).astype(np.uint8)
+
+
 def pattern(width: int, height: int, index: int) -> npt.NDArray[np.uint8]:
     """A moving test pattern as one yuv420p array of shape (h*3/2, w): gradient, box and colour sweep."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    y = ((xx + yy + 3 * index) % 256).astype(np.uint8)
+    y = _ramp(width, height) + np.uint8((3 * index) % 256)  # uint8 arithmetic wraps mod 256
     bx, by = (index * 7) % max(1, width - 64), (index * 5) % max(1, height - 64)
     y[by : by + 64, bx : bx + 64] = 235
     ch, cw = height // 2, width // 2
