@@ -131,3 +131,15 @@ def test_ctrl_c_stops_vms_cleanly(hostd: Hostd, tmp_path: Path) -> None:
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_status_watch_refreshes_until_ctrl_c(hostd: Hostd) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "status", "--socket", hostd.socket_path, "--watch",
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    snaps = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(snaps) >= 2 and all(s["state"] == "running" for s in snaps)
+    assert snaps[-1]["uptime_s"] > snaps[0]["uptime_s"]

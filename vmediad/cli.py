@@ -373,5 +373,30 @@ def bench_codec(frames: int, quick: bool, json_out: Path | None) -> None:
     console.print(t)
 
 
+@main.command()
+@click.option("--tasks", default=100_000, show_default=True, help="mixed tasks in total")
+@click.option("--guests", default=8, show_default=True)
+@click.option("--corrupt", "corrupt_ratio", default=0.05, show_default=True, help="share of corrupt tasks")
+@click.option("--restarts", default=0, show_default=True, help="hostd SIGKILL+restart cycles during the run")
+@click.option("--json-out", type=click.Path(path_type=Path))
+def soak(tasks: int, guests: int, corrupt_ratio: float, restarts: int, json_out: Path | None) -> None:
+    """Long mixed run with corrupt input: RSS, fd and shm counts must stay flat."""
+    from vmediad import soak as soak_mod
+    from vmediad.bench.common import save
+
+    logs.configure("warning")
+    with Progress(TextColumn("[bold]soak"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("", total=tasks)
+
+        def cb(done: int, note: str = "") -> None:
+            progress.update(bar, completed=done, description=note)
+
+        res = soak_mod.run(tasks=tasks, guests=guests, corrupt_ratio=corrupt_ratio, restarts=restarts,
+                           progress_cb=cb)
+    save(res, json_out)
+    click.echo(json.dumps(res, indent=2, default=str))
+
+
 if __name__ == "__main__":
     main()
