@@ -60,6 +60,10 @@ chunk (FFmpeg's av_parser_parse2 rule); the vp9 and av1 parsers do not split
 streams, so their chunks must hold whole frames.  Decoding errors raise
 INVALID_DATA after the frames decoded before the error were queued (they come
 back with the next call); the session stays usable.
+
+``open_encoder_context``/``open_decoder_context`` build and open exactly the codec
+context a session with a given SessionConfig uses (the sessions share the builders),
+so a direct in-process run with identical options is one call away (benchmarks).
 """
 
 from __future__ import annotations
@@ -87,9 +91,12 @@ from vmediad.abi import Codec, Direction, ErrorCode, PixFmt, RateControl, Sessio
 
 __all__ = [
     "CodecError",
+    "EncoderTarget",
     "GeometryCaps",
     "SessionManager",
     "caps_document",
+    "open_decoder_context",
+    "open_encoder_context",
     "write_caps",
 ]
 
@@ -351,6 +358,157 @@ def _copy_planes_in(frame: VideoFrame, src: np.ndarray, fmt: PixFmt, width: int,
     return copied
 
 
+# --- codec contexts (shared by the sessions and by the direct-PyAV benchmark floor) -------
+@dataclass(frozen=True, slots=True)
+class EncoderTarget:
+    """What an encode SessionConfig resolves to after validation."""
+
+    codec: Codec
+    impl: str
+    fmt: PixFmt  # the guest's input format
+    ctx_fmt: str  # the format the codec context takes ("yuv420p" or "nv12")
+    time_base: Fraction
+    fps: Fraction
+
+
+def _encoder_target(cfg: SessionConfig, caps: GeometryCaps) -> EncoderTarget:
+    _check_common(cfg)
+    codec, impl = _codec(cfg.codec, abi.ENCODER_IMPL, "w")
+    _check_geometry(cfg.width, cfg.height, caps, required=True)
+    fmt = _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA))
+    ctx_fmt = "nv12" if fmt == PixFmt.NV12 and "nv12" in _codec_formats(impl) else "yuv420p"
+    return EncoderTarget(codec, impl, fmt, ctx_fmt, _ratio(cfg.tb_num, cfg.tb_den, "time base"),
+                         _ratio(cfg.fps_num, cfg.fps_den, "frame rate"))
+
+
+def open_encoder_context(cfg: SessionConfig, caps: GeometryCaps = GeometryCaps()) -> VideoCodecContext:
+    """The opened encoder context an ENCODE session with ``cfg`` uses (same options, same defaults).
+
+    Its ``pix_fmt`` is the format frames must be in (``EncoderTarget.ctx_fmt``):
+    the session converts other guest formats to it.
+    """
+    t = _encoder_target(cfg, caps)
+    return _build_encoder(cfg, t.impl, t.ctx_fmt, t.time_base, t.fps)
+
+
+def _build_encoder(cfg: SessionConfig, impl: str, ctx_fmt: str, tb: Fraction,
+                   fps: Fraction) -> VideoCodecContext:
+    ctx = cast(VideoCodecContext, av.CodecContext.create(impl, "w"))
+    ctx.width, ctx.height, ctx.pix_fmt = cfg.width, cfg.height, ctx_fmt
+    ctx.time_base = tb
+    ctx.framerate = fps
+    if cfg.gop:
+        if cfg.gop > 0x7FFF_FFFF:
+            raise CodecError(ErrorCode.BAD_ARG, "gop too large")
+        ctx.gop_size = cfg.gop
+    ctx.thread_count = cfg.threads
+    ctx.thread_type = ThreadType.FRAME if impl == "libx264" else ThreadType.SLICE
+    if impl in ("libx264", "mpeg4"):
+        ctx.max_b_frames = _B_FRAMES_ON[impl] if cfg.bframes else 0
+    elif impl == "libx265" and not cfg.bframes:
+        ctx.max_b_frames = 0
+    if impl == "mjpeg":
+        ctx.color_range = _JPEG_RANGE
+
+    opts: dict[str, str] = {}
+    _preset(cfg, impl, opts)
+    _rate_control(cfg, impl, ctx, opts)
+    if cfg.profile:
+        if any(o.name == "profile" for o in ctx.supported_options.private):
+            opts["profile"] = cfg.profile
+        elif cfg.profile in ctx.profiles:
+            ctx.profile = cfg.profile
+        else:
+            raise CodecError(ErrorCode.BAD_ARG, f"unknown profile {cfg.profile!r} for {impl}")
+    guest = _guest_options(ctx, cfg.options)
+    if impl == "libx265":
+        _merge_params(guest, "x265-params", "log-level=error")
+    elif impl == "libsvtav1" and not cfg.bframes:
+        _merge_params(guest, "svtav1-params", "pred-struct=1")
+    opts.update(guest)
+    _open_ctx(ctx, opts)
+    return ctx
+
+
+def _preset(cfg: SessionConfig, impl: str, opts: dict[str, str]) -> None:
+    preset = cfg.preset
+    if impl in ("libx264", "libx265"):
+        opts["preset"] = preset or "ultrafast"
+    elif impl == "libsvtav1":
+        if preset and not re.fullmatch(r"-?\d{1,2}", preset):
+            raise CodecError(ErrorCode.BAD_ARG, "libsvtav1 preset must be a number")
+        opts["preset"] = preset or "10"
+    elif impl == "libvpx-vp9":
+        if not preset:
+            opts.update({"deadline": "realtime", "cpu-used": "8"})
+        elif preset in ("realtime", "good", "best"):
+            opts["deadline"] = preset
+        elif re.fullmatch(r"-?\d", preset):
+            opts.update({"deadline": "realtime" if int(preset) >= 5 else "good",
+                         "cpu-used": preset})
+        else:
+            raise CodecError(ErrorCode.BAD_ARG, f"bad libvpx-vp9 preset {preset!r}")
+        if not cfg.bframes:
+            opts["lag-in-frames"] = "0"
+    elif preset:
+        raise CodecError(ErrorCode.BAD_ARG, f"{impl} has no presets")
+
+
+def _rate_control(cfg: SessionConfig, impl: str, ctx: VideoCodecContext, opts: dict[str, str]) -> None:
+    mode, value = cfg.rc_mode, cfg.rc_value
+    if mode == RateControl.BITRATE:
+        if not 0 < value <= 1 << 40:
+            raise CodecError(ErrorCode.BAD_ARG, "bitrate out of range")
+        ctx.bit_rate = value
+        return
+    if mode in (RateControl.CRF, RateControl.QP):
+        if not 0 <= value <= 255:
+            raise CodecError(ErrorCode.BAD_ARG, "CRF/QP out of range")
+    elif mode != RateControl.DEFAULT:
+        raise CodecError(ErrorCode.BAD_ARG, f"unknown rc_mode {mode}")
+    if impl in _NATIVE_ENCODERS:
+        q = value if mode != RateControl.DEFAULT else _DEFAULT_QSCALE
+        if not 1 <= q <= 31:
+            raise CodecError(ErrorCode.BAD_ARG, "qscale must be 1..31")
+        ctx.qscale = True
+        ctx.global_quality = q * _FF_QP2LAMBDA
+    elif impl == "libvpx-vp9":
+        opts["b"] = "0"
+        if mode == RateControl.QP:
+            opts.update({"qmin": str(value), "qmax": str(value), "crf": str(value)})
+        else:
+            opts["crf"] = str(value) if mode == RateControl.CRF else "30"
+    elif mode == RateControl.CRF:
+        opts["crf"] = str(value)
+    elif mode == RateControl.QP:
+        opts["qp"] = str(value)
+
+
+def _decoder_target(cfg: SessionConfig, caps: GeometryCaps) -> tuple[Codec, str, PixFmt]:
+    _check_common(cfg)
+    codec, impl = _codec(cfg.codec, abi.DECODER_IMPL, "r")
+    _check_geometry(cfg.width, cfg.height, caps, required=False)
+    return codec, impl, _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12))
+
+
+def open_decoder_context(cfg: SessionConfig, caps: GeometryCaps = GeometryCaps()) -> VideoCodecContext:
+    """The opened decoder context a DECODE session with ``cfg`` uses (same threading and options)."""
+    _codec_id, impl, _fmt = _decoder_target(cfg, caps)
+    return _build_decoder(cfg, impl, caps)
+
+
+def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps) -> VideoCodecContext:
+    ctx = cast(VideoCodecContext, av.CodecContext.create(impl, "r"))
+    if cfg.threads == 1:
+        ctx.thread_type, ctx.thread_count = ThreadType.SLICE, 1
+    else:
+        ctx.thread_type, ctx.thread_count = ThreadType.AUTO, cfg.threads
+    opts = _guest_options(ctx, cfg.options)
+    opts["max_pixels"] = str(caps.max_pixels)
+    _open_ctx(ctx, opts)
+    return ctx
+
+
 # --- sessions --------------------------------------------------------------------------
 class _Session:
     pending_items: int
@@ -375,23 +533,18 @@ class _Session:
 class _EncoderSession(_Session):
     def __init__(self, cfg: SessionConfig, caps: GeometryCaps, stats: _Stats) -> None:
         super().__init__(stats)
-        _check_common(cfg)
-        self._codec, self._impl = _codec(cfg.codec, abi.ENCODER_IMPL, "w")
+        target = _encoder_target(cfg, caps)
+        self._codec, self._impl = target.codec, target.impl
         self._cfg = cfg
-        _check_geometry(cfg.width, cfg.height, caps, required=True)
-        self._fmt = _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA))
+        self._fmt = target.fmt
         self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
         self._w, self._h = cfg.width, cfg.height
         self._shapes = abi.plane_shapes(self._fmt, self._w, self._h)
-        if self._fmt == PixFmt.NV12 and "nv12" in _codec_formats(self._impl):
-            self._ctx_fmt = "nv12"
-        else:
-            self._ctx_fmt = "yuv420p"
+        self._ctx_fmt = target.ctx_fmt
         self._convert = self._ctx_fmt != self._fmt_name
         self._convert_bytes = _frame_bytes(PixFmt(PixFmt.NV12 if self._ctx_fmt == "nv12"
                                                   else PixFmt.YUV420P), self._w, self._h)
-        self._tb = _ratio(cfg.tb_num, cfg.tb_den, "time base")
-        self._fps = _ratio(cfg.fps_num, cfg.fps_den, "frame rate")
+        self._tb, self._fps = target.time_base, target.fps
         self._duration = max(1, round(1 / (self._fps * self._tb)))
         self._next_pts = 0
         self._layouts: dict[tuple[int, ...], _InLayout] = {}
@@ -402,99 +555,13 @@ class _EncoderSession(_Session):
         self._ctx = self._open()
 
     def _open(self) -> VideoCodecContext:
-        cfg, impl = self._cfg, self._impl
-        ctx = cast(VideoCodecContext, av.CodecContext.create(impl, "w"))
-        ctx.width, ctx.height, ctx.pix_fmt = self._w, self._h, self._ctx_fmt
-        ctx.time_base = self._tb
-        ctx.framerate = self._fps
-        if cfg.gop:
-            if cfg.gop > 0x7FFF_FFFF:
-                raise CodecError(ErrorCode.BAD_ARG, "gop too large")
-            ctx.gop_size = cfg.gop
-        ctx.thread_count = cfg.threads
-        ctx.thread_type = ThreadType.FRAME if impl == "libx264" else ThreadType.SLICE
-        if impl in ("libx264", "mpeg4"):
-            ctx.max_b_frames = _B_FRAMES_ON[impl] if cfg.bframes else 0
-        elif impl == "libx265" and not cfg.bframes:
-            ctx.max_b_frames = 0
-        if impl == "mjpeg":
-            ctx.color_range = _JPEG_RANGE
-
-        opts: dict[str, str] = {}
-        self._preset(opts)
-        self._rate_control(ctx, opts)
-        if cfg.profile:
-            if any(o.name == "profile" for o in ctx.supported_options.private):
-                opts["profile"] = cfg.profile
-            elif cfg.profile in ctx.profiles:
-                ctx.profile = cfg.profile
-            else:
-                raise CodecError(ErrorCode.BAD_ARG, f"unknown profile {cfg.profile!r} for {impl}")
-        guest = _guest_options(ctx, cfg.options)
-        if impl == "libx265":
-            _merge_params(guest, "x265-params", "log-level=error")
-        elif impl == "libsvtav1" and not cfg.bframes:
-            _merge_params(guest, "svtav1-params", "pred-struct=1")
-        opts.update(guest)
-        _open_ctx(ctx, opts)
+        ctx = _build_encoder(self._cfg, self._impl, self._ctx_fmt, self._tb, self._fps)
         # FFmpeg's own encoders keep references to input frames across calls when
         # they reorder (B-frames); those frames must not point into guest memory.
-        self._retains_input = impl in _NATIVE_ENCODERS and (
+        self._retains_input = self._impl in _NATIVE_ENCODERS and (
             ctx.max_b_frames > 0 or ThreadType.FRAME in ctx.thread_type)
         self._fed = 0
         return ctx
-
-    def _preset(self, opts: dict[str, str]) -> None:
-        preset, impl = self._cfg.preset, self._impl
-        if impl in ("libx264", "libx265"):
-            opts["preset"] = preset or "ultrafast"
-        elif impl == "libsvtav1":
-            if preset and not re.fullmatch(r"-?\d{1,2}", preset):
-                raise CodecError(ErrorCode.BAD_ARG, "libsvtav1 preset must be a number")
-            opts["preset"] = preset or "10"
-        elif impl == "libvpx-vp9":
-            if not preset:
-                opts.update({"deadline": "realtime", "cpu-used": "8"})
-            elif preset in ("realtime", "good", "best"):
-                opts["deadline"] = preset
-            elif re.fullmatch(r"-?\d", preset):
-                opts.update({"deadline": "realtime" if int(preset) >= 5 else "good",
-                             "cpu-used": preset})
-            else:
-                raise CodecError(ErrorCode.BAD_ARG, f"bad libvpx-vp9 preset {preset!r}")
-            if not self._cfg.bframes:
-                opts["lag-in-frames"] = "0"
-        elif preset:
-            raise CodecError(ErrorCode.BAD_ARG, f"{impl} has no presets")
-
-    def _rate_control(self, ctx: VideoCodecContext, opts: dict[str, str]) -> None:
-        mode, value, impl = self._cfg.rc_mode, self._cfg.rc_value, self._impl
-        if mode == RateControl.BITRATE:
-            if not 0 < value <= 1 << 40:
-                raise CodecError(ErrorCode.BAD_ARG, "bitrate out of range")
-            ctx.bit_rate = value
-            return
-        if mode in (RateControl.CRF, RateControl.QP):
-            if not 0 <= value <= 255:
-                raise CodecError(ErrorCode.BAD_ARG, "CRF/QP out of range")
-        elif mode != RateControl.DEFAULT:
-            raise CodecError(ErrorCode.BAD_ARG, f"unknown rc_mode {mode}")
-        if impl in _NATIVE_ENCODERS:
-            q = value if mode != RateControl.DEFAULT else _DEFAULT_QSCALE
-            if not 1 <= q <= 31:
-                raise CodecError(ErrorCode.BAD_ARG, "qscale must be 1..31")
-            ctx.qscale = True
-            ctx.global_quality = q * _FF_QP2LAMBDA
-        elif impl == "libvpx-vp9":
-            opts["b"] = "0"
-            if mode == RateControl.QP:
-                opts.update({"qmin": str(value), "qmax": str(value), "crf": str(value)})
-            else:
-                opts["crf"] = str(value) if mode == RateControl.CRF else "30"
-        elif mode == RateControl.CRF:
-            opts["crf"] = str(value)
-        elif mode == RateControl.QP:
-            opts["qp"] = str(value)
 
     def _context(self) -> VideoCodecContext:
         if self._ctx is None:
@@ -670,12 +737,9 @@ class _EncoderSession(_Session):
 class _DecoderSession(_Session):
     def __init__(self, cfg: SessionConfig, caps: GeometryCaps, stats: _Stats) -> None:
         super().__init__(stats)
-        _check_common(cfg)
-        self._codec, self._impl = _codec(cfg.codec, abi.DECODER_IMPL, "r")
+        self._codec, self._impl, self._fmt = _decoder_target(cfg, caps)
         self._cfg = cfg
         self._caps = caps
-        _check_geometry(cfg.width, cfg.height, caps, required=False)
-        self._fmt = _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12))
         self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
         self._pending: deque[VideoFrame] = deque()
         self._fed = 0
@@ -687,15 +751,7 @@ class _DecoderSession(_Session):
         self._ctx = self._open()
 
     def _open(self) -> VideoCodecContext:
-        cfg = self._cfg
-        ctx = cast(VideoCodecContext, av.CodecContext.create(self._impl, "r"))
-        if cfg.threads == 1:
-            ctx.thread_type, ctx.thread_count = ThreadType.SLICE, 1
-        else:
-            ctx.thread_type, ctx.thread_count = ThreadType.AUTO, cfg.threads
-        opts = _guest_options(ctx, cfg.options)
-        opts["max_pixels"] = str(self._caps.max_pixels)
-        _open_ctx(ctx, opts)
+        ctx = _build_decoder(self._cfg, self._impl, self._caps)
         self._fed = 0
         self._parsed = False
         self._stream_pos = self._parsed_pos = 0
@@ -777,6 +833,8 @@ class _DecoderSession(_Session):
             # One copy into FFmpeg-owned, zero-padded memory: decoders and parsers
             # over-read up to 64 bytes and frame threads read packets later, so the
             # bitstream must neither alias the region nor be re-read from it.
+            # (PyAV's Packet(bytes) wraps the bytes without that padding: FFmpeg
+            # then reads whatever follows them, e.g. mpeg4 decodes differ per run.)
             buf = Packet(src_len)
             memoryview(buf)[:] = mem[src_off:src_off + src_len]
             self._stats.dec_chunks_in += 1
@@ -968,6 +1026,11 @@ class SessionManager:
         self._sessions.clear()
         for session in sessions:
             session.close()
+
+    def bytes_copied(self) -> int:
+        """Bytes copied so far by all sessions (inputs and outputs, encode and decode): cheap."""
+        s = self._stats
+        return s.enc_in_copied + s.enc_out_copied + s.dec_in_copied + s.dec_out_copied
 
     def statistics(self) -> dict[str, object]:
         s = self._stats

@@ -52,6 +52,11 @@ class Worker:
         # hostd runs one task per channel at a time and binds each session to
         # one channel, so one thread per channel keeps every session ordered.
         self._engine_lock = threading.Lock()
+        # Codec tasks running on channel threads.  While one runs, the main loop
+        # does not spin for the next kick: it could not come before the task
+        # ends, and on a small machine spinning takes CPU from the codec.
+        self._busy = 0
+        self._busy_lock = threading.Lock()
 
     def run_channel(self, k: int) -> None:
         ch = abi.channel_offset(k)
@@ -76,13 +81,19 @@ class Worker:
     def _channel_thread(self, k: int, q: queue.SimpleQueue[int]) -> None:
         while True:
             q.get()
-            self.run_channel(k)
+            try:
+                self.run_channel(k)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
 
     def _dispatch(self, k: int) -> None:
         prog_op = self.bank.load32(abi.channel_offset(k) + abi.CH_PROGRAM)
         if prog_op in _INLINE_OPS:
             self.run_channel(k)
             return
+        with self._busy_lock:
+            self._busy += 1
         q = self._queues.get(k)
         if q is None:
             q = self._queues[k] = queue.SimpleQueue()
@@ -102,7 +113,7 @@ class Worker:
         while True:
             seen = self.bank.load32(self._kick)
             self.scan()
-            if self.bank.spin32(self._kick, seen, SPINS) != seen:
+            if not self._busy and self.bank.spin32(self._kick, seen, SPINS) != seen:
                 continue
             self.bank.store32(self._need_wakeup, 1)
             fence()

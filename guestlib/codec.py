@@ -5,12 +5,18 @@ Frames and bitstreams live in the guest's region and move by offset (seed 001):
 and decoded ``Frame.planes`` are views of the decoder's output buffer.  A
 decoded frame's planes stay valid until the next ``decode()``/``flush()`` call
 on the same decoder (use ``Frame.copy()`` to keep one).
+
+``encode()``/``decode()`` run one task at a time.  ``encode_stream()`` and
+``decode_stream()`` keep ``depth`` tasks queued on the session (each with its
+own output buffer), so the device starts the next frame as soon as one ends
+instead of waiting for the guest's round trip: use them for throughput.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -30,6 +36,7 @@ CODECS.update({"h265": abi.Codec.HEVC, "avc": abi.Codec.H264, "libx264": abi.Cod
                "libaom-av1": abi.Codec.AV1, "libsvtav1": abi.Codec.AV1})
 PIX_FMTS = {name: f for f, name in abi.PIX_FMT_NAMES.items()}
 DEFAULT_OUT = 1 << 20
+Chunk = Any  # Buffer | bytes-like | Packet | (data, pts) | object with .pts and the buffer protocol
 
 
 def codec_id(name: str | abi.Codec) -> abi.Codec:
@@ -100,6 +107,17 @@ class Frame:
         return f"Frame({self.width}x{self.height} {self.format} pts={self.pts})"
 
 
+@dataclass(slots=True)
+class _Spec:
+    """One task of a stream: what to submit and what to release when it has run."""
+
+    op: Op
+    flags: int = 0
+    src: tuple[int, int] = (0, 0)
+    args: tuple[int, int, int, int] = (0, 0, 0, 0)
+    done: Callable[[], None] | None = None
+
+
 class _Session:
     def __init__(self, dev: Device, cfg: abi.SessionConfig) -> None:
         self.device = dev
@@ -112,10 +130,30 @@ class _Session:
             dev.free(blob)
         self.session: int = c.result
         self.closed = False
+        self.no_space_retries = 0  # times an output buffer had to grow (tests, stats)
+        # Output a stream had already received when it stopped (error, early close):
+        # private copies, handed out first by the next call.
+        self._backlog: list[Any] = []
+        self._stream_size = DEFAULT_OUT  # output buffer size for streams; grows on NO_SPACE
+
+    def _items_at(self, base: int) -> list[Any]:
+        raise NotImplementedError
+
+    def _private(self, items: list[Any]) -> list[Any]:
+        return items
+
+    def _take_backlog(self) -> list[Any]:
+        items, self._backlog = self._backlog, []
+        return items
 
     def _run(self, op: Op, *, flags: int = 0, src: tuple[int, int] = (0, 0),
              args: tuple[int, int, int, int] = (0, 0, 0, 0)) -> tuple[int, int]:
-        """Submit, and on NO_SPACE grow the output buffer and collect what hostd kept."""
+        """Submit and wait; on NO_SPACE grow the output buffer and collect what hostd kept.
+
+        NO_SPACE means the input was consumed and every output item stayed queued in
+        the session; ``result_len`` is the exact size that takes all of it.  The retry
+        carries no input: ENCODE_FRAME/DECODE with DRAIN_PENDING, or FLUSH again.
+        """
         if self.closed:
             raise ValueError("session is closed")
         dev = self.device
@@ -126,12 +164,109 @@ class _Session:
             if c.error == ErrorCode.NO_SPACE and c.result_len > self._out.size:
                 dev.free(self._out)
                 self._out = dev.alloc(max(c.result_len, 2 * self._out.size))
-                retry_flags = DescFlag.DRAIN_PENDING if op in (Op.ENCODE_FRAME, Op.DECODE) else 0
-                task = dev.submit(op if op != Op.ENCODE_FRAME else Op.ENCODE_FRAME, flags=retry_flags,
-                                  session=self.session, dst=(self._out.offset, self._out.size))
+                self.no_space_retries += 1
+                task = dev.submit(self._drain_op(op), flags=self._drain_flags(op), session=self.session,
+                                  dst=(self._out.offset, self._out.size))
                 continue
             task.wait()  # raises DeviceError / SessionLost on an error status
             return c.result, c.result_len
+
+    @staticmethod
+    def _drain_op(op: Op) -> Op:
+        return op if op in (Op.ENCODE_FRAME, Op.DECODE, Op.FLUSH) else Op.FLUSH
+
+    @staticmethod
+    def _drain_flags(op: Op) -> int:
+        return DescFlag.DRAIN_PENDING if op in (Op.ENCODE_FRAME, Op.DECODE) else 0
+
+    def _stream(self, specs: Iterable[_Spec], depth: int, drain: Op) -> Iterator[Any]:
+        """Run ``specs`` with up to ``depth`` tasks in flight; yield their output in order.
+
+        Tasks of one session run in submission order and each emits whatever the
+        session has queued, oldest first, so reading completions in submission order
+        yields the stream in order.  A task that ends with NO_SPACE left its output
+        queued: its buffer grows and one more (input-less) ``drain`` task collects
+        it, behind the tasks already in flight.  Items from one task's buffer stay
+        valid until the iterator is advanced past them.
+        """
+        if self.closed:
+            raise ValueError("session is closed")
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        dev = self.device
+        spare: list[Buffer] = [dev.alloc(self._stream_size) for _ in range(depth + 1)]
+        inflight: deque[tuple[Task, Buffer, _Spec]] = deque()
+        todo = iter(specs)
+        exhausted = False
+
+        def submit(spec: _Spec, buf: Buffer) -> None:
+            try:
+                if buf.size < self._stream_size:  # another buffer of this stream needed more
+                    bigger = dev.alloc(self._stream_size)
+                    dev.free(buf)
+                    buf = bigger
+                task = dev.submit(spec.op, flags=spec.flags, session=self.session, src=spec.src,
+                                  dst=(buf.offset, buf.size), args=spec.args)
+            except BaseException:
+                spare.append(buf)
+                if spec.done is not None:
+                    spec.done()
+                raise
+            inflight.append((task, buf, spec))
+
+        def top_up() -> None:
+            nonlocal exhausted
+            while not exhausted and len(inflight) < depth and spare:
+                spec = next(todo, None)
+                if spec is None:
+                    exhausted = True
+                    return
+                submit(spec, spare.pop())
+
+        try:
+            top_up()
+            while inflight:
+                task, buf, spec = inflight.popleft()
+                c = task.completion()
+                if spec.done is not None:
+                    spec.done()  # the device has read the input: the guest may reuse it
+                if c.error == ErrorCode.NO_SPACE and c.result_len > buf.size:
+                    self._stream_size = max(self._stream_size, c.result_len + (c.result_len >> 2))
+                    self.no_space_retries += 1
+                    submit(_Spec(drain, self._drain_flags(drain)), buf)
+                    continue
+                if c.status != abi.Status.DONE:
+                    spare.append(buf)
+                    task.wait()  # raises the task's error
+                items = self._items_at(buf.offset)
+                top_up()  # the device works on the next tasks while the caller consumes these
+                given = 0
+                try:
+                    for item in items:
+                        yield item
+                        given += 1
+                except GeneratorExit:
+                    self._backlog.extend(self._private(items[given + 1:]))
+                    raise
+                finally:
+                    spare.append(buf)
+        finally:
+            # Stopped early (an error, or the caller closed the iterator): finish what is
+            # in flight and keep its output for the next call instead of losing it.
+            while inflight:
+                task, buf, spec = inflight.popleft()
+                try:
+                    c = task.completion()
+                    if c.status == abi.Status.DONE:
+                        self._backlog.extend(self._private(self._items_at(buf.offset)))
+                except Exception:
+                    pass  # the device is gone: nothing to keep
+                finally:
+                    if spec.done is not None:
+                        spec.done()
+                    spare.append(buf)
+            for b in spare:
+                dev.free(b)
 
     def close(self) -> None:
         if self.closed:
@@ -150,38 +285,63 @@ class _Session:
         self.close()
 
 
+def encoder_config(codec: str | abi.Codec = "h264", width: int = 0, height: int = 0, fps: float | Fraction = 30,
+                   bitrate: int | None = None, crf: float | None = None, gop: int | None = None,
+                   pix_fmt: str | PixFmt = "yuv420p", *, qp: int | None = None, bframes: bool = False,
+                   preset: str = "", profile: str = "", threads: int = 0, time_base: Fraction | None = None,
+                   **options: Any) -> abi.SessionConfig:
+    """The SessionConfig ``Encoder`` opens with these arguments (also the benchmark floor's)."""
+    rate = Fraction(fps).limit_denominator(1001)
+    tb = time_base or 1 / rate
+    if bitrate is not None:
+        rc, rv = abi.RateControl.BITRATE, int(bitrate)
+    elif crf is not None:
+        rc, rv = abi.RateControl.CRF, int(crf)
+    elif qp is not None:
+        rc, rv = abi.RateControl.QP, int(qp)
+    else:
+        rc, rv = abi.RateControl.DEFAULT, 0
+    return abi.SessionConfig(
+        direction=abi.Direction.ENCODE, codec=codec_id(codec), width=width, height=height,
+        pix_fmt=pix_fmt_id(pix_fmt), tb_num=tb.numerator, tb_den=tb.denominator, fps_num=rate.numerator,
+        fps_den=rate.denominator, rc_mode=rc, rc_value=rv, gop=gop or 0, bframes=1 if bframes else 0,
+        threads=threads, preset=preset, profile=profile, options=tuple((k, str(v)) for k, v in options.items()),
+    )
+
+
+def decoder_config(codec: str | abi.Codec = "h264", *, pix_fmt: str | PixFmt = "yuv420p", threads: int = 0,
+                   **options: Any) -> abi.SessionConfig:
+    """The SessionConfig ``Decoder`` opens with these arguments."""
+    return abi.SessionConfig(direction=abi.Direction.DECODE, codec=codec_id(codec), pix_fmt=pix_fmt_id(pix_fmt),
+                             threads=threads, options=tuple((k, str(v)) for k, v in options.items()))
+
+
 class Encoder(_Session):
     def __init__(self, dev: Device, codec: str = "h264", width: int = 0, height: int = 0, fps: float | Fraction = 30,
                  bitrate: int | None = None, crf: float | None = None, gop: int | None = None,
                  pix_fmt: str = "yuv420p", *, qp: int | None = None, bframes: bool = False, preset: str = "",
                  profile: str = "", threads: int = 0, time_base: Fraction | None = None, **options: Any) -> None:
-        rate = Fraction(fps).limit_denominator(1001)
-        tb = time_base or 1 / rate
-        if bitrate is not None:
-            rc, rv = abi.RateControl.BITRATE, int(bitrate)
-        elif crf is not None:
-            rc, rv = abi.RateControl.CRF, int(crf)
-        elif qp is not None:
-            rc, rv = abi.RateControl.QP, int(qp)
-        else:
-            rc, rv = abi.RateControl.DEFAULT, 0
-        self.fmt = pix_fmt_id(pix_fmt)
+        cfg = encoder_config(codec, width, height, fps, bitrate, crf, gop, pix_fmt, qp=qp, bframes=bframes,
+                             preset=preset, profile=profile, threads=threads, time_base=time_base, **options)
+        self.fmt = PixFmt(cfg.pix_fmt)
         self.width, self.height = width, height
-        self.time_base = tb
-        self.fps = rate
-        cfg = abi.SessionConfig(
-            direction=abi.Direction.ENCODE, codec=codec_id(codec), width=width, height=height, pix_fmt=self.fmt,
-            tb_num=tb.numerator, tb_den=tb.denominator, fps_num=rate.numerator, fps_den=rate.denominator,
-            rc_mode=rc, rc_value=rv, gop=gop or 0, bframes=1 if bframes else 0, threads=threads,
-            preset=preset, profile=profile, options=tuple((k, str(v)) for k, v in options.items()),
-        )
+        self.time_base = Fraction(cfg.tb_num, cfg.tb_den)
+        self.fps = Fraction(cfg.fps_num, cfg.fps_den)
         self.frame_bytes = abi.frame_size(self.fmt, width, height)
         self._pool: list[Buffer] = []
+        self._kept: dict[int, Buffer] = {}
         self._next_pts = 0
         super().__init__(dev, cfg)
 
-    def new_frame(self) -> Frame:
-        """A frame whose planes are writable views of region memory; encode() takes it back."""
+    def new_frame(self, *, keep: bool = False) -> Frame:
+        """A frame whose planes are writable views of region memory.
+
+        By default ``encode()`` takes the frame back (its buffer returns to a pool
+        for the next ``new_frame()``).  With ``keep=True`` the caller owns it and may
+        fill and encode it again and again (a ring of input frames); ``release()``
+        or ``close()`` frees it.  The encoder never keeps a reference to the frame's
+        memory after ``encode()`` returns, so refilling it then is safe.
+        """
         buf = self._pool.pop() if self._pool else self.device.alloc(self.frame_bytes)
         shapes = abi.plane_shapes(self.fmt, self.width, self.height)
         offs, strides, acc = [], [], 0
@@ -190,8 +350,17 @@ class Encoder(_Session):
             strides.append(row_bytes)
             acc += rows * row_bytes
         planes = _plane_views(self.device.region.mem, self.fmt, self.width, self.height, buf.offset, offs, strides)
+        if keep:
+            self._kept[buf.offset] = buf
         return Frame(self.width, self.height, self.fmt, None, planes, offset=buf.offset, strides=tuple(strides),
-                     nbytes=self.frame_bytes, buffer=buf)
+                     nbytes=self.frame_bytes, buffer=None if keep else buf)
+
+    def release(self, frame: Frame) -> None:
+        """Give back a frame made with ``new_frame(keep=True)``."""
+        buf = self._kept.pop(frame.offset, None)
+        if buf is not None:
+            frame.planes = []
+            self._pool.append(buf)
 
     def _from_array(self, data: npt.NDArray[Any]) -> Frame:
         frame = self.new_frame()
@@ -206,12 +375,7 @@ class Encoder(_Session):
 
     def encode(self, frame: Frame | npt.NDArray[Any], pts: int | None = None,
                force_keyframe: bool = False) -> list[Packet]:
-        f = self._from_array(frame) if isinstance(frame, np.ndarray) else frame
-        if f.pix_fmt != self.fmt or (f.width, f.height) != (self.width, self.height):
-            raise ValueError(f"frame is {f.width}x{f.height} {f.format}, encoder takes "
-                             f"{self.width}x{self.height} {abi.PIX_FMT_NAMES[self.fmt]}")
-        if f.offset < 0:
-            f = self._from_array(f.to_ndarray())
+        f = self._prepare(frame)
         if pts is None:
             pts = f.pts if f.pts is not None else self._next_pts
         self._next_pts = pts + 1
@@ -224,15 +388,61 @@ class Encoder(_Session):
             if f._buffer is not None:
                 self._pool.append(f._buffer)
                 f._buffer = None
-        return self._packets()
+        return self._take_backlog() + self._packets()
 
     def flush(self) -> list[Packet]:
         self._run(Op.FLUSH)
-        return self._packets()
+        return self._take_backlog() + self._packets()
 
-    def _packets(self) -> list[Packet]:
+    def encode_stream(self, frames: Iterable[Frame | npt.NDArray[Any]], *, flush: bool = True,
+                      depth: int = 2) -> Iterator[Packet]:
+        """Encode ``frames`` with ``depth`` tasks queued on the device; yields packets in order.
+
+        A frame is handed to the device when the iterator gets to it and given back
+        (to ``new_frame()``'s pool, unless made with ``keep=True``) once its task has
+        run; a kept frame must not be refilled before then, so a ring of kept frames
+        needs more than ``depth + 1`` entries.  ``flush`` ends the stream
+        (``flush()``); without it, output the codec holds back stays queued.
+        """
+        yield from self._take_backlog()
+        yield from self._stream(self._encode_specs(frames, flush), depth, Op.ENCODE_FRAME)
+
+    def _encode_specs(self, frames: Iterable[Frame | npt.NDArray[Any]], flush: bool) -> Iterator[_Spec]:
+        for frame in frames:
+            f = self._prepare(frame)
+            pts = f.pts if f.pts is not None else self._next_pts
+            self._next_pts = pts + 1
+            s = (*f.strides, 0, 0, 0)[:3]
+            yield _Spec(Op.ENCODE_FRAME, DescFlag.PTS_VALID, (f.offset, f.nbytes),
+                        (pts & abi.U64_MAX, s[0] | s[1] << 32, s[2], 0), self._giver(f))
+        if flush:
+            yield _Spec(Op.FLUSH)
+
+    def _giver(self, f: Frame) -> Callable[[], None] | None:
+        buf = f._buffer
+        if buf is None:
+            return None
+        f._buffer = None
+
+        def give_back() -> None:
+            self._pool.append(buf)
+        return give_back
+
+    def _prepare(self, frame: Frame | npt.NDArray[Any]) -> Frame:
+        f = self._from_array(frame) if isinstance(frame, np.ndarray) else frame
+        if f.pix_fmt != self.fmt or (f.width, f.height) != (self.width, self.height):
+            raise ValueError(f"frame is {f.width}x{f.height} {f.format}, encoder takes "
+                             f"{self.width}x{self.height} {abi.PIX_FMT_NAMES[self.fmt]}")
+        if f.offset < 0:
+            f = self._from_array(f.to_ndarray())
+        return f
+
+    def _items_at(self, base: int) -> list[Any]:
+        return self._packets(base)
+
+    def _packets(self, base: int | None = None) -> list[Packet]:
         mem = self.device.region.mem
-        base = self._out.offset
+        base = self._out.offset if base is None else base
         kind, count, _used = abi.OUT_HEADER.unpack_from(mem, base)
         if kind != abi.OUT_PACKETS:
             raise ValueError(f"unexpected output table kind {kind}")
@@ -247,19 +457,20 @@ class Encoder(_Session):
 
     def close(self) -> None:
         if not self.closed:
-            for b in self._pool:
+            for b in [*self._pool, *self._kept.values()]:
                 self.device.free(b)
             self._pool.clear()
+            self._kept.clear()
         super().close()
 
 
 class Decoder(_Session):
     def __init__(self, dev: Device, codec: str = "h264", *, pix_fmt: str = "yuv420p", threads: int = 0,
                  parse: bool = True, **options: Any) -> None:
-        cfg = abi.SessionConfig(direction=abi.Direction.DECODE, codec=codec_id(codec), pix_fmt=pix_fmt_id(pix_fmt),
-                                threads=threads, options=tuple((k, str(v)) for k, v in options.items()))
+        cfg = decoder_config(codec, pix_fmt=pix_fmt, threads=threads, **options)
         self.parse = parse
         self._in: Buffer | None = None
+        self._staging: list[Buffer] = []
         super().__init__(dev, cfg)
         self.device.free(self._out)
         self._out = dev.alloc(8 << 20)
@@ -280,20 +491,74 @@ class Decoder(_Session):
     def decode(self, data: bytes | bytearray | memoryview | Buffer, pts: int | None = None,
                parse: bool | None = None) -> list[Frame]:
         src = self._stage(data)
+        backlog = self._take_backlog()
         if src[1] == 0:
-            return []
+            return backlog
         parse = self.parse if parse is None else parse
         flags = (DescFlag.PARSE if parse else 0) | (DescFlag.PTS_VALID if pts is not None else 0)
         self._run(Op.DECODE, flags=flags, src=src, args=((pts or 0) & abi.U64_MAX, 0, 0, 0))
-        return self._frames()
+        return backlog + self._frames()
 
     def flush(self) -> list[Frame]:
         self._run(Op.FLUSH)
-        return self._frames()
+        return self._take_backlog() + self._frames()
 
-    def _frames(self) -> list[Frame]:
+    def decode_stream(self, chunks: Iterable[Chunk], *, flush: bool = True, parse: bool | None = None,
+                      depth: int = 2) -> Iterator[Frame]:
+        """Decode ``chunks`` with ``depth`` tasks queued on the device; yields frames in order.
+
+        A chunk is a region ``Buffer`` (used in place), bytes-like (copied into the
+        region once), a guestlib ``Packet`` or any object with a ``pts`` attribute
+        and the buffer protocol (``av.Packet``), or a ``(data, pts)`` tuple.  A
+        yielded frame's planes stay valid until the iterator is advanced past it
+        (``Frame.copy()`` keeps one).  ``flush`` ends the stream (``flush()``).
+        """
+        yield from self._take_backlog()
+        parse = self.parse if parse is None else parse
+        yield from self._stream(self._decode_specs(chunks, flush, parse), depth, Op.DECODE)
+
+    def _decode_specs(self, chunks: Iterable[Chunk], flush: bool, parse: bool) -> Iterator[_Spec]:
+        from guestlib.device import Buffer
+
+        dev = self.device
+        free = self._staging  # staging buffers whose task has run; freed by close()
+        for chunk in chunks:
+            pts: int | None
+            if isinstance(chunk, tuple):
+                data, pts = chunk
+            elif isinstance(chunk, Packet):
+                data, pts = chunk.data, chunk.pts
+            else:
+                data, pts = chunk, getattr(chunk, "pts", None)
+            done: Callable[[], None] | None = None
+            if isinstance(data, Buffer):
+                src = (data.offset, data.size)
+            else:
+                mv = memoryview(data).cast("B")
+                if mv.nbytes == 0:
+                    continue
+                buf = free.pop() if free else None
+                if buf is None or buf.size < mv.nbytes:
+                    if buf is not None:
+                        dev.free(buf)
+                    buf = dev.alloc(max(mv.nbytes, 64 << 10))
+                buf.mem[: mv.nbytes] = mv  # the one copy of the bitstream into the region
+                src = (buf.offset, mv.nbytes)
+                done = _returner(free, buf)
+            flags = (DescFlag.PARSE if parse else 0) | (DescFlag.PTS_VALID if pts is not None else 0)
+            yield _Spec(Op.DECODE, flags, src, ((pts or 0) & abi.U64_MAX, 0, 0, 0), done)
+        if flush:
+            yield _Spec(Op.FLUSH)
+
+    def _items_at(self, base: int) -> list[Any]:
+        return self._frames(base)
+
+    def _private(self, items: list[Any]) -> list[Any]:
+        return [f.copy() for f in items]
+
+    def _frames(self, base: int | None = None) -> list[Frame]:
         mem = self.device.region.mem
-        base = self._out.offset
+        base = self._out.offset if base is None else base
         kind, count, _used = abi.OUT_HEADER.unpack_from(mem, base)
         if kind != abi.OUT_FRAMES:
             raise ValueError(f"unexpected output table kind {kind}")
@@ -312,10 +577,20 @@ class Decoder(_Session):
         return frames
 
     def close(self) -> None:
-        if not self.closed and self._in is not None:
-            self.device.free(self._in)
-            self._in = None
+        if not self.closed:
+            if self._in is not None:
+                self.device.free(self._in)
+                self._in = None
+            for b in self._staging:
+                self.device.free(b)
+            self._staging.clear()
         super().close()
+
+
+def _returner(free: list[Buffer], buf: Buffer) -> Callable[[], None]:
+    def give_back() -> None:
+        free.append(buf)
+    return give_back
 
 
 def caps(dev: Device) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -186,7 +187,8 @@ class Device:
         self._monitor.start()
 
     # -- control plane -------------------------------------------------------------------
-    def _connect(self, request: dict[str, Any], pass_fd: int | None = None) -> tuple[socket.socket, dict[str, Any], int]:
+    def _connect(self, request: dict[str, Any],
+                 pass_fd: int | None = None) -> tuple[socket.socket, dict[str, Any], int]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.socket_path)
@@ -242,14 +244,20 @@ class Device:
                 return
 
     def _reattach(self) -> None:
-        sock, reply, fd = self._connect({"cmd": "attach", "name": self.name, "adopt": True}, pass_fd=self.fd)
-        os.close(fd)  # the same memfd we already map
-        old = self._sock
-        self._sock = sock
-        old.close()
-        self.vm_id = reply["vm"]
-        self.epoch = reply["epoch"]
-        self.reattaches += 1
+        # The producer lock is held while the new hostd takes over the region: it then
+        # sees no slot half written, and no slot SUBMITTED whose SQ entry is not yet
+        # published (it would run that slot as "in flight", and once more when the entry
+        # is published).  Submitters wait here, as they would for a slot.
+        with self._lock:
+            sock, reply, fd = self._connect({"cmd": "attach", "name": self.name, "adopt": True},
+                                            pass_fd=self.fd)
+            os.close(fd)  # the same memfd we already map
+            old = self._sock
+            self._sock = sock
+            old.close()
+            self.vm_id = reply["vm"]
+            self.epoch = reply["epoch"]
+            self.reattaches += 1
         self._ring()  # tasks submitted while hostd was down
 
     def status(self) -> dict[str, Any]:
@@ -369,7 +377,7 @@ class Device:
     def crc32(self, buf: Buffer, nbytes: int | None = None) -> Task:
         return self.submit(Op.CRC32, src=(buf.offset, buf.size if nbytes is None else nbytes))
 
-    def encoder(self, codec: str = "h264", width: int = 0, height: int = 0, fps: float = 30,
+    def encoder(self, codec: str = "h264", width: int = 0, height: int = 0, fps: float | Fraction = 30,
                 bitrate: int | None = None, crf: float | None = None, gop: int | None = None,
                 pix_fmt: str = "yuv420p", **options: Any) -> Encoder:
         """Open an encode session (a context manager); see guestlib.codec.Encoder."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import av
 import av.bitstream
+from av.video.stream import VideoStream
 
 from guestlib.codec import Encoder, Frame, Packet, codec_id
 from vmediad import abi
@@ -53,7 +54,9 @@ class Muxer:
                  fps: Fraction) -> None:
         self.container = av.open(str(path), "w")
         cid = codec_id(codec)
-        self.stream = self.container.add_stream(MUX_NAME[cid], rate=fps)
+        stream = self.container.add_stream(MUX_NAME[cid], rate=fps)
+        assert isinstance(stream, VideoStream)
+        self.stream: VideoStream = stream
         self.stream.width = width
         self.stream.height = height
         self.stream.pix_fmt = "yuv420p"
@@ -63,7 +66,8 @@ class Muxer:
 
     def write(self, packets: list[Packet]) -> None:
         for p in packets:
-            pkt = av.Packet(p.data)
+            pkt = av.Packet(len(p.data))  # FFmpeg-owned and zero-padded, unlike Packet(bytes)
+            memoryview(pkt)[:] = p.data
             pkt.pts, pkt.dts = p.pts, p.dts
             pkt.time_base = self.time_base
             pkt.is_keyframe = p.is_keyframe
@@ -94,7 +98,7 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
                         if max_frames is not None and frames >= max_frames:
                             return
                         if enc is None:
-                            enc = dev.encoder(codec, f.width, f.height, fps, pix_fmt=f.format, **options)
+                            enc = Encoder(dev, codec, f.width, f.height, fps, pix_fmt=f.format, **options)
                             mux = Muxer(output_path, codec, f.width, f.height, enc.time_base, fps)
                         assert mux is not None
                         mux.write(enc.encode(f, pts=frames))  # zero-copy: the decoder's output feeds the encoder

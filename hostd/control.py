@@ -21,6 +21,7 @@ from vmediad.errors import GuestFault, ProtocolError, VmediadError
 
 log = structlog.get_logger("hostd.control")
 _UCRED = struct.Struct("3i")
+MAX_FDS_PER_MESSAGE = 4  # more in one message are closed by the kernel (MSG_CTRUNC)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -128,12 +129,16 @@ class ControlServer:
             self._conns.add(conn)
         vm_id: int | None = None
         buf = b""
+        # Descriptors the peer sent (SCM_RIGHTS).  Only an adopting attach takes one; the
+        # rest are closed after every request, so a peer cannot make hostd hoard fds.
         fds: list[int] = []
         try:
             while True:
                 while b"\n" not in buf:
-                    data, new_fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
+                    data, new_fds, _flags, _addr = socket.recv_fds(conn, 65536, MAX_FDS_PER_MESSAGE)
                     fds.extend(new_fds)
+                    _close_all(fds[MAX_FDS_PER_MESSAGE:])
+                    del fds[MAX_FDS_PER_MESSAGE:]
                     if not data:
                         return
                     buf += data
@@ -163,11 +168,13 @@ class ControlServer:
                     conn.sendall(protocol.refuse(str(e), e.kind))
                 except GuestFault as e:
                     conn.sendall(protocol.refuse(str(e), e.code.name.lower()))
+                finally:
+                    _close_all(fds)
+                    fds.clear()
         except OSError:
             pass
         finally:
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             if vm_id is not None:
                 self.device.detach(vm_id, "eof")  # the guest is gone: reclaim all it held
             with self._lock:
@@ -183,15 +190,27 @@ class ControlServer:
         areq = AttachRequest(req.name or f"pid{pid}", pid, uid, size, ring, req.named, adopt_fd)
         try:
             g = self.device.attach(areq)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, GuestFault) as e:
+            # Refused by the device thread: the adopted fd is still ours.  (Not on a timeout:
+            # the device thread may yet take it.)
             if adopt_fd is not None:
                 os.close(adopt_fd)
+            if isinstance(e, GuestFault):
+                raise
             raise ProtocolError(f"cannot attach: {e}", "attach") from None
         reply = protocol.ok(vm=g.vm_id, name=g.name, epoch=self.device.epoch, caps=self.device.caps,
                             layout=g.region.layout.as_dict(), shm_name=g.region.name,
                             channels=self.device.channels_n)
         socket.send_fds(conn, [reply], [g.region.fd])
         return g.vm_id
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _version() -> str:

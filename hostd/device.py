@@ -43,9 +43,11 @@ from vmediad.abi import Ctrl, Doorbell, ErrorCode, Op, Status
 from vmediad.errors import GuestFault, InternalError
 from vmediad.shm import fence, futex_waitv, monotonic_ns
 
+_SHORT_OPS = frozenset({Op.NOP, Op.COPY, Op.CRC32})
 log = structlog.get_logger("hostd.device")
 
 U32 = 0xFFFFFFFF
+RESPAWN_BACKOFF_MAX_S = 5.0
 
 
 class RunState(enum.Enum):
@@ -104,12 +106,16 @@ class Guest:
     sessions: dict[int, int] = field(default_factory=dict)  # session id -> channel
     session_codec: dict[int, str] = field(default_factory=dict)
     lost_sessions: set[int] = field(default_factory=set)
+    adopted: bool = False  # region served by an earlier hostd: its older session ids are lost
     staged: Staged | None = None
     ring_broken: bool = False
     dying: bool = False
     recycling: bool = False
     attached_ns: int = 0
     worker_tasks: int = 0
+    early_deaths: int = 0  # consecutive workers that died before running any task
+    respawn_pending: bool = False  # no worker until a backed-off respawn
+    recycles: int = 0
     stats: GuestStats = field(default_factory=GuestStats)
 
     @property
@@ -147,7 +153,12 @@ class Device:
         self.guests: dict[int, Guest] = {}
         self._events: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._next_vm = 1
-        self._next_session = 1
+        # Session ids start at a random point per hostd run: a guest that re-adopts its
+        # region after a restart still holds ids of the old run, and none of them may name
+        # a session of this run (see _session_of_this_run).
+        self._session_base = secrets.randbits(32) or 1
+        self._next_session = self._session_base
+        self._sessions_issued = 0
         self._task_seq = 0
         self._free_slots = list(range(min(cfg.max_guests, abi.BANK_MAX_WORKERS)))[::-1]
         self._ev_seen = 0
@@ -224,12 +235,21 @@ class Device:
                 idle_since = now
             if self.cfg.poll_only:
                 time.sleep(self.cfg.poll_interval_us / 1e6)
-            elif now - idle_since < spin_ns:
+            elif now - idle_since < spin_ns and not self._codec_busy():
                 os.sched_yield()
             else:
                 self._sleep()
                 idle_since = 0
         self.state = RunState.STOPPED
+
+    def _codec_busy(self) -> bool:
+        """A codec task is running: it takes milliseconds, so its IRQ is better awaited asleep.
+
+        Spinning with sched_yield() while codec threads saturate the CPUs leaves this
+        thread at the back of the run queue: measured on 2 cores, it then noticed a
+        finished task ~0.6 ms late, where a futex wake-up takes ~30 us.
+        """
+        return any(c.running is not None and c.running.op not in _SHORT_OPS for c in self.channels)
 
     def _poll_once(self) -> bool:
         self._ev_seen = self.bank.load32(abi.BANK_HOST_EVENT)
@@ -342,8 +362,8 @@ class Device:
         staged = sorted((g.staged for g in self.guests.values() if g.staged), key=lambda s: s.pending.seq)
         for held in staged:
             ch = held.channel if held.channel is not None else self._free_channel()
-            if ch is not None and self.channels[ch].running is None:
-                g = self.guests[held.pending.vm]
+            g = self.guests[held.pending.vm]
+            if ch is not None and self.channels[ch].running is None and self._runnable(g):
                 g.staged = None
                 self.scheduler.block(g.vm_id, False)
                 self._start(g, held, ch)
@@ -387,23 +407,36 @@ class Device:
             if isinstance(cfg, ErrorCode):
                 self._fail(g, p.slot, desc.tag, cfg, op=prog.opcode)
                 return None
-            sid = self._next_session
-            self._next_session = (self._next_session + 1) & U32 or 1
+            sid = self._new_session_id(g)
             channel = min(self.channels, key=lambda c: (c.bound_sessions, c.running is not None)).index
             g.sessions[sid] = channel
             g.session_codec[sid] = abi.CODEC_NAMES[abi.Codec(cfg.codec)]
             self.channels[channel].bound_sessions += 1
             prog = validate.Program(prog.opcode, prog.flags, sid, *_tail(prog))
         elif prog.opcode in abi.SESSION_OPS:
-            if prog.session in g.lost_sessions:
-                self._fail(g, p.slot, desc.tag, ErrorCode.SESSION_LOST, op=prog.opcode)
-                return None
             bound = g.sessions.get(prog.session)
             if bound is None:
-                self._fail(g, p.slot, desc.tag, ErrorCode.BAD_SESSION, op=prog.opcode)
+                lost = prog.session in g.lost_sessions or (
+                    g.adopted and prog.session != 0 and not self._session_of_this_run(prog.session))
+                if lost and prog.opcode == Op.SESSION_CLOSE:
+                    g.lost_sessions.discard(prog.session)  # closing it is the guest's acknowledgement
+                self._fail(g, p.slot, desc.tag, ErrorCode.SESSION_LOST if lost else ErrorCode.BAD_SESSION,
+                           op=prog.opcode)
                 return None
             channel = bound
         return Staged(p, prog, config, channel, g.arrival_ns.get(p.slot, monotonic_ns()))
+
+    def _new_session_id(self, g: Guest) -> int:
+        while True:
+            sid = self._next_session
+            self._next_session = (self._next_session + 1) & U32 or 1
+            self._sessions_issued += 1
+            if sid not in g.lost_sessions and sid not in g.sessions:
+                return sid
+
+    def _session_of_this_run(self, sid: int) -> bool:
+        """Whether ``sid`` was handed out by this hostd (ids run from a random base)."""
+        return (sid - self._session_base) & U32 < min(self._sessions_issued, U32)
 
     def _start(self, g: Guest, st: Staged, k: int) -> None:
         """Program channel ``k``'s register file and start the codec unit."""
@@ -531,25 +564,37 @@ class Device:
             if not self._free_slots:
                 raise GuestFault(ErrorCode.BUSY, f"max_guests ({self.cfg.max_guests}) reached")
             vm_id = self._next_vm
+            cfg = self.cfg
             if req.adopt_fd is not None:
-                region = adopt_region(req.adopt_fd, vm_id, self.caps, self.epoch)
+                # The fd and everything in it come from the guest: the same limits as a
+                # fresh attach apply (a forged 2^31-slot ring would stall this thread).
+                region = adopt_region(req.adopt_fd, vm_id, self.caps, self.epoch,
+                                      sizes=(cfg.region_min, cfg.region_max), rings=(cfg.ring_min, cfg.ring_max))
             else:
                 region = create_region(vm_id, req.region_size, req.ring_entries, self.caps, self.epoch,
                                        named=req.named)
             self._next_vm += 1
             g = Guest(vm_id, req.name, req.pid, req.uid, region, self._free_slots.pop(),
-                      weight=self.cfg.weight_of(req.name), attached_ns=monotonic_ns())
-            region.mapped.store64(abi.REG_HEARTBEAT, monotonic_ns())
-            rerun = self._readopt(g) if req.adopt_fd is not None else []
+                      weight=cfg.weight_of(req.name), attached_ns=monotonic_ns(),
+                      adopted=req.adopt_fd is not None)
+            try:
+                region.mapped.store64(abi.REG_HEARTBEAT, monotonic_ns())
+                rerun = self._readopt(g) if req.adopt_fd is not None else []
+                self._spawn(g)
+            except BaseException:
+                self._free_slots.append(g.slot)
+                if req.adopt_fd is not None:
+                    region.fd = -1  # the control connection still owns (and closes) the adopted fd
+                region.close()
+                raise
             self.guests[vm_id] = g
             self.scheduler.add_vm(vm_id, g.weight)
             for slot in rerun:
                 self.scheduler.arrive(vm_id, slot)
-            self._spawn(g)
             req.guest = g
             g.log.info("guest attached", pid=req.pid, uid=req.uid, region_size=region.layout.region_size,
                        ring=region.layout.ring_entries, named=region.name is not None,
-                       adopted=req.adopt_fd is not None)
+                       adopted=req.adopt_fd is not None, requeued=len(rerun))
         except Exception as e:
             req.error = e
         finally:
@@ -561,7 +606,10 @@ class Device:
         Entries between REG_SQ_HEAD and SQ_TAIL were never read: they are queued
         again by the next KICK.  Slots still SUBMITTED outside that window were in
         flight when the old hostd died: stateless ops are re-run (they are
-        idempotent), session ops end with SESSION_LOST since their session died.
+        idempotent, and so is SESSION_OPEN: it opens a fresh session), session ops
+        end with SESSION_LOST since their session died with the old worker.  The guest
+        (guestlib) holds its producer lock while it re-attaches, so no slot is half
+        submitted: every SUBMITTED slot is either in that window or was read before.
         """
         reg = g.region.mapped
         layout = g.region.layout
@@ -578,7 +626,7 @@ class Device:
                 continue
             at = layout.desc(slot) + abi.D_INPUT
             desc = abi.Descriptor.unpack(bytes(reg.mem[at : at + abi.DESC_INPUT.size]))
-            if desc.opcode in abi.SESSION_OPS or desc.opcode == Op.SESSION_OPEN:
+            if desc.opcode in abi.SESSION_OPS:
                 self._complete(g, slot, ErrorCode.SESSION_LOST, 0, 0, U32, 0, op=desc.opcode,
                                submit_ns=0, counted=True)
             else:
@@ -590,6 +638,9 @@ class Device:
     def _spawn(self, g: Guest) -> None:
         g.generation += 1
         gen = g.generation
+        g.respawn_pending = False
+        if g.vm_id in self.guests:  # (not yet on attach) the queue held while there was no worker
+            self.scheduler.block(g.vm_id, g.staged is not None)
         limits = {"max_width": self.cfg.max_width, "max_height": self.cfg.max_height,
                   "max_pixels": self.cfg.max_pixels, "max_sessions": self.cfg.max_sessions_per_guest}
 
@@ -609,37 +660,94 @@ class Device:
         if g is None or generation != g.generation:
             return
         self._collect_irqs()  # results the worker posted before it died still count
-        crashed = [c for c in self.channels if c.running is not None and c.running.vm_id == vm_id]
-        for chan in crashed:
-            self._retire(chan, ErrorCode.DEVICE_GONE if g.dying else ErrorCode.WORKER_CRASHED)
+        held = [c for c in self.channels if c.running is not None and c.running.vm_id == vm_id]
         if g.dying:
+            for chan in held:
+                self._retire(chan, ErrorCode.DEVICE_GONE)
             self._reclaim(g)
             return
+        # The worker is reaped, so CTRL can no longer change under us.  A channel still at
+        # START was programmed after the worker died (or while it was being recycled) and
+        # never ran: its task goes back to the queue.  Only claimed tasks crashed with it.
+        claimed = []
+        for chan in held:
+            if self.bank.load32(abi.channel_offset(chan.index) + abi.CH_CTRL) == Ctrl.START:
+                self._requeue(g, chan)
+            else:
+                claimed.append(chan)
+        for chan in claimed:
+            self._retire(chan, ErrorCode.WORKER_CRASHED)
         if g.sessions:
             g.lost_sessions.update(g.sessions)
             for sid in list(g.sessions):
                 self._unbind(g, sid)
         if g.staged is not None and g.staged.prog.session in g.lost_sessions:
             st, g.staged = g.staged, None
-            self.scheduler.block(vm_id, False)
             self._fail(g, st.pending.slot, 0, ErrorCode.SESSION_LOST, op=st.prog.opcode)
         recycled, g.recycling = g.recycling, False
+        g.recycles += recycled
         if not recycled:
             g.stats.worker_restarts += 1
-            g.log.warning("worker died; respawning", rc=rc, failed_tasks=len(crashed),
-                          lost_sessions=len(g.lost_sessions))
-        if self.state == RunState.RUNNING:
+            g.log.warning("worker died; respawning", rc=rc, failed_tasks=len(claimed),
+                          requeued=len(held) - len(claimed), lost_sessions=len(g.lost_sessions))
+        # A worker that dies before it ran anything (it cannot map the region, the host
+        # is out of memory or fds) would die again at once: back off instead of spinning.
+        # A crash on a task is respawned at once; its cost is paid per guest task.
+        early = not recycled and not claimed and g.worker_tasks == 0
+        g.early_deaths = g.early_deaths + 1 if early else 0
+        if self.state != RunState.RUNNING:
+            return
+        if g.early_deaths < 2:
             self._spawn(g)
+            return
+        delay = min(RESPAWN_BACKOFF_MAX_S, 0.1 * 2 ** (g.early_deaths - 2))
+        g.log.warning("worker keeps dying before running a task; backing off", delay_s=delay)
+        g.respawn_pending = True
+        self.scheduler.block(g.vm_id, True)
+
+        def respawn() -> None:
+            # On the device thread: PDEATHSIG follows the thread that forks the worker.
+            if self.guests.get(g.vm_id) is g and not g.dying and g.generation == generation \
+                    and self.state == RunState.RUNNING:
+                self._spawn(g)
+
+        timer = threading.Timer(delay, lambda: self.post(respawn))
+        timer.daemon = True
+        timer.start()
+
+    def _requeue(self, g: Guest, chan: Channel) -> None:
+        """Take back a task whose channel was programmed but never claimed by a worker.
+
+        It re-enters the guest's queue (at the back) and its descriptor is copied again
+        when it is picked: the copy taken before never ran, so the one that runs is
+        still the only one that counts."""
+        run = chan.running
+        assert run is not None
+        chan.running = None
+        self.bank.store32(abi.channel_offset(chan.index) + abi.CH_CTRL, Ctrl.IDLE)
+        self.scheduler.finished(g.vm_id)
+        if run.op == Op.SESSION_OPEN:
+            self._unbind(g, run.session)
+        self.scheduler.arrive(g.vm_id, run.slot)
+
+    def _runnable(self, g: Guest) -> bool:
+        """Whether ``g`` has a worker that may be given tasks now."""
+        return not (g.recycling or g.respawn_pending or g.dying)
 
     def _maybe_recycle(self, g: Guest) -> None:
-        """Recycle a worker by task count or RSS, only between tasks and with no sessions."""
+        """Recycle a worker by task count or RSS, only between tasks and with no sessions.
+
+        The guest's queue is held (scheduler.block) until the new worker is spawned: a
+        task started now would be claimed by a worker that is being killed."""
         w = g.worker
-        if w is None or g.sessions or any(c.running and c.running.vm_id == g.vm_id for c in self.channels):
+        if w is None or w.exited.is_set() or not self._runnable(g) or g.sessions or g.staged is not None \
+                or any(c.running and c.running.vm_id == g.vm_id for c in self.channels):
             return
         by_count = self.cfg.worker_recycle_tasks and g.worker_tasks >= self.cfg.worker_recycle_tasks
         by_rss = self.cfg.worker_recycle_rss_mb and w.rss_bytes() > self.cfg.worker_recycle_rss_mb << 20
         if by_count or by_rss:
             g.recycling = True
+            self.scheduler.block(g.vm_id, True)
             g.log.info("recycling worker", tasks=g.worker_tasks, rss=w.rss_bytes())
             w.kill()
 
@@ -733,6 +841,37 @@ class Device:
 
     # -- statistics -------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
+        """A consistent snapshot.  The device thread owns every structure read here, so
+        other threads (control connections, the metrics server) have it built there:
+        iterating the guests, counters and latency deques while the device thread
+        changes them raises "changed size during iteration"."""
+        if self._thread is None or threading.current_thread() is self._thread or self.stopped.is_set():
+            return self._statistics()
+        box: list[dict[str, Any] | Exception] = []
+        done = threading.Event()
+
+        def snap() -> None:
+            try:
+                box.append(self._statistics())
+            except Exception as e:  # never let a statistics bug kill the device loop
+                box.append(e)
+            finally:
+                done.set()
+
+        self.post(snap)
+        if done.wait(5.0):
+            result = box[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
+        for _ in range(5):  # the device thread is gone or wedged: best effort from here
+            try:
+                return self._statistics()
+            except RuntimeError:
+                continue
+        return self._statistics()
+
+    def _statistics(self) -> dict[str, Any]:
         now = monotonic_ns()
         sched = self.scheduler.statistics()
         sched_vms: dict[int, dict[str, Any]] = sched["vms"]  # type: ignore[assignment]
@@ -748,11 +887,13 @@ class Device:
                 "worker_rss": w.rss_bytes() if w else 0,
                 "region_size": g.region.layout.region_size,
                 "ring_entries": g.region.layout.ring_entries,
-                "named_region": g.region.name,
+                # Whether, not which: a name would let any peer of hostd's uid open the region.
+                "named_region": g.region.name is not None,
                 "queue_depth": sv.get("queued", 0) + (1 if g.staged else 0),
                 "inflight": sv.get("inflight", 0),
                 "sessions": len(g.sessions),
                 "lost_sessions": len(g.lost_sessions),
+                "worker_recycles": g.recycles,
                 "uptime_s": round((now - g.attached_ns) / 1e9, 3),
                 **g.stats.snapshot(),
             })

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import stat
 import struct
 from dataclasses import dataclass
 
 import posix_ipc
 
 from vmediad import abi
-from vmediad.shm import MappedRegion, create_memfd, memfd_sealed
+from vmediad.shm import MappedRegion, create_memfd
+
+# An adopted region must have exactly the seals hostd gives its own: no resize (a
+# shrunk region would SIGBUS hostd), the seal set frozen, and no write seal (the
+# respawned worker could not map it, and would die and be respawned forever).
+_SEALS_NEEDED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_SEALS_REFUSED = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 
 
 @dataclass
@@ -51,6 +59,7 @@ def create_region(vm_id: int, size: int, ring_entries: int, caps: int, epoch: in
         fd = shm.fd
     else:
         fd = create_memfd(f"vmediad-vm{vm_id}", size)
+        _private(fd)
     try:
         mapped = MappedRegion(fd, size, populate=True)
     except BaseException:
@@ -72,20 +81,37 @@ def init_registers(mapped: MappedRegion, layout: abi.Layout, vm_id: int, caps: i
             struct.pack_into(fmt, mapped.mem, off, value)
 
 
-def adopt_region(fd: int, vm_id: int, caps: int, epoch: int) -> Region:
+def _private(fd: int) -> None:
+    """A memfd is created 0777; its fd is the only way in, but /proc/<pid>/fd/N re-opens
+    check the inode mode too: nobody but hostd's uid (and root) may open it there."""
+    os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+
+
+def adopt_region(fd: int, vm_id: int, caps: int, epoch: int, *, sizes: tuple[int, int],
+                 rings: tuple[int, int]) -> Region:
     """Re-adopt a region a guest kept across a hostd restart (it passes the fd back).
 
-    Only a sealed memfd is accepted: its size cannot change under us.  The
-    layout is recomputed from the guest-supplied registers and checked.
+    Only a memfd sealed exactly as hostd seals its own is accepted: its size cannot
+    change under us.  The layout is recomputed from the guest-supplied registers,
+    checked against the fd size and held to the attach limits ``sizes`` and ``rings``
+    (inclusive ranges).
     """
-    if not memfd_sealed(fd):
-        raise ValueError("region fd is not a sealed memfd")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ValueError("region fd is not a memfd") from None
+    if seals & _SEALS_NEEDED != _SEALS_NEEDED or seals & _SEALS_REFUSED:
+        raise ValueError(f"region fd seals {seals:#x}: need shrink, grow and seal, and no write seal")
     size = os.fstat(fd).st_size
+    if not sizes[0] <= size <= sizes[1]:
+        raise ValueError(f"region size {size} outside [{sizes[0]}, {sizes[1]}]")
     mapped = MappedRegion(fd, size)
     try:
         layout = abi.layout_from_registers(bytes(mapped.mem[: abi.PAGE_SIZE]))
         if layout.region_size != size:
             raise ValueError("registered size differs from the fd size")
+        if not rings[0] <= layout.ring_entries <= rings[1]:
+            raise ValueError(f"ring_entries {layout.ring_entries} outside [{rings[0]}, {rings[1]}]")
     except (abi.LayoutError, ValueError):
         mapped.close()
         raise
@@ -100,4 +126,5 @@ def create_bank(channels: int) -> tuple[int, MappedRegion]:
     """hostd's private register bank: K channel register files plus worker mailboxes."""
     size = abi.bank_size(channels)
     fd = create_memfd("vmediad-bank", size)
+    _private(fd)
     return fd, MappedRegion(fd, size, populate=True)

@@ -22,6 +22,8 @@ from codec_backend.av_sessions import (
     GeometryCaps,
     SessionManager,
     caps_document,
+    open_decoder_context,
+    open_encoder_context,
     write_caps,
 )
 from vmediad import abi
@@ -222,6 +224,13 @@ def frame_planes(frame: VideoFrame) -> Planes:
     return out
 
 
+def padded(data: bytes) -> Any:
+    """A zero-padded packet: PyAV's Packet(bytes) has no padding and decoders over-read."""
+    pkt = av.Packet(len(data))
+    memoryview(pkt)[:] = data
+    return pkt
+
+
 def md5(planes: Planes) -> str:
     h = hashlib.md5()
     for p in planes:
@@ -329,7 +338,7 @@ def test_frame_table_layout_and_nv12_output(mgr: SessionManager, mem: memoryview
     direct = av.CodecContext.create("h264", "r")
     want = []
     for p in packets:
-        want += direct.decode(av.Packet(p.data))
+        want += direct.decode(padded(p.data))
     want += direct.decode(None)
     mgr.open(2, dec_cfg(Codec.H264))
     got = decode_packets(mgr, mem, 2, packets)
@@ -746,3 +755,30 @@ def test_parser_without_frame_boundary_is_reset(mgr: SessionManager, mem: memory
     frames = [pattern(i) for i in range(4)]
     stream = b"".join(bytes(p) for p in pyav_h264(frames, bframes=0))
     assert len(decode_chunks(mgr, mem, 1, stream, 1500)) == 4
+
+
+@pytest.mark.parametrize("codec", ENCODERS, ids=lambda c: c.name)
+def test_shared_context_builders_match_the_sessions(mgr: SessionManager, mem: memoryview, codec: Codec) -> None:
+    """open_encoder_context/open_decoder_context (the benchmark floor) are the sessions' own setup."""
+    frames = [pattern(i) for i in range(12)]
+    cfg = enc_cfg(codec, gop=6, bframes=1 if codec in (Codec.H264, Codec.MPEG4) else 0)
+    mgr.open(1, cfg)
+    got = encode_stream(mgr, mem, 1, frames)
+    ctx = open_encoder_context(cfg)
+    assert ctx.is_open and ctx.pix_fmt == "yuv420p" and (ctx.width, ctx.height) == (W, H)
+    want: list[Any] = []
+    for i, planes in enumerate(frames):
+        f = VideoFrame.from_numpy_buffer(np.concatenate([p.ravel() for p in planes]).reshape(H * 3 // 2, W),
+                                         "yuv420p")
+        f.pts = i
+        want += ctx.encode(f)
+    want += ctx.encode(None)
+    assert len(got) == len(want) == len(frames)
+    assert [p.data for p in got] == [bytes(p) for p in want]
+    dcfg = dec_cfg(codec)
+    mgr.open(2, dcfg)
+    for _ in range(2):  # twice: frame-threaded decoders must still be deterministic
+        decoded = decode_packets(mgr, mem, 2, got)
+        dctx = open_decoder_context(dcfg)
+        direct = [f for p in [*got, None] for f in dctx.decode(None if p is None else padded(p.data))]
+        assert [md5(f.planes) for f in decoded] == [md5(frame_planes(f)) for f in direct]

@@ -1,0 +1,284 @@
+"""Codec benchmark: fps through the device against direct in-process PyAV, in one run.
+
+Floor: the same FFmpeg codec context the worker would open for the session
+(``codec_backend.av_sessions.open_encoder_context`` / ``open_decoder_context``
+on the very SessionConfig ``guestlib`` sends), driven directly from this process:
+encode wraps pre-generated numpy frames without copying (as the worker wraps
+region memory), decode feeds pre-built zero-padded packets and leaves the frames
+in FFmpeg's buffers.
+
+Device: an in-process hostd, one guest, ``guestlib`` Encoder/Decoder.  Encode
+input is a ring of region frames filled before timing (``new_frame(keep=True)``),
+decode input is the bitstream staged in region buffers before timing, so both
+sides measure codec work plus what the device adds: the round trips, the packet
+copy out (encode) and the bitstream copy in and the plane copy out (decode).
+``device_fps`` uses the pipelined ``encode_stream()``/``decode_stream()``
+(STREAM_DEPTH tasks queued); ``device_sync_fps`` one ``encode()``/``decode()``
+call at a time, for comparison.  Decode cases also report ``direct_copy_fps``:
+the floor plus the one plane copy the device must make into guest memory,
+done in process the same way, so the copy's own cost is visible.
+
+Content is a scrolling noise texture under moving gradients: neither trivially
+compressible nor pure noise.  Direct and device runs alternate, ``rounds`` times
+each (more for short cases, see MIN_SECONDS) after one uncounted warm-up round;
+the medians are reported (this box has 2 cores and is noisy).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vmediad.bench.common import machine
+
+RING = 30  # distinct input pictures per case (cycled)
+STREAM_DEPTH = 2  # tasks queued per session by encode_stream()/decode_stream()
+ROUNDS = 3
+MIN_SECONDS = 3.0  # per side and case: short cases get more rounds
+MAX_ROUNDS = 15
+
+
+@dataclass(frozen=True)
+class Case:
+    codec: str
+    op: str  # "encode" | "decode"
+    width: int
+    height: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.codec} {self.op} {self.height}p"
+
+
+FULL = [
+    Case("h264", "encode", 1280, 720), Case("h264", "decode", 1280, 720),
+    Case("h264", "encode", 1920, 1080), Case("h264", "decode", 1920, 1080),
+    Case("hevc", "encode", 1280, 720), Case("hevc", "decode", 1280, 720),
+    Case("vp9", "encode", 1280, 720), Case("vp9", "decode", 1280, 720),
+]
+QUICK = FULL[:2]
+
+
+def pictures(width: int, height: int, count: int, seed: int = 1) -> list[npt.NDArray[np.uint8]]:
+    """``count`` packed yuv420p pictures, shape (h*3/2, w): a scrolling texture under moving gradients."""
+    rng = np.random.default_rng(seed)
+    th, tw = height + 8 * count, width + 8 * count
+    noise = rng.normal(0.0, 1.0, (th // 2 + 1, tw // 2 + 1))
+    # Smooth the noise a little (2x upsample + 3-tap blur): texture like grass or gravel.
+    tex = np.repeat(np.repeat(noise, 2, 0), 2, 1)[:th, :tw]
+    tex = (tex + np.roll(tex, 1, 0) + np.roll(tex, 1, 1)) / 3.0
+    tex = 22.0 * tex + 4.0 * rng.normal(0.0, 1.0, (th, tw))
+    y = np.arange(height, dtype=np.float32)[:, None]
+    x = np.arange(width, dtype=np.float32)[None, :]
+    cy = np.arange(height // 2, dtype=np.float32)[:, None]
+    cx = np.arange(width // 2, dtype=np.float32)[None, :]
+    out = []
+    for i in range(count):
+        dy, dx = 3 * i, 5 * i
+        luma = 110 + 45 * np.sin((x + 6 * i) / 97.0) * np.cos((y - 4 * i) / 71.0) + tex[dy:dy + height, dx:dx + width]
+        u = 128 + 30 * np.sin((cx + 3 * i) / 53.0) + 0 * cy + tex[dy:dy + height:2, dx:dx + width:2] / 4
+        v = 128 + 30 * np.cos((cy - 2 * i) / 41.0) + 0 * cx - tex[dy + 1:dy + height:2, dx + 1:dx + width:2] / 4
+        pic = np.empty((height * 3 // 2, width), np.uint8)
+        pic[:height] = luma.clip(16, 235)
+        pic[height:].reshape(-1)[: width * height // 4] = u.clip(16, 240).reshape(-1)
+        pic[height:].reshape(-1)[width * height // 4:] = v.clip(16, 240).reshape(-1)
+        out.append(pic)
+    return out
+
+
+# --- direct PyAV (the floor) ----------------------------------------------------------------
+def _direct_encode(cfg: Any, pics: list[npt.NDArray[np.uint8]], frames: int) -> tuple[float, list[bytes]]:
+    from av.video.frame import VideoFrame
+
+    from codec_backend.av_sessions import open_encoder_context
+
+    ctx = open_encoder_context(cfg)
+    out: list[bytes] = []
+    t0 = time.perf_counter()
+    for i in range(frames):
+        f = VideoFrame.from_numpy_buffer(pics[i % len(pics)], "yuv420p")
+        f.pts = i
+        out += [bytes(p) for p in ctx.encode(f)]
+    out += [bytes(p) for p in ctx.encode(None)]
+    return time.perf_counter() - t0, out
+
+
+def _padded(data: bytes) -> Any:
+    import av
+
+    pkt = av.Packet(len(data))  # zero-padded; av.Packet(bytes) is not
+    memoryview(pkt)[:] = data
+    return pkt
+
+
+def _direct_decode(cfg: Any, stream: list[bytes], copy_to: npt.NDArray[np.uint8] | None = None) -> tuple[float, int]:
+    """Decode ``stream``; with ``copy_to``, also copy every frame's planes there the way the
+    device copies them into guest memory (what that copy alone costs)."""
+    from codec_backend.av_sessions import open_decoder_context
+
+    ctx = open_decoder_context(cfg)
+    packets = [_padded(d) for d in stream]
+    n = 0
+    t0 = time.perf_counter()
+    for p in [*packets, None]:
+        frames = ctx.decode(p)
+        n += len(frames)
+        if copy_to is not None:
+            for f in frames:
+                _copy_planes(f, copy_to)
+    return time.perf_counter() - t0, n
+
+
+def _copy_planes(frame: Any, dst: npt.NDArray[np.uint8]) -> None:
+    w, h = frame.width, frame.height
+    pos = 0
+    for plane, (rows, row_bytes) in zip(frame.planes, ((h, w), (h // 2, w // 2), (h // 2, w // 2)), strict=True):
+        src = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(plane), strides=(plane.line_size, 1))
+        np.copyto(dst[pos:pos + rows * row_bytes].reshape(rows, row_bytes), src)
+        pos += rows * row_bytes
+
+
+# --- through the device ---------------------------------------------------------------------
+def _device_encode(dev: Any, case: Case, pics: list[npt.NDArray[np.uint8]], frames: int,
+                   depth: int) -> tuple[float, int]:
+    from guestlib.codec import Encoder
+
+    with Encoder(dev, case.codec, case.width, case.height) as enc:
+        ring = [enc.new_frame(keep=True) for _ in pics]
+        for f, pic in zip(ring, pics, strict=True):
+            _fill(f, pic, case)
+        t0 = time.perf_counter()
+        if depth:
+            n = sum(1 for _ in enc.encode_stream((ring[i % len(ring)] for i in range(frames)), depth=depth))
+        else:
+            n = 0
+            for i in range(frames):
+                n += len(enc.encode(ring[i % len(ring)], pts=i))
+            n += len(enc.flush())
+        dt = time.perf_counter() - t0
+    return dt, n
+
+
+def _fill(frame: Any, pic: npt.NDArray[np.uint8], case: Case) -> None:
+    w, h = case.width, case.height
+    flat = pic.reshape(-1)
+    frame.planes[0][:] = pic[:h]
+    frame.planes[1][:] = flat[w * h: w * h * 5 // 4].reshape(h // 2, w // 2)
+    frame.planes[2][:] = flat[w * h * 5 // 4:].reshape(h // 2, w // 2)
+
+
+def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int) -> tuple[float, int]:
+    from guestlib.codec import Decoder
+
+    bufs = [dev.put(d) for d in stream]  # the bitstream is in guest memory before the clock starts
+    try:
+        with Decoder(dev, case.codec, parse=False) as dec:
+            t0 = time.perf_counter()
+            if depth:
+                n = sum(1 for _ in dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth))
+            else:
+                n = 0
+                for i, b in enumerate(bufs):
+                    n += len(dec.decode(b, pts=i))
+                n += len(dec.flush())
+            dt = time.perf_counter() - t0
+    finally:
+        for b in bufs:
+            dev.free(b)
+    return dt, n
+
+
+def _copied(h: Any, name: str) -> int:
+    return int(next(v for v in h.device.statistics()["vms"] if v["name"] == name)["bytes_copied"])
+
+
+def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] | None = None,
+        rounds: int = ROUNDS, hostd_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure every case; ``hostd_overrides`` are hostd Config fields (experiments, e.g. spin_us)."""
+    import guestlib
+    from guestlib.codec import decoder_config, encoder_config
+    from hostd.config import Config
+    from hostd.daemon import Hostd
+
+    say = progress or (lambda _m: None)
+    cases = QUICK if quick else FULL
+    min_seconds = MIN_SECONDS
+    if quick:
+        frames = min(frames, 60)
+        rounds = min(rounds, 2)
+        min_seconds = 1.0
+    result: dict[str, Any] = {"machine": machine(), "frames": frames, "rounds": rounds,
+                              "stream_depth": STREAM_DEPTH, "hostd_overrides": hostd_overrides or {}, "cases": []}
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="vmd-bench-") as d:
+        cfg = Config(socket=Path(d) / "h.sock", region_max=512 << 20, **(hostd_overrides or {}))
+        with Hostd(cfg) as h, guestlib.attach(h.socket_path, name="bench", region_size=256 << 20) as dev:
+            dev.nop().wait()
+            streams: dict[tuple[str, int, int], list[bytes]] = {}
+            for case in cases:
+                say(f"{case.name}: generating {RING} pictures")
+                pics = pictures(case.width, case.height, min(RING, frames))
+                ecfg = encoder_config(case.codec, case.width, case.height)
+                key = (case.codec, case.width, case.height)
+                if case.op == "decode" and key not in streams:
+                    streams[key] = _direct_encode(ecfg, pics, frames)[1]
+                runs: dict[str, list[float]] = {"direct": [], "device": [], "device_sync": []}
+                if case.op == "decode":
+                    runs["direct_copy"] = []
+                    sink = np.empty(case.width * case.height * 3 // 2, np.uint8)
+                copied = 0
+                spent = 0.0
+                r = 0
+                # Round 0 warms every path up and is not counted.  Short cases get more
+                # rounds (up to MAX_ROUNDS) until each path has run min_seconds in total.
+                while r <= rounds or (spent < min_seconds and r <= MAX_ROUNDS):
+                    fps: dict[str, float] = {}
+                    for path in runs:
+                        if path == "direct":
+                            if case.op == "encode":
+                                dt, n = _direct_encode(ecfg, pics, frames)[0], frames
+                            else:
+                                dt, n = _direct_decode(decoder_config(case.codec), streams[key])
+                        elif path == "direct_copy":
+                            dt, n = _direct_decode(decoder_config(case.codec), streams[key], sink)
+                        else:
+                            depth = STREAM_DEPTH if path == "device" else 0
+                            c0 = _copied(h, "bench")
+                            if case.op == "encode":
+                                dt, _ = _device_encode(dev, case, pics, frames, depth)
+                                n = frames
+                            else:
+                                dt, n = _device_decode(dev, case, streams[key], depth)
+                            if path == "device":
+                                copied = _copied(h, "bench") - c0
+                        if n != frames:
+                            raise RuntimeError(f"{case.name}: {path} gave {n} frames, not {frames}")
+                        fps[path] = n / dt
+                    if r:
+                        spent += frames / max(fps.values())
+                        for path, v in fps.items():
+                            runs[path].append(v)
+                        say(f"{case.name}: round {r}: " + ", ".join(f"{k} {v:.1f} fps" for k, v in fps.items()))
+                    r += 1
+                med = {k: statistics.median(v) for k, v in runs.items()}
+                result["cases"].append({
+                    "case": case.name, "direct_fps": round(med["direct"], 1), "device_fps": round(med["device"], 1),
+                    "ratio": round(med["device"] / med["direct"], 3),
+                    "bytes_copied_per_frame": round(copied / frames),
+                    "device_sync_fps": round(med["device_sync"], 1),
+                    "sync_ratio": round(med["device_sync"] / med["direct"], 3),
+                    **({"direct_copy_fps": round(med["direct_copy"], 1),
+                        "copy_ratio": round(med["direct_copy"] / med["direct"], 3)} if "direct_copy" in med else {}),
+                    "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+                })
+    result["machine"]["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after
+    return result
