@@ -111,7 +111,7 @@ def test_fifo_order_across_vms(make_hostd: Callable[..., Hostd]) -> None:
         block = devs[0].put(bytes(48 << 20))  # keeps the only channel busy while the rest queue
         blocker = devs[0].crc32(block)
         order = []
-        for r in range(4):
+        for _round in range(4):
             for i, d in enumerate(devs):
                 order.append((i, d.nop()))
                 time.sleep(0.003)  # hostd (awake and spinning) drains each doorbell before the next

@@ -261,9 +261,9 @@ def caps(socket_path: str, as_json: bool) -> None:
     for col in ("codec", "encoder", "enc", "decoder", "dec", "input pix_fmts", "output pix_fmts"):
         t.add_column(col)
     for c in doc["codecs"]:
-        e, d = c["encoder"], c["decoder"]
-        t.add_row(c["name"], e["impl"], "yes" if e["available"] else "[red]no[/]", d["impl"],
-                  "yes" if d["available"] else "[red]no[/]", ",".join(e["pix_fmts"]), ",".join(d["pix_fmts"]))
+        enc, dec = c["encoder"], c["decoder"]
+        t.add_row(c["name"], enc["impl"], "yes" if enc["available"] else "[red]no[/]", dec["impl"],
+                  "yes" if dec["available"] else "[red]no[/]", ",".join(enc["pix_fmts"]), ",".join(dec["pix_fmts"]))
     console.print(t)
     g = doc.get("geometry", {})
     console.print(f"geometry caps: {g.get('max_width')}x{g.get('max_height')}, {g.get('max_pixels')} pixels")

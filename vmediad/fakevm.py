@@ -61,7 +61,8 @@ class VmReport:
 @lru_cache(maxsize=4)
 def _ramp(width: int, height: int) -> npt.NDArray[np.uint8]:
     yy, xx = np.mgrid[0:height, 0:width]
-    return ((xx + yy) % 256).astype(np.uint8)
+    ramp: npt.NDArray[np.uint8] = ((xx + yy) % 256).astype(np.uint8)
+    return ramp
 
 
 def pattern(width: int, height: int, index: int) -> npt.NDArray[np.uint8]:
@@ -226,7 +227,7 @@ def run_vm(spec: VmSpec, q: Any, stop: Any) -> None:
     prog.send(force=True)
 
 
-def spawn(specs: list[VmSpec]) -> tuple[list[mp.process.BaseProcess], Any, Any]:
+def spawn(specs: list[VmSpec]) -> tuple[list[Any], Any, Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     stop = ctx.Event()
