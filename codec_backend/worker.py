@@ -5,9 +5,9 @@ An FFmpeg crash here kills this process only; hostd fails the running task
 with WORKER_CRASHED and respawns the worker.
 
 Mailbox protocol (bank words, see vmediad.abi):
-  hostd: program channel, store CTRL=START (release), fetch-add KICK[slot],
+  hostd: program channel, store CTRL=ctrl_start(slot+1) (release), fetch-add KICK[slot],
          futex-wake KICK[slot] only if NEED_WAKEUP[slot] is set.
-  worker: CAS CTRL START->RUNNING, execute, write result registers,
+  worker: CAS CTRL ctrl_start(own slot+1)->RUNNING, execute, write result registers,
           store CTRL=DONE (release), fetch-add HOST_EVENT, futex-wake it only
           if BANK_HOST_NEED_WAKEUP is set.
 Both sleep sides use "store flag; seq-cst fence; re-check; futex_wait".
@@ -40,6 +40,7 @@ class Worker:
                  limits: dict[str, int], fault_injection: bool, parent: int) -> None:
         self.slot = slot
         self.owner = slot + 1
+        self._start_value = abi.ctrl_start(self.owner)
         self.channels = channels
         self.region = region
         self.bank = bank
@@ -103,10 +104,9 @@ class Worker:
 
     def scan(self) -> None:
         for k in range(self.channels):
-            ch = abi.channel_offset(k)
-            if self.bank.load32(ch + abi.CH_OWNER) != self.owner:
-                continue
-            if self.bank.cas32(ch + abi.CH_CTRL, Ctrl.START, Ctrl.RUNNING) == Ctrl.START:
+            # One CAS claims the channel only if hostd started it for this worker.
+            mine = self._start_value
+            if self.bank.cas32(abi.channel_offset(k) + abi.CH_CTRL, mine, Ctrl.RUNNING) == mine:
                 self._dispatch(k)
 
     def loop(self) -> None:

@@ -248,7 +248,10 @@ class Device:
         # sees no slot half written, and no slot SUBMITTED whose SQ entry is not yet
         # published (it would run that slot as "in flight", and once more when the entry
         # is published).  Submitters wait here, as they would for a slot.
+        # close() takes the lock too, so the region is still mapped while this runs.
         with self._lock:
+            if self._closed:
+                return
             sock, reply, fd = self._connect({"cmd": "attach", "name": self.name, "adopt": True},
                                             pass_fd=self.fd)
             os.close(fd)  # the same memfd we already map
@@ -258,16 +261,19 @@ class Device:
             self.vm_id = reply["vm"]
             self.epoch = reply["epoch"]
             self.reattaches += 1
-        self._ring()  # tasks submitted while hostd was down
+            self._ring()  # tasks submitted while hostd was down
 
     def status(self) -> dict[str, Any]:
         return hostd_status(self.socket_path)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        # Under the producer lock: a re-attach in progress finishes (or sees _closed)
+        # before the region is unmapped under it.
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             self._sock.sendall(protocol.encode({"cmd": "detach"}))
         except OSError:

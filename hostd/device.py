@@ -170,6 +170,8 @@ class Device:
         self._wakes_sent = 0
         self.on_loop: Callable[[], None] | None = None  # e.g. the systemd watchdog ping
         self._thread: threading.Thread | None = None
+        self._post_lock = threading.Lock()
+        self._closed = False
         self.crashed: BaseException | None = None
         self.stopped = threading.Event()
 
@@ -188,11 +190,18 @@ class Device:
             self.stopped.set()
 
     def post(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the device thread (thread-safe)."""
-        self._events.put(fn)
-        self.bank.fadd32(abi.BANK_HOST_EVENT, 1)
-        if self.bank.load32(abi.BANK_HOST_NEED_WAKEUP):
-            self.bank.futex_wake(abi.BANK_HOST_EVENT, 1)
+        """Run ``fn`` on the device thread (thread-safe).
+
+        Worker reapers and control connections post until the very end; close()
+        unmaps the bank, and a store to it after that would be a SIGSEGV, not an
+        exception.  The lock orders every bank access here before the unmap."""
+        with self._post_lock:
+            if self._closed:
+                return  # the device is gone: nobody would run fn
+            self._events.put(fn)
+            self.bank.fadd32(abi.BANK_HOST_EVENT, 1)
+            if self.bank.load32(abi.BANK_HOST_NEED_WAKEUP):
+                self.bank.futex_wake(abi.BANK_HOST_EVENT, 1)
 
     def request_stop(self) -> None:
         self.post(self._begin_stop)
@@ -458,7 +467,8 @@ class Device:
         self.channels[k].running = Running(
             g.vm_id, st.pending.slot, tag, prog.opcode, prog.session, self._task_seq, now, st.arrival_ns
         )
-        bank.store32(ch + abi.CH_CTRL, Ctrl.START)  # release: the registers above are visible first
+        # Release: the registers above are visible first.  Only worker g.slot+1 can claim it.
+        bank.store32(ch + abi.CH_CTRL, abi.ctrl_start(g.slot + 1))
         kick_worker(bank, g.slot)
 
     # -- completion -------------------------------------------------------------------
@@ -671,7 +681,7 @@ class Device:
         # never ran: its task goes back to the queue.  Only claimed tasks crashed with it.
         claimed = []
         for chan in held:
-            if self.bank.load32(abi.channel_offset(chan.index) + abi.CH_CTRL) == Ctrl.START:
+            if abi.ctrl_is_start(self.bank.load32(abi.channel_offset(chan.index) + abi.CH_CTRL)):
                 self._requeue(g, chan)
             else:
                 claimed.append(chan)
@@ -830,14 +840,21 @@ class Device:
         reg.store32(abi.REG_SQ_HEAD, g.sq_head)
 
     def close(self) -> None:
+        """Free everything; call after the device thread stopped (join)."""
+        if self._thread is not None and self._thread.is_alive():
+            # Wedged: unmapping under it would crash the process; leak instead.
+            log.error("device thread still running at close; regions and bank left mapped")
+            return
         for g in list(self.guests.values()):
             if g.worker is not None:
                 g.worker.kill()
                 g.worker.proc.wait(5)
             g.region.close()
         self.guests.clear()
-        self.bank.close()
-        os.close(self.bank_fd)
+        with self._post_lock:
+            self._closed = True
+            self.bank.close()
+            os.close(self.bank_fd)
 
     # -- statistics -------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:

@@ -448,8 +448,22 @@ class Ctrl(enum.IntEnum):
     DONE = 3  # worker: result registers valid ("interrupt raised")
 
 
+def ctrl_start(owner: int) -> int:
+    """The CTRL value hostd stores to start a channel for worker ``owner`` (slot + 1).
+
+    The owner is part of the value, so claiming is one CAS(ctrl_start(me) -> RUNNING):
+    a worker cannot claim a channel hostd re-programmed for another guest between
+    reading CH_OWNER and claiming (it would run that guest's task on its own region).
+    """
+    return int(Ctrl.START) | owner << 8
+
+
+def ctrl_is_start(value: int) -> bool:
+    return value & 0xFF == Ctrl.START
+
+
 CH_SIZE = 256
-CH_CTRL = 0x00  # u32 Ctrl; hostd stores START (release), worker CASes RUNNING, stores DONE (release)
+CH_CTRL = 0x00  # u32 Ctrl; hostd stores ctrl_start(owner) (release), the owner CASes RUNNING, stores DONE
 CH_OWNER = 0x04  # u32 worker slot + 1 that may run this channel
 CH_SEQ = 0x08  # u64 task sequence number programmed
 CH_PROGRAM = 0x10  # program block, see CH_PROGRAM_STRUCT

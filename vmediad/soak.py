@@ -17,9 +17,10 @@ is started on the same socket; the guests re-adopt their regions.
 
 ``progress_cb(done, note)`` is called about twice a second from the calling
 thread (``note`` is a short status line).  The returned dict holds the counts
-per outcome, mismatches (must be 0), the task rate, hostd's RSS, fd and
-/dev/shm counts after warm-up and at the end (guests attached), hostd's fd
-count with no guest before and after the run, worker recycles and crashes, the
+per outcome, mismatches (must be 0), the task rate, per hostd process (one per
+restart) its RSS, fd and /dev/shm counts after warm-up (a tenth of its tasks)
+and at its end with the guests attached, hostd's fd count with no guest before
+and after the run, worker recycles and crashes, the
 re-attach time after each restart, and ``ok`` (every check passed).
 
 ``HostdProcess`` (hostd as a subprocess that can be SIGKILLed and restarted on
@@ -42,6 +43,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -422,8 +424,10 @@ def run(tasks: int = 100_000, guests: int = 4, corrupt_ratio: float = 0.05, rest
         p.start()
     state: dict[str, tuple[int, int, dict[str, int], list[str], int, bool]] = {}
     restart_at = [tasks * (k + 1) // (restarts + 1) for k in range(restarts)]
-    warm_at = (restart_at[-1] if restart_at else 0) + max(1, tasks // 10)
-    warm: dict[str, int] = {}
+    # One segment per hostd process: its RSS and fds after warm-up (a tenth of the
+    # segment's tasks) and at its end (just before the SIGKILL, or the end of the run).
+    bounds = [0, *restart_at, tasks]
+    segments: list[dict[str, Any]] = [{"warm_at": a + max(1, (b - a) // 10)} for a, b in pairwise(bounds)]
     reattach_s: list[float] = []
     seen: dict[tuple[int, str], tuple[int, int]] = {}  # (epoch, guest) -> (worker restarts, recycles)
     worker_rss_max = 0
@@ -432,6 +436,9 @@ def run(tasks: int = 100_000, guests: int = 4, corrupt_ratio: float = 0.05, rest
 
     def done_total() -> int:
         return sum(v[0] for v in state.values())
+
+    def figures() -> dict[str, int]:
+        return {"rss": _rss(h), "fd": _idle_fds(h), "shm": len(shm_entries())}
 
     def poll() -> None:
         nonlocal worker_rss_max
@@ -459,9 +466,13 @@ def run(tasks: int = 100_000, guests: int = 4, corrupt_ratio: float = 0.05, rest
                 last_poll = now
                 poll()
             total = done_total()
+            seg = segments[len(reattach_s)]
+            if "warm" not in seg and total >= seg["warm_at"]:
+                seg["warm"] = figures()
             if restart_at and total >= restart_at[0]:
                 restart_at.pop(0)
                 poll()
+                seg["end"] = figures()
                 t_kill = time.monotonic()
                 h.kill()
                 h.start()
@@ -469,14 +480,10 @@ def run(tasks: int = 100_000, guests: int = 4, corrupt_ratio: float = 0.05, rest
                 while time.monotonic() < end and h.status()["guests"] < guests:
                     time.sleep(0.01)
                 reattach_s.append(round(time.monotonic() - t_kill, 3))
-            if not warm and total >= warm_at:
-                warm = {"rss": _rss(h), "fd": _idle_fds(h), "shm": len(shm_entries())}
             cb(total, f"{len(reattach_s)}/{restarts} restarts, {total / max(1e-9, now - t0):.0f} tasks/s")
         elapsed = time.monotonic() - t0
         poll()
-        end_fig = {"rss": _rss(h), "fd": _idle_fds(h), "shm": len(shm_entries())}
-        if not warm:
-            warm = dict(end_fig)
+        segments[len(reattach_s)]["end"] = figures()
         finish.set()
         for p in procs:
             p.join(60)
@@ -502,26 +509,31 @@ def run(tasks: int = 100_000, guests: int = 4, corrupt_ratio: float = 0.05, rest
     recycles = sum(c for _, c in seen.values())
     done = done_total()
     corrupt_tasks = sum(v[1] for v in state.values())
-    growth = 100.0 * (end_fig["rss"] - warm["rss"]) / warm["rss"] if warm.get("rss") else 0.0
+    measured = [sg for sg in segments if "warm" in sg and "end" in sg]
+    for sg in measured:
+        sg["rss_growth_pct"] = round(100.0 * (sg["end"]["rss"] - sg["warm"]["rss"]) / max(1, sg["warm"]["rss"]), 2)
+    growth = max((sg["rss_growth_pct"] for sg in measured), default=0.0)
+    flat = all(sg["warm"]["fd"] == sg["end"]["fd"] and sg["warm"]["shm"] == sg["end"]["shm"] for sg in measured)
     result: dict[str, Any] = {
         "tasks": done, "guests": guests, "corrupt_tasks": corrupt_tasks,
         "corrupt_share": round(corrupt_tasks / max(1, done), 4), "restarts": len(reattach_s),
         "seconds": round(elapsed, 1), "tasks_per_s": round(done / max(1e-9, elapsed)),
         "outcomes": dict(sorted(outcomes.items())), "errors": errors[:50], "mismatches": len(errors),
         "streams_ok": sum(v[4] for v in state.values()),
-        "hostd": {"rss_warm_mb": round(warm["rss"] / 2**20, 1), "rss_end_mb": round(end_fig["rss"] / 2**20, 1),
-                  "rss_growth_pct": round(growth, 2), "fd_warm": warm["fd"], "fd_end": end_fig["fd"],
-                  "fd_idle_before": fd_idle_before, "fd_idle_after": fd_idle_after,
-                  "shm_warm": warm["shm"], "shm_end": end_fig["shm"], "shm_before": shm_before,
-                  "shm_after": len(shm_entries()), "alive_at_end": alive, "exit_code": rc,
-                  "internal_errors": log.count("device loop crashed")},
+        "hostd": {
+            "segments": [{"warm_after_tasks": sg["warm_at"], "rss_warm_mb": round(sg["warm"]["rss"] / 2**20, 1),
+                          "rss_end_mb": round(sg["end"]["rss"] / 2**20, 1), "rss_growth_pct": sg["rss_growth_pct"],
+                          "fd_warm": sg["warm"]["fd"], "fd_end": sg["end"]["fd"], "shm_warm": sg["warm"]["shm"],
+                          "shm_end": sg["end"]["shm"]} for sg in measured],
+            "rss_growth_pct_max": growth, "fd_idle_before": fd_idle_before, "fd_idle_after": fd_idle_after,
+            "shm_before": shm_before, "shm_after": len(shm_entries()), "alive_at_end": alive, "exit_code": rc,
+            "internal_errors": log.count("device loop crashed")},
         "workers": {"crash_respawns": crashes, "recycles": recycles, "recycle_tasks": recycle_tasks,
                     "recycle_rss_mb": recycle_rss_mb, "rss_max_mb": round(worker_rss_max / 2**20, 1)},
         "reattach_s": reattach_s,
     }
     result["ok"] = bool(
-        not errors and done >= tasks and alive and rc == 0 and growth < 5.0
-        and end_fig["fd"] == warm["fd"] and fd_idle_after == fd_idle_before
-        and end_fig["shm"] == warm["shm"] and result["hostd"]["internal_errors"] == 0
+        not errors and done >= tasks and alive and rc == 0 and measured and growth < 5.0 and flat
+        and fd_idle_after == fd_idle_before and result["hostd"]["internal_errors"] == 0
     )
     return result
