@@ -112,9 +112,14 @@ def test_ctrl_c_stops_vms_cleanly(hostd: Hostd, tmp_path: Path) -> None:
     p = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "vm", "spawn", "--socket", hostd.socket_path,
                           "--count", "2", "--size", "160x120", "--frames", "100000", "--output", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def both_encoding() -> bool:
+        vms = hostd.device.statistics()["vms"]
+        return len(vms) == 2 and all(v["tasks_done"] >= 20 for v in vms)
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(v["tasks_done"] for v in hostd.device.statistics()["vms"]) < 60:
+    while time.monotonic() < deadline and not both_encoding():
         time.sleep(0.1)
+    assert both_encoding(), "both VMs should be encoding before Ctrl-C"
     p.send_signal(signal.SIGINT)
     text, _ = p.communicate(timeout=60)
     assert p.returncode == 0, text
