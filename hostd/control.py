@@ -53,6 +53,14 @@ class ControlServer:
         self._closing = False
         self.refused = 0
         self.accepted = 0
+        self.requests = 0
+        self.bad_requests = 0
+
+    def statistics(self) -> dict[str, object]:
+        with self._lock:
+            open_conns = len(self._conns)
+        return {"path": str(self.path), "connections": open_conns, "accepted": self.accepted,
+                "refused": self.refused, "requests": self.requests, "bad_requests": self.bad_requests}
 
     def allowed(self, pid: int, uid: int, gid: int) -> bool:
         if uid in (0, os.getuid()) or uid in self.cfg.allowed_uids:
@@ -146,6 +154,7 @@ class ControlServer:
                         conn.sendall(protocol.refuse("request too long"))
                         return
                 line, _, buf = buf.partition(b"\n")
+                self.requests += 1
                 try:
                     req = protocol.parse_request(line)
                     if req.cmd == "attach":
@@ -161,10 +170,11 @@ class ControlServer:
                             vm_id = None
                         conn.sendall(protocol.ok())
                     elif req.cmd == "status":
-                        conn.sendall(protocol.ok(status=self.device.statistics()))
+                        conn.sendall(protocol.ok(status={**self.device.statistics(), "control": self.statistics()}))
                     else:
                         conn.sendall(protocol.ok(version=_version(), abi=abi.ABI_VERSION))
                 except ProtocolError as e:
+                    self.bad_requests += 1
                     conn.sendall(protocol.refuse(str(e), e.kind))
                 except GuestFault as e:
                     conn.sendall(protocol.refuse(str(e), e.code.name.lower()))

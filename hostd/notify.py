@@ -57,6 +57,9 @@ class Notifier:
             self._last_ping = now
             self.send("WATCHDOG=1")
 
+    def statistics(self) -> dict[str, object]:
+        return {"enabled": self.enabled, "watchdog_s": self.watchdog_s, "sent": self.sent}
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

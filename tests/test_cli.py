@@ -50,6 +50,7 @@ def test_status_json_and_table(hostd: Hostd) -> None:
         assert vm["tasks_done"] == 5 and vm["queue_depth"] == 0 and vm["inflight"] == 0
         assert vm["latency"]["count"] == 5 and vm["latency"]["p99_us"] >= vm["latency"]["p50_us"] > 0
         assert {"channels", "policy", "uptime_s", "epoch"} <= set(s)
+        assert s["control"]["accepted"] >= 2 and s["control"]["refused"] == 0 and s["control"]["connections"] >= 1
         assert len(s["channels"]) == 2
         t = CliRunner().invoke(main, ["status", "--socket", hostd.socket_path])
         assert t.exit_code == 0 and "stat-vm" in t.output
