@@ -149,3 +149,15 @@ def test_status_watch_refreshes_until_ctrl_c(hostd: Hostd) -> None:
     snaps = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(snaps) >= 2 and all(s["state"] == "running" for s in snaps)
     assert snaps[-1]["uptime_s"] > snaps[0]["uptime_s"]
+
+
+def test_soak_command_small(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    r = subprocess.run([sys.executable, "-m", "vmediad.cli", "soak", "--tasks", "1500", "--guests", "2",
+                        "--restarts", "1", "--json-out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["ok"] is True and res["mismatches"] == 0 and res["tasks"] >= 1500
+    assert res["restarts"] == 1 and len(res["reattach_s"]) == 1 and res["reattach_s"][0] < 5
+    assert res["hostd"]["shm_after"] == res["hostd"]["shm_before"]
+    assert res["hostd"]["fd_idle_after"] == res["hostd"]["fd_idle_before"]

@@ -4,7 +4,7 @@ Usage::
 
     from vmediad.soak import run
     report = run(tasks=100_000, guests=4, corrupt_ratio=0.05, restarts=3,
-                 progress_cb=lambda done, total, info: None)
+                 progress_cb=lambda done, note: None)
 
 ``run`` starts hostd as a subprocess (``python -m vmediad.cli hostd``) on a
 private socket, with fault injection on and workers recycled by task count and
