@@ -20,7 +20,7 @@ from av.video.codeccontext import VideoCodecContext
 import guestlib
 from guestlib.codec import Decoder, Frame, Packet, codec_id
 from guestlib.device import Device, DeviceError, SessionLost
-from guestlib.transcode import demux_elementary
+from guestlib.media import demux_elementary
 from hostd.daemon import Hostd
 from tests import guests
 from tests.conftest import needs_ffmpeg
@@ -557,10 +557,9 @@ def test_stream_error_and_early_stop_keep_decoded_frames(dev: Device, sources: l
 
 @needs_ffmpeg
 def test_transcode_mp4_through_the_device(dev: Device, ffmpeg_bframes: tuple[Path, Path], short_tmp: Path) -> None:
-    from guestlib.transcode import transcode
-
+    # guestlib.media is imported above: importing the submodule must not shadow guestlib.transcode.
     out = short_tmp / "out.mkv"
-    stats = transcode(dev, ffmpeg_bframes[0], out, "hevc")
+    stats = guestlib.transcode(dev, ffmpeg_bframes[0], out, "hevc")
     assert stats["frames"] == 30 and stats["packets_in"] == 30 and stats["packets_out"] == 30
     probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
                             "stream=codec_name,nb_read_frames,width,height", "-of", "csv=p=0", str(out)],

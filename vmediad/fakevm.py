@@ -102,7 +102,7 @@ class _Progress:
 
 
 def _encode(dev: Any, spec: VmSpec, prog: _Progress, stop: Any, out: Path) -> None:
-    from guestlib.transcode import Muxer
+    from guestlib.media import Muxer
 
     with dev.encoder(spec.codec, spec.width, spec.height, spec.fps) as enc:
         mux = Muxer(out, spec.codec, spec.width, spec.height, enc.time_base, Fraction(spec.fps))
@@ -140,7 +140,7 @@ class _Never:
 def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: Any, src: Path, out: Path) -> None:
     import av
 
-    from guestlib.transcode import demux_elementary
+    from guestlib.media import demux_elementary
 
     with av.open(str(src)) as container:
         vs = container.streams.video[0]
@@ -185,7 +185,7 @@ def run_vm(spec: VmSpec, q: Any, stop: Any) -> None:
     """Process entry point of one fake VM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into `stop`
     import guestlib
-    from guestlib.transcode import transcode
+    from guestlib.media import transcode
 
     report = VmReport(spec.name, spec.workload, spec.codec)
     prog = _Progress(q, report)
