@@ -7,6 +7,7 @@ import os
 import random
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import guestlib
@@ -59,6 +60,29 @@ def steady_guest(sock: str, name: str, seconds: float, out: Any) -> None:
             else:
                 bad += 1
     out.put((name, ok, bad))
+
+
+def as_nobody(fn: Callable[[], bytes]) -> bytes:
+    """Run ``fn`` in a forked child that dropped to uid/gid 65534; returns what it wrote."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(wfd, fn())
+        except BaseException as e:
+            os.write(wfd, f"child error {e!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 65536):
+        data += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    return data
 
 
 def run(target: Any, *args: Any) -> mp.process.BaseProcess:

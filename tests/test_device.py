@@ -297,26 +297,15 @@ def test_peer_outside_allowed_uids_is_refused(make_hostd: Callable[..., Hostd]) 
     os.chmod(Path(h.socket_path).parent, 0o755)
     # SO_PEERCRED records the credentials at connect(): a forked child drops to
     # nobody first, then connects and asks to attach.
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            import socket as s
+    def attach_request() -> bytes:
+        import socket as s
 
-            c = s.socket(s.AF_UNIX, s.SOCK_STREAM)
-            c.connect(h.socket_path)
-            c.sendall(b'{"cmd":"attach","name":"intruder"}\n')
-            os.write(wfd, c.recv(4096))
-        finally:
-            os._exit(0)
-    os.close(wfd)
-    reply = b""
-    while chunk := os.read(rfd, 4096):
-        reply += chunk
-    os.close(rfd)
-    os.waitpid(pid, 0)
+        c = s.socket(s.AF_UNIX, s.SOCK_STREAM)
+        c.connect(h.socket_path)
+        c.sendall(b'{"cmd":"attach","name":"intruder"}\n')
+        return c.recv(4096)
+
+    reply = guests.as_nobody(attach_request)
     import json
 
     answer = json.loads(reply)

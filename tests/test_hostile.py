@@ -29,6 +29,7 @@ import guestlib
 from guestlib.device import Device, DeviceError, SessionLost
 from hostd.daemon import Hostd
 from tests import hostile_guests as hg
+from tests.guests import as_nobody
 from vmediad import abi
 from vmediad.abi import ErrorCode, Op, Status
 from vmediad.shm import MappedRegion
@@ -509,27 +510,6 @@ def test_sixteen_guests_half_sigkilled_everything_reclaimed(hostd_proc: Callable
 
 
 # --- 7. isolation ---------------------------------------------------------------------------------
-def _as_nobody(fn: Callable[[], bytes]) -> bytes:
-    """Run ``fn`` in a forked child that dropped to uid/gid 65534; returns what it wrote."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            os.write(wfd, fn())
-        except BaseException as e:
-            os.write(wfd, f"child error {e!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(wfd)
-    data = b""
-    while chunk := os.read(rfd, 65536):
-        data += chunk
-    os.close(rfd)
-    os.waitpid(pid, 0)
-    return data
 
 
 @needs_root
@@ -552,7 +532,7 @@ def test_other_uid_cannot_open_regions_through_proc(hostd: Hostd) -> None:
                 os.close(fd)
             return json.dumps(opened).encode()
 
-        assert json.loads(_as_nobody(probe)) == []
+        assert json.loads(as_nobody(probe)) == []
 
 
 @needs_root
@@ -572,12 +552,12 @@ def test_peer_gid_allow_list_and_refusal_for_every_command(make_hostd: Callable[
         return go
 
     # gid 65534 is allowed: status works for uid nobody.
-    replies = json.loads(_as_nobody(ask(h.socket_path, [b'{"cmd":"status"}\n'])))
+    replies = json.loads(as_nobody(ask(h.socket_path, [b'{"cmd":"status"}\n'])))
     assert replies[0]["ok"] is True
     # Not allowed: every command is refused at the door, adopt included.
     h2 = make_hostd(socket_mode=0o666)
     os.chmod(Path(h2.socket_path).parent, 0o755)
-    replies = json.loads(_as_nobody(ask(h2.socket_path, [b'{"cmd":"status"}\n', b'{"cmd":"ping"}\n',
+    replies = json.loads(as_nobody(ask(h2.socket_path, [b'{"cmd":"status"}\n', b'{"cmd":"ping"}\n',
                                                          b'{"cmd":"attach","name":"x","adopt":true}\n'])))
     assert [r["kind"] for r in replies] == ["permission"] * 3
     assert h2.control.refused == 3
