@@ -513,6 +513,8 @@ def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps) -> VideoCo
 class _Session:
     pending_items: int
     pending_bytes: int
+    _ctx: VideoCodecContext | None
+    _pending: deque[Any]
 
     def __init__(self, stats: _Stats) -> None:
         self._stats = stats
@@ -527,7 +529,10 @@ class _Session:
         raise NotImplementedError
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Drop the codec context and any queued output; no FFmpeg buffer refers to the region after."""
+        self._ctx = None
+        self._pending.clear()
+        self.pending_items = self.pending_bytes = 0
 
 
 class _EncoderSession(_Session):
@@ -728,10 +733,6 @@ class _EncoderSession(_Session):
         self.pending_items = self.pending_bytes = 0
         return count, used
 
-    def close(self) -> None:
-        self._ctx = None
-        self._pending.clear()
-        self.pending_items = self.pending_bytes = 0
 
 
 class _DecoderSession(_Session):
@@ -938,10 +939,6 @@ class _DecoderSession(_Session):
         self.pending_items = self.pending_bytes = 0
         return count, used
 
-    def close(self) -> None:
-        self._ctx = None
-        self._pending.clear()
-        self.pending_items = self.pending_bytes = 0
 
 
 class SessionManager:

@@ -15,6 +15,7 @@ instead of waiting for the guest's round trip: use them for throughput.
 from __future__ import annotations
 
 import json
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -119,6 +120,15 @@ class _Spec:
 
 
 class _Session:
+    def _table(self, base: int, kind: int, entry: struct.Struct) -> list[tuple[Any, ...]]:
+        """The entries of the output table at ``base`` (written by the device, checked for its kind)."""
+        mem = self.device.region.mem
+        got, count, _used = abi.OUT_HEADER.unpack_from(mem, base)
+        if got != kind:
+            raise ValueError(f"unexpected output table kind {got}")
+        first = base + abi.OUT_HEADER.size
+        return [entry.unpack_from(mem, first + i * entry.size) for i in range(count)]
+
     def __init__(self, dev: Device, cfg: abi.SessionConfig) -> None:
         self.device = dev
         self.config = cfg
@@ -443,13 +453,8 @@ class Encoder(_Session):
     def _packets(self, base: int | None = None) -> list[Packet]:
         mem = self.device.region.mem
         base = self._out.offset if base is None else base
-        kind, count, _used = abi.OUT_HEADER.unpack_from(mem, base)
-        if kind != abi.OUT_PACKETS:
-            raise ValueError(f"unexpected output table kind {kind}")
         out = []
-        for i in range(count):
-            off, size, pts, dts, flags, _ = abi.PACKET_ENTRY.unpack_from(
-                mem, base + abi.OUT_HEADER.size + i * abi.PACKET_ENTRY.size)
+        for off, size, pts, dts, flags, _ in self._table(base, abi.OUT_PACKETS, abi.PACKET_ENTRY):
             out.append(Packet(bytes(mem[base + off : base + off + size]),
                               None if pts == abi.NO_PTS else pts, None if dts == abi.NO_PTS else dts,
                               bool(flags & abi.PACKET_KEY)))
@@ -559,13 +564,9 @@ class Decoder(_Session):
     def _frames(self, base: int | None = None) -> list[Frame]:
         mem = self.device.region.mem
         base = self._out.offset if base is None else base
-        kind, count, _used = abi.OUT_HEADER.unpack_from(mem, base)
-        if kind != abi.OUT_FRAMES:
-            raise ValueError(f"unexpected output table kind {kind}")
         frames = []
-        for i in range(count):
-            (off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, _) = abi.FRAME_ENTRY.unpack_from(
-                mem, base + abi.OUT_HEADER.size + i * abi.FRAME_ENTRY.size)
+        for off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, _ in self._table(base, abi.OUT_FRAMES,
+                                                                                 abi.FRAME_ENTRY):
             pf = PixFmt(fmt)
             offs, strides = (o0, o1, o2)[:nplanes], (s0, s1, s2)[:nplanes]
             planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
