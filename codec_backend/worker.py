@@ -5,11 +5,17 @@ An FFmpeg crash here kills this process only; hostd fails the running task
 with WORKER_CRASHED and respawns the worker.
 
 Mailbox protocol (bank words, see vmediad.abi):
-  hostd: program channel, store CTRL=ctrl_start(slot+1) (release), fetch-add KICK[slot],
-         futex-wake KICK[slot] only if NEED_WAKEUP[slot] is set.
+  hostd: program a register file, store CTRL=ctrl_start(slot+1) (release), fence,
+         then kick: fetch-add KICK[slot] and futex-wake it only if NEED_WAKEUP[slot]
+         is set.  It skips the kick when the channel's other file is RUNNING: the
+         worker then starts the new file itself when that one ends (below).
   worker: CAS CTRL ctrl_start(own slot+1)->RUNNING, execute, write result registers,
           store CTRL=DONE (release), fetch-add HOST_EVENT, futex-wake it only
-          if BANK_HOST_NEED_WAKEUP is set.
+          if BANK_HOST_NEED_WAKEUP is set; then fence and CAS the channel's other
+          file (the shadow hostd may have loaded meanwhile) and run it at once.
+The skip and the chained claim are the two halves of a Dekker handshake: hostd
+"store START; fence; load other CTRL", the worker "store DONE; fence; CAS other".
+One of them sees the other's store, so a shadow program is never left unclaimed.
 Both sleep sides use "store flag; seq-cst fence; re-check; futex_wait".
 """
 
@@ -50,22 +56,22 @@ class Worker:
         self._need_wakeup = abi.worker_need_wakeup_offset(slot)
         self._queues: dict[int, queue.SimpleQueue[int]] = {}
         # Codec sessions are stateful and not thread-safe across one session;
-        # hostd runs one task per channel at a time and binds each session to
-        # one channel, so one thread per channel keeps every session ordered.
-        self._engine_lock = threading.Lock()
-        # Codec tasks running on channel threads.  While one runs, the main loop
-        # does not spin for the next kick: it could not come before the task
+        # hostd binds each session to one channel and loads a channel's files in
+        # task order, so one thread per channel, fed in CH_SEQ order, keeps every
+        # session ordered.
+        # Codec tasks queued or running on channel threads.  While one runs, the main
+        # loop does not spin for the next kick: it could not come before the task
         # ends, and on a small machine spinning takes CPU from the codec.
         self._busy = 0
         self._busy_lock = threading.Lock()
 
-    def run_channel(self, k: int) -> None:
-        ch = abi.channel_offset(k)
+    def run_file(self, k: int, f: int) -> None:
+        ch = abi.channel_offset(k, f)
         prog = abi.CH_PROGRAM_STRUCT.unpack_from(self.bank.mem, ch + abi.CH_PROGRAM)
         config = b""
         if prog[0] == Op.SESSION_OPEN:
             cfg_len = min(prog[3], abi.CONFIG_PAGE)
-            off = abi.channel_config_offset(self.channels, k)
+            off = abi.channel_config_offset(self.channels, k, f)
             config = bytes(self.bank.mem[off : off + cfg_len])
         try:
             out = self.engine.run(prog, config)
@@ -79,35 +85,73 @@ class Worker:
         if self.bank.load32(abi.BANK_HOST_NEED_WAKEUP):
             self.bank.futex_wake(abi.BANK_HOST_EVENT, 1)
 
+    def _claim(self, k: int, f: int) -> bool:
+        # One CAS claims the file only if hostd started it for this worker.
+        mine = self._start_value
+        return self.bank.cas32(abi.channel_offset(k, f) + abi.CH_CTRL, mine, Ctrl.RUNNING) == mine
+
+    def _chained(self, k: int, f: int) -> int | None:
+        """After file ``f`` of channel ``k`` is DONE: claim its shadow if hostd loaded it.
+
+        hostd loads a channel's files alternately and only reloads a file after it was
+        retired, so the other file, when started for us, holds the next task in order."""
+        fence()  # Dekker with hostd's "store START; fence; load this file's CTRL"
+        return f ^ 1 if self._claim(k, f ^ 1) else None
+
     def _channel_thread(self, k: int, q: queue.SimpleQueue[int]) -> None:
         while True:
-            q.get()
+            f: int | None = q.get()
             try:
-                self.run_channel(k)
+                while f is not None:
+                    self.run_file(k, f)
+                    f = self._chained(k, f)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
 
-    def _dispatch(self, k: int) -> None:
-        prog_op = self.bank.load32(abi.channel_offset(k) + abi.CH_PROGRAM)
-        if prog_op in _INLINE_OPS:
-            self.run_channel(k)
-            return
-        with self._busy_lock:
-            self._busy += 1
-        q = self._queues.get(k)
-        if q is None:
-            q = self._queues[k] = queue.SimpleQueue()
-            threading.Thread(target=self._channel_thread, args=(k, q), daemon=True,
-                             name=f"channel-{k}").start()
-        q.put(k)
+    def _dispatch(self, k: int, f: int | None) -> None:
+        """Run claimed file ``f``: inline ops here, codec ops on the channel's thread."""
+        while f is not None:
+            if self.bank.load32(abi.channel_offset(k, f) + abi.CH_PROGRAM) not in _INLINE_OPS:
+                with self._busy_lock:
+                    self._busy += 1
+                q = self._queues.get(k)
+                if q is None:
+                    q = self._queues[k] = queue.SimpleQueue()
+                    threading.Thread(target=self._channel_thread, args=(k, q), daemon=True,
+                                     name=f"channel-{k}").start()
+                q.put(f)
+                return
+            self.run_file(k, f)
+            f = self._chained(k, f)
+
+    def _oldest_started(self, k: int) -> int | None:
+        """The file of channel ``k`` started for us with the lowest CH_SEQ, if any.
+
+        The other file is looked at again after the first pick: hostd stores START
+        in CH_SEQ order, so once a file is seen started (acquire), any older start
+        is visible to a later load."""
+        mine = self._start_value
+        bank = self.bank
+
+        def started_seq(f: int) -> int | None:
+            ch = abi.channel_offset(k, f)
+            return bank.load64(ch + abi.CH_SEQ) if bank.load32(ch + abi.CH_CTRL) == mine else None
+
+        first = [started_seq(0), started_seq(1)]
+        cands = [(seq, f) for f, seq in enumerate(first) if seq is not None]
+        if not cands:
+            return None
+        seq, best = min(cands)
+        if first[best ^ 1] is None and (again := started_seq(best ^ 1)) is not None and again < seq:
+            best ^= 1
+        return best
 
     def scan(self) -> None:
         for k in range(self.channels):
-            # One CAS claims the channel only if hostd started it for this worker.
-            mine = self._start_value
-            if self.bank.cas32(abi.channel_offset(k) + abi.CH_CTRL, mine, Ctrl.RUNNING) == mine:
-                self._dispatch(k)
+            while (f := self._oldest_started(k)) is not None:
+                if self._claim(k, f):
+                    self._dispatch(k, f)
 
     def loop(self) -> None:
         while True:

@@ -63,7 +63,7 @@ class Hostd:
 
     def _status_line(self) -> str:
         d = self.device
-        busy = sum(1 for c in d.channels if c.running is not None)
+        busy = sum(1 for c in d.channels if not c.idle)
         return f"{len(d.guests)} guests, {busy}/{d.channels_n} channels busy, policy {d.scheduler.policy}"
 
     def _on_loop(self) -> None:

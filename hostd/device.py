@@ -70,12 +70,53 @@ class Running:
 
 
 @dataclass
+class RegFile:
+    """One of a channel's register files, as hostd last programmed it."""
+
+    channel: int
+    file: int
+    running: Running | None = None  # programmed and not yet retired (START, RUNNING or DONE)
+
+    @property
+    def offset(self) -> int:
+        return abi.channel_offset(self.channel, self.file)
+
+
+@dataclass
 class Channel:
+    """A hardware channel: a codec unit with two register files loaded alternately.
+
+    Both files only ever hold tasks of one guest at a time (its worker runs them in
+    order, the second the moment the first ends); another guest gets the channel
+    once it is idle."""
+
     index: int
-    running: Running | None = None
+    files: tuple[RegFile, RegFile]
+    next_file: int = 0
     bound_sessions: int = 0
     busy_ns: int = 0
+    busy_until: int = 0
     tasks: int = 0
+
+    @classmethod
+    def new(cls, index: int) -> Channel:
+        return cls(index, (RegFile(index, 0), RegFile(index, 1)))
+
+    @property
+    def idle(self) -> bool:
+        return self.files[0].running is None and self.files[1].running is None
+
+    def loaded(self) -> list[Running]:
+        """The tasks programmed into this channel, oldest first."""
+        return sorted((f.running for f in self.files if f.running is not None), key=lambda r: r.seq)
+
+    def free_file(self, vm_id: int) -> RegFile | None:
+        """The file a task of guest ``vm_id`` may be loaded into now, if any."""
+        f = self.files[self.next_file]
+        if f.running is not None:
+            return None
+        other = self.files[self.next_file ^ 1].running
+        return f if other is None or other.vm_id == vm_id else None
 
 
 @dataclass
@@ -145,7 +186,8 @@ class Device:
         self.state = RunState.STARTING
         self.started_ns = monotonic_ns()
         self.bank_fd, self.bank = create_bank(self.channels_n)
-        self.channels = [Channel(i) for i in range(self.channels_n)]
+        self.channels = [Channel.new(i) for i in range(self.channels_n)]
+        self.files = [f for c in self.channels for f in c.files]
         self.scheduler = Scheduler(cfg.policy, cfg.max_inflight_per_guest)
         self.limits = validate.Limits(cfg.max_width, cfg.max_height, cfg.max_pixels)
         self.caps = int(abi.Caps.FUTEX | abi.Caps.POLL | abi.Caps.CODEC
@@ -168,6 +210,7 @@ class Device:
         self._loop_iterations = 0
         self._sleeps = 0
         self._wakes_sent = 0
+        self._kicks_saved = 0  # shadow loads the worker picked up without a kick
         self.on_loop: Callable[[], None] | None = None  # e.g. the systemd watchdog ping
         self._thread: threading.Thread | None = None
         self._post_lock = threading.Lock()
@@ -258,7 +301,7 @@ class Device:
         thread at the back of the run queue: measured on 2 cores, it then noticed a
         finished task ~0.6 ms late, where a futex wake-up takes ~30 us.
         """
-        return any(c.running is not None and c.running.op not in _SHORT_OPS for c in self.channels)
+        return any(f.running is not None and f.running.op not in _SHORT_OPS for f in self.files)
 
     def _poll_once(self) -> bool:
         self._ev_seen = self.bank.load32(abi.BANK_HOST_EVENT)
@@ -359,25 +402,45 @@ class Device:
         g.log.warning("ring error", error=code.name, **kw)
 
     # -- dispatch -------------------------------------------------------------------
-    def _free_channel(self) -> int | None:
+    def _loadable(self, k: int, g: Guest, seq: int) -> bool:
+        """Whether a task of ``g`` (scheduler seq ``seq``) may be loaded into channel ``k`` now.
+
+        A file must be free for it.  If that file is the shadow of a running task, no
+        older staged task of another guest may be waiting for this channel: the shadow
+        must not let ``g`` overtake it (FIFO across guests, round-robin turns)."""
+        chan = self.channels[k]
+        if chan.free_file(g.vm_id) is None:
+            return False
+        if chan.idle:
+            return True
+        return not any(s.pending.vm != g.vm_id and s.pending.seq < seq and s.channel in (None, k)
+                       for h in self.guests.values() if (s := h.staged) is not None)
+
+    def _free_channel(self, g: Guest, seq: int) -> int | None:
+        """A channel for a task not bound to one: an idle one, else the shadow file of a
+        channel running this guest's tasks."""
+        shadow = None
         for ch in self.channels:
-            if ch.running is None:
+            if ch.idle:
                 return ch.index
-        return None
+            if shadow is None and self._loadable(ch.index, g, seq):
+                shadow = ch.index
+        return shadow
 
     def _dispatch(self) -> bool:
         progressed = False
         # Staged tasks first, oldest first: they were picked before anything queued.
         staged = sorted((g.staged for g in self.guests.values() if g.staged), key=lambda s: s.pending.seq)
         for held in staged:
-            ch = held.channel if held.channel is not None else self._free_channel()
             g = self.guests[held.pending.vm]
-            if ch is not None and self.channels[ch].running is None and self._runnable(g):
+            seq = held.pending.seq
+            ch = held.channel if held.channel is not None else self._free_channel(g, seq)
+            if ch is not None and self._loadable(ch, g, seq) and self._runnable(g):
                 g.staged = None
                 self.scheduler.block(g.vm_id, False)
                 self._start(g, held, ch)
                 progressed = True
-        while self._free_channel() is not None:
+        while any(c.files[c.next_file].running is None for c in self.channels):
             p = self.scheduler.next()
             if p is None:
                 break
@@ -386,8 +449,8 @@ class Device:
             st = self._prepare(g, p)
             if st is None:
                 continue
-            ch = st.channel if st.channel is not None else self._free_channel()
-            if ch is None or self.channels[ch].running is not None:
+            ch = st.channel if st.channel is not None else self._free_channel(g, p.seq)
+            if ch is None or not self._loadable(ch, g, p.seq):
                 g.staged = st
                 self.scheduler.block(g.vm_id, True)
                 continue
@@ -417,7 +480,7 @@ class Device:
                 self._fail(g, p.slot, desc.tag, cfg, op=prog.opcode)
                 return None
             sid = self._new_session_id(g)
-            channel = min(self.channels, key=lambda c: (c.bound_sessions, c.running is not None)).index
+            channel = min(self.channels, key=lambda c: (c.bound_sessions, not c.idle)).index
             g.sessions[sid] = channel
             g.session_codec[sid] = abi.CODEC_NAMES[abi.Codec(cfg.codec)]
             self.channels[channel].bound_sessions += 1
@@ -448,12 +511,17 @@ class Device:
         return (sid - self._session_base) & U32 < min(self._sessions_issued, U32)
 
     def _start(self, g: Guest, st: Staged, k: int) -> None:
-        """Program channel ``k``'s register file and start the codec unit."""
+        """Program a register file of channel ``k`` and start the codec unit (or queue the
+        program behind the one running, in the shadow file)."""
         prog = st.prog
-        ch = abi.channel_offset(k)
+        chan = self.channels[k]
+        rf = chan.free_file(g.vm_id)
+        assert rf is not None
+        chan.next_file ^= 1
+        ch = rf.offset
         bank = self.bank
         if st.config:
-            off = abi.channel_config_offset(self.channels_n, k)
+            off = abi.channel_config_offset(self.channels_n, k, rf.file)
             bank.mem[off : off + len(st.config)] = st.config
         abi.CH_PROGRAM_STRUCT.pack_into(
             bank.mem, ch + abi.CH_PROGRAM, prog.opcode, prog.flags, prog.session, len(st.config),
@@ -464,38 +532,51 @@ class Device:
         bank.store64(ch + abi.CH_SEQ, self._task_seq)
         now = monotonic_ns()
         tag = 0
-        self.channels[k].running = Running(
+        rf.running = Running(
             g.vm_id, st.pending.slot, tag, prog.opcode, prog.session, self._task_seq, now, st.arrival_ns
         )
         # Release: the registers above are visible first.  Only worker g.slot+1 can claim it.
         bank.store32(ch + abi.CH_CTRL, abi.ctrl_start(g.slot + 1))
+        other = chan.files[rf.file ^ 1]
+        if other.running is not None:
+            # Dekker with the worker's "store DONE; fence; CAS the other file": if the
+            # other file is still RUNNING, the worker claims this one when it ends, so
+            # the kick (and the worker's wake-up) is saved.  Otherwise kick.
+            fence()
+            if bank.load32(other.offset + abi.CH_CTRL) == Ctrl.RUNNING:
+                self._kicks_saved += 1
+                return
         kick_worker(bank, g.slot)
 
     # -- completion -------------------------------------------------------------------
     def _collect_irqs(self) -> bool:
         done = False
-        for chan in self.channels:
-            if chan.running is None:
+        for rf in self.files:
+            if rf.running is None:
                 continue
-            ch = abi.channel_offset(chan.index)
+            ch = rf.offset
             if self.bank.load32(ch + abi.CH_CTRL) != Ctrl.DONE:
                 continue
             result, result_len, error, _, copied = abi.CH_RESULT_STRUCT.unpack_from(
                 self.bank.mem, ch + abi.CH_RESULT
             )
-            self._retire(chan, ErrorCode(error) if error in ErrorCode._value2member_map_ else ErrorCode.BACKEND,
+            self._retire(rf, ErrorCode(error) if error in ErrorCode._value2member_map_ else ErrorCode.BACKEND,
                          result, result_len, copied)
             done = True
         return done
 
-    def _retire(self, chan: Channel, error: ErrorCode, result: int = 0, result_len: int = 0,
+    def _retire(self, rf: RegFile, error: ErrorCode, result: int = 0, result_len: int = 0,
                 copied: int = 0) -> None:
-        run = chan.running
+        run = rf.running
         assert run is not None
-        chan.running = None
-        self.bank.store32(abi.channel_offset(chan.index) + abi.CH_CTRL, Ctrl.IDLE)
+        rf.running = None
+        self.bank.store32(rf.offset + abi.CH_CTRL, Ctrl.IDLE)
         now = monotonic_ns()
-        chan.busy_ns += now - run.dispatch_ns
+        chan = self.channels[rf.channel]
+        # Union of the channel's [programmed, retired] spans: a shadow task's span
+        # overlaps the one it waited behind, and retirements come in time order.
+        chan.busy_ns += now - max(run.dispatch_ns, chan.busy_until)
+        chan.busy_until = now
         chan.tasks += 1
         g = self.guests.get(run.vm_id)
         if g is None:
@@ -511,7 +592,7 @@ class Device:
         g.stats.bytes_copied += copied
         if error == ErrorCode.OK and run.op in (Op.COPY, Op.CRC32, Op.ENCODE_FRAME, Op.DECODE):
             g.stats.bytes_moved += result_len
-        self._complete(g, run.slot, error, result, result_len, chan.index, now - run.dispatch_ns,
+        self._complete(g, run.slot, error, result, result_len, rf.channel, now - run.dispatch_ns,
                        op=run.op, codec=codec, submit_ns=run.submit_ns)
         self._maybe_recycle(g)
 
@@ -670,23 +751,24 @@ class Device:
         if g is None or generation != g.generation:
             return
         self._collect_irqs()  # results the worker posted before it died still count
-        held = [c for c in self.channels if c.running is not None and c.running.vm_id == vm_id]
+        held = sorted((f for f in self.files if f.running is not None and f.running.vm_id == vm_id),
+                      key=lambda f: f.running.seq if f.running else 0)
         if g.dying:
-            for chan in held:
-                self._retire(chan, ErrorCode.DEVICE_GONE)
+            for rf in held:
+                self._retire(rf, ErrorCode.DEVICE_GONE)
             self._reclaim(g)
             return
         # The worker is reaped, so CTRL can no longer change under us.  A channel still at
         # START was programmed after the worker died (or while it was being recycled) and
         # never ran: its task goes back to the queue.  Only claimed tasks crashed with it.
         claimed = []
-        for chan in held:
-            if abi.ctrl_is_start(self.bank.load32(abi.channel_offset(chan.index) + abi.CH_CTRL)):
-                self._requeue(g, chan)
+        for rf in held:
+            if abi.ctrl_is_start(self.bank.load32(rf.offset + abi.CH_CTRL)):
+                self._requeue(g, rf)
             else:
-                claimed.append(chan)
-        for chan in claimed:
-            self._retire(chan, ErrorCode.WORKER_CRASHED)
+                claimed.append(rf)
+        for rf in claimed:
+            self._retire(rf, ErrorCode.WORKER_CRASHED)
         if g.sessions:
             g.lost_sessions.update(g.sessions)
             for sid in list(g.sessions):
@@ -725,16 +807,16 @@ class Device:
         timer.daemon = True
         timer.start()
 
-    def _requeue(self, g: Guest, chan: Channel) -> None:
+    def _requeue(self, g: Guest, rf: RegFile) -> None:
         """Take back a task whose channel was programmed but never claimed by a worker.
 
         It re-enters the guest's queue (at the back) and its descriptor is copied again
         when it is picked: the copy taken before never ran, so the one that runs is
         still the only one that counts."""
-        run = chan.running
+        run = rf.running
         assert run is not None
-        chan.running = None
-        self.bank.store32(abi.channel_offset(chan.index) + abi.CH_CTRL, Ctrl.IDLE)
+        rf.running = None
+        self.bank.store32(rf.offset + abi.CH_CTRL, Ctrl.IDLE)
         self.scheduler.finished(g.vm_id)
         if run.op == Op.SESSION_OPEN:
             self._unbind(g, run.session)
@@ -751,7 +833,7 @@ class Device:
         task started now would be claimed by a worker that is being killed."""
         w = g.worker
         if w is None or w.exited.is_set() or not self._runnable(g) or g.sessions or g.staged is not None \
-                or any(c.running and c.running.vm_id == g.vm_id for c in self.channels):
+                or any(f.running and f.running.vm_id == g.vm_id for f in self.files):
             return
         by_count = self.cfg.worker_recycle_tasks and g.worker_tasks >= self.cfg.worker_recycle_tasks
         by_rss = self.cfg.worker_recycle_rss_mb and w.rss_bytes() > self.cfg.worker_recycle_rss_mb << 20
@@ -780,10 +862,10 @@ class Device:
             self._reclaim(g)
 
     def _reclaim(self, g: Guest) -> None:
-        for chan in self.channels:
-            if chan.running is not None and chan.running.vm_id == g.vm_id:
-                chan.running = None
-                self.bank.store32(abi.channel_offset(chan.index) + abi.CH_CTRL, Ctrl.IDLE)
+        for rf in self.files:
+            if rf.running is not None and rf.running.vm_id == g.vm_id:
+                rf.running = None
+                self.bank.store32(rf.offset + abi.CH_CTRL, Ctrl.IDLE)
         for sid in list(g.sessions):
             self._unbind(g, sid)
         self.scheduler.remove_vm(g.vm_id)
@@ -803,11 +885,12 @@ class Device:
             g.region.mapped.store32(abi.REG_DEVICE_STATE, abi.DeviceState.STOPPING)
 
     def _try_finish_stop(self) -> bool:
-        running = [c for c in self.channels if c.running is not None]
+        running = sorted((f for f in self.files if f.running is not None),
+                         key=lambda f: f.running.seq if f.running else 0)
         if running and monotonic_ns() < self._stop_deadline:
             return False
-        for chan in running:
-            self._retire(chan, ErrorCode.DEVICE_GONE)
+        for rf in running:
+            self._retire(rf, ErrorCode.DEVICE_GONE)
         for g in list(self.guests.values()):
             dropped = self.scheduler.remove_vm(g.vm_id)
             if g.staged is not None:
@@ -888,6 +971,18 @@ class Device:
                 continue
         return self._statistics()
 
+    @staticmethod
+    def _channel_stats(c: Channel, now: int) -> dict[str, Any]:
+        loaded = c.loaded()
+        head = loaded[0] if loaded else None
+        return {"index": c.index, "busy": head is not None,
+                "vm": head.vm_id if head else None,
+                "op": head.op.name if head else None,
+                "loaded": len(loaded),  # 2: a task waits in the shadow file
+                "bound_sessions": c.bound_sessions, "tasks": c.tasks,
+                "busy_seconds": round((c.busy_ns + (now - max(head.dispatch_ns, c.busy_until) if head else 0))
+                                      / 1e9, 6)}
+
     def _statistics(self) -> dict[str, Any]:
         now = monotonic_ns()
         sched = self.scheduler.statistics()
@@ -920,17 +1015,11 @@ class Device:
             "uptime_s": round((now - self.started_ns) / 1e9, 3),
             "policy": self.scheduler.policy,
             "cap": self.scheduler.cap,
-            "channels": [
-                {"index": c.index, "busy": c.running is not None,
-                 "vm": c.running.vm_id if c.running else None,
-                 "op": c.running.op.name if c.running else None,
-                 "bound_sessions": c.bound_sessions, "tasks": c.tasks,
-                 "busy_seconds": round((c.busy_ns + (now - c.running.dispatch_ns if c.running else 0)) / 1e9, 6)}
-                for c in self.channels
-            ],
+            "channels": [self._channel_stats(c, now) for c in self.channels],
             "guests": len(vms),
             "vms": vms,
-            "loop": {"iterations": self._loop_iterations, "sleeps": self._sleeps, "wakes_sent": self._wakes_sent},
+            "loop": {"iterations": self._loop_iterations, "sleeps": self._sleeps, "wakes_sent": self._wakes_sent,
+                     "kicks_saved": self._kicks_saved},
         }
 
 

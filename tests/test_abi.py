@@ -86,8 +86,11 @@ def test_output_tables_golden() -> None:
 
 def test_channel_register_file_fits() -> None:
     assert abi.CH_PROGRAM_STRUCT.size == 80 and abi.CH_RESULT == 0x70
-    assert abi.bank_size(2) == 4096 + 4096 + 2 * 4096
-    assert abi.channel_config_offset(2, 1) == 8192 + 4096
+    assert abi.CH_FILES == 2
+    assert abi.bank_size(2) == 4096 + 4096 + 4 * 4096
+    assert (abi.channel_offset(0), abi.channel_offset(0, 1), abi.channel_offset(1)) == (4096, 4096 + 256, 4096 + 512)
+    assert abi.channel_config_offset(2, 0, 1) == 8192 + 4096
+    assert abi.channel_config_offset(2, 1, 1) == 8192 + 3 * 4096
 
 
 @pytest.mark.parametrize(("off", "length", "want"), [

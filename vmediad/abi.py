@@ -439,8 +439,13 @@ def out_table_size(kind: int, count: int) -> int:
     return _align(OUT_HEADER.size + count * entry, HEAP_ALIGN)
 
 
-# --- channel register file (host <-> codec worker; never guest-visible) -----
-# One 256-byte file per hardware channel in hostd's register bank.
+# --- channel register files (host <-> codec worker; never guest-visible) ----
+# Each hardware channel has CH_FILES 256-byte register files that hostd programs
+# alternately (file 0, 1, 0, ...): while the codec unit runs the program in one
+# file, hostd loads the next task of the same worker into the other (the shadow),
+# and the worker starts it the moment it stores DONE for the first, with no round
+# trip through hostd.  A channel's files only ever hold one worker's tasks at a
+# time, and that worker runs them in the order they were programmed (CH_SEQ).
 class Ctrl(enum.IntEnum):
     IDLE = 0
     START = 1  # hostd: registers programmed, worker may run
@@ -462,20 +467,21 @@ def ctrl_is_start(value: int) -> bool:
     return value & 0xFF == Ctrl.START
 
 
+CH_FILES = 2  # register files per hardware channel: the running program and its shadow
 CH_SIZE = 256
 CH_CTRL = 0x00  # u32 Ctrl; hostd stores ctrl_start(owner) (release), the owner CASes RUNNING, stores DONE
-CH_OWNER = 0x04  # u32 worker slot + 1 that may run this channel
-CH_SEQ = 0x08  # u64 task sequence number programmed
+CH_OWNER = 0x04  # u32 worker slot + 1 that may run this file
+CH_SEQ = 0x08  # u64 task sequence number programmed (increasing per hostd run)
 CH_PROGRAM = 0x10  # program block, see CH_PROGRAM_STRUCT
 # opcode, flags, session, config_len, src_off, src_len, dst_off, dst_len, arg0..arg3
 CH_PROGRAM_STRUCT = struct.Struct("<IIIIQQQQQQQQ")
 CH_RESULT = 0x70  # result, result_len, error, reserved, bytes the engine copied
 CH_RESULT_STRUCT = struct.Struct("<QQIIQ")
-CONFIG_PAGE = 4096  # per-channel page holding the SESSION_OPEN config hostd copied
+CONFIG_PAGE = 4096  # per-file page holding the SESSION_OPEN config hostd copied
 assert CH_PROGRAM + CH_PROGRAM_STRUCT.size <= CH_RESULT
 assert CH_RESULT + CH_RESULT_STRUCT.size <= CH_SIZE
 
-# Register bank: header page, K channel files, then K config pages.
+# Register bank: header page, K * CH_FILES register files, then one config page per file.
 BANK_HOST_EVENT = 0x00  # u32: bumped by workers (IRQ) and hostd threads; hostd's futex
 BANK_HOST_NEED_WAKEUP = 0x04  # u32: 1 while hostd may sleep on HOST_EVENT
 BANK_WORKER_BASE = 0x40  # per worker slot: kick u32, need_wakeup u32
@@ -484,19 +490,20 @@ BANK_MAX_WORKERS = (PAGE_SIZE - BANK_WORKER_BASE) // BANK_WORKER_STRIDE
 
 
 def _channels_end(channels: int) -> int:
-    return _align(PAGE_SIZE + channels * CH_SIZE, PAGE_SIZE)
+    return _align(PAGE_SIZE + channels * CH_FILES * CH_SIZE, PAGE_SIZE)
 
 
 def bank_size(channels: int) -> int:
-    return _channels_end(channels) + channels * CONFIG_PAGE
+    return _channels_end(channels) + channels * CH_FILES * CONFIG_PAGE
 
 
-def channel_offset(index: int) -> int:
-    return PAGE_SIZE + index * CH_SIZE
+def channel_offset(index: int, file: int = 0) -> int:
+    """Register file ``file`` (0 or 1) of hardware channel ``index``."""
+    return PAGE_SIZE + (index * CH_FILES + file) * CH_SIZE
 
 
-def channel_config_offset(channels: int, index: int) -> int:
-    return _channels_end(channels) + index * CONFIG_PAGE
+def channel_config_offset(channels: int, index: int, file: int = 0) -> int:
+    return _channels_end(channels) + (index * CH_FILES + file) * CONFIG_PAGE
 
 
 def worker_kick_offset(slot: int) -> int:
