@@ -16,7 +16,8 @@ Mailbox protocol (bank words, see vmediad.abi):
 The skip and the chained claim are the two halves of a Dekker handshake: hostd
 "store START; fence; load other CTRL", the worker "store DONE; fence; CAS other".
 One of them sees the other's store, so a shadow program is never left unclaimed.
-Both sleep sides use "store flag; seq-cst fence; re-check; futex_wait".
+Both sleep sides use "store flag; seq-cst fence; re-check; futex_wait".  Before it
+sleeps, an idle worker spins BANK_WORKER_SPIN pause iterations (hostd's word).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from vmediad import abi
 from vmediad.abi import Ctrl, ErrorCode, Op
 from vmediad.shm import MappedRegion, fence
 
-SPINS = 4000
 SLEEP_S = 1.0
 _INLINE_OPS = frozenset({Op.NOP, Op.COPY, Op.CRC32})
 
@@ -157,7 +157,8 @@ class Worker:
         while True:
             seen = self.bank.load32(self._kick)
             self.scan()
-            if not self._busy and self.bank.spin32(self._kick, seen, SPINS) != seen:
+            if not self._busy and (spins := self.bank.load32(abi.BANK_WORKER_SPIN)) \
+                    and self.bank.spin32(self._kick, seen, spins) != seen:
                 continue
             self.bank.store32(self._need_wakeup, 1)
             fence()

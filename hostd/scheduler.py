@@ -123,6 +123,20 @@ class Scheduler:
         before reaching a channel); it no longer counts in flight."""
         self.finished(vm)
 
+    def put_back(self, vm: int, tasks: list[Pending]) -> None:
+        """Tasks ``next()`` returned that were taken back before they ran (a revoked shadow
+        load, a staged task): they go back to the head of ``vm``'s queue in their original
+        order and no longer count in flight."""
+        q = self._vms[vm]
+        for p in sorted(tasks, key=lambda p: p.seq, reverse=True):
+            if p.vm != vm:
+                raise AssertionError(f"task of vm {p.vm} put back to vm {vm}")
+            self.finished(vm)
+            q.started -= 1
+            if self.policy == "weighted":
+                q.pass_value -= STRIDE_ONE // q.weight
+            q.queue.appendleft(p)
+
     def finished(self, vm: int) -> None:
         q = self._vms.get(vm)
         if q is not None:

@@ -484,6 +484,10 @@ assert CH_RESULT + CH_RESULT_STRUCT.size <= CH_SIZE
 # Register bank: header page, K * CH_FILES register files, then one config page per file.
 BANK_HOST_EVENT = 0x00  # u32: bumped by workers (IRQ) and hostd threads; hostd's futex
 BANK_HOST_NEED_WAKEUP = 0x04  # u32: 1 while hostd may sleep on HOST_EVENT
+# u32, hostd writes, workers read: how long (pause iterations) a worker spins for its next
+# kick before it sleeps.  hostd sets 0 while several guests are active: a spinning worker
+# then only steals a core from another guest's worker, from that guest or from hostd.
+BANK_WORKER_SPIN = 0x08
 BANK_WORKER_BASE = 0x40  # per worker slot: kick u32, need_wakeup u32
 BANK_WORKER_STRIDE = 8
 BANK_MAX_WORKERS = (PAGE_SIZE - BANK_WORKER_BASE) // BANK_WORKER_STRIDE
