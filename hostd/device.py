@@ -496,7 +496,10 @@ class Device:
                 self.scheduler.block(g.vm_id, False)
                 self._start(g, held, ch)
                 progressed = True
-        while any(c.files[c.next_file].running is None for c in self.channels):
+        # Picks go on while all files are loaded: a picked task that finds no file is
+        # staged (its guest blocked, so this ends), and staging takes back the shadow
+        # loads of other guests it would otherwise wait behind.
+        while True:
             p = self.scheduler.next()
             if p is None:
                 break
