@@ -128,30 +128,31 @@ class Worker:
     def _oldest_started(self, k: int) -> int | None:
         """The file of channel ``k`` started for us with the lowest CH_SEQ, if any.
 
-        The other file is looked at again after the first pick: hostd stores START
-        in CH_SEQ order, so once a file is seen started (acquire), any older start
-        is visible to a later load."""
+        A file that was not started at the first look is looked at again after the
+        other was seen started: hostd stores START in CH_SEQ order, so once a file is
+        seen started (acquire), any older start is visible to a later load."""
         mine = self._start_value
         bank = self.bank
-
-        def started_seq(f: int) -> int | None:
-            ch = abi.channel_offset(k, f)
-            return bank.load64(ch + abi.CH_SEQ) if bank.load32(ch + abi.CH_CTRL) == mine else None
-
-        first = [started_seq(0), started_seq(1)]
-        cands = [(seq, f) for f, seq in enumerate(first) if seq is not None]
-        if not cands:
+        c0, c1 = abi.channel_offset(k, 0), abi.channel_offset(k, 1)
+        s0, s1 = bank.load32(c0 + abi.CH_CTRL) == mine, bank.load32(c1 + abi.CH_CTRL) == mine
+        if not (s0 or s1):
             return None
-        seq, best = min(cands)
-        if first[best ^ 1] is None and (again := started_seq(best ^ 1)) is not None and again < seq:
-            best ^= 1
-        return best
+        if s0 != s1:  # one seen started: the other may have been started before it since
+            if s0:
+                s1 = bank.load32(c1 + abi.CH_CTRL) == mine
+            else:
+                s0 = bank.load32(c0 + abi.CH_CTRL) == mine
+            if s0 != s1:
+                return 0 if s0 else 1
+        return 0 if bank.load64(c0 + abi.CH_SEQ) < bank.load64(c1 + abi.CH_SEQ) else 1
 
     def scan(self) -> None:
+        # One claim per channel: the other file, if hostd started it too, is chained into
+        # by whoever runs this one (the main loop for inline ops, the channel thread).
         for k in range(self.channels):
-            while (f := self._oldest_started(k)) is not None:
-                if self._claim(k, f):
-                    self._dispatch(k, f)
+            f = self._oldest_started(k)
+            if f is not None and self._claim(k, f):
+                self._dispatch(k, f)
 
     def loop(self) -> None:
         while True:

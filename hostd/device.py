@@ -83,10 +83,10 @@ class RegFile:
     channel: int
     file: int
     running: Running | None = None  # programmed and not yet retired (START, RUNNING or DONE)
+    offset: int = field(init=False)  # of the file in the bank
 
-    @property
-    def offset(self) -> int:
-        return abi.channel_offset(self.channel, self.file)
+    def __post_init__(self) -> None:
+        self.offset = abi.channel_offset(self.channel, self.file)
 
 
 @dataclass
@@ -641,6 +641,8 @@ class Device:
         chan.busy_ns += now - max(run.dispatch_ns, chan.busy_until)
         chan.busy_until = now
         chan.tasks += 1
+        if chan.idle:
+            chan.next_file = 0  # one task at a time keeps using the same (cache-warm) file
         g = self.guests.get(run.vm_id)
         if g is None:
             return
