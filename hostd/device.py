@@ -223,6 +223,7 @@ class Device:
         self._shadow_revokes = 0  # shadow loads taken back for a waiting guest
         self._stage_order = 0
         self._spin_checked_ns = 0
+        self._active_guests = 0  # guests that submitted within ACTIVE_WINDOW_NS (refreshed every ms)
         self._worker_spins = WORKER_SPINS
         self.bank.store32(abi.BANK_WORKER_SPIN, WORKER_SPINS)
         self.on_loop: Callable[[], None] | None = None  # e.g. the systemd watchdog ping
@@ -338,6 +339,7 @@ class Device:
         if now - self._spin_checked_ns >= 1_000_000:
             self._spin_checked_ns = now
             active = sum(1 for g in self.guests.values() if now - g.last_submit_ns < ACTIVE_WINDOW_NS)
+            self._active_guests = active
             spins = WORKER_SPINS if active <= 1 else 0
             if spins != self._worker_spins:
                 self._worker_spins = spins
@@ -476,12 +478,28 @@ class Device:
         """A channel for a task not bound to one: an idle one, else the shadow file of a
         channel running this guest's tasks."""
         shadow = None
+        idle_ok = self._may_take_idle(g)
         for ch in self.channels:
             if ch.idle:
-                return ch.index
-            if shadow is None and self._loadable(ch.index, g, before):
+                if idle_ok:
+                    return ch.index
+            elif shadow is None and self._loadable(ch.index, g, before):
                 shadow = ch.index
         return shadow
+
+    def _may_take_idle(self, g: Guest) -> bool:
+        """Fair-share policies leave one channel to the others while another guest is active.
+
+        Tasks are not preemptible: a guest holding every channel makes any other guest's
+        next task wait for one of its tasks to end, however short that task is.  With
+        round-robin or weighted scheduling and another guest active (it submitted within
+        ACTIVE_WINDOW_NS), a guest may start tasks not bound to a channel on at most
+        channels - 1 channels.  FIFO stays work-conserving; a lone guest gets them all."""
+        if self.scheduler.policy == "fifo" or self.channels_n < 2 or self._active_guests < 2:
+            return True
+        held = sum(1 for c in self.channels
+                   if any(f.running is not None and f.running.vm_id == g.vm_id for f in c.files))
+        return held < self.channels_n - 1
 
     def _dispatch(self) -> bool:
         progressed = False

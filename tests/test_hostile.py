@@ -687,9 +687,10 @@ def _p99(lat: list[float]) -> float:
 def test_flood_p99_within_2x_of_solo(hostd_proc: Callable[..., HostdProcess], flood_bytes: int, cap: int) -> None:
     """Round-robin: the probes' p99 with a flooder at its cap vs the same probes alone.
 
-    With cap 8 (the default) the flooder may hold both channels, so a probe can wait
-    for a whole flood task; the 2x bound is asserted where the cap leaves a channel
-    (cap 1 of 2 channels) and only measured otherwise."""
+    With cap 8 (the default) the flooder may hold both channels (and their shadow files:
+    those are revoked for a staged probe), so a probe can wait for one whole flood task
+    per channel; the 2x p99 bound is asserted where the cap leaves a channel (cap 1 of 2
+    channels) on a host with cores for every process, and measured everywhere."""
     h = hostd_proc(channels=2, config={"scheduler": {"policy": "round-robin"},
                                         "limits": {"max_inflight_per_guest": cap}})
     n = int(os.environ.get("VMEDIAD_FLOOD_N", "1000"))

@@ -140,27 +140,53 @@ def test_a_staged_guest_revokes_another_guests_shadow_load(make_hostd: Callable[
         assert revoked_once
 
 
-def test_round_robin_serves_a_probe_between_a_flooders_tasks(make_hostd: Callable[..., Hostd]) -> None:
-    """Staged tasks start in the scheduler's pick order: a flooder's backlog, which arrived
-    long before, cannot keep a probe waiting (it did when staged tasks went by arrival)."""
-    h = make_hostd(channels=2, policy="round-robin", max_inflight_per_guest=8, region_default=32 << 20)
+def _with_flooder(h: Hostd, probe: Callable[[guestlib.Device, MappedRegion, int], None]) -> None:
+    """Run ``probe(dev, flooder_region, flooder_vm)`` while a flooder process keeps 64
+    CRC32s of 1 MiB queued against its cap."""
     ready, out, stop = hg.CTX.Queue(), hg.CTX.Queue(), hg.CTX.Event()
     fl = hg.run(hg.flooder, str(h.socket_path), "flooder", ready, stop, out, 1 << 20)
     try:
         _name, _pid, vm = ready.get(timeout=60)
-        flooder = h.device.guests[vm].region.mapped
         with guestlib.attach(h.socket_path, name="probe") as dev:
             time.sleep(0.2)
-            overtaken = []
-            for _ in range(40):
-                before = flooder.load64(abi.REG_TASKS_DONE)
-                dev.nop().wait(timeout=30)
-                overtaken.append(flooder.load64(abi.REG_TASKS_DONE) - before)
-        # Per probe task the flooder finishes what was running on the two channels when the
-        # probe arrived, and what the other channel runs meanwhile (a 1 MiB CRC32 takes
-        # longer than a NOP); with staged tasks taken by arrival it was up to 17 here.
-        assert sorted(overtaken)[len(overtaken) // 2] <= 3 and max(overtaken) <= 8, overtaken
+            probe(dev, h.device.guests[vm].region.mapped, vm)
     finally:
         stop.set()
         assert out.get(timeout=60)[2] == 0
         fl.join(30)
+
+
+def test_round_robin_starts_a_staged_probe_before_the_flooders_older_backlog(
+        make_hostd: Callable[..., Hostd]) -> None:
+    """Staged tasks start in the scheduler's pick order, not by arrival: the flooder's
+    backlog arrived long before, and when staged tasks went by arrival it kept the probe
+    waiting while 17 to 64 flood tasks ran (one channel here, so the probe is staged)."""
+    h = make_hostd(channels=1, policy="round-robin", max_inflight_per_guest=8, region_default=32 << 20)
+
+    def probe(dev: guestlib.Device, flooder: MappedRegion, _vm: int) -> None:
+        overtaken = []
+        for _ in range(40):
+            before = flooder.load64(abi.REG_TASKS_DONE)
+            dev.nop().wait(timeout=30)
+            overtaken.append(flooder.load64(abi.REG_TASKS_DONE) - before)
+        # The flood task running when the probe arrived, at most one more whose shadow
+        # load the worker had claimed before hostd could revoke it, and a few samples
+        # where the flooder's completion counter moved just before the probe submitted.
+        assert sorted(overtaken)[len(overtaken) // 2] <= 2 and max(overtaken) <= 5, overtaken
+
+    _with_flooder(h, probe)
+
+
+def test_round_robin_flooder_leaves_a_channel_to_an_active_guest(make_hostd: Callable[..., Hostd]) -> None:
+    h = make_hostd(channels=2, policy="round-robin", max_inflight_per_guest=8, region_default=32 << 20)
+
+    def probe(dev: guestlib.Device, _flooder: MappedRegion, vm: int) -> None:
+        held = []
+        for _ in range(40):
+            dev.nop().wait(timeout=30)
+            held.append(sum(c["vm"] == vm for c in h.device.statistics()["channels"]))
+        # Alone it held both channels; once the probe is active (and the flood tasks it
+        # had started on both channels ended) it holds one, the probe never waits for it.
+        assert max(held[5:]) <= 1, held
+
+    _with_flooder(h, probe)
