@@ -479,13 +479,23 @@ class Device:
         channel running this guest's tasks."""
         shadow = None
         idle_ok = self._may_take_idle(g)
+        shadow_ok = not self._fair_share_contended()
         for ch in self.channels:
             if ch.idle:
                 if idle_ok:
                     return ch.index
-            elif shadow is None and self._loadable(ch.index, g, before):
+            elif shadow_ok and shadow is None and self._loadable(ch.index, g, before):
                 shadow = ch.index
         return shadow
+
+    def _fair_share_contended(self) -> bool:
+        """Round-robin or weighted scheduling with more than one guest active.
+
+        Then a guest's stateless tasks get no shadow loads either: chained back to back
+        they keep its worker on a core without a break, and on a small host the other
+        guests' processes and workers wait for that core.  Session tasks keep theirs
+        (bound to a channel, they gain the most from chaining)."""
+        return self.scheduler.policy != "fifo" and self._active_guests >= 2
 
     def _may_take_idle(self, g: Guest) -> bool:
         """Fair-share policies leave one channel to the others while another guest is active.
@@ -495,7 +505,7 @@ class Device:
         round-robin or weighted scheduling and another guest active (it submitted within
         ACTIVE_WINDOW_NS), a guest may start tasks not bound to a channel on at most
         channels - 1 channels.  FIFO stays work-conserving; a lone guest gets them all."""
-        if self.scheduler.policy == "fifo" or self.channels_n < 2 or self._active_guests < 2:
+        if self.channels_n < 2 or not self._fair_share_contended():
             return True
         held = sum(1 for c in self.channels
                    if any(f.running is not None and f.running.vm_id == g.vm_id for f in c.files))

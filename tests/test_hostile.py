@@ -687,10 +687,10 @@ def _p99(lat: list[float]) -> float:
 def test_flood_p99_within_2x_of_solo(hostd_proc: Callable[..., HostdProcess], flood_bytes: int, cap: int) -> None:
     """Round-robin: the probes' p99 with a flooder at its cap vs the same probes alone.
 
-    With cap 8 (the default) the flooder may hold both channels (and their shadow files:
-    those are revoked for a staged probe), so a probe can wait for one whole flood task
-    per channel; the 2x p99 bound is asserted where the cap leaves a channel (cap 1 of 2
-    channels) on a host with cores for every process, and measured everywhere."""
+    Tasks are not preemptible, so what keeps the probes' tail short is hostd's fair share:
+    staged tasks start in pick order, a staged task revokes other guests' shadow loads,
+    and while another guest is active the flooder gets at most channels - 1 channels and
+    no shadow loads for its stateless tasks (docs/reliability.md has the figures)."""
     h = hostd_proc(channels=2, config={"scheduler": {"policy": "round-robin"},
                                         "limits": {"max_inflight_per_guest": cap}})
     n = int(os.environ.get("VMEDIAD_FLOOD_N", "1000"))
@@ -727,9 +727,5 @@ def test_flood_p99_within_2x_of_solo(hostd_proc: Callable[..., HostdProcess], fl
     print(f"\nflood cap {cap}, {flood_bytes >> 10} KiB tasks: probe p50 solo {p50 * 1e6:.0f} us, "
           f"flooded {sorted(flooded)[len(flooded) // 2] * 1e6:.0f} us; p99 solo {_p99(solo) * 1e6:.0f} us, "
           f"flooded {_p99(flooded) * 1e6:.0f} us; ratio {ratio:.2f}")
-    # The medians show the scheduling; the tail on a small host is CPU contention: flooder,
-    # its worker, hostd, two probes and their workers share the cores.  The 2x p99 bound
-    # is asserted where there are cores for all of them (docs/reliability.md has the figures).
     assert sorted(flooded)[len(flooded) // 2] <= 2 * p50
-    if cap < 2 and (os.cpu_count() or 1) >= 8:
-        assert ratio <= 2.0
+    assert ratio <= 2.0
