@@ -405,6 +405,22 @@ def test_worker_recycling_loses_no_task(make_hostd: Callable[..., Hostd]) -> Non
         assert vm["errors"] == {}
 
 
+def test_worker_recycled_by_rss_loses_no_task(make_hostd: Callable[..., Hostd]) -> None:
+    """A 1 MB RSS limit is below any worker's RSS, so the worker is replaced after each task
+    (between tasks, with no session open); every task still ends OK with the right result."""
+    h = make_hostd(worker_recycle_rss_mb=1)
+    with guestlib.attach(h.socket_path, name="rss") as dev:
+        data = os.urandom(16 << 10)
+        buf = dev.put(data)
+        pids = set()
+        for _ in range(6):
+            assert dev.crc32(buf).wait(timeout=30) == zlib.crc32(data)
+            pids.add(_worker_pid(h, dev.vm_id))
+        vm = h.device.statistics()["vms"][0]
+        assert vm["worker_recycles"] >= 5 and len(pids) >= 3, (vm["worker_recycles"], pids)
+        assert vm["worker_restarts"] == 0 and vm["errors"] == {}
+
+
 def test_worker_dying_before_any_task_is_respawned_with_backoff(make_hostd: Callable[..., Hostd]) -> None:
     """A worker that keeps dying before it runs anything is respawned with a growing delay,
     and tasks handed to it in the meantime are queued again, not failed."""
