@@ -8,14 +8,18 @@ Mailbox protocol (bank words, see vmediad.abi):
   hostd: program a register file, store CTRL=ctrl_start(slot+1) (release), fence,
          then kick: fetch-add KICK[slot] and futex-wake it only if NEED_WAKEUP[slot]
          is set.  It skips the kick when the channel's other file is RUNNING: the
-         worker then starts the new file itself when that one ends (below).
+         worker looks for started files again when that one ends (below).
   worker: CAS CTRL ctrl_start(own slot+1)->RUNNING, execute, write result registers,
           store CTRL=DONE (release), fetch-add HOST_EVENT, futex-wake it only
-          if BANK_HOST_NEED_WAKEUP is set; then fence and CAS the channel's other
-          file (the shadow hostd may have loaded meanwhile) and run it at once.
-The skip and the chained claim are the two halves of a Dekker handshake: hostd
-"store START; fence; load other CTRL", the worker "store DONE; fence; CAS other".
+          if BANK_HOST_NEED_WAKEUP is set; then fence and look for started files of
+          that channel again, and run the oldest (lowest CH_SEQ) at once.
+The skip and the look after DONE are the two halves of a Dekker handshake: hostd
+"store START; fence; load other CTRL", the worker "store DONE; fence; load CTRLs".
 One of them sees the other's store, so a shadow program is never left unclaimed.
+
+Order: a session's tasks must run in CH_SEQ order.  Per channel, claims are made
+only under that channel's lock, always of the oldest started file, and a claimed
+codec task runs on the channel's thread before that thread claims anything else.
 Both sleep sides use "store flag; seq-cst fence; re-check; futex_wait".  Before it
 sleeps, an idle worker spins BANK_WORKER_SPIN pause iterations (hostd's word).
 """
@@ -41,6 +45,15 @@ SLEEP_S = 1.0
 _INLINE_OPS = frozenset({Op.NOP, Op.COPY, Op.CRC32})
 
 
+class _Channel:
+    """Worker-side state of one channel: its claim lock and its thread's wake-ups."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.handoff: int | None = None  # a codec file the main loop claimed for the thread
+
+
 class Worker:
     def __init__(self, slot: int, channels: int, region: MappedRegion, bank: MappedRegion,
                  limits: dict[str, int], fault_injection: bool, parent: int) -> None:
@@ -54,14 +67,10 @@ class Worker:
         self.engine = Engine(region.mem, limits, fault_injection=fault_injection)
         self._kick = abi.worker_kick_offset(slot)
         self._need_wakeup = abi.worker_need_wakeup_offset(slot)
-        self._queues: dict[int, queue.SimpleQueue[int]] = {}
-        # Codec sessions are stateful and not thread-safe across one session;
-        # hostd binds each session to one channel and loads a channel's files in
-        # task order, so one thread per channel, fed in CH_SEQ order, keeps every
-        # session ordered.
-        # Codec tasks queued or running on channel threads.  While one runs, the main
-        # loop does not spin for the next kick: it could not come before the task
-        # ends, and on a small machine spinning takes CPU from the codec.
+        self._chans: dict[int, _Channel] = {}
+        # Channel threads serving codec tasks.  While one does, the main loop does not
+        # spin for the next kick: it could not come before the task ends, and on a
+        # small machine spinning takes CPU from the codec.
         self._busy = 0
         self._busy_lock = threading.Lock()
 
@@ -90,40 +99,48 @@ class Worker:
         mine = self._start_value
         return self.bank.cas32(abi.channel_offset(k, f) + abi.CH_CTRL, mine, Ctrl.RUNNING) == mine
 
-    def _chained(self, k: int, f: int) -> int | None:
-        """After file ``f`` of channel ``k`` is DONE: claim its shadow if hostd loaded it.
+    def _chan(self, k: int) -> _Channel:
+        chan = self._chans.get(k)
+        if chan is None:
+            chan = self._chans[k] = _Channel()
+            threading.Thread(target=self._channel_thread, args=(k, chan), daemon=True,
+                             name=f"channel-{k}").start()
+        return chan
 
-        hostd loads a channel's files alternately and only reloads a file after it was
-        retired, so the other file, when started for us, holds the next task in order."""
-        fence()  # Dekker with hostd's "store START; fence; load this file's CTRL"
-        return f ^ 1 if self._claim(k, f ^ 1) else None
+    def _serve(self, k: int, chan: _Channel, inline_only: bool) -> None:
+        """Claim and run channel ``k``'s started files, oldest first, until none is left.
 
-    def _channel_thread(self, k: int, q: queue.SimpleQueue[int]) -> None:
+        The caller holds ``chan.lock``: it is the channel's only claimer.  With
+        ``inline_only`` (the main loop) a codec task is claimed and handed to the
+        channel thread, which runs it before it claims anything else."""
+        while (f := self._oldest_started(k)) is not None:
+            if inline_only and chan.handoff is not None:
+                chan.wake.put(None)  # the thread has not taken the last hand-off yet
+                return
+            if not self._claim(k, f):
+                continue  # hostd revoked it (START -> IDLE): look again
+            if inline_only and self.bank.load32(abi.channel_offset(k, f) + abi.CH_PROGRAM) not in _INLINE_OPS:
+                chan.handoff = f
+                chan.wake.put(None)
+                return
+            self.run_file(k, f)
+            fence()  # Dekker with hostd's "store START; fence; load the other file's CTRL"
+
+    def _channel_thread(self, k: int, chan: _Channel) -> None:
         while True:
-            f: int | None = q.get()
+            chan.wake.get()
+            with self._busy_lock:
+                self._busy += 1
             try:
-                while f is not None:
-                    self.run_file(k, f)
-                    f = self._chained(k, f)
+                with chan.lock:
+                    f, chan.handoff = chan.handoff, None
+                    if f is not None:
+                        self.run_file(k, f)
+                        fence()
+                    self._serve(k, chan, inline_only=False)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
-
-    def _dispatch(self, k: int, f: int | None) -> None:
-        """Run claimed file ``f``: inline ops here, codec ops on the channel's thread."""
-        while f is not None:
-            if self.bank.load32(abi.channel_offset(k, f) + abi.CH_PROGRAM) not in _INLINE_OPS:
-                with self._busy_lock:
-                    self._busy += 1
-                q = self._queues.get(k)
-                if q is None:
-                    q = self._queues[k] = queue.SimpleQueue()
-                    threading.Thread(target=self._channel_thread, args=(k, q), daemon=True,
-                                     name=f"channel-{k}").start()
-                q.put(f)
-                return
-            self.run_file(k, f)
-            f = self._chained(k, f)
 
     def _oldest_started(self, k: int) -> int | None:
         """The file of channel ``k`` started for us with the lowest CH_SEQ, if any.
@@ -147,12 +164,19 @@ class Worker:
         return 0 if bank.load64(c0 + abi.CH_SEQ) < bank.load64(c1 + abi.CH_SEQ) else 1
 
     def scan(self) -> None:
-        # One claim per channel: the other file, if hostd started it too, is chained into
-        # by whoever runs this one (the main loop for inline ops, the channel thread).
         for k in range(self.channels):
-            f = self._oldest_started(k)
-            if f is not None and self._claim(k, f):
-                self._dispatch(k, f)
+            if self._oldest_started(k) is None:
+                continue
+            chan = self._chan(k)
+            if chan.lock.acquire(blocking=False):
+                try:
+                    self._serve(k, chan, inline_only=True)
+                finally:
+                    chan.lock.release()
+            else:
+                # The channel thread holds it: it serves the channel again before it
+                # waits; the wake-up covers the moment it has just looked and not yet let go.
+                chan.wake.put(None)
 
     def loop(self) -> None:
         while True:
