@@ -68,6 +68,8 @@ class Worker:
         self._kick = abi.worker_kick_offset(slot)
         self._need_wakeup = abi.worker_need_wakeup_offset(slot)
         self._chans: dict[int, _Channel] = {}
+        self._ctrl = [(abi.channel_offset(k, 0) + abi.CH_CTRL, abi.channel_offset(k, 1) + abi.CH_CTRL)
+                      for k in range(channels)]
         # Channel threads serving codec tasks.  While one does, the main loop does not
         # spin for the next kick: it could not come before the task ends, and on a
         # small machine spinning takes CPU from the codec.
@@ -149,31 +151,30 @@ class Worker:
         other was seen started: hostd stores START in CH_SEQ order, so once a file is
         seen started (acquire), any older start is visible to a later load."""
         mine = self._start_value
-        bank = self.bank
-        c0, c1 = abi.channel_offset(k, 0), abi.channel_offset(k, 1)
-        s0, s1 = bank.load32(c0 + abi.CH_CTRL) == mine, bank.load32(c1 + abi.CH_CTRL) == mine
+        load32 = self.bank.load32
+        c0, c1 = self._ctrl[k]
+        s0, s1 = load32(c0) == mine, load32(c1) == mine
         if not (s0 or s1):
             return None
         if s0 != s1:  # one seen started: the other may have been started before it since
             if s0:
-                s1 = bank.load32(c1 + abi.CH_CTRL) == mine
+                s1 = load32(c1) == mine
             else:
-                s0 = bank.load32(c0 + abi.CH_CTRL) == mine
+                s0 = load32(c0) == mine
             if s0 != s1:
                 return 0 if s0 else 1
-        return 0 if bank.load64(c0 + abi.CH_SEQ) < bank.load64(c1 + abi.CH_SEQ) else 1
+        seq = abi.CH_SEQ - abi.CH_CTRL
+        return 0 if self.bank.load64(c0 + seq) < self.bank.load64(c1 + seq) else 1
 
     def scan(self) -> None:
         for k in range(self.channels):
-            if self._oldest_started(k) is None:
-                continue
-            chan = self._chan(k)
+            chan = self._chans.get(k) or self._chan(k)
             if chan.lock.acquire(blocking=False):
                 try:
                     self._serve(k, chan, inline_only=True)
                 finally:
                     chan.lock.release()
-            else:
+            elif self._oldest_started(k) is not None:
                 # The channel thread holds it: it serves the channel again before it
                 # waits; the wake-up covers the moment it has just looked and not yet let go.
                 chan.wake.put(None)
