@@ -91,11 +91,12 @@ class RegFile:
 
 @dataclass
 class Channel:
-    """A hardware channel: a codec unit with two register files loaded alternately.
+    """A hardware channel: a codec unit with two register files, loaded alternately
+    (an idle channel starts again at file 0).
 
-    Both files only ever hold tasks of one guest at a time (its worker runs them in
-    order, the second the moment the first ends); another guest gets the channel
-    once it is idle."""
+    Both files only ever hold tasks of one guest at a time; its worker runs them in
+    CH_SEQ order, the second the moment the first ends.  Another guest gets the
+    channel once it is idle."""
 
     index: int
     files: tuple[RegFile, RegFile]
@@ -457,6 +458,8 @@ class Device:
                 if run is None or other is None or run.vm_id == g.vm_id or run.seq < other.seq:
                     continue  # not a shadow load of another guest
                 h = self.guests[run.vm_id]
+                if h.dying:
+                    continue  # out of the scheduler already; its reclaim clears the file
                 start = abi.ctrl_start(h.slot + 1)
                 if self.bank.cas32(rf.offset + abi.CH_CTRL, start, Ctrl.IDLE) != start:
                     continue  # the worker claimed it first: it runs
@@ -630,9 +633,9 @@ class Device:
         bank.store32(ch + abi.CH_CTRL, abi.ctrl_start(g.slot + 1))
         other = chan.files[rf.file ^ 1]
         if other.running is not None:
-            # Dekker with the worker's "store DONE; fence; CAS the other file": if the
-            # other file is still RUNNING, the worker claims this one when it ends, so
-            # the kick (and the worker's wake-up) is saved.  Otherwise kick.
+            # Dekker with the worker's "store DONE; fence; look at the channel's files":
+            # if the other file is still RUNNING, the worker claims this one when it
+            # ends, so the kick (and the worker's wake-up) is saved.  Otherwise kick.
             fence()
             if bank.load32(other.offset + abi.CH_CTRL) == Ctrl.RUNNING:
                 self._kicks_saved += 1
