@@ -545,7 +545,10 @@ class Device:
                 st.order = self._stage_order
                 g.staged = st
                 self.scheduler.block(g.vm_id, True)
-                self._revoke_shadows(g, st.channel)
+                if self.scheduler.policy != "fifo":
+                    # Under FIFO the shadow task arrived first and goes first; the
+                    # fair-share policies give the waiting guest its turn instead.
+                    self._revoke_shadows(g, st.channel)
                 continue
             self._start(g, st, ch)
         return progressed
