@@ -525,6 +525,18 @@ class _Session:
         if self.pending_items >= MAX_PENDING_ITEMS or self.pending_bytes >= MAX_PENDING_BYTES:
             raise CodecError(ErrorCode.BUSY, "output backlog: drain pending output first")
 
+    def _open(self) -> VideoCodecContext:
+        raise NotImplementedError
+
+    def _context(self) -> VideoCodecContext:
+        """The session's codec context, opened again if an FFmpeg error dropped it."""
+        if self._ctx is None:
+            try:
+                self._ctx = self._open()
+            except CodecError as exc:
+                raise CodecError(ErrorCode.BACKEND, f"reopen failed: {exc}") from exc
+        return self._ctx
+
     def flush(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
         raise NotImplementedError
 
@@ -567,14 +579,6 @@ class _EncoderSession(_Session):
             ctx.max_b_frames > 0 or ThreadType.FRAME in ctx.thread_type)
         self._fed = 0
         return ctx
-
-    def _context(self) -> VideoCodecContext:
-        if self._ctx is None:
-            try:
-                self._ctx = self._open()
-            except CodecError as exc:
-                raise CodecError(ErrorCode.BACKEND, f"reopen failed: {exc}") from exc
-        return self._ctx
 
     def _layout(self, strides: tuple[int, ...]) -> _InLayout:
         layout = self._layouts.get(strides)
@@ -758,14 +762,6 @@ class _DecoderSession(_Session):
         self._stream_pos = self._parsed_pos = 0
         self._chunk_pts.clear()
         return ctx
-
-    def _context(self) -> VideoCodecContext:
-        if self._ctx is None:
-            try:
-                self._ctx = self._open()
-            except CodecError as exc:
-                raise CodecError(ErrorCode.BACKEND, f"reopen failed: {exc}") from exc
-        return self._ctx
 
     def _stamp(self, packets: list[Packet[Any]]) -> None:
         """Give a parsed packet the pts of the chunk its first byte came from (once)."""

@@ -99,7 +99,7 @@ class Worker:
     def _claim(self, k: int, f: int) -> bool:
         # One CAS claims the file only if hostd started it for this worker.
         mine = self._start_value
-        return self.bank.cas32(abi.channel_offset(k, f) + abi.CH_CTRL, mine, Ctrl.RUNNING) == mine
+        return self.bank.cas32(self._ctrl[k][f], mine, Ctrl.RUNNING) == mine
 
     def _chan(self, k: int) -> _Channel:
         chan = self._chans.get(k)
