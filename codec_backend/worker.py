@@ -123,6 +123,10 @@ class Worker:
                 continue  # hostd revoked it (START -> IDLE): look again
             if inline_only and self.bank.load32(abi.channel_offset(k, f) + abi.CH_PROGRAM) not in _INLINE_OPS:
                 chan.handoff = f
+                # Busy from the hand-off on, not from when the thread gets scheduled:
+                # otherwise the main loop would spin in between, on the codec's CPU.
+                with self._busy_lock:
+                    self._busy += 1
                 chan.wake.put(None)
                 return
             self.run_file(k, f)
@@ -131,18 +135,19 @@ class Worker:
     def _channel_thread(self, k: int, chan: _Channel) -> None:
         while True:
             chan.wake.get()
-            with self._busy_lock:
-                self._busy += 1
-            try:
-                with chan.lock:
-                    f, chan.handoff = chan.handoff, None
+            with chan.lock:
+                f, chan.handoff = chan.handoff, None
+                if f is None:
+                    with self._busy_lock:
+                        self._busy += 1
+                try:
                     if f is not None:
                         self.run_file(k, f)
                         fence()
                     self._serve(k, chan, inline_only=False)
-            finally:
-                with self._busy_lock:
-                    self._busy -= 1
+                finally:
+                    with self._busy_lock:
+                        self._busy -= 1
 
     def _oldest_started(self, k: int) -> int | None:
         """The file of channel ``k`` started for us with the lowest CH_SEQ, if any.

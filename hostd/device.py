@@ -26,7 +26,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,6 +248,11 @@ class Device:
         finally:
             self.stopped.set()
 
+    @property
+    def thread_id(self) -> int | None:
+        """The device thread's kernel thread id (for per-thread CPU accounting)."""
+        return None if self._thread is None else self._thread.native_id
+
     def post(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the device thread (thread-safe).
 
@@ -295,9 +300,13 @@ class Device:
                 self.on_loop()
             if self.state == RunState.STOPPING and self._try_finish_stop():
                 break
+            # One pass handles everything it found (doorbells, then IRQs, then dispatch), so
+            # it is repeated only if something new arrived meanwhile; otherwise this goes
+            # idle at once (_sleep re-checks after publishing NEED_WAKEUP).
             if busy:
                 idle_since = 0
-                continue
+                if self._ready():
+                    continue
             now = monotonic_ns()
             if idle_since == 0:
                 idle_since = now
@@ -351,6 +360,13 @@ class Device:
                 g.region.mapped.store64(abi.REG_HEARTBEAT, now)
         return busy
 
+    def _ready(self, guests: Iterable[Guest] | None = None) -> bool:
+        """Work arrived since the last pass: an IRQ or post, or a rung doorbell."""
+        if self.bank.load32(abi.BANK_HOST_EVENT) != self._ev_seen or not self._events.empty():
+            return True
+        gs = self.guests.values() if guests is None else guests
+        return any(not g.dying and g.region.mapped.load32(abi.REG_DOORBELL) for g in gs)
+
     def _sleep(self) -> None:
         """NEED_WAKEUP handshake: publish the flag, fence, re-check, then futex_waitv."""
         guests = [g for g in self.guests.values() if not g.dying]
@@ -358,12 +374,7 @@ class Device:
         for g in guests:
             g.region.mapped.store32(abi.REG_NEED_WAKEUP, 1)
         fence()
-        ready = (
-            self.bank.load32(abi.BANK_HOST_EVENT) != self._ev_seen
-            or not self._events.empty()
-            or any(g.region.mapped.load32(abi.REG_DOORBELL) for g in guests)
-        )
-        if not ready:
+        if not self._ready(guests):
             words = [(self.bank.address(abi.BANK_HOST_EVENT), self._ev_seen)]
             words += [(g.region.mapped.address(abi.REG_DOORBELL), 0) for g in guests]
             self._sleeps += 1

@@ -365,11 +365,15 @@ def bench_codec(frames: int, quick: bool, json_out: Path | None) -> None:
     res = cbench.run(frames=frames, quick=quick, progress=lambda m: console.print(f"[dim]{m}[/]"))
     save(res, json_out)
     t = Table(title="codec: device fps / direct PyAV fps (same run, same options)")
-    for col in ("case", "direct fps", "device fps", "ratio", "bytes copied/frame"):
+    for col in ("case", "direct fps", "device fps", "ratio", "bytes copied/frame",
+                "CPU us/frame direct", "device: guest + hostd + worker"):
         t.add_column(col)
     for c in res["cases"]:
+        cpu = c["cpu_us_per_frame"]
+        dv = cpu["device"]
         t.add_row(c["case"], f"{c['direct_fps']:.1f}", f"{c['device_fps']:.1f}", f"{c['ratio']:.3f}",
-                  str(c.get("bytes_copied_per_frame", "")))
+                  str(c.get("bytes_copied_per_frame", "")), f"{cpu['direct']['direct']:.0f}",
+                  f"{dv['guest']:.0f} + {dv['hostd']:.0f} + {dv['worker']:.0f} = {dv['total']:.0f}")
     console.print(t)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vmediad.bench.common import machine
+from vmediad.bench.common import cpu_seconds, machine
 
 RING = 30  # distinct input pictures per case (cycled)
 STREAM_DEPTH = 2  # tasks queued per session by encode_stream()/decode_stream()
@@ -197,8 +198,30 @@ def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int) -> tup
     return dt, n
 
 
+def _vm(h: Any, name: str) -> dict[str, Any]:
+    return dict(next(v for v in h.device.statistics()["vms"] if v["name"] == name))
+
+
+def _cpu(h: Any, name: str, guest_tid: int, device: bool) -> dict[str, float]:
+    """CPU seconds so far: the whole process for the direct paths; for the device paths the
+    guest's thread, hostd's device thread and the guest's worker process (its codec threads
+    included).  Read from /proc, so the figures are in clock ticks (10 ms): summed over a
+    case's rounds they are good to about 1 %."""
+    if not device:
+        return {"direct": cpu_seconds()}
+    return {"guest": cpu_seconds(tid=guest_tid), "hostd": cpu_seconds(tid=h.device.thread_id),
+            "worker": cpu_seconds(int(_vm(h, name)["worker_pid"]))}
+
+
+def _per_frame_us(cpu: dict[str, float], frames: int) -> dict[str, float]:
+    out = {k: round(v / max(1, frames) * 1e6, 1) for k, v in cpu.items()}
+    if len(out) > 1:
+        out["total"] = round(sum(out.values()), 1)
+    return out
+
+
 def _copied(h: Any, name: str) -> int:
-    return int(next(v for v in h.device.statistics()["vms"] if v["name"] == name)["bytes_copied"])
+    return int(_vm(h, name)["bytes_copied"])
 
 
 def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] | None = None,
@@ -223,6 +246,7 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
         cfg = Config(socket=Path(d) / "h.sock", region_max=512 << 20, **(hostd_overrides or {}))
         with Hostd(cfg) as h, guestlib.attach(h.socket_path, name="bench", region_size=256 << 20) as dev:
             dev.nop().wait()
+            guest_tid = threading.get_native_id()
             streams: dict[tuple[str, int, int], list[bytes]] = {}
             for case in cases:
                 say(f"{case.name}: generating {RING} pictures")
@@ -237,12 +261,16 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                     sink = np.empty(case.width * case.height * 3 // 2, np.uint8)
                 copied = 0
                 spent = 0.0
+                cpu: dict[str, dict[str, float]] = {path: {} for path in runs}
+                cpu_frames = dict.fromkeys(runs, 0)
                 r = 0
                 # Round 0 warms every path up and is not counted.  Short cases get more
                 # rounds (up to MAX_ROUNDS) until each path has run min_seconds in total.
                 while r <= rounds or (spent < min_seconds and r <= MAX_ROUNDS):
                     fps: dict[str, float] = {}
                     for path in runs:
+                        on_device = path.startswith("device")
+                        c0 = _cpu(h, "bench", guest_tid, on_device)
                         if path == "direct":
                             if case.op == "encode":
                                 dt, n = _direct_encode(ecfg, pics, frames)[0], frames
@@ -252,17 +280,22 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                             dt, n = _direct_decode(decoder_config(case.codec), streams[key], sink)
                         else:
                             depth = STREAM_DEPTH if path == "device" else 0
-                            c0 = _copied(h, "bench")
+                            b0 = _copied(h, "bench")
                             if case.op == "encode":
                                 dt, _ = _device_encode(dev, case, pics, frames, depth)
                                 n = frames
                             else:
                                 dt, n = _device_decode(dev, case, streams[key], depth)
                             if path == "device":
-                                copied = _copied(h, "bench") - c0
+                                copied = _copied(h, "bench") - b0
                         if n != frames:
                             raise RuntimeError(f"{case.name}: {path} gave {n} frames, not {frames}")
                         fps[path] = n / dt
+                        if r:
+                            c1 = _cpu(h, "bench", guest_tid, on_device)
+                            for k, v in c1.items():
+                                cpu[path][k] = cpu[path].get(k, 0.0) + v - c0[k]
+                            cpu_frames[path] += n
                     if r:
                         spent += frames / max(fps.values())
                         for path, v in fps.items():
@@ -278,6 +311,7 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                     "sync_ratio": round(med["device_sync"] / med["direct"], 3),
                     **({"direct_copy_fps": round(med["direct_copy"], 1),
                         "copy_ratio": round(med["direct_copy"] / med["direct"], 3)} if "direct_copy" in med else {}),
+                    "cpu_us_per_frame": {k: _per_frame_us(cpu[k], cpu_frames[k]) for k in runs},
                     "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()},
                 })
     result["machine"]["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after

@@ -24,11 +24,16 @@ def summary_us(samples_s: list[float]) -> dict[str, float]:
             "mean_us": round(statistics.fmean(us), 2) if us else 0.0, "n": len(us)}
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """utime+stime of a process (all threads), from /proc."""
-    path = f"/proc/{pid or os.getpid()}/stat"
-    with open(path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int | None = None, tid: int | None = None) -> float:
+    """utime+stime from /proc: of a whole process (all its threads, also exited ones),
+    or with ``tid`` of that one thread.  0.0 when it is gone."""
+    pid = pid or os.getpid()
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     tick = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tick
 
