@@ -202,15 +202,16 @@ def _vm(h: Any, name: str) -> dict[str, Any]:
     return dict(next(v for v in h.device.statistics()["vms"] if v["name"] == name))
 
 
-def _cpu(h: Any, name: str, guest_tid: int, device: bool) -> dict[str, float]:
-    """CPU seconds so far: the whole process for the direct paths; for the device paths the
-    guest's thread, hostd's device thread and the guest's worker process (its codec threads
-    included).  Read from /proc, so the figures are in clock ticks (10 ms): summed over a
-    case's rounds they are good to about 1 %."""
-    if not device:
+def _cpu(h: Any, guest_tid: int, worker_pid: int | None) -> dict[str, float]:
+    """CPU seconds so far: the whole process for the direct paths (``worker_pid`` None); for
+    the device paths the guest's thread, hostd's device thread and the guest's worker
+    process (its codec threads included).  Read from /proc, so the figures are in clock
+    ticks (10 ms): summed over a case's rounds they are good to about 1 %.  Nothing between
+    two readings may ask hostd for statistics(): that runs on the device thread."""
+    if worker_pid is None:
         return {"direct": cpu_seconds()}
     return {"guest": cpu_seconds(tid=guest_tid), "hostd": cpu_seconds(tid=h.device.thread_id),
-            "worker": cpu_seconds(int(_vm(h, name)["worker_pid"]))}
+            "worker": cpu_seconds(worker_pid)}
 
 
 def _per_frame_us(cpu: dict[str, float], frames: int) -> dict[str, float]:
@@ -269,8 +270,9 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                 while r <= rounds or (spent < min_seconds and r <= MAX_ROUNDS):
                     fps: dict[str, float] = {}
                     for path in runs:
-                        on_device = path.startswith("device")
-                        c0 = _cpu(h, "bench", guest_tid, on_device)
+                        wpid = int(_vm(h, "bench")["worker_pid"]) if path.startswith("device") else None
+                        b0 = _copied(h, "bench")
+                        c0 = _cpu(h, guest_tid, wpid)
                         if path == "direct":
                             if case.op == "encode":
                                 dt, n = _direct_encode(ecfg, pics, frames)[0], frames
@@ -280,19 +282,18 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                             dt, n = _direct_decode(decoder_config(case.codec), streams[key], sink)
                         else:
                             depth = STREAM_DEPTH if path == "device" else 0
-                            b0 = _copied(h, "bench")
                             if case.op == "encode":
                                 dt, _ = _device_encode(dev, case, pics, frames, depth)
                                 n = frames
                             else:
                                 dt, n = _device_decode(dev, case, streams[key], depth)
-                            if path == "device":
-                                copied = _copied(h, "bench") - b0
                         if n != frames:
                             raise RuntimeError(f"{case.name}: {path} gave {n} frames, not {frames}")
                         fps[path] = n / dt
+                        c1 = _cpu(h, guest_tid, wpid)
+                        if path == "device":
+                            copied = _copied(h, "bench") - b0
                         if r:
-                            c1 = _cpu(h, "bench", guest_tid, on_device)
                             for k, v in c1.items():
                                 cpu[path][k] = cpu[path].get(k, 0.0) + v - c0[k]
                             cpu_frames[path] += n
