@@ -6,9 +6,11 @@ with WORKER_CRASHED and respawns the worker.
 
 Mailbox protocol (bank words, see vmediad.abi):
   hostd: program a register file, store CTRL=ctrl_start(slot+1) (release), fence,
-         then kick: fetch-add KICK[slot] and futex-wake it only if NEED_WAKEUP[slot]
-         is set.  It skips the kick when the channel's other file is RUNNING: the
-         worker looks for started files again when that one ends (below).
+         then kick: fetch-add a kick word and futex-wake it only if its NEED_WAKEUP
+         word is set.  A codec task kicks this worker's thread for that channel
+         (channel_kick_offset); NOP/COPY/CRC32 kick the main loop (KICK[slot]),
+         which runs them inline.  hostd skips the kick when the channel's other file
+         is RUNNING: the worker looks for started files again when that one ends.
   worker: CAS CTRL ctrl_start(own slot+1)->RUNNING, execute, write result registers,
           store CTRL=DONE (release), fetch-add HOST_EVENT, futex-wake it only
           if BANK_HOST_NEED_WAKEUP is set; then fence and look for started files of
@@ -19,7 +21,8 @@ One of them sees the other's store, so a shadow program is never left unclaimed.
 
 Order: a session's tasks must run in CH_SEQ order.  Per channel, claims are made
 only under that channel's lock, always of the oldest started file, and a claimed
-codec task runs on the channel's thread before that thread claims anything else.
+codec task runs on the channel's thread before that thread claims anything else
+(the main loop hands one it claimed over, and kicks the thread like hostd does).
 Both sleep sides use "store flag; seq-cst fence; re-check; futex_wait".  Before it
 sleeps, an idle worker spins BANK_WORKER_SPIN pause iterations (hostd's word).
 """
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import signal
 import sys
 import threading
@@ -46,11 +48,12 @@ _INLINE_OPS = frozenset({Op.NOP, Op.COPY, Op.CRC32})
 
 
 class _Channel:
-    """Worker-side state of one channel: its claim lock and its thread's wake-ups."""
+    """Worker-side state of one channel: its claim lock and its thread's doorbell words."""
 
-    def __init__(self) -> None:
+    def __init__(self, kick: int, need_wakeup: int) -> None:
         self.lock = threading.Lock()
-        self.wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.kick = kick  # bank offset: bumped by hostd (codec task started) or the main loop
+        self.need_wakeup = need_wakeup  # bank offset: 1 while the thread may sleep on kick
         self.handoff: int | None = None  # a codec file the main loop claimed for the thread
 
 
@@ -67,7 +70,8 @@ class Worker:
         self.engine = Engine(region.mem, limits, fault_injection=fault_injection)
         self._kick = abi.worker_kick_offset(slot)
         self._need_wakeup = abi.worker_need_wakeup_offset(slot)
-        self._chans: dict[int, _Channel] = {}
+        self._chans = [_Channel(abi.channel_kick_offset(channels, k, slot),
+                                abi.channel_need_wakeup_offset(channels, k, slot)) for k in range(channels)]
         self._ctrl = [(abi.channel_offset(k, 0) + abi.CH_CTRL, abi.channel_offset(k, 1) + abi.CH_CTRL)
                       for k in range(channels)]
         # Channel threads serving codec tasks.  While one does, the main loop does not
@@ -101,13 +105,16 @@ class Worker:
         mine = self._start_value
         return self.bank.cas32(self._ctrl[k][f], mine, Ctrl.RUNNING) == mine
 
-    def _chan(self, k: int) -> _Channel:
-        chan = self._chans.get(k)
-        if chan is None:
-            chan = self._chans[k] = _Channel()
+    def start_channel_threads(self) -> None:
+        for k, chan in enumerate(self._chans):
             threading.Thread(target=self._channel_thread, args=(k, chan), daemon=True,
                              name=f"channel-{k}").start()
-        return chan
+
+    def _ring(self, chan: _Channel) -> None:
+        """The main loop's kick of a channel thread, the same handshake as hostd's."""
+        self.bank.fadd32(chan.kick, 1)
+        if self.bank.load32(chan.need_wakeup):
+            self.bank.futex_wake(chan.kick, 1)
 
     def _serve(self, k: int, chan: _Channel, inline_only: bool) -> None:
         """Claim and run channel ``k``'s started files, oldest first, until none is left.
@@ -117,7 +124,7 @@ class Worker:
         channel thread, which runs it before it claims anything else."""
         while (f := self._oldest_started(k)) is not None:
             if inline_only and chan.handoff is not None:
-                chan.wake.put(None)  # the thread has not taken the last hand-off yet
+                self._ring(chan)  # the thread has not taken the last hand-off yet
                 return
             if not self._claim(k, f):
                 continue  # hostd revoked it (START -> IDLE): look again
@@ -127,27 +134,39 @@ class Worker:
                 # otherwise the main loop would spin in between, on the codec's CPU.
                 with self._busy_lock:
                     self._busy += 1
-                chan.wake.put(None)
+                self._ring(chan)
                 return
             self.run_file(k, f)
             fence()  # Dekker with hostd's "store START; fence; load the other file's CTRL"
 
     def _channel_thread(self, k: int, chan: _Channel) -> None:
+        bank = self.bank
         while True:
-            chan.wake.get()
-            with chan.lock:
-                f, chan.handoff = chan.handoff, None
-                if f is None:
-                    with self._busy_lock:
-                        self._busy += 1
-                try:
-                    if f is not None:
-                        self.run_file(k, f)
-                        fence()
-                    self._serve(k, chan, inline_only=False)
-                finally:
-                    with self._busy_lock:
-                        self._busy -= 1
+            seen = bank.load32(chan.kick)
+            self._serve_thread(k, chan)
+            # Sleep until the next kick: "store NEED_WAKEUP; fence; re-check" here against
+            # the kicker's "bump kick (seq-cst); load NEED_WAKEUP", so a kick is never missed.
+            # A kick that came while serving already changed the word: no sleep then.
+            bank.store32(chan.need_wakeup, 1)
+            fence()
+            if bank.load32(chan.kick) == seen:
+                bank.futex_wait(chan.kick, seen, SLEEP_S)
+            bank.store32(chan.need_wakeup, 0)
+
+    def _serve_thread(self, k: int, chan: _Channel) -> None:
+        with chan.lock:
+            f, chan.handoff = chan.handoff, None
+            if f is None:  # a hand-off was counted busy by the main loop already
+                with self._busy_lock:
+                    self._busy += 1
+            try:
+                if f is not None:
+                    self.run_file(k, f)
+                    fence()
+                self._serve(k, chan, inline_only=False)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
 
     def _oldest_started(self, k: int) -> int | None:
         """The file of channel ``k`` started for us with the lowest CH_SEQ, if any.
@@ -172,8 +191,7 @@ class Worker:
         return 0 if self.bank.load64(c0 + seq) < self.bank.load64(c1 + seq) else 1
 
     def scan(self) -> None:
-        for k in range(self.channels):
-            chan = self._chans.get(k) or self._chan(k)
+        for k, chan in enumerate(self._chans):
             if chan.lock.acquire(blocking=False):
                 try:
                     self._serve(k, chan, inline_only=True)
@@ -181,8 +199,8 @@ class Worker:
                     chan.lock.release()
             elif self._oldest_started(k) is not None:
                 # The channel thread holds it: it serves the channel again before it
-                # waits; the wake-up covers the moment it has just looked and not yet let go.
-                chan.wake.put(None)
+                # sleeps; the kick covers the moment it has just looked and not yet let go.
+                self._ring(chan)
 
     def loop(self) -> None:
         while True:
@@ -222,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     os.close(a.bank_fd)
     limits = {"max_width": 8192, "max_height": 8192, "max_pixels": 35_000_000, "max_sessions": 16}
     limits.update(json.loads(a.limits))
-    Worker(a.slot, a.channels, region, bank, limits, a.fault_injection, a.parent).loop()
+    w = Worker(a.slot, a.channels, region, bank, limits, a.fault_injection, a.parent)
+    w.start_channel_threads()
+    w.loop()
     return 0
 
 

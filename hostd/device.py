@@ -37,7 +37,7 @@ from hostd.config import Config
 from hostd.regions import Region, adopt_region, create_bank, create_region
 from hostd.scheduler import Pending, Scheduler
 from hostd.stats import GuestStats
-from hostd.workers import WorkerHandle, kick_worker, spawn_worker
+from hostd.workers import WorkerHandle, kick_channel, kick_worker, spawn_worker
 from vmediad import abi
 from vmediad.abi import Ctrl, Doorbell, ErrorCode, Op, Status
 from vmediad.errors import GuestFault, InternalError
@@ -654,7 +654,10 @@ class Device:
             if bank.load32(other.offset + abi.CH_CTRL) == Ctrl.RUNNING:
                 self._kicks_saved += 1
                 return
-        kick_worker(bank, g.slot)
+        if prog.opcode in _SHORT_OPS:
+            kick_worker(bank, g.slot)  # the worker's main loop runs these inline
+        else:
+            kick_channel(bank, self.channels_n, k, g.slot)  # straight to the channel's thread
 
     # -- completion -------------------------------------------------------------------
     def _collect_irqs(self) -> bool:

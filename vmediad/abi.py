@@ -481,7 +481,8 @@ CONFIG_PAGE = 4096  # per-file page holding the SESSION_OPEN config hostd copied
 assert CH_PROGRAM + CH_PROGRAM_STRUCT.size <= CH_RESULT
 assert CH_RESULT + CH_RESULT_STRUCT.size <= CH_SIZE
 
-# Register bank: header page, K * CH_FILES register files, then one config page per file.
+# Register bank: header page, K * CH_FILES register files, one config page per file, then one
+# page of channel doorbells per channel.
 BANK_HOST_EVENT = 0x00  # u32: bumped by workers (IRQ) and hostd threads; hostd's futex
 BANK_HOST_NEED_WAKEUP = 0x04  # u32: 1 while hostd may sleep on HOST_EVENT
 # u32, hostd writes, workers read: how long (pause iterations) a worker spins for its next
@@ -497,8 +498,12 @@ def _channels_end(channels: int) -> int:
     return _align(PAGE_SIZE + channels * CH_FILES * CH_SIZE, PAGE_SIZE)
 
 
-def bank_size(channels: int) -> int:
+def _configs_end(channels: int) -> int:
     return _channels_end(channels) + channels * CH_FILES * CONFIG_PAGE
+
+
+def bank_size(channels: int) -> int:
+    return _configs_end(channels) + channels * PAGE_SIZE
 
 
 def channel_offset(index: int, file: int = 0) -> int:
@@ -516,3 +521,18 @@ def worker_kick_offset(slot: int) -> int:
 
 def worker_need_wakeup_offset(slot: int) -> int:
     return worker_kick_offset(slot) + 4
+
+
+# Channel doorbells: per (channel, worker slot) a kick u32 and a need_wakeup u32, on the page
+# of that channel.  hostd kicks the worker's thread for the channel straight away when it
+# starts a codec task there (the worker's main loop takes the short ops).
+CHANNEL_KICK_STRIDE = 8
+assert BANK_MAX_WORKERS * CHANNEL_KICK_STRIDE <= PAGE_SIZE
+
+
+def channel_kick_offset(channels: int, index: int, slot: int) -> int:
+    return _configs_end(channels) + index * PAGE_SIZE + slot * CHANNEL_KICK_STRIDE
+
+
+def channel_need_wakeup_offset(channels: int, index: int, slot: int) -> int:
+    return channel_kick_offset(channels, index, slot) + 4
