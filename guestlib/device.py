@@ -364,6 +364,25 @@ class Device:
         self._ring()
         return Task(self, slot, Op(op) if op in Op._value2member_map_ else op)
 
+    def submit_many(self, descs: list[abi.Descriptor]) -> list[Task]:
+        """Submit descriptors in order, as many per SQ_TAIL store and doorbell as slots allow."""
+        if self._closed:
+            raise DeviceGone("device closed")
+        tasks: list[Task] = []
+        todo = descs
+        while todo:
+            with self._lock:
+                # Take as many slots as are free (at least one) and publish them together.
+                n = max(1, min(len(todo), len(self._free_slots)))
+                for d in todo[:n]:
+                    slot = self._claim_slot(None)
+                    self._write(slot, d)
+                    tasks.append(Task(self, slot, Op(d.opcode) if d.opcode in Op._value2member_map_ else Op.NOP))
+                self._publish()
+            self._ring()
+            todo = todo[n:]
+        return tasks
+
     def submit_raw(self, d: abi.Descriptor) -> Task:
         """Submit a descriptor exactly as given (fuzzing, other-language guests)."""
         with self._lock:
@@ -491,19 +510,8 @@ class Batch:
         return self.add(Op.CRC32, src=(buf.offset, buf.size))
 
     def submit(self) -> list[Task]:
-        dev = self.device
         todo, self._pending = self._pending, []
-        while todo:
-            with dev._lock:
-                # Take as many slots as are free (at least one) and publish them together.
-                n = max(1, min(len(todo), len(dev._free_slots)))
-                for d, op in todo[:n]:
-                    slot = dev._claim_slot(None)
-                    dev._write(slot, d)
-                    self.tasks.append(Task(dev, slot, op))
-                dev._publish()
-            dev._ring()
-            todo = todo[n:]
+        self.tasks += self.device.submit_many([d for d, _op in todo])
         return self.tasks
 
 

@@ -221,6 +221,7 @@ class Device:
         self._sleeps = 0
         self._wakes_sent = 0
         self._kicks_saved = 0  # shadow loads the worker picked up without a kick
+        self._last_short = True  # the last task retired was a NOP/COPY/CRC32 (hostd may spin)
         self._shadow_revokes = 0  # shadow loads taken back for a waiting guest
         self._stage_order = 0
         self._spin_checked_ns = 0
@@ -312,7 +313,10 @@ class Device:
                 idle_since = now
             if self.cfg.poll_only:
                 time.sleep(self.cfg.poll_interval_us / 1e6)
-            elif now - idle_since < spin_ns and not self._codec_busy():
+            # Spin only after a short task: between codec tasks the codec's threads are
+            # still at work (frame threads outlive the task that fed them) and a spinning
+            # hostd takes their CPU (it was a third of hostd's CPU in an H.264 encode stream).
+            elif now - idle_since < spin_ns and self._last_short and not self._codec_busy():
                 os.sched_yield()
             else:
                 self._sleep()
@@ -681,6 +685,7 @@ class Device:
         run = rf.running
         assert run is not None
         rf.running = None
+        self._last_short = run.op in _SHORT_OPS
         self.bank.store32(rf.offset + abi.CH_CTRL, Ctrl.IDLE)
         now = monotonic_ns()
         chan = self.channels[rf.channel]
@@ -929,6 +934,7 @@ class Device:
         run = rf.running
         assert run is not None
         rf.running = None
+        self._last_short = run.op in _SHORT_OPS
         self.bank.store32(rf.offset + abi.CH_CTRL, Ctrl.IDLE)
         self.scheduler.finished(g.vm_id)
         if run.op == Op.SESSION_OPEN:

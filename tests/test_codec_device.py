@@ -510,6 +510,24 @@ def test_streams_give_exactly_what_single_calls_give(dev: Device, sources: list[
     assert dev.heap.available() == heap0  # every buffer the streams took is back
 
 
+def test_deep_streams_sleep_once_per_group_and_lose_nothing(dev: Device, sources: list[Planes]) -> None:
+    """depth 8: the guest waits on every 4th task (the session's tasks end in order) and
+    submits 4 at a time; the output is exactly the one-at-a-time output."""
+    want = encode_all(dev, "h264", sources, bframes=True, gop=8)
+    with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:
+        w0 = dev.wakeups
+        got = list(enc.encode_stream((fill(enc.new_frame(), p) for p in sources), depth=8))
+        sleeps = dev.wakeups - w0
+    assert got == want
+    tasks = len(sources) + 1  # + FLUSH
+    assert sleeps <= -(-tasks // 4) + 1, (sleeps, tasks)  # one futex wake-up per group at most
+    ref = pyav_decode("h264", want)
+    with dev.decoder("h264", parse=False) as dec:
+        w0 = dev.wakeups
+        assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=8)] == ref
+        assert dev.wakeups - w0 <= -(-(len(want) + 1) // 4) + 1
+
+
 def test_stream_no_space_is_lossless(dev: Device, sources: list[Planes]) -> None:
     want = encode_all(dev, "h264", sources, bframes=True, gop=8)
     with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:

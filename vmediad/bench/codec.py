@@ -42,7 +42,7 @@ import numpy.typing as npt
 from vmediad.bench.common import cpu_seconds, machine
 
 RING = 30  # distinct input pictures per case (cycled)
-STREAM_DEPTH = 2  # tasks queued per session by encode_stream()/decode_stream()
+STREAM_DEPTH = 8  # tasks queued per session by encode_stream()/decode_stream() (woken per 4)
 ROUNDS = 3
 MIN_SECONDS = 3.0  # per side and case: short cases get more rounds
 MAX_ROUNDS = 15
