@@ -72,7 +72,7 @@ class Worker:
         self._need_wakeup = abi.worker_need_wakeup_offset(slot)
         self._chans = [_Channel(abi.channel_kick_offset(channels, k, slot),
                                 abi.channel_need_wakeup_offset(channels, k, slot)) for k in range(channels)]
-        self._ctrl = [(abi.channel_offset(k, 0) + abi.CH_CTRL, abi.channel_offset(k, 1) + abi.CH_CTRL)
+        self._ctrl = [tuple(abi.channel_offset(k, f) + abi.CH_CTRL for f in range(abi.CH_FILES))
                       for k in range(channels)]
         # Channel threads serving codec tasks.  While one does, the main loop does not
         # spin for the next kick: it could not come before the task ends, and on a
@@ -171,24 +171,26 @@ class Worker:
     def _oldest_started(self, k: int) -> int | None:
         """The file of channel ``k`` started for us with the lowest CH_SEQ, if any.
 
-        A file that was not started at the first look is looked at again after the
-        other was seen started: hostd stores START in CH_SEQ order, so once a file is
-        seen started (acquire), any older start is visible to a later load."""
+        Files not started at the first look are looked at again once one was seen
+        started: hostd stores START in CH_SEQ order, so once a file is seen started
+        (acquire), every older start is visible to a later load.  (A start newer than
+        all seen may still be missed; it is not the oldest.)"""
         mine = self._start_value
         load32 = self.bank.load32
-        c0, c1 = self._ctrl[k]
-        s0, s1 = load32(c0) == mine, load32(c1) == mine
-        if not (s0 or s1):
+        ctrl = self._ctrl[k]
+        started = [load32(c) == mine for c in ctrl]
+        if not any(started):
             return None
-        if s0 != s1:  # one seen started: the other may have been started before it since
-            if s0:
-                s1 = load32(c1) == mine
-            else:
-                s0 = load32(c0) == mine
-            if s0 != s1:
-                return 0 if s0 else 1
+        if not all(started):
+            started = [s or load32(c) == mine for s, c in zip(started, ctrl, strict=True)]
         seq = abi.CH_SEQ - abi.CH_CTRL
-        return 0 if self.bank.load64(c0 + seq) < self.bank.load64(c1 + seq) else 1
+        best, best_seq = -1, 0
+        for f, s in enumerate(started):
+            if s:
+                q = self.bank.load64(ctrl[f] + seq)
+                if best < 0 or q < best_seq:
+                    best, best_seq = f, q
+        return best
 
     def scan(self) -> None:
         for k, chan in enumerate(self._chans):

@@ -91,15 +91,15 @@ class RegFile:
 
 @dataclass
 class Channel:
-    """A hardware channel: a codec unit with two register files, loaded alternately
-    (an idle channel starts again at file 0).
+    """A hardware channel: a codec unit with abi.CH_FILES register files, loaded in ring
+    order (an idle channel starts again at file 0).
 
-    Both files only ever hold tasks of one guest at a time; its worker runs them in
-    CH_SEQ order, the second the moment the first ends.  Another guest gets the
-    channel once it is idle."""
+    Its loaded files only ever hold tasks of one guest at a time; its worker runs them
+    in CH_SEQ order, each the moment the one before ends, while hostd refills the files
+    that have ended.  Another guest gets the channel once it is idle."""
 
     index: int
-    files: tuple[RegFile, RegFile]
+    files: tuple[RegFile, ...]
     next_file: int = 0
     bound_sessions: int = 0
     busy_ns: int = 0
@@ -108,11 +108,11 @@ class Channel:
 
     @classmethod
     def new(cls, index: int) -> Channel:
-        return cls(index, (RegFile(index, 0), RegFile(index, 1)))
+        return cls(index, tuple(RegFile(index, f) for f in range(abi.CH_FILES)))
 
     @property
     def idle(self) -> bool:
-        return self.files[0].running is None and self.files[1].running is None
+        return all(f.running is None for f in self.files)
 
     def loaded(self) -> list[Running]:
         """The tasks programmed into this channel, oldest first."""
@@ -123,8 +123,7 @@ class Channel:
         f = self.files[self.next_file]
         if f.running is not None:
             return None
-        other = self.files[self.next_file ^ 1].running
-        return f if other is None or other.vm_id == vm_id else None
+        return f if all(o.running is None or o.running.vm_id == vm_id for o in self.files) else None
 
 
 @dataclass
@@ -468,22 +467,29 @@ class Device:
         the head of the guest's queue, so a waiting guest waits for at most the one task
         running on a channel, never for the one queued behind it."""
         for chan in self.channels if channel is None else [self.channels[channel]]:
-            for rf in chan.files:
-                run, other = rf.running, chan.files[rf.file ^ 1].running
-                if run is None or other is None or run.vm_id == g.vm_id or run.seq < other.seq:
-                    continue  # not a shadow load of another guest
-                h = self.guests[run.vm_id]
-                if h.dying:
-                    continue  # out of the scheduler already; its reclaim clears the file
-                start = abi.ctrl_start(h.slot + 1)
+            loaded = sorted((f for f in chan.files if f.running is not None),
+                            key=lambda f: f.running.seq if f.running else 0)
+            if len(loaded) < 2 or loaded[0].running is None or loaded[0].running.vm_id == g.vm_id:
+                continue  # no shadow load, or only g's own
+            h = self.guests[loaded[0].running.vm_id]
+            if h.dying:
+                continue  # out of the scheduler already; its reclaim clears the files
+            start = abi.ctrl_start(h.slot + 1)
+            back: list[Pending] = []
+            # Newest first: the worker claims in CH_SEQ order, so once a claim wins the
+            # race, every older file is claimed too.  The ring stays contiguous.
+            for rf in reversed(loaded[1:]):
+                run = rf.running
+                assert run is not None
                 if self.bank.cas32(rf.offset + abi.CH_CTRL, start, Ctrl.IDLE) != start:
-                    continue  # the worker claimed it first: it runs
+                    break  # the worker claimed it first: it runs
                 rf.running = None
                 chan.next_file = rf.file
                 self._shadow_revokes += 1
-                back = [Pending(h.vm_id, run.slot, run.arrival)]
+                back.append(Pending(h.vm_id, run.slot, run.arrival))
                 if run.op == Op.SESSION_OPEN:
                     self._unbind(h, run.session)
+            if back:
                 if h.staged is not None:
                     st, h.staged = h.staged, None
                     if st.prog.opcode == Op.SESSION_OPEN:
@@ -628,7 +634,7 @@ class Device:
         chan = self.channels[k]
         rf = chan.free_file(g.vm_id)
         assert rf is not None
-        chan.next_file ^= 1
+        chan.next_file = (rf.file + 1) % abi.CH_FILES
         ch = rf.offset
         bank = self.bank
         if st.config:
@@ -649,13 +655,13 @@ class Device:
         )
         # Release: the registers above are visible first.  Only worker g.slot+1 can claim it.
         bank.store32(ch + abi.CH_CTRL, abi.ctrl_start(g.slot + 1))
-        other = chan.files[rf.file ^ 1]
-        if other.running is not None:
+        others = [o.offset for o in chan.files if o is not rf and o.running is not None]
+        if others:
             # Dekker with the worker's "store DONE; fence; look at the channel's files":
-            # if the other file is still RUNNING, the worker claims this one when it
+            # if another file is still RUNNING, the worker claims this one when that one
             # ends, so the kick (and the worker's wake-up) is saved.  Otherwise kick.
             fence()
-            if bank.load32(other.offset + abi.CH_CTRL) == Ctrl.RUNNING:
+            if any(bank.load32(off + abi.CH_CTRL) == Ctrl.RUNNING for off in others):
                 self._kicks_saved += 1
                 return
         if prog.opcode in _SHORT_OPS:
@@ -934,7 +940,6 @@ class Device:
         run = rf.running
         assert run is not None
         rf.running = None
-        self._last_short = run.op in _SHORT_OPS
         self.bank.store32(rf.offset + abi.CH_CTRL, Ctrl.IDLE)
         self.scheduler.finished(g.vm_id)
         if run.op == Op.SESSION_OPEN:
@@ -1097,7 +1102,7 @@ class Device:
         return {"index": c.index, "busy": head is not None,
                 "vm": head.vm_id if head else None,
                 "op": head.op.name if head else None,
-                "loaded": len(loaded),  # 2: a task waits in the shadow file
+                "loaded": len(loaded),  # > 1: tasks wait in shadow files
                 "bound_sessions": c.bound_sessions, "tasks": c.tasks,
                 "busy_seconds": round((c.busy_ns + (now - max(head.dispatch_ns, c.busy_until) if head else 0))
                                       / 1e9, 6)}

@@ -440,12 +440,12 @@ def out_table_size(kind: int, count: int) -> int:
 
 
 # --- channel register files (host <-> codec worker; never guest-visible) ----
-# Each hardware channel has CH_FILES 256-byte register files that hostd programs
-# alternately (file 0, 1, 0, ...): while the codec unit runs the program in one
-# file, hostd loads the next task of the same worker into the other (the shadow),
-# and the worker starts it the moment it stores DONE for the first, with no round
-# trip through hostd.  A channel's files only ever hold one worker's tasks at a
-# time, and that worker runs them in the order they were programmed (CH_SEQ).
+# Each hardware channel has CH_FILES 256-byte register files that hostd programs in
+# ring order (file 0, 1, 2, 3, 0, ...): while the codec unit runs the program in one
+# file, hostd loads the next tasks of the same worker into the others (the shadows),
+# and the worker starts the next the moment it stores DONE for the one before, with
+# no round trip through hostd.  A channel's files only ever hold one worker's tasks
+# at a time, and that worker runs them in the order they were programmed (CH_SEQ).
 class Ctrl(enum.IntEnum):
     IDLE = 0
     START = 1  # hostd: registers programmed, worker may run
@@ -467,7 +467,10 @@ def ctrl_is_start(value: int) -> bool:
     return value & 0xFF == Ctrl.START
 
 
-CH_FILES = 2  # register files per hardware channel: the running program and its shadow
+# Register files per hardware channel: the running program and up to three shadows.  One
+# shadow is not enough: a frame-threaded codec call can end before hostd, woken by the
+# previous DONE, has refilled the file that one freed, and the channel then idles.
+CH_FILES = 4
 CH_SIZE = 256
 CH_CTRL = 0x00  # u32 Ctrl; hostd stores ctrl_start(owner) (release), the owner CASes RUNNING, stores DONE
 CH_OWNER = 0x04  # u32 worker slot + 1 that may run this file
@@ -507,7 +510,7 @@ def bank_size(channels: int) -> int:
 
 
 def channel_offset(index: int, file: int = 0) -> int:
-    """Register file ``file`` (0 or 1) of hardware channel ``index``."""
+    """Register file ``file`` (0 .. CH_FILES - 1) of hardware channel ``index``."""
     return PAGE_SIZE + (index * CH_FILES + file) * CH_SIZE
 
 
