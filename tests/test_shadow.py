@@ -8,6 +8,7 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 import guestlib
 from codec_backend.worker import Worker
@@ -62,6 +63,33 @@ def test_worker_runs_both_files_in_seq_order_whatever_file_holds_the_older_task(
         me.scan()
         assert bank.load32(abi.channel_offset(0, 0) + abi.CH_CTRL) == Ctrl.DONE
         assert bank.load32(abi.channel_offset(0, 1) + abi.CH_CTRL) == abi.ctrl_start(2)
+    finally:
+        region.close()
+        bank.close()
+        os.close(rfd)
+        os.close(bfd)
+
+
+def test_worker_with_four_files_runs_them_in_seq_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim rule is not tied to two files: with four, loaded out of file order, the
+    worker still runs them oldest CH_SEQ first (each CRC32 sees the COPY before it)."""
+    monkeypatch.setattr(abi, "CH_FILES", 4)
+    size = 1 << 20
+    rfd, bfd = create_memfd("t-region", size), create_memfd("t-bank", abi.bank_size(1))
+    region, bank = MappedRegion(rfd, size), MappedRegion(bfd, abi.bank_size(1))
+    try:
+        me = Worker(0, 1, region, bank, LIMITS, False, os.getppid())
+        a, b = os.urandom(4096), os.urandom(4096)
+        region.mem[8192:8192 + 4096], region.mem[16384:16384 + 4096] = a, b
+        plan = [(2, 1, Op.COPY, (8192, 4096), (65536, 4096)), (0, 2, Op.CRC32, (65536, 4096), (0, 0)),
+                (3, 3, Op.COPY, (16384, 4096), (65536, 4096)), (1, 4, Op.CRC32, (65536, 4096), (0, 0))]
+        for f, seq, op, src, dst in reversed(plan):  # stored newest first
+            _program(bank, 0, f, seq, 1, op, src, dst)
+        me.scan()
+        crc = [abi.CH_RESULT_STRUCT.unpack_from(bank.mem, abi.channel_offset(0, f) + abi.CH_RESULT)[0]
+               for f in (0, 1)]
+        assert crc == [zlib.crc32(a), zlib.crc32(b)]
+        assert all(bank.load32(abi.channel_offset(0, f) + abi.CH_CTRL) == Ctrl.DONE for f in range(4))
     finally:
         region.close()
         bank.close()

@@ -441,7 +441,7 @@ def out_table_size(kind: int, count: int) -> int:
 
 # --- channel register files (host <-> codec worker; never guest-visible) ----
 # Each hardware channel has CH_FILES 256-byte register files that hostd programs in
-# ring order (file 0, 1, 2, 3, 0, ...): while the codec unit runs the program in one
+# ring order (file 0, 1, 0, 1, ...): while the codec unit runs the program in one
 # file, hostd loads the next tasks of the same worker into the others (the shadows),
 # and the worker starts the next the moment it stores DONE for the one before, with
 # no round trip through hostd.  A channel's files only ever hold one worker's tasks
@@ -467,10 +467,9 @@ def ctrl_is_start(value: int) -> bool:
     return value & 0xFF == Ctrl.START
 
 
-# Register files per hardware channel: the running program and up to three shadows.  One
-# shadow is not enough: a frame-threaded codec call can end before hostd, woken by the
-# previous DONE, has refilled the file that one freed, and the channel then idles.
-CH_FILES = 4
+# Register files per hardware channel: the running program and its shadow.  hostd and the
+# worker handle any number; 4 measured no better than 2 (docs/benchmarks.md).
+CH_FILES = 2
 CH_SIZE = 256
 CH_CTRL = 0x00  # u32 Ctrl; hostd stores ctrl_start(owner) (release), the owner CASes RUNNING, stores DONE
 CH_OWNER = 0x04  # u32 worker slot + 1 that may run this file
