@@ -9,7 +9,9 @@ on the same decoder (use ``Frame.copy()`` to keep one).
 ``encode()``/``decode()`` run one task at a time.  ``encode_stream()`` and
 ``decode_stream()`` keep ``depth`` tasks queued on the session (each with its
 own output buffer), so the device starts the next frame as soon as one ends
-instead of waiting for the guest's round trip: use them for throughput.
+instead of waiting for the guest's round trip: use them for throughput.  They
+wait and submit ``depth // 2`` tasks at a time: at depth 8 the guest sleeps
+and rings the doorbell once per 4 frames (``vmediad bench codec`` streams at 8).
 """
 
 from __future__ import annotations
