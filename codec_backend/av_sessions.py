@@ -909,8 +909,9 @@ class _DecoderSession(_Session):
             offs = [0, 0, 0]
             strides = [0, 0, 0]
             plane_off = 0
+            planes = frame.planes  # PyAV builds new plane objects on every access
             for i, (rows, row_bytes) in enumerate(shapes):
-                plane = frame.planes[i]
+                plane = planes[i]
                 line = plane.line_size
                 if line < row_bytes:
                     raise CodecError(ErrorCode.BACKEND, "decoded plane narrower than its format")
