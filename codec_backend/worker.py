@@ -9,14 +9,14 @@ Mailbox protocol (bank words, see vmediad.abi):
          then kick: fetch-add a kick word and futex-wake it only if its NEED_WAKEUP
          word is set.  A codec task kicks this worker's thread for that channel
          (channel_kick_offset); NOP/COPY/CRC32 kick the main loop (KICK[slot]),
-         which runs them inline.  hostd skips the kick when the channel's other file
-         is RUNNING: the worker looks for started files again when that one ends.
+         which runs them inline.  hostd skips the kick when another file of the
+         channel is RUNNING: the worker looks for started files again when that one ends.
   worker: CAS CTRL ctrl_start(own slot+1)->RUNNING, execute, write result registers,
           store CTRL=DONE (release), fetch-add HOST_EVENT, futex-wake it only
           if BANK_HOST_NEED_WAKEUP is set; then fence and look for started files of
           that channel again, and run the oldest (lowest CH_SEQ) at once.
 The skip and the look after DONE are the two halves of a Dekker handshake: hostd
-"store START; fence; load other CTRL", the worker "store DONE; fence; load CTRLs".
+"store START; fence; load the other CTRLs", the worker "store DONE; fence; load CTRLs".
 One of them sees the other's store, so a shadow program is never left unclaimed.
 
 Order: a session's tasks must run in CH_SEQ order.  Per channel, claims are made
