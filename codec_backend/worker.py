@@ -96,9 +96,7 @@ class Worker:
             self.bank.mem, ch + abi.CH_RESULT, out.result, out.result_len, out.error, 0, out.copied
         )
         self.bank.store32(ch + abi.CH_CTRL, Ctrl.DONE)  # release: publishes the results above
-        self.bank.fadd32(abi.BANK_HOST_EVENT, 1)
-        if self.bank.load32(abi.BANK_HOST_NEED_WAKEUP):
-            self.bank.futex_wake(abi.BANK_HOST_EVENT, 1)
+        self.bank.kick(abi.BANK_HOST_EVENT, abi.BANK_HOST_NEED_WAKEUP)  # the IRQ
 
     def _claim(self, k: int, f: int) -> bool:
         # One CAS claims the file only if hostd started it for this worker.
@@ -112,9 +110,7 @@ class Worker:
 
     def _ring(self, chan: _Channel) -> None:
         """The main loop's kick of a channel thread, the same handshake as hostd's."""
-        self.bank.fadd32(chan.kick, 1)
-        if self.bank.load32(chan.need_wakeup):
-            self.bank.futex_wake(chan.kick, 1)
+        self.bank.kick(chan.kick, chan.need_wakeup)
 
     def _serve(self, k: int, chan: _Channel, inline_only: bool) -> None:
         """Claim and run channel ``k``'s started files, oldest first, until none is left.
@@ -137,21 +133,15 @@ class Worker:
                 self._ring(chan)
                 return
             self.run_file(k, f)
-            fence()  # Dekker with hostd's "store START; fence; load the other file's CTRL"
+            fence()  # Dekker with hostd's "store START; fence; load the other files' CTRLs"
 
     def _channel_thread(self, k: int, chan: _Channel) -> None:
         bank = self.bank
         while True:
             seen = bank.load32(chan.kick)
             self._serve_thread(k, chan)
-            # Sleep until the next kick: "store NEED_WAKEUP; fence; re-check" here against
-            # the kicker's "bump kick (seq-cst); load NEED_WAKEUP", so a kick is never missed.
             # A kick that came while serving already changed the word: no sleep then.
-            bank.store32(chan.need_wakeup, 1)
-            fence()
-            if bank.load32(chan.kick) == seen:
-                bank.futex_wait(chan.kick, seen, SLEEP_S)
-            bank.store32(chan.need_wakeup, 0)
+            bank.sleep_on(chan.kick, chan.need_wakeup, seen, SLEEP_S)
 
     def _serve_thread(self, k: int, chan: _Channel) -> None:
         with chan.lock:
@@ -211,11 +201,7 @@ class Worker:
             if not self._busy and (spins := self.bank.load32(abi.BANK_WORKER_SPIN)) \
                     and self.bank.spin32(self._kick, seen, spins) != seen:
                 continue
-            self.bank.store32(self._need_wakeup, 1)
-            fence()
-            if self.bank.load32(self._kick) == seen:
-                self.bank.futex_wait(self._kick, seen, SLEEP_S)
-            self.bank.store32(self._need_wakeup, 0)
+            self.bank.sleep_on(self._kick, self._need_wakeup, seen, SLEEP_S)
             if os.getppid() != self.parent:
                 return  # hostd is gone; PDEATHSIG normally got here first
 

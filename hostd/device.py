@@ -263,9 +263,7 @@ class Device:
             if self._closed:
                 return  # the device is gone: nobody would run fn
             self._events.put(fn)
-            self.bank.fadd32(abi.BANK_HOST_EVENT, 1)
-            if self.bank.load32(abi.BANK_HOST_NEED_WAKEUP):
-                self.bank.futex_wake(abi.BANK_HOST_EVENT, 1)
+            self.bank.kick(abi.BANK_HOST_EVENT, abi.BANK_HOST_NEED_WAKEUP)
 
     def request_stop(self) -> None:
         self.post(self._begin_stop)

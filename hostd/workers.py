@@ -75,17 +75,9 @@ def spawn_worker(*, slot: int, vm_id: int, generation: int, region_fd: int, regi
 
 def kick_worker(bank: MappedRegion, slot: int) -> None:
     """Tell worker ``slot`` a channel is programmed; a syscall only if it sleeps."""
-    bank.fadd32(abi.worker_kick_offset(slot), 1)
-    if bank.load32(abi.worker_need_wakeup_offset(slot)):
-        bank.futex_wake(abi.worker_kick_offset(slot), 1)
+    bank.kick(abi.worker_kick_offset(slot), abi.worker_need_wakeup_offset(slot))
 
 
 def kick_channel(bank: MappedRegion, channels: int, index: int, slot: int) -> None:
-    """Tell worker ``slot``'s thread for channel ``index`` that a codec task is programmed there.
-
-    fadd is seq-cst: the NEED_WAKEUP load cannot pass it (the thread stores NEED_WAKEUP,
-    fences, then re-reads the kick word before it sleeps)."""
-    kick = abi.channel_kick_offset(channels, index, slot)
-    bank.fadd32(kick, 1)
-    if bank.load32(kick + 4):
-        bank.futex_wake(kick, 1)
+    """Tell worker ``slot``'s thread for channel ``index`` that a codec task is programmed there."""
+    bank.kick(abi.channel_kick_offset(channels, index, slot), abi.channel_need_wakeup_offset(channels, index, slot))

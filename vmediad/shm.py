@@ -89,6 +89,25 @@ class MappedRegion:
     def address(self, off: int) -> int:
         return self._addr(off, 4)
 
+    # The NEED_WAKEUP handshake, used for every sleeper woken through a counter word:
+    # the kicker bumps the word (seq-cst) and then loads the sleeper's flag; the sleeper
+    # stores its flag, fences, and re-reads the word before it sleeps.  One of the two
+    # sees the other's store, so a kick is never missed and costs no syscall while the
+    # sleeper is awake.
+    def kick(self, word: int, need_wakeup: int) -> None:
+        """Bump ``word`` and futex-wake one sleeper on it only if it published ``need_wakeup``."""
+        self.fadd32(word, 1)
+        if self.load32(need_wakeup):
+            self.futex_wake(word, 1)
+
+    def sleep_on(self, word: int, need_wakeup: int, seen: int, timeout: float) -> None:
+        """Sleep until ``word`` differs from ``seen`` (or ``timeout``), publishing ``need_wakeup``."""
+        self.store32(need_wakeup, 1)
+        fence()
+        if self.load32(word) == seen:
+            self.futex_wait(word, seen, timeout)
+        self.store32(need_wakeup, 0)
+
 
 def fence() -> None:
     lib.vm_fence()
