@@ -492,12 +492,12 @@ def _fields(d: abi.Descriptor) -> tuple[int, ...]:
 class Batch:
     def __init__(self, dev: Device) -> None:
         self.device = dev
-        self._pending: list[tuple[abi.Descriptor, Op]] = []
+        self._pending: list[abi.Descriptor] = []
         self.tasks: list[Task] = []
 
     def add(self, op: Op, *, flags: int = 0, session: int = 0, src: tuple[int, int] = (0, 0),
             dst: tuple[int, int] = (0, 0), args: tuple[int, int, int, int] = (0, 0, 0, 0)) -> int:
-        self._pending.append((abi.Descriptor(0, int(op), flags, session, *src, *dst, *args), op))
+        self._pending.append(abi.Descriptor(0, int(op), flags, session, *src, *dst, *args))
         return len(self._pending) - 1
 
     def nop(self) -> int:
@@ -511,7 +511,7 @@ class Batch:
 
     def submit(self) -> list[Task]:
         todo, self._pending = self._pending, []
-        self.tasks += self.device.submit_many([d for d, _op in todo])
+        self.tasks += self.device.submit_many(todo)
         return self.tasks
 
 

@@ -114,9 +114,14 @@ class Channel:
     def idle(self) -> bool:
         return all(f.running is None for f in self.files)
 
+    def loaded_files(self) -> list[RegFile]:
+        """The files holding a programmed task, oldest task first."""
+        return sorted((f for f in self.files if f.running is not None),
+                      key=lambda f: f.running.seq if f.running is not None else 0)
+
     def loaded(self) -> list[Running]:
         """The tasks programmed into this channel, oldest first."""
-        return sorted((f.running for f in self.files if f.running is not None), key=lambda r: r.seq)
+        return [f.running for f in self.loaded_files() if f.running is not None]
 
     def free_file(self, vm_id: int) -> RegFile | None:
         """The file a task of guest ``vm_id`` may be loaded into now, if any."""
@@ -465,8 +470,7 @@ class Device:
         the head of the guest's queue, so a waiting guest waits for at most the one task
         running on a channel, never for the one queued behind it."""
         for chan in self.channels if channel is None else [self.channels[channel]]:
-            loaded = sorted((f for f in chan.files if f.running is not None),
-                            key=lambda f: f.running.seq if f.running else 0)
+            loaded = chan.loaded_files()
             if len(loaded) < 2 or loaded[0].running is None or loaded[0].running.vm_id == g.vm_id:
                 continue  # no shadow load, or only g's own
             h = self.guests[loaded[0].running.vm_id]

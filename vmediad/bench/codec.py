@@ -275,8 +275,8 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                 while r <= rounds or (spent < min_seconds and r <= MAX_ROUNDS):
                     fps: dict[str, float] = {}
                     for path in runs:
-                        wpid = int(_vm(h, "bench")["worker_pid"]) if path.startswith("device") else None
-                        b0 = _copied(h, "bench")
+                        vm0 = _vm(h, "bench") if path.startswith("device") else None
+                        wpid = None if vm0 is None else int(vm0["worker_pid"])
                         c0 = _cpu(h, guest_tid, wpid)
                         if path == "direct":
                             if case.op == "encode":
@@ -296,8 +296,8 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                             raise RuntimeError(f"{case.name}: {path} gave {n} frames, not {frames}")
                         fps[path] = n / dt
                         c1 = _cpu(h, guest_tid, wpid)
-                        if path == "device":
-                            copied = _copied(h, "bench") - b0
+                        if path == "device" and vm0 is not None:
+                            copied = _copied(h, "bench") - int(vm0["bytes_copied"])
                         if r:
                             for k, v in c1.items():
                                 cpu[path][k] = cpu[path].get(k, 0.0) + v - c0[k]
