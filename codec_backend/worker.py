@@ -15,6 +15,8 @@ Mailbox protocol (bank words, see vmediad.abi):
           store CTRL=DONE (release), fetch-add HOST_EVENT, futex-wake it only
           if BANK_HOST_NEED_WAKEUP is set; then fence and look for started files of
           that channel again, and run the oldest (lowest CH_SEQ) at once.
+          After a codec task, the IRQ (HOST_EVENT) is skipped while BANK_IRQ_HOLDOFF
+          or more other files of the channel are started: a later task's IRQ reports it.
 The skip and the look after DONE are the two halves of a Dekker handshake: hostd
 "store START; fence; load the other CTRLs", the worker "store DONE; fence; load CTRLs".
 One of them sees the other's store, so a shadow program is never left unclaimed.
@@ -79,6 +81,7 @@ class Worker:
         # small machine spinning takes CPU from the codec.
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self.irqs_held = 0  # codec tasks whose IRQ a later task's raised (BANK_IRQ_HOLDOFF)
 
     def run_file(self, k: int, f: int) -> None:
         ch = abi.channel_offset(k, f)
@@ -96,6 +99,14 @@ class Worker:
             self.bank.mem, ch + abi.CH_RESULT, out.result, out.result_len, out.error, 0, out.copied
         )
         self.bank.store32(ch + abi.CH_CTRL, Ctrl.DONE)  # release: publishes the results above
+        if prog[0] not in _INLINE_OPS and (hold := self.bank.load32(abi.BANK_IRQ_HOLDOFF)):
+            # Dekker with hostd's revocation "CAS START->IDLE; (next pass) load CTRLs": a
+            # file seen started here is run by this thread before it sleeps, or was revoked
+            # by a hostd that then sees this DONE.  Either way the result is not stranded.
+            fence()
+            if self._started(k) >= hold:
+                self.irqs_held += 1
+                return
         self.bank.kick(abi.BANK_HOST_EVENT, abi.BANK_HOST_NEED_WAKEUP)  # the IRQ
 
     def _claim(self, k: int, f: int) -> bool:
@@ -157,6 +168,10 @@ class Worker:
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+
+    def _started(self, k: int) -> int:
+        mine = self._start_value
+        return sum(1 for c in self._ctrl[k] if self.bank.load32(c) == mine)
 
     def _oldest_started(self, k: int) -> int | None:
         """The file of channel ``k`` started for us with the lowest CH_SEQ, if any.

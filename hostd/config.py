@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from vmediad import abi
 from vmediad.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmediad/config.toml")
@@ -57,6 +58,9 @@ class Config:
     poll_interval_us: int = 200
     worker_recycle_tasks: int = 0  # 0: never recycle by count
     worker_recycle_rss_mb: int = 0  # 0: never recycle by RSS
+    # Interrupt moderation (abi.BANK_IRQ_HOLDOFF): a worker raises no IRQ for a finished
+    # codec task while this many more files of its channel are started; 0: one per task.
+    worker_irq_holdoff: int = 2
     shutdown_grace_s: float = 5.0
     fault_injection: bool = False  # tests only: a marker buffer makes a worker SIGSEGV
 
@@ -76,9 +80,10 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
                "named_regions", "max_inflight_per_guest", "max_sessions_per_guest", "max_width",
                "max_height", "max_pixels"),
     "scheduler": ("policy", "weights"),
-    "workers": ("recycle_tasks", "recycle_rss_mb"),
+    "workers": ("recycle_tasks", "recycle_rss_mb", "irq_holdoff"),
 }
-_RENAMES = {"workers.recycle_tasks": "worker_recycle_tasks", "workers.recycle_rss_mb": "worker_recycle_rss_mb"}
+_RENAMES = {"workers.recycle_tasks": "worker_recycle_tasks", "workers.recycle_rss_mb": "worker_recycle_rss_mb",
+            "workers.irq_holdoff": "worker_irq_holdoff"}
 
 
 def _coerce(key: str, name: str, value: Any) -> Any:
@@ -158,6 +163,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.policy in POLICIES, "scheduler.policy", f"must be one of {', '.join(POLICIES)}")
     need(cfg.worker_recycle_tasks >= 0, "workers.recycle_tasks", "must be >= 0")
     need(cfg.worker_recycle_rss_mb >= 0, "workers.recycle_rss_mb", "must be >= 0")
+    need(0 <= cfg.worker_irq_holdoff < abi.CH_FILES, "workers.irq_holdoff",
+         f"must be 0 (an IRQ per task) to {abi.CH_FILES - 1} (files per channel - 1)")
     return cfg
 
 

@@ -227,11 +227,14 @@ class Device:
         self._kicks_saved = 0  # shadow loads the worker picked up without a kick
         self._last_short = True  # the last task retired was a NOP/COPY/CRC32 (hostd may spin)
         self._shadow_revokes = 0  # shadow loads taken back for a waiting guest
+        self._collects = 0  # passes that found finished files
+        self._files_retired = 0  # ... and how many (a worker may hold back IRQs: BANK_IRQ_HOLDOFF)
         self._stage_order = 0
         self._spin_checked_ns = 0
         self._active_guests = 0  # guests that submitted within ACTIVE_WINDOW_NS (refreshed every ms)
         self._worker_spins = WORKER_SPINS
         self.bank.store32(abi.BANK_WORKER_SPIN, WORKER_SPINS)
+        self.bank.store32(abi.BANK_IRQ_HOLDOFF, cfg.worker_irq_holdoff)
         self.on_loop: Callable[[], None] | None = None  # e.g. the systemd watchdog ping
         self._thread: threading.Thread | None = None
         self._post_lock = threading.Lock()
@@ -673,7 +676,7 @@ class Device:
 
     # -- completion -------------------------------------------------------------------
     def _collect_irqs(self) -> bool:
-        done = False
+        done = 0
         for rf in self.files:
             if rf.running is None:
                 continue
@@ -685,8 +688,11 @@ class Device:
             )
             self._retire(rf, ErrorCode(error) if error in ErrorCode._value2member_map_ else ErrorCode.BACKEND,
                          result, result_len, copied)
-            done = True
-        return done
+            done += 1
+        if done:
+            self._collects += 1  # with IRQ moderation one pass retires several files
+            self._files_retired += done
+        return done > 0
 
     def _retire(self, rf: RegFile, error: ErrorCode, result: int = 0, result_len: int = 0,
                 copied: int = 0) -> None:
@@ -1146,7 +1152,8 @@ class Device:
             "vms": vms,
             "loop": {"iterations": self._loop_iterations, "sleeps": self._sleeps, "wakes_sent": self._wakes_sent,
                      "kicks_saved": self._kicks_saved, "shadow_revokes": self._shadow_revokes,
-                     "worker_spins": self._worker_spins},
+                     "worker_spins": self._worker_spins, "irq_holdoff": self.cfg.worker_irq_holdoff,
+                     "collects": self._collects, "files_retired": self._files_retired},
         }
 
 

@@ -86,17 +86,19 @@ def test_output_tables_golden() -> None:
 
 def test_channel_register_file_fits() -> None:
     assert abi.CH_PROGRAM_STRUCT.size == 80 and abi.CH_RESULT == 0x70
-    assert abi.CH_FILES == 2
-    # Header page, 2 x 2 files of 256 bytes (one page), 4 config pages, 2 doorbell pages.
-    assert abi.bank_size(2) == 4096 + 4096 + 4 * 4096 + 2 * 4096
+    assert abi.CH_FILES == 4
+    # Header page, 2 x 4 files of 256 bytes (one page), 8 config pages, 2 doorbell pages.
+    assert abi.bank_size(2) == 4096 + 4096 + 8 * 4096 + 2 * 4096
     # Channel doorbells: a page per channel after the config pages, 8 bytes per worker slot.
-    assert abi.channel_kick_offset(2, 0, 0) == 0x6000
-    assert abi.channel_kick_offset(2, 1, 3) == 0x7018
-    assert abi.channel_need_wakeup_offset(2, 1, 3) == 0x701C
+    assert abi.channel_kick_offset(2, 0, 0) == 0xA000
+    assert abi.channel_kick_offset(2, 1, 3) == 0xB018
+    assert abi.channel_need_wakeup_offset(2, 1, 3) == 0xB01C
     assert abi.channel_kick_offset(2, 1, abi.BANK_MAX_WORKERS - 1) + 8 <= abi.bank_size(2)
-    assert (abi.channel_offset(0), abi.channel_offset(0, 1), abi.channel_offset(1)) == (4096, 4096 + 256, 4096 + 512)
+    assert (abi.channel_offset(0), abi.channel_offset(0, 1), abi.channel_offset(1)) == (4096, 4096 + 256, 4096 + 1024)
     assert abi.channel_config_offset(2, 0, 1) == 8192 + 4096
-    assert abi.channel_config_offset(2, 1, 1) == 8192 + 3 * 4096
+    assert abi.channel_config_offset(2, 1, 1) == 8192 + 5 * 4096
+    # Header words hostd writes for the workers.
+    assert (abi.BANK_HOST_EVENT, abi.BANK_HOST_NEED_WAKEUP, abi.BANK_WORKER_SPIN, abi.BANK_IRQ_HOLDOFF) == (0, 4, 8, 12)
 
 
 @pytest.mark.parametrize(("off", "length", "want"), [

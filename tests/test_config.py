@@ -58,6 +58,7 @@ weights = { vm1 = 3, vm0 = 2 }
 [workers]
 recycle_tasks = 1000
 recycle_rss_mb = 512
+irq_holdoff = 1
 """
 
 
@@ -136,6 +137,7 @@ def test_full_file_parses_to_the_right_values(tmp_path: Path) -> None:
         weights=(("vm0", 2), ("vm1", 3)),
         worker_recycle_tasks=1000,
         worker_recycle_rss_mb=512,
+        worker_irq_holdoff=1,
     )
     assert isinstance(cfg.shutdown_grace_s, float)
     assert cfg.channel_count() == 3
@@ -241,6 +243,8 @@ BAD = [
     ("[limits]\nmax_pixels = 15", "limits.max_pixels"),
     ("[workers]\nrecycle_tasks = -1", "workers.recycle_tasks"),
     ("[workers]\nrecycle_rss_mb = -1", "workers.recycle_rss_mb"),
+    ("[workers]\nirq_holdoff = 4", "workers.irq_holdoff"),
+    ("[workers]\nirq_holdoff = -1", "workers.irq_holdoff"),
     # not TOML at all
     ("[hostd\nchannels = 2", "--config"),
 ]

@@ -441,7 +441,7 @@ def out_table_size(kind: int, count: int) -> int:
 
 # --- channel register files (host <-> codec worker; never guest-visible) ----
 # Each hardware channel has CH_FILES 256-byte register files that hostd programs in
-# ring order (file 0, 1, 0, 1, ...): while the codec unit runs the program in one
+# ring order (file 0, 1, 2, 3, 0, ...): while the codec unit runs the program in one
 # file, hostd loads the next tasks of the same worker into the others (the shadows),
 # and the worker starts the next the moment it stores DONE for the one before, with
 # no round trip through hostd.  A channel's files only ever hold one worker's tasks
@@ -467,9 +467,10 @@ def ctrl_is_start(value: int) -> bool:
     return value & 0xFF == Ctrl.START
 
 
-# Register files per hardware channel: the running program and its shadow.  hostd and the
-# worker handle any number; 4 measured no better than 2 (docs/benchmarks.md).
-CH_FILES = 2
+# Register files per hardware channel: the running program and its shadows.  Four let the
+# worker hold back IRQs (BANK_IRQ_HOLDOFF) and still find a started file after each task
+# while hostd sleeps; with two, hostd must reload after every task (docs/benchmarks.md).
+CH_FILES = 4
 CH_SIZE = 256
 CH_CTRL = 0x00  # u32 Ctrl; hostd stores ctrl_start(owner) (release), the owner CASes RUNNING, stores DONE
 CH_OWNER = 0x04  # u32 worker slot + 1 that may run this file
@@ -491,6 +492,11 @@ BANK_HOST_NEED_WAKEUP = 0x04  # u32: 1 while hostd may sleep on HOST_EVENT
 # kick before it sleeps.  hostd sets 0 while several guests are active: a spinning worker
 # then only steals a core from another guest's worker, from that guest or from hostd.
 BANK_WORKER_SPIN = 0x08
+# u32, hostd writes, workers read: interrupt moderation.  A worker that finishes a codec
+# task raises no IRQ while at least this many more files of that channel are started for
+# it: it runs those next, and the IRQ of the last of them reports them all (hostd reads
+# every file's CTRL on each pass).  0: an IRQ per task.  NOP/COPY/CRC32 always raise one.
+BANK_IRQ_HOLDOFF = 0x0C
 BANK_WORKER_BASE = 0x40  # per worker slot: kick u32, need_wakeup u32
 BANK_WORKER_STRIDE = 8
 BANK_MAX_WORKERS = (PAGE_SIZE - BANK_WORKER_BASE) // BANK_WORKER_STRIDE
