@@ -72,7 +72,7 @@ import json
 import os
 import re
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache, lru_cache
@@ -86,6 +86,7 @@ from av.packet import Packet
 from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType, VideoFrame
 
+from codec_backend.inputs import Input
 from vmediad import abi
 from vmediad.abi import Codec, Direction, ErrorCode, PixFmt, RateControl, SessionConfig
 
@@ -656,33 +657,44 @@ class _EncoderSession(_Session):
             copied += self._convert_bytes
         return frame, copied
 
-    def encode(self, mem: memoryview, src_off: int, src_len: int, strides: tuple[int, ...],
-               pts: int | None, force_key: bool, drain_pending: bool,
-               dst_off: int, dst_len: int) -> tuple[int, int]:
+    def encode(self, mem: memoryview, inputs: Sequence[Input], strides: tuple[int, ...],
+               drain_pending: bool, dst_off: int, dst_len: int) -> tuple[int, int]:
+        """Feed ``inputs`` (one frame, or a MULTI list) in order, then emit all queued packets.
+
+        Every input is checked before the first is fed, so a bad one fails the task
+        with nothing consumed."""
         _check_range(mem, dst_off, dst_len, "dst")
         if not drain_pending:
-            _check_range(mem, src_off, src_len, "src")
+            need = self._layout(strides).need
+            for inp in inputs:
+                _check_range(mem, inp.offset, inp.length, "src")
+                if need > inp.length:
+                    raise CodecError(ErrorCode.BAD_ARG, f"frame needs {need} bytes, src_len is {inp.length}")
+                if inp.pts is not None and not _I64_MIN < inp.pts <= _I64_MAX:
+                    raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
             self._check_backlog()
-            if pts is not None and not _I64_MIN < pts <= _I64_MAX:
-                raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
             ctx = self._context()
-            frame, copied = self._wrap(mem, src_off, src_len, strides)
-            pts = self._next_pts if pts is None else pts
-            frame.pts = pts
-            self._next_pts = pts + self._duration
-            if force_key:
-                frame.pict_type = PictureType.I
-            try:
-                packets = ctx.encode(frame)
-            except av.error.FFmpegError as exc:
-                raise _ff_error(exc, ErrorCode.BAD_ARG) from exc
-            finally:
-                del frame
-            self._fed += 1
-            self._stats.enc_frames_in += 1
-            self._stats.enc_in_copied += copied
-            self._queue(packets)
+            for inp in inputs:
+                self._feed(ctx, mem, inp, strides)
         return self._emit(mem, dst_off, dst_len)
+
+    def _feed(self, ctx: VideoCodecContext, mem: memoryview, inp: Input, strides: tuple[int, ...]) -> None:
+        frame, copied = self._wrap(mem, inp.offset, inp.length, strides)
+        pts = self._next_pts if inp.pts is None else inp.pts
+        frame.pts = pts
+        self._next_pts = pts + self._duration
+        if inp.force_keyframe:
+            frame.pict_type = PictureType.I
+        try:
+            packets = ctx.encode(frame)
+        except av.error.FFmpegError as exc:
+            raise _ff_error(exc, ErrorCode.BAD_ARG) from exc
+        finally:
+            del frame
+        self._fed += 1
+        self._stats.enc_frames_in += 1
+        self._stats.enc_in_copied += copied
+        self._queue(packets)
 
     def flush(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
         _check_range(mem, dst_off, dst_len, "dst")
@@ -815,54 +827,74 @@ class _DecoderSession(_Session):
         self.pending_bytes += size
         return None
 
-    def decode(self, mem: memoryview, src_off: int, src_len: int, pts: int | None,
-               parse: bool, drain_pending: bool, dst_off: int, dst_len: int) -> tuple[int, int]:
+    def decode(self, mem: memoryview, inputs: Sequence[Input], parse: bool, drain_pending: bool,
+               dst_off: int, dst_len: int) -> tuple[int, int]:
+        """Feed ``inputs`` (one chunk, or a MULTI list) in order, then emit all queued frames.
+
+        Every chunk is checked before the first is fed.  A chunk the decoder rejects
+        does not stop the ones after it (as for packets the parser split one chunk
+        into): the task ends with the first error, and the frames decoded from all
+        chunks stay queued for the next task (DRAIN_PENDING or more input)."""
         _check_range(mem, dst_off, dst_len, "dst")
         error: CodecError | None = None
-        if not drain_pending and src_len:
-            _check_range(mem, src_off, src_len, "src")
-            if src_len > MAX_CHUNK:
-                raise CodecError(ErrorCode.TOO_LARGE, "bitstream chunk too large")
-            if pts is not None and not _I64_MIN < pts <= _I64_MAX:
-                raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
-            self._check_backlog()
-            ctx = self._context()
-            # One copy into FFmpeg-owned, zero-padded memory: decoders and parsers
-            # over-read up to 64 bytes and frame threads read packets later, so the
-            # bitstream must neither alias the region nor be re-read from it.
-            # (PyAV's Packet(bytes) wraps the bytes without that padding: FFmpeg
-            # then reads whatever follows them, e.g. mpeg4 decodes differ per run.)
-            buf = Packet(src_len)
-            memoryview(buf)[:] = mem[src_off:src_off + src_len]
-            self._stats.dec_chunks_in += 1
-            self._stats.dec_bytes_in += src_len
-            self._stats.dec_in_copied += src_len
-            packets: list[Packet[Any] | None]
-            if parse:
-                self._parsed = True
-                if len(self._chunk_pts) >= 4096:
-                    self._chunk_pts.popleft()
-                self._chunk_pts.append([self._stream_pos, pts, 0])
-                self._stream_pos += src_len
-                try:
-                    parsed = ctx.parse(memoryview(buf))
-                except av.error.FFmpegError as exc:
-                    self._ctx = None
-                    raise _ff_error(exc, ErrorCode.INVALID_DATA) from exc
-                self._stamp(parsed)
-                packets = list(parsed)
-                if self._stream_pos - self._parsed_pos > MAX_PARSER_BACKLOG:
-                    self._ctx = None
-                    raise CodecError(ErrorCode.INVALID_DATA,
-                                     "no frame boundary found; parser state discarded")
-            else:
-                buf.pts = pts
-                packets = [buf]
-            self._fed += 1
-            error = self._decode_packets(ctx, packets)
+        if not drain_pending:
+            for inp in inputs:
+                if inp.length:
+                    _check_range(mem, inp.offset, inp.length, "src")
+                if inp.length > MAX_CHUNK:
+                    raise CodecError(ErrorCode.TOO_LARGE, "bitstream chunk too large")
+                if inp.pts is not None and not _I64_MIN < inp.pts <= _I64_MAX:
+                    raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
+            if any(inp.length for inp in inputs):
+                self._check_backlog()
+            for inp in inputs:
+                if inp.length:
+                    try:
+                        error = self._feed(mem, inp.offset, inp.length, inp.pts, parse) or error
+                    except CodecError as exc:
+                        error = error or exc
         if error is not None:
             raise error
         return self._emit(mem, dst_off, dst_len)
+
+    def _feed(self, mem: memoryview, src_off: int, src_len: int, pts: int | None,
+              parse: bool) -> CodecError | None:
+        """Decode one chunk and queue its frames; returns the decoder's first error (frames
+        before it stay queued) or raises one that drops the chunk."""
+        ctx = self._context()
+        # One copy into FFmpeg-owned, zero-padded memory: decoders and parsers
+        # over-read up to 64 bytes and frame threads read packets later, so the
+        # bitstream must neither alias the region nor be re-read from it.
+        # (PyAV's Packet(bytes) wraps the bytes without that padding: FFmpeg
+        # then reads whatever follows them, e.g. mpeg4 decodes differ per run.)
+        buf = Packet(src_len)
+        memoryview(buf)[:] = mem[src_off:src_off + src_len]
+        self._stats.dec_chunks_in += 1
+        self._stats.dec_bytes_in += src_len
+        self._stats.dec_in_copied += src_len
+        packets: list[Packet[Any] | None]
+        if parse:
+            self._parsed = True
+            if len(self._chunk_pts) >= 4096:
+                self._chunk_pts.popleft()
+            self._chunk_pts.append([self._stream_pos, pts, 0])
+            self._stream_pos += src_len
+            try:
+                parsed = ctx.parse(memoryview(buf))
+            except av.error.FFmpegError as exc:
+                self._ctx = None
+                raise _ff_error(exc, ErrorCode.INVALID_DATA) from exc
+            self._stamp(parsed)
+            packets = list(parsed)
+            if self._stream_pos - self._parsed_pos > MAX_PARSER_BACKLOG:
+                self._ctx = None
+                raise CodecError(ErrorCode.INVALID_DATA,
+                                 "no frame boundary found; parser state discarded")
+        else:
+            buf.pts = pts
+            packets = [buf]
+        self._fed += 1
+        return self._decode_packets(ctx, packets)
 
     def flush(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
         _check_range(mem, dst_off, dst_len, "dst")
@@ -983,26 +1015,22 @@ class SessionManager:
             self._stats.opened += 1
         self._guard(run)
 
-    def encode(self, session_id: int, mem: memoryview, src_off: int, src_len: int,
-               strides: tuple[int, ...], pts: int | None, force_key: bool, drain_pending: bool,
-               dst_off: int, dst_len: int) -> tuple[int, int]:
+    def encode(self, session_id: int, mem: memoryview, inputs: Sequence[Input], strides: tuple[int, ...],
+               drain_pending: bool, dst_off: int, dst_len: int) -> tuple[int, int]:
         def run() -> tuple[int, int]:
             session = self._get(session_id)
             if not isinstance(session, _EncoderSession):
                 raise CodecError(ErrorCode.BAD_SESSION, f"session {session_id} is not an encoder")
-            return session.encode(mem, src_off, src_len, strides, pts, force_key, drain_pending,
-                                  dst_off, dst_len)
+            return session.encode(mem, inputs, strides, drain_pending, dst_off, dst_len)
         return self._guard(run)
 
-    def decode(self, session_id: int, mem: memoryview, src_off: int, src_len: int,
-               pts: int | None, parse: bool, drain_pending: bool,
-               dst_off: int, dst_len: int) -> tuple[int, int]:
+    def decode(self, session_id: int, mem: memoryview, inputs: Sequence[Input], parse: bool,
+               drain_pending: bool, dst_off: int, dst_len: int) -> tuple[int, int]:
         def run() -> tuple[int, int]:
             session = self._get(session_id)
             if not isinstance(session, _DecoderSession):
                 raise CodecError(ErrorCode.BAD_SESSION, f"session {session_id} is not a decoder")
-            return session.decode(mem, src_off, src_len, pts, parse, drain_pending,
-                                  dst_off, dst_len)
+            return session.decode(mem, inputs, parse, drain_pending, dst_off, dst_len)
         return self._guard(run)
 
     def flush(self, session_id: int, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from codec_backend.inputs import Input
 from vmediad import abi
 from vmediad.abi import ErrorCode, Op
 
@@ -105,15 +106,11 @@ class Engine:
                 return Outcome(result=session)
             elif op == Op.ENCODE_FRAME:
                 strides = (a1 & 0xFFFFFFFF, a1 >> 32, a2 & 0xFFFFFFFF)
-                count, used = sm.encode(
-                    session, self.mem, src_off, src_len, strides, pts,
-                    bool(flags & abi.DescFlag.FORCE_KEYFRAME), drain, dst_off, dst_len,
-                )
+                count, used = sm.encode(session, self.mem, _inputs(flags, config, src_off, src_len, pts),
+                                        strides, drain, dst_off, dst_len)
             elif op == Op.DECODE:
-                count, used = sm.decode(
-                    session, self.mem, src_off, src_len, pts, bool(flags & abi.DescFlag.PARSE), drain,
-                    dst_off, dst_len,
-                )
+                count, used = sm.decode(session, self.mem, _inputs(flags, config, src_off, src_len, pts),
+                                        bool(flags & abi.DescFlag.PARSE), drain, dst_off, dst_len)
             elif op == Op.FLUSH:
                 count, used = sm.flush(session, self.mem, dst_off, dst_len)
             else:  # pragma: no cover - validate.check() admits only the ops above
@@ -130,6 +127,14 @@ class Engine:
     def close(self) -> None:
         if self._sessions is not None:
             self._sessions.close_all()
+
+
+def _inputs(flags: int, config: bytes, src_off: int, src_len: int, pts: int | None) -> list[Input]:
+    """The task's inputs: the MULTI list hostd checked (from the config page), or its one src."""
+    if flags & abi.DescFlag.MULTI:
+        return [Input(off, length, p if f & abi.DescFlag.PTS_VALID else None, bool(f & abi.DescFlag.FORCE_KEYFRAME))
+                for off, length, p, f, _ in abi.MULTI_ENTRY.iter_unpack(config)]
+    return [Input(src_off, src_len, pts, bool(flags & abi.DescFlag.FORCE_KEYFRAME))]
 
 
 def _signed(v: int) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -191,7 +191,67 @@ class _Session:
     def _drain_flags(op: Op) -> int:
         return DescFlag.DRAIN_PENDING if op in (Op.ENCODE_FRAME, Op.DECODE) else 0
 
-    def _stream(self, specs: Iterable[_Spec], depth: int, drain: Op) -> Iterator[Any]:
+    def _batched(self, specs: Iterable[_Spec], batch: int, pool: list[Buffer],
+                 held: list[_Spec]) -> Generator[_Spec, None, None]:
+        """Merge runs of up to ``batch`` inputs into MULTI tasks (one descriptor, one list).
+
+        Inputs are merged only while they share what the descriptor holds for all of
+        them (op, PARSE, strides); a FLUSH or a change ends the run.  Whenever this
+        generator is suspended, ``held`` lists the inputs it took from ``specs`` and
+        has not yielded yet, so a stream that stops early can still run them.  The
+        list lives in a small region buffer that goes back to ``pool`` when its task
+        has run (the caller frees the pool once nothing is in flight)."""
+        dev = self.device
+        if batch <= 1 or not dev.region.load64(abi.REG_CAPS) & abi.Caps.MULTI:
+            yield from specs
+            return
+        batch = min(batch, abi.MULTI_MAX)
+
+        def mergeable(spec: _Spec) -> bool:
+            return spec.op in (Op.ENCODE_FRAME, Op.DECODE) and not spec.flags & DescFlag.DRAIN_PENDING
+
+        def key(spec: _Spec) -> tuple[int, ...]:
+            return (spec.op, spec.flags & DescFlag.PARSE, spec.args[1], spec.args[2])
+
+        def merge() -> _Spec:
+            run, held[:] = held[:], []
+            if len(run) == 1:
+                return run[0]
+            buf = pool.pop() if pool else dev.alloc(abi.MULTI_MAX * abi.MULTI_ENTRY.size)
+            for i, sp in enumerate(run):
+                pts = sp.args[0] - (1 << 64) if sp.args[0] >= 1 << 63 else sp.args[0]
+                abi.MULTI_ENTRY.pack_into(buf.mem, i * abi.MULTI_ENTRY.size, sp.src[0], sp.src[1], pts,
+                                          sp.flags & abi.MULTI_ENTRY_FLAGS, 0)
+
+            def done() -> None:
+                pool.append(buf)
+                for sp in run:
+                    if sp.done is not None:
+                        sp.done()
+            first = run[0]
+            return _Spec(first.op, DescFlag.MULTI | (first.flags & DescFlag.PARSE),
+                         (buf.offset, len(run) * abi.MULTI_ENTRY.size), (0, first.args[1], first.args[2], 0), done)
+
+        for spec in specs:
+            if not mergeable(spec):
+                if held:
+                    m = merge()
+                    held.append(spec)
+                    yield m
+                    held.remove(spec)
+                yield spec
+            elif held and key(held[0]) != key(spec):
+                m = merge()
+                held.append(spec)  # the first input of the next run
+                yield m
+            else:
+                held.append(spec)
+                if len(held) == batch:
+                    yield merge()
+        if held:
+            yield merge()
+
+    def _stream(self, specs: Iterable[_Spec], depth: int, drain: Op, batch: int = 1) -> Iterator[Any]:
         """Run ``specs`` with up to ``depth`` tasks in flight; yield their output in order.
 
         Tasks of one session run in submission order and each emits whatever the
@@ -213,9 +273,13 @@ class _Session:
             raise ValueError("depth must be at least 1")
         dev = self.device
         group = max(1, depth // 2)
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
         spare: list[Buffer] = [dev.alloc(self._stream_size) for _ in range(depth + 1)]
         inflight: deque[tuple[Task, Buffer, _Spec]] = deque()
-        todo = iter(specs)
+        lists: list[Buffer] = []  # MULTI lists not in flight
+        held: list[_Spec] = []  # inputs taken from ``specs`` for a MULTI task not submitted yet
+        todo = self._batched(specs, batch, lists, held)
         exhausted = False
 
         def submit(pairs: list[tuple[_Spec, Buffer]]) -> None:
@@ -294,7 +358,22 @@ class _Session:
                     if spec.done is not None:
                         spec.done()
                     spare.append(buf)
-            for b in spare:
+            todo.close()
+            # Inputs gathered for a MULTI task that was never submitted were taken from the
+            # caller's iterator: run them one by one and keep their output too.  (A held
+            # FLUSH is dropped, as it would have been had it not been taken yet.)
+            for spec in held:
+                try:
+                    if spec.op != Op.FLUSH:
+                        self._run(spec.op, flags=spec.flags, src=spec.src, args=spec.args)
+                        self._backlog.extend(self._private(self._items_at(self._out.offset)))
+                except Exception:
+                    pass  # a bad input or a gone device: the caller already has the error
+                finally:
+                    if spec.done is not None:
+                        spec.done()
+            held.clear()
+            for b in spare + lists:
                 dev.free(b)
 
     def close(self) -> None:
@@ -424,17 +503,20 @@ class Encoder(_Session):
         return self._take_backlog() + self._packets()
 
     def encode_stream(self, frames: Iterable[Frame | npt.NDArray[Any]], *, flush: bool = True,
-                      depth: int = 2) -> Iterator[Packet]:
+                      depth: int = 2, batch: int = 1) -> Iterator[Packet]:
         """Encode ``frames`` with ``depth`` tasks queued on the device; yields packets in order.
 
-        A frame is handed to the device when the iterator gets to it and given back
-        (to ``new_frame()``'s pool, unless made with ``keep=True``) once its task has
-        run; a kept frame must not be refilled before then, so a ring of kept frames
-        needs more than ``depth + 1`` entries.  ``flush`` ends the stream
-        (``flush()``); without it, output the codec holds back stays queued.
+        With ``batch`` > 1 each task carries up to that many frames (one MULTI
+        descriptor; at most ``abi.MULTI_MAX``): fewer round trips per frame, at the
+        cost of output arriving ``batch`` frames at a time.  A frame is handed to the
+        device when its task is submitted and given back (to ``new_frame()``'s pool,
+        unless made with ``keep=True``) once its task has run; a kept frame must not
+        be refilled before then, so a ring of kept frames needs more than
+        ``(depth + 1) * batch`` entries.  ``flush`` ends the stream (``flush()``);
+        without it, output the codec holds back stays queued.
         """
         yield from self._take_backlog()
-        yield from self._stream(self._encode_specs(frames, flush), depth, Op.ENCODE_FRAME)
+        yield from self._stream(self._encode_specs(frames, flush), depth, Op.ENCODE_FRAME, batch)
 
     def _encode_specs(self, frames: Iterable[Frame | npt.NDArray[Any]], flush: bool) -> Iterator[_Spec]:
         for frame in frames:
@@ -528,18 +610,20 @@ class Decoder(_Session):
         return self._take_backlog() + self._frames()
 
     def decode_stream(self, chunks: Iterable[Chunk], *, flush: bool = True, parse: bool | None = None,
-                      depth: int = 2) -> Iterator[Frame]:
+                      depth: int = 2, batch: int = 1) -> Iterator[Frame]:
         """Decode ``chunks`` with ``depth`` tasks queued on the device; yields frames in order.
 
         A chunk is a region ``Buffer`` (used in place), bytes-like (copied into the
         region once), a guestlib ``Packet`` or any object with a ``pts`` attribute
-        and the buffer protocol (``av.Packet``), or a ``(data, pts)`` tuple.  A
-        yielded frame's planes stay valid until the iterator is advanced past it
-        (``Frame.copy()`` keeps one).  ``flush`` ends the stream (``flush()``).
+        and the buffer protocol (``av.Packet``), or a ``(data, pts)`` tuple.  With
+        ``batch`` > 1 each task carries up to that many chunks (a MULTI descriptor);
+        its output buffer then holds that many frames.  A yielded frame's planes
+        stay valid until the iterator is advanced past it (``Frame.copy()`` keeps
+        one).  ``flush`` ends the stream (``flush()``).
         """
         yield from self._take_backlog()
         parse = self.parse if parse is None else parse
-        yield from self._stream(self._decode_specs(chunks, flush, parse), depth, Op.DECODE)
+        yield from self._stream(self._decode_specs(chunks, flush, parse), depth, Op.DECODE, batch)
 
     def _decode_specs(self, chunks: Iterable[Chunk], flush: bool, parse: bool) -> Iterator[_Spec]:
         from guestlib.device import Buffer

@@ -74,6 +74,7 @@ class Running:
     dispatch_ns: int
     submit_ns: int
     arrival: int = 0  # the scheduler's seq, to put the task back if its shadow load is revoked
+    inputs: int = 1  # frames or chunks the task feeds (a MULTI list has several)
 
 
 @dataclass
@@ -204,7 +205,7 @@ class Device:
         self.files = [f for c in self.channels for f in c.files]
         self.scheduler = Scheduler(cfg.policy, cfg.max_inflight_per_guest)
         self.limits = validate.Limits(cfg.max_width, cfg.max_height, cfg.max_pixels)
-        self.caps = int(abi.Caps.FUTEX | abi.Caps.POLL | abi.Caps.CODEC
+        self.caps = int(abi.Caps.FUTEX | abi.Caps.POLL | abi.Caps.CODEC | abi.Caps.MULTI
                         | (abi.Caps.NAMED_REGION if cfg.named_regions else 0))
         self.guests: dict[int, Guest] = {}
         self._events: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -608,6 +609,14 @@ class Device:
             self.channels[channel].bound_sessions += 1
             prog = validate.Program(prog.opcode, prog.flags, sid, *_tail(prog))
         elif prog.opcode in abi.SESSION_OPS:
+            if prog.flags & abi.DescFlag.MULTI:
+                # Copied once, like the descriptor; the worker reads only this copy.
+                multi = validate.check_multi(bytes(mem[prog.src_off : prog.src_off + prog.src_len]),
+                                             prog.opcode, layout)
+                if isinstance(multi, ErrorCode):
+                    self._fail(g, p.slot, desc.tag, multi, op=prog.opcode)
+                    return None
+                config = multi
             bound = g.sessions.get(prog.session)
             if bound is None:
                 lost = prog.session in g.lost_sessions or (
@@ -656,7 +665,7 @@ class Device:
         tag = 0
         rf.running = Running(
             g.vm_id, st.pending.slot, tag, prog.opcode, prog.session, self._task_seq, now, st.arrival_ns,
-            st.pending.seq,
+            st.pending.seq, len(st.config) // abi.MULTI_ENTRY.size if prog.flags & abi.DescFlag.MULTI else 1,
         )
         # Release: the registers above are visible first.  Only worker g.slot+1 can claim it.
         bank.store32(ch + abi.CH_CTRL, abi.ctrl_start(g.slot + 1))
@@ -720,7 +729,7 @@ class Device:
         elif run.op == Op.SESSION_CLOSE and error == ErrorCode.OK:
             self._unbind(g, run.session)
         if run.op in (Op.ENCODE_FRAME, Op.DECODE) and error == ErrorCode.OK:
-            g.stats.frames += 1
+            g.stats.frames += run.inputs
         g.stats.bytes_copied += copied
         if error == ErrorCode.OK and run.op in (Op.COPY, Op.CRC32, Op.ENCODE_FRAME, Op.DECODE):
             g.stats.bytes_moved += result_len

@@ -81,6 +81,7 @@ class GuestStats:
             ],
             "bytes_moved": self.bytes_moved,
             "bytes_copied": self.bytes_copied,
+            "frames": self.frames,  # frames or chunks of successful ENCODE_FRAME/DECODE tasks (MULTI: each)
             "bytes_copied_per_frame": round(self.bytes_copied / self.frames, 1) if self.frames else 0.0,
             "worker_restarts": self.worker_restarts,
             "latency": self.latency.snapshot(),

@@ -82,10 +82,34 @@ def check(desc: Descriptor, layout: Layout) -> Program | ErrorCode:
         desc.flags & abi.DescFlag.DRAIN_PENDING
     ):
         return ErrorCode.BAD_ARG
+    if desc.flags & abi.DescFlag.MULTI:
+        if op not in (Op.ENCODE_FRAME, Op.DECODE) or desc.flags & abi.DescFlag.DRAIN_PENDING:
+            return ErrorCode.BAD_FLAGS
+        n, rest = divmod(desc.src_len, abi.MULTI_ENTRY.size)
+        if rest or not 1 <= n <= abi.MULTI_MAX:
+            return ErrorCode.BAD_ARG
     return Program(
         op, desc.flags, desc.session, desc.src_off, desc.src_len, desc.dst_off, desc.dst_len,
         desc.arg0, desc.arg1, desc.arg2, desc.arg3,
     )
+
+
+def check_multi(raw: bytes, op: Op, layout: Layout) -> bytes | ErrorCode:
+    """Validate the MULTI entry list hostd copied out of the region (``check`` sized it).
+
+    Every input must lie in the heap, as a single task's src must; a chunk may not be
+    empty (that is a drain, which takes no list).  Returns the list the worker will read."""
+    allowed = abi.MULTI_ENTRY_FLAGS if op == Op.ENCODE_FRAME else int(abi.DescFlag.PTS_VALID)
+    lo, hi = layout.heap_offset, layout.region_size
+    for off, length, _pts, flags, reserved in abi.MULTI_ENTRY.iter_unpack(raw):
+        if flags & ~allowed:
+            return ErrorCode.BAD_FLAGS
+        if reserved or length == 0:
+            return ErrorCode.BAD_ARG
+        err = abi.range_ok(off, length, lo, hi)
+        if err:
+            return err
+    return raw
 
 
 def check_session_config(raw: bytes, limits: Limits) -> abi.SessionConfig | ErrorCode:

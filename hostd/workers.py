@@ -44,6 +44,24 @@ class WorkerHandle:
             return 0
 
 
+# glibc's malloc gives the worker's codec threads (not the main thread) arenas that it
+# trims back to the kernel, and it serves big blocks with mmap: a codec context allocates
+# and zeroes megabytes when it opens (720p H.264: ~11 MB with frame threads), so every new
+# session re-faulted them page by page.  Measured in 120-frame sessions: 24 minor faults
+# per decoded frame and 23 per x264-encoded frame in the worker, against 0.6 and 0.3 for
+# the same work on a main thread.  A fixed mmap threshold (32 MiB) and trim threshold
+# (128 MiB) take the worker to 0.3 and 0.1, with the same RSS after a dozen sessions
+# (docs/benchmarks.md).  Read by glibc at exec; other libcs ignore it.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728"
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    own = env.get("GLIBC_TUNABLES")
+    env["GLIBC_TUNABLES"] = f"{MALLOC_TUNABLES}:{own}" if own else MALLOC_TUNABLES  # the operator's win
+    return env
+
+
 def spawn_worker(*, slot: int, vm_id: int, generation: int, region_fd: int, region_size: int,
                  bank_fd: int, channels: int, limits: dict[str, int], fault_injection: bool,
                  started_ns: int, on_exit: Callable[[WorkerHandle, int], None]) -> WorkerHandle:
@@ -61,7 +79,8 @@ def spawn_worker(*, slot: int, vm_id: int, generation: int, region_fd: int, regi
     ]
     if fault_injection:
         cmd.append("--fault-injection")
-    proc = subprocess.Popen(cmd, pass_fds=(region_fd, bank_fd), stdin=subprocess.DEVNULL, close_fds=True)
+    proc = subprocess.Popen(cmd, pass_fds=(region_fd, bank_fd), stdin=subprocess.DEVNULL, close_fds=True,
+                            env=_worker_env())
     handle = WorkerHandle(slot, vm_id, proc, generation, started_ns)
 
     def reap() -> None:

@@ -84,6 +84,14 @@ def test_output_tables_golden() -> None:
     assert abi.out_table_size(abi.OUT_PACKETS, 3) == 192
 
 
+def test_multi_input_list_layout() -> None:
+    """DescFlag.MULTI (bit 4) and its 32-byte entries: offset, length, pts (i64), flags, reserved."""
+    assert (int(abi.DescFlag.MULTI), abi.DESC_FLAGS_MASK, int(abi.Caps.MULTI)) == (0x10, 0x1F, 0x10)
+    assert (abi.MULTI_ENTRY.size, abi.MULTI_MAX, abi.MULTI_ENTRY_FLAGS) == (32, 16, 0x5)
+    assert abi.MULTI_ENTRY.pack(0x12340, 4096, -1, int(abi.DescFlag.PTS_VALID), 0).hex() == (
+        "40230100000000000010000000000000ffffffffffffffff0400000000000000")
+
+
 def test_channel_register_file_fits() -> None:
     assert abi.CH_PROGRAM_STRUCT.size == 80 and abi.CH_RESULT == 0x70
     assert abi.CH_FILES == 4

@@ -26,6 +26,7 @@ from codec_backend.av_sessions import (
     open_encoder_context,
     write_caps,
 )
+from codec_backend.inputs import Input
 from vmediad import abi
 from vmediad.abi import Codec, Direction, ErrorCode, PixFmt, RateControl, SessionConfig
 
@@ -184,7 +185,7 @@ def encode_stream(mgr: SessionManager, mem: memoryview, sid: int, frames: list[P
     out: list[Pkt] = []
     for i, planes in enumerate(frames):
         length = put(mem, src, planes, strides)
-        mgr.encode(sid, mem, src, length, strides, i, False, False, DST, DST_LEN)
+        mgr.encode(sid, mem, [Input(src, length, i)], strides, False, DST, DST_LEN)
         mem[src:src + length] = bytes(length)  # the guest reuses its buffer at once
         out += read_packets(mem)
     mgr.flush(sid, mem, DST, DST_LEN)
@@ -195,7 +196,7 @@ def decode_packets(mgr: SessionManager, mem: memoryview, sid: int, packets: list
     out: list[Frm] = []
     for p in packets:
         mem[SRC:SRC + len(p.data)] = p.data
-        mgr.decode(sid, mem, SRC, len(p.data), p.pts, False, False, DST, DST_LEN)
+        mgr.decode(sid, mem, [Input(SRC, len(p.data), p.pts)], False, False, DST, DST_LEN)
         out += read_frames(mem)
     mgr.flush(sid, mem, DST, DST_LEN)
     return out + read_frames(mem)
@@ -207,7 +208,7 @@ def decode_chunks(mgr: SessionManager, mem: memoryview, sid: int, stream: bytes,
     for pos in range(0, len(stream), chunk):
         piece = stream[pos:pos + chunk]
         mem[SRC:SRC + len(piece)] = piece
-        mgr.decode(sid, mem, SRC, len(piece), None, True, False, DST, DST_LEN)
+        mgr.decode(sid, mem, [Input(SRC, len(piece), None)], True, False, DST, DST_LEN)
         out += read_frames(mem)
     mgr.flush(sid, mem, DST, DST_LEN)
     return out + read_frames(mem)
@@ -316,7 +317,7 @@ def test_packet_table_matches_direct_pyav(mgr: SessionManager, mem: memoryview) 
     assert any(p.pts != p.dts for p in got), "expected B-frame reordering"
     # Raw layout of one output: header, entries, zeroed table padding, aligned payloads.
     mem[DST:DST + 4096] = b"\xaa" * 4096
-    mgr.encode(1, mem, SRC, put(mem, SRC, frames[0]), (0, 0, 0), 100, True, False, DST, DST_LEN)
+    mgr.encode(1, mem, [Input(SRC, put(mem, SRC, frames[0]), 100, True)], (0, 0, 0), False, DST, DST_LEN)
     mgr.flush(1, mem, DST, DST_LEN)
     kind, count, used = abi.OUT_HEADER.unpack_from(mem, DST)
     assert (kind, count) == (abi.OUT_PACKETS, 1)
@@ -355,7 +356,7 @@ def test_frame_table_layout_and_nv12_output(mgr: SessionManager, mem: memoryview
     mgr.open(4, dec_cfg(Codec.H264, threads=1))
     stream = b"".join(p.data for p in packets)
     mem[SRC:SRC + len(stream)] = stream
-    count, used = mgr.decode(4, mem, SRC, len(stream), None, True, False, DST, DST_LEN)
+    count, used = mgr.decode(4, mem, [Input(SRC, len(stream), None)], True, False, DST, DST_LEN)
     assert count >= 2
     entries = [abi.FRAME_ENTRY.unpack_from(mem, DST + 16 + k * abi.FRAME_ENTRY.size)
                for k in range(count)]
@@ -415,10 +416,8 @@ def test_strided_input_zero_copy(mgr: SessionManager, mem: memoryview) -> None:
     assert cast(dict[str, int], mgr.statistics()["encode"])["input_bytes_copied"] == 2 * size
     assert packets
     # Layout errors are the guest's: stride below row size, frame larger than src_len.
-    expect(ErrorCode.BAD_ARG, mgr.encode, 1, mem, SRC, size, (W - 1, 0, 0), None, False, False,
-           DST, DST_LEN)
-    expect(ErrorCode.BAD_ARG, mgr.encode, 1, mem, SRC, size - 1, (0, 0, 0), None, False, False,
-           DST, DST_LEN)
+    expect(ErrorCode.BAD_ARG, mgr.encode, 1, mem, [Input(SRC, size, None)], (W - 1, 0, 0), False, DST, DST_LEN)
+    expect(ErrorCode.BAD_ARG, mgr.encode, 1, mem, [Input(SRC, size - 1, None)], (0, 0, 0), False, DST, DST_LEN)
 
 
 def test_odd_geometry_zero_copy(mgr: SessionManager, mem: memoryview) -> None:
@@ -447,16 +446,15 @@ def test_no_space_then_drain_is_lossless(mgr: SessionManager, mem: memoryview) -
         no_space += 1
         need = exc.required
         assert need > 64
-        again = expect(ErrorCode.NO_SPACE, mgr.encode, 2, mem, 0, 0, (), None, False, True,
-                       DST, need - 1)
+        again = expect(ErrorCode.NO_SPACE, mgr.encode, 2, mem, [Input(0, 0, None)], (), True, DST, need - 1)
         assert again.required == need
-        assert mgr.encode(2, mem, 0, 0, (), None, False, True, DST, need)[1] == need
+        assert mgr.encode(2, mem, [Input(0, 0, None)], (), True, DST, need)[1] == need
         got.extend(read_packets(mem))
 
     for i, planes in enumerate(frames):
         length = put(mem, SRC, planes)
         try:
-            mgr.encode(2, mem, SRC, length, (0, 0, 0), i, False, False, DST, 64)
+            mgr.encode(2, mem, [Input(SRC, length, i)], (0, 0, 0), False, DST, 64)
             got.extend(read_packets(mem))
         except CodecError as exc:
             assert exc.code == ErrorCode.NO_SPACE
@@ -478,7 +476,7 @@ def test_no_space_then_drain_is_lossless(mgr: SessionManager, mem: memoryview) -
         length = put(mem, SRC, planes)
         dst_len = 64 if i % 3 == 0 else DST_LEN
         try:
-            mgr.encode(3, mem, SRC, length, (0, 0, 0), i, False, False, DST, dst_len)
+            mgr.encode(3, mem, [Input(SRC, length, i)], (0, 0, 0), False, DST, dst_len)
             got.extend(read_packets(mem))
         except CodecError as exc:
             assert exc.code == ErrorCode.NO_SPACE
@@ -496,11 +494,10 @@ def test_decoder_no_space_keeps_frames(mgr: SessionManager, mem: memoryview) -> 
     got: list[Frm] = []
     for p in packets:
         mem[SRC:SRC + len(p.data)] = p.data
-        exc = expect(ErrorCode.NO_SPACE, mgr.decode, 2, mem, SRC, len(p.data), p.pts, False,
-                     False, DST, 1000)
+        exc = expect(ErrorCode.NO_SPACE, mgr.decode, 2, mem, [Input(SRC, len(p.data), p.pts)], False, False, DST, 1000)
         assert exc.required == abi.out_table_size(abi.OUT_FRAMES, 1) + abi.frame_size(
             PixFmt.YUV420P, W, H)
-        assert mgr.decode(2, mem, 0, 0, None, False, True, DST, exc.required) == (1, exc.required)
+        assert mgr.decode(2, mem, [Input(0, 0, None)], False, True, DST, exc.required) == (1, exc.required)
         got += read_frames(mem)
     for src, out in zip(frames, got, strict=True):
         assert psnr(src, out.planes) >= 35.0
@@ -531,7 +528,7 @@ def test_corrupt_h264_never_crashes(mgr: SessionManager, mem: memoryview) -> Non
             mem[SRC:SRC + len(piece)] = piece
             for sid, parse in ((2, True), (3, False)):
                 try:
-                    mgr.decode(sid, mem, SRC, len(piece), pos, parse, False, DST, DST_LEN)
+                    mgr.decode(sid, mem, [Input(SRC, len(piece), pos)], parse, False, DST, DST_LEN)
                     read_frames(mem)
                 except CodecError as exc:
                     assert exc.code in allowed, exc
@@ -583,8 +580,8 @@ def test_open_validation(mem: memoryview) -> None:
         mgr.open(2, dec_cfg(Codec.AV1))
         mgr.open(3, enc_cfg(Codec.VP9, rc_mode=RateControl.QP, rc_value=30, preset="6"))
         expect(ErrorCode.BUSY, mgr.open, 4, dec_cfg(Codec.H264))
-        expect(ErrorCode.BAD_SESSION, mgr.encode, 9, mem, SRC, 10, (), None, False, False, DST, 64)
-        expect(ErrorCode.BAD_SESSION, mgr.decode, 1, mem, SRC, 10, None, False, False, DST, 64)
+        expect(ErrorCode.BAD_SESSION, mgr.encode, 9, mem, [Input(SRC, 10, None)], (), False, DST, 64)
+        expect(ErrorCode.BAD_SESSION, mgr.decode, 1, mem, [Input(SRC, 10, None)], False, False, DST, 64)
         expect(ErrorCode.BAD_SESSION, mgr.flush, 9, mem, DST, 64)
         expect(ErrorCode.BAD_SESSION, mgr.close, 9)
         expect(ErrorCode.BAD_RANGE, mgr.flush, 1, mem, REGION - 8, 64)
@@ -648,7 +645,7 @@ def test_parse_mode_pts_follow_chunks(mgr: SessionManager, mem: memoryview) -> N
     for p in packets:
         data = bytes(p)
         mem[SRC:SRC + len(data)] = data
-        mgr.decode(1, mem, SRC, len(data), 1000 + cast(int, p.pts), True, False, DST, DST_LEN)
+        mgr.decode(1, mem, [Input(SRC, len(data), 1000 + cast(int, p.pts))], True, False, DST, DST_LEN)
         got += read_frames(mem)
     mgr.flush(1, mem, DST, DST_LEN)
     got += read_frames(mem)
@@ -662,7 +659,7 @@ def test_mpeg4_bframes_input_is_copied(mgr: SessionManager, mem: memoryview) -> 
     packets: list[Pkt] = []
     for i, planes in enumerate(frames):
         put(mem, SRC, planes)
-        mgr.encode(1, mem, SRC, size, (0, 0, 0), i, False, False, DST, DST_LEN)
+        mgr.encode(1, mem, [Input(SRC, size, i)], (0, 0, 0), False, DST, DST_LEN)
         mem[SRC:SRC + size] = bytes(size)  # the guest reuses its buffer at once
         packets += read_packets(mem)
     mgr.flush(1, mem, DST, DST_LEN)
@@ -695,7 +692,7 @@ def test_force_keyframe_and_auto_pts(mgr: SessionManager, mem: memoryview) -> No
     got: list[Pkt] = []
     for i in range(10):
         length = put(mem, SRC, pattern(i))
-        mgr.encode(1, mem, SRC, length, (0, 0, 0), None, i == 5, False, DST, DST_LEN)
+        mgr.encode(1, mem, [Input(SRC, length, None, i == 5)], (0, 0, 0), False, DST, DST_LEN)
         got += read_packets(mem)
     mgr.flush(1, mem, DST, DST_LEN)
     got += read_packets(mem)
@@ -727,18 +724,16 @@ def test_backlog_limit_and_empty_input(mgr: SessionManager, mem: memoryview) -> 
     mgr.open(1, enc_cfg(Codec.MJPEG, width=w, height=h))
     length = put(mem, SRC, pattern(0, w, h))
     for i in range(av_sessions.MAX_PENDING_ITEMS):
-        expect(ErrorCode.NO_SPACE, mgr.encode, 1, mem, SRC, length, (0, 0, 0), i, False, False,
-               DST, 0)
-    expect(ErrorCode.BUSY, mgr.encode, 1, mem, SRC, length, (0, 0, 0), None, False, False, DST,
-           0)
-    count, _ = mgr.encode(1, mem, 0, 0, (), None, False, True, DST, DST_LEN)
+        expect(ErrorCode.NO_SPACE, mgr.encode, 1, mem, [Input(SRC, length, i)], (0, 0, 0), False, DST, 0)
+    expect(ErrorCode.BUSY, mgr.encode, 1, mem, [Input(SRC, length, None)], (0, 0, 0), False, DST, 0)
+    count, _ = mgr.encode(1, mem, [Input(0, 0, None)], (), True, DST, DST_LEN)
     assert count == av_sessions.MAX_PENDING_ITEMS
     assert [p.pts for p in read_packets(mem)] == list(range(count))
-    assert mgr.encode(1, mem, SRC, length, (0, 0, 0), None, False, False, DST, DST_LEN)[0] == 1
+    assert mgr.encode(1, mem, [Input(SRC, length, None)], (0, 0, 0), False, DST, DST_LEN)[0] == 1
     assert read_packets(mem)[0].pts == count
     # A zero-length decode chunk consumes nothing (it must not become an EOF packet).
     mgr.open(2, dec_cfg(Codec.H264))
-    assert mgr.decode(2, mem, SRC, 0, None, False, False, DST, DST_LEN) == (0, 64)
+    assert mgr.decode(2, mem, [Input(SRC, 0, None)], False, False, DST, DST_LEN) == (0, 64)
     assert mgr.flush(2, mem, DST, DST_LEN) == (0, 64)
 
 
@@ -750,7 +745,7 @@ def test_parser_without_frame_boundary_is_reset(mgr: SessionManager, mem: memory
     mem[SRC:SRC + chunk] = b"\xff" * chunk  # no start code anywhere
     with pytest.raises(CodecError) as info:
         for _ in range(av_sessions.MAX_PARSER_BACKLOG // chunk + 1):
-            mgr.decode(1, mem, SRC, chunk, None, True, False, DST, DST_LEN)
+            mgr.decode(1, mem, [Input(SRC, chunk, None)], True, False, DST, DST_LEN)
     assert info.value.code == ErrorCode.INVALID_DATA
     frames = [pattern(i) for i in range(4)]
     stream = b"".join(bytes(p) for p in pyav_h264(frames, bframes=0))

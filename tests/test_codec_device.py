@@ -573,6 +573,154 @@ def test_stream_error_and_early_stop_keep_decoded_frames(dev: Device, sources: l
         assert seen == ref
 
 
+def _task_count(h: Hostd, op: str) -> int:
+    return sum(t["count"] for t in vm_stats(h, "codec")["tasks"] if t["op"] == op)
+
+
+def test_multi_input_streams_give_what_single_tasks_give(hostd: Hostd, dev: Device, sources: list[Planes]) -> None:
+    """batch=k: k frames or chunks per task (DescFlag.MULTI), same output as one per task."""
+    heap0 = dev.heap.available()
+    want = encode_all(dev, "h264", sources, bframes=True, gop=8)
+    for batch, depth in ((4, 2), (7, 3)):
+        tasks0, frames0 = _task_count(hostd, "ENCODE_FRAME"), vm_stats(hostd, "codec")["frames"]
+        with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:
+            got = list(enc.encode_stream((fill(enc.new_frame(), p) for p in sources), depth=depth, batch=batch))
+        assert got == want
+        assert _task_count(hostd, "ENCODE_FRAME") - tasks0 == -(-N // batch)  # ceil: one task per batch
+        assert vm_stats(hostd, "codec")["frames"] - frames0 == N  # hostd counts every frame of a list
+    ref = pyav_decode("h264", want)
+    with dev.decoder("h264", parse=False) as dec:
+        tasks0 = _task_count(hostd, "DECODE")
+        assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=2, batch=3)] == ref
+        assert _task_count(hostd, "DECODE") - tasks0 <= -(-len(want) // 3) + 3  # + NO_SPACE drains
+    with dev.decoder("h264", parse=True) as dec:  # PARSE applies to every chunk of a list
+        data = b"".join(p.data for p in want)
+        chunks = [data[i:i + 999] for i in range(0, len(data), 999)]
+        assert [md5(f.to_ndarray()) for f in dec.decode_stream(chunks, batch=abi.MULTI_MAX)] == [m for _, m in ref]
+    with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:  # NO_SPACE on a list loses nothing
+        enc._stream_size = 256
+        assert list(enc.encode_stream((fill(enc.new_frame(), p) for p in sources), depth=2, batch=5)) == want
+        assert enc.no_space_retries >= 1
+    with dev.decoder("h264", parse=False) as dec:
+        dec._stream_size = 4096  # less than one picture
+        assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=2, batch=4)] == ref
+        assert dec.no_space_retries >= 1
+    assert dev.heap.available() == heap0  # output buffers and lists are all back
+
+
+def test_multi_decode_with_a_corrupt_chunk_loses_no_frame(dev: Device, sources: list[Planes]) -> None:
+    """A corrupt chunk inside a list fails its task with INVALID_DATA; the chunks around it
+    are still decoded, and so are chunks the stream had gathered but not yet submitted."""
+    packets = encode_all(dev, "h264", sources, gop=10)  # frame 10 is a keyframe
+    ref = [m for _, m in pyav_decode("h264", packets)]
+    garbage = np.random.default_rng(3).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    with dev.decoder("h264", parse=False, threads=1) as dec:
+        chunks = iter([*(p.data for p in packets[:10]), garbage, *(p.data for p in packets[10:])])
+        seen: list[str] = []
+        with pytest.raises(DeviceError) as ei:
+            for f in dec.decode_stream(chunks, depth=2, batch=4):
+                seen.append(md5(f.to_ndarray()))
+        assert ei.value.code == ErrorCode.INVALID_DATA
+        for c in chunks:
+            seen += [md5(f.to_ndarray()) for f in dec.decode(c)]
+        seen += [md5(f.to_ndarray()) for f in dec.flush()]
+        assert seen == ref
+    with dev.decoder("h264", parse=False, threads=1) as dec:  # the caller stops early
+        chunks = iter(p.data for p in packets)
+        seen = []
+        stream = dec.decode_stream(chunks, depth=2, batch=3)
+        for f in stream:
+            seen.append(md5(f.to_ndarray()))
+            if len(seen) == 4:
+                break
+        stream.close()
+        seen += [md5(f.to_ndarray()) for f in dec.decode_stream(chunks)]
+        assert seen == ref
+
+
+def test_multi_batching_holds_only_what_it_must_and_a_stopped_stream_runs_it(
+        dev: Device, sources: list[Planes]) -> None:
+    """Frames share a list only while their stride registers match; the frame that ends a
+    run is held (taken from the caller, not yet submitted), and a stream that stops then
+    still encodes it."""
+    with dev.encoder("h264", W, H, FPS, gop=4) as enc:
+        frames = [fill(enc.new_frame(keep=True), p) for p in sources[:6]]
+        orig = enc._encode_specs
+
+        def specs(bad: tuple[int, ...] = ()) -> list[Any]:
+            out = list(orig(frames, True))
+            sp = out[2]  # strides 0 mean "packed" to the worker: the same frame, other registers
+            out[2] = type(sp)(sp.op, sp.flags, sp.src, (sp.args[0], 0, 0, 0), sp.done)
+            for i in bad:  # too short for a frame: the whole list fails BAD_ARG, nothing fed
+                out[i] = type(out[i])(out[i].op, out[i].flags, (out[i].src[0], 16), out[i].args, out[i].done)
+            return out
+
+        pool: list[Any] = []
+        held: list[Any] = []
+        all_specs = specs()
+        gen = enc._batched(all_specs, 4, pool, held)
+        first = next(gen)
+        assert first.flags & DescFlag.MULTI and first.src[1] == 2 * abi.MULTI_ENTRY.size
+        assert held == [all_specs[2]]  # taken from the caller, in no task yet
+        assert next(gen) is all_specs[2] and held == [all_specs[3]]  # alone: nothing else has its registers
+        rest = next(gen)
+        assert rest.src[1] == 3 * abi.MULTI_ENTRY.size  # frames 3..5; the FLUSH ended the run
+        assert held == [all_specs[6]] and all_specs[6].op == Op.FLUSH
+        assert next(gen) is all_specs[6] and held == []
+        gen.close()
+        for s_ in (first, rest):
+            assert s_.done is not None
+            s_.done()
+        assert len(pool) == 2
+        for b in pool:
+            dev.free(b)
+
+        # depth 1: the list of frames 0-1 is in flight and frame 2 held when that list fails.
+        failing = specs(bad=(0, 1))
+        enc._encode_specs = lambda *_a, **_k: iter(failing)  # type: ignore[method-assign]
+        with pytest.raises(DeviceError) as ei:
+            list(enc.encode_stream(frames, depth=1, batch=4))
+        assert ei.value.code == ErrorCode.BAD_ARG
+        enc._encode_specs = orig  # type: ignore[method-assign]
+        assert [p.pts for p in enc.flush()] == [failing[2].args[0]]  # frame 2 was encoded, not dropped
+
+
+def test_hostile_multi_lists_end_with_their_own_error(dev: Device) -> None:
+    """The list is copied once and every entry checked before the task starts."""
+    with dev.decoder("h264", parse=False) as dec:
+        lst = dev.alloc(4 * abi.MULTI_ENTRY.size)
+        chunk = dev.put(b"\x00\x00\x00\x01" + bytes(60))
+        out = dev.alloc(1 << 16)
+        heap_end = dev.layout.region_size
+
+        def run(*rows: tuple[int, int, int, int, int], nbytes: int | None = None) -> ErrorCode:
+            for i, r in enumerate(rows):
+                abi.MULTI_ENTRY.pack_into(lst.mem, i * abi.MULTI_ENTRY.size, *r)
+            n = len(rows) * abi.MULTI_ENTRY.size if nbytes is None else nbytes
+            c = dev.submit(Op.DECODE, flags=DescFlag.MULTI, session=dec.session, src=(lst.offset, n),
+                           dst=(out.offset, out.size)).completion()
+            return c.error
+
+        ok = (chunk.offset, chunk.size, 0, 0, 0)
+        assert run(ok, (0, 64, 0, 0, 0)) == ErrorCode.BAD_RANGE  # the register page
+        assert run(ok, (heap_end - 8, 16, 0, 0, 0)) == ErrorCode.BAD_RANGE
+        assert run((2**64 - 8, 16, 0, 0, 0)) == ErrorCode.OVERFLOW
+        assert run(ok, (chunk.offset, 0, 0, 0, 0)) == ErrorCode.BAD_ARG  # an empty chunk
+        assert run((chunk.offset, chunk.size, 0, int(DescFlag.FORCE_KEYFRAME), 0)) == ErrorCode.BAD_FLAGS
+        assert run(ok, nbytes=abi.MULTI_ENTRY.size + 1) == ErrorCode.BAD_ARG
+        assert run(ok, ok, ok) in (ErrorCode.OK, ErrorCode.INVALID_DATA)  # zeros: nothing to decode, or junk
+        assert dev.submit(Op.COPY, flags=DescFlag.MULTI, src=(chunk.offset, 8),
+                          dst=(out.offset, 8)).completion().error == ErrorCode.BAD_FLAGS
+        # The session is still open after all of that (the junk chunks' error may surface at the flush).
+        try:
+            dec.flush()
+        except DeviceError as e:
+            assert e.code == ErrorCode.INVALID_DATA
+        assert dec.flush() == []
+        for b in (lst, chunk, out):
+            dev.free(b)
+
+
 @needs_ffmpeg
 def test_transcode_mp4_through_the_device(dev: Device, ffmpeg_bframes: tuple[Path, Path], short_tmp: Path) -> None:
     # guestlib.media is imported above: importing the submodule must not shadow guestlib.transcode.

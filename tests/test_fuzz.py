@@ -76,25 +76,38 @@ def expected(d: Descriptor, lay: abi.Layout) -> set[ErrorCode]:
         err = range_error(d.dst_off, d.dst_len, heap, end)
         if err:
             return {err}
+    # MULTI is for ENCODE_FRAME/DECODE only; elsewhere it is BAD_FLAGS once nothing above failed.
+    multi = bool(d.flags & DescFlag.MULTI)
     if op == Op.COPY:
         if d.dst_len < d.src_len:
             return {ErrorCode.NO_SPACE}
         if d.src_len and d.src_off < d.dst_off + d.src_len and d.dst_off < d.src_off + d.src_len:
             return {ErrorCode.OVERLAP}
-        return {ErrorCode.OK}
+        return {ErrorCode.BAD_FLAGS} if multi else {ErrorCode.OK}
     if op in (Op.NOP, Op.CRC32):
-        return {ErrorCode.OK}
+        return {ErrorCode.BAD_FLAGS} if multi else {ErrorCode.OK}
     if op == Op.CAPS:
-        return {ErrorCode.OK, ErrorCode.NO_SPACE}
+        return {ErrorCode.BAD_FLAGS} if multi else {ErrorCode.OK, ErrorCode.NO_SPACE}
     if op == Op.SESSION_OPEN:
         if not abi.SESSION_CONFIG.size <= d.src_len <= SESSION_CONFIG_MAX:
             return {ErrorCode.BAD_ARG}
+        if multi:
+            return {ErrorCode.BAD_FLAGS}
         # The heap is random bytes: the config is garbage (a real open is possible but
         # vanishingly rare; the test closes any session it gets).
         return {ErrorCode.BAD_ARG, ErrorCode.UNSUPPORTED_CODEC, ErrorCode.TOO_LARGE, ErrorCode.OK,
                 ErrorCode.BUSY, ErrorCode.BACKEND}
     if op in (Op.ENCODE_FRAME, Op.DECODE) and d.src_len == 0 and not d.flags & DescFlag.DRAIN_PENDING:
         return {ErrorCode.BAD_ARG}
+    if multi:
+        if op not in (Op.ENCODE_FRAME, Op.DECODE) or d.flags & DescFlag.DRAIN_PENDING:
+            return {ErrorCode.BAD_FLAGS}
+        n, rest = divmod(d.src_len, abi.MULTI_ENTRY.size)
+        if rest or not 1 <= n <= abi.MULTI_MAX:
+            return {ErrorCode.BAD_ARG}
+        # The list is random heap bytes: an entry is rejected, or the session check fails.
+        return {ErrorCode.BAD_FLAGS, ErrorCode.BAD_ARG, ErrorCode.BAD_RANGE, ErrorCode.OVERFLOW,
+                ErrorCode.BAD_SESSION}
     return {ErrorCode.BAD_SESSION}  # this guest never holds an open session here
 
 
@@ -135,7 +148,10 @@ def descriptors(draw: st.DrawFn) -> Descriptor:
     else:
         dst_off = draw(offsets)
     dst_len = src_len - how % 2 if how % 3 == 0 and src_len else draw(lengths)
-    return Descriptor(draw(st.integers(0, U64)), int(op), draw(flags_or_zero), draw(sessions), src_off, src_len,
+    flags = draw(flags_or_zero)
+    if shape == 11 and op in (Op.ENCODE_FRAME, Op.DECODE):  # a MULTI list of 0..MULTI_MAX+1 entries
+        flags, src_len = int(DescFlag.MULTI), abi.MULTI_ENTRY.size * draw(st.integers(0, abi.MULTI_MAX + 1))
+    return Descriptor(draw(st.integers(0, U64)), int(op), flags, draw(sessions), src_off, src_len,
                       dst_off, dst_len, *ARGS[how % 4])
 
 
@@ -163,8 +179,12 @@ def random_descriptor(rng: random.Random) -> Descriptor:
     else:
         dst_off = pick_off()
     dst_len = rng.choice([pick_len(), src_len, max(0, src_len - 1)])
-    flags = rng.choice([1, 2, 4, 8, 15, 16, 0x8000, 0xFFFF, rng.randint(0, 0xFFFF)]) if rng.random() < 0.12 else 0
+    flags = 0
+    if rng.random() < 0.12:
+        flags = rng.choice([1, 2, 4, 8, 15, 16, 18, 31, 0x8000, 0xFFFF, rng.randint(0, 0xFFFF)])
     session = rng.choice([0, 1, 2, U32, rng.randint(0, U32)])
+    if op in (Op.ENCODE_FRAME, Op.DECODE) and rng.random() < 0.2:  # a MULTI list of 0..MULTI_MAX+1 entries
+        flags, src_len = int(DescFlag.MULTI), abi.MULTI_ENTRY.size * rng.randint(0, abi.MULTI_MAX + 1)
     return Descriptor(rng.randint(0, U64), int(op), flags, session, src_off, src_len, dst_off, dst_len,
                       *(rng.choice([0, 1, U64]) for _ in range(4)))
 

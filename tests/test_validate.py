@@ -27,6 +27,54 @@ def test_encode_without_input_needs_drain_flag() -> None:
     assert isinstance(validate.check(d2, LAY), validate.Program)
 
 
+def _entries(*rows: tuple[int, int, int, int, int]) -> bytes:
+    return b"".join(abi.MULTI_ENTRY.pack(*r) for r in rows)
+
+
+def test_multi_descriptor_rules() -> None:
+    multi = abi.DescFlag.MULTI
+    n = abi.MULTI_ENTRY.size
+
+    def chk(op: Op, flags: int, src_len: int) -> validate.Program | ErrorCode:
+        return validate.check(Descriptor(opcode=op, session=1, flags=flags, src_off=H, src_len=src_len,
+                                         dst_off=H + 4096, dst_len=4096), LAY)
+
+    assert isinstance(chk(Op.ENCODE_FRAME, multi, 2 * n), validate.Program)
+    assert isinstance(chk(Op.DECODE, multi | abi.DescFlag.PARSE, abi.MULTI_MAX * n), validate.Program)
+    assert chk(Op.COPY, multi, 2 * n) == ErrorCode.BAD_FLAGS  # only ENCODE_FRAME and DECODE
+    assert chk(Op.DECODE, multi | abi.DescFlag.DRAIN_PENDING, n) == ErrorCode.BAD_FLAGS
+    assert chk(Op.DECODE, multi, n + 1) == ErrorCode.BAD_ARG  # not whole entries
+    assert chk(Op.DECODE, multi, (abi.MULTI_MAX + 1) * n) == ErrorCode.BAD_ARG
+
+
+def test_multi_entries_are_checked_one_by_one() -> None:
+    pts = int(abi.DescFlag.PTS_VALID)
+    key = int(abi.DescFlag.FORCE_KEYFRAME)
+    good = _entries((H, 100, 0, pts, 0), (E - 64, 64, -5, pts | key, 0))
+    assert validate.check_multi(good, Op.ENCODE_FRAME, LAY) == good
+    assert validate.check_multi(good, Op.DECODE, LAY) == ErrorCode.BAD_FLAGS  # no keyframe flag on a chunk
+    assert validate.check_multi(_entries((H, 100, 0, 0, 0), (H - 1, 10, 0, 0, 0)), Op.DECODE, LAY) \
+        == ErrorCode.BAD_RANGE  # the second entry starts before the heap
+    assert validate.check_multi(_entries((E - 10, 11, 0, 0, 0)), Op.DECODE, LAY) == ErrorCode.BAD_RANGE
+    assert validate.check_multi(_entries((2**64 - 8, 16, 0, 0, 0)), Op.DECODE, LAY) == ErrorCode.OVERFLOW
+    assert validate.check_multi(_entries((H, 0, 0, 0, 0)), Op.DECODE, LAY) == ErrorCode.BAD_ARG  # empty chunk
+    assert validate.check_multi(_entries((H, 8, 0, 0, 1)), Op.DECODE, LAY) == ErrorCode.BAD_ARG  # reserved
+    assert validate.check_multi(_entries((H, 8, 0, 1 << 9, 0)), Op.ENCODE_FRAME, LAY) == ErrorCode.BAD_FLAGS
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(-2**63, 2**63 - 1),
+                          st.integers(0, 2**32 - 1), st.integers(0, 1)), min_size=1, max_size=abi.MULTI_MAX))
+def test_any_multi_list_is_either_in_heap_or_rejected(rows: list[tuple[int, int, int, int, int]]) -> None:
+    raw = _entries(*rows)
+    r = validate.check_multi(raw, Op.ENCODE_FRAME, LAY)
+    if r == raw:
+        for off, length, _, flags, reserved in rows:
+            assert H <= off and off + length <= E and length > 0
+            assert not flags & ~abi.MULTI_ENTRY_FLAGS and reserved == 0
+    else:
+        assert r != ErrorCode.OK
+
+
 def test_session_config_checks() -> None:
     lim = validate.Limits(max_width=1920, max_height=1080, max_pixels=1920 * 1080)
     ok = abi.SessionConfig(direction=1, codec=abi.Codec.H264, width=640, height=480)

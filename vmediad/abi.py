@@ -86,6 +86,7 @@ class Caps(enum.IntFlag):
     POLL = 1 << 1  # hostd also polls doorbells (poll-only guests may skip futex_wake)
     CODEC = 1 << 2  # session ops present
     NAMED_REGION = 1 << 3
+    MULTI = 1 << 4  # ENCODE_FRAME/DECODE accept DescFlag.MULTI (a list of inputs per task)
 
 
 # --- descriptor ------------------------------------------------------------
@@ -139,11 +140,24 @@ class DescFlag(enum.IntFlag):
     PARSE = 1 << 1  # DECODE: src is an elementary stream, split with a parser
     PTS_VALID = 1 << 2  # arg0 carries a pts
     DRAIN_PENDING = 1 << 3  # ENCODE_FRAME/DECODE: consume no input, return output kept by NO_SPACE
+    MULTI = 1 << 4  # ENCODE_FRAME/DECODE: src is a list of MULTI_ENTRY inputs, not one input
 
 
 DESC_FLAGS_MASK = int(
-    DescFlag.FORCE_KEYFRAME | DescFlag.PARSE | DescFlag.PTS_VALID | DescFlag.DRAIN_PENDING
+    DescFlag.FORCE_KEYFRAME | DescFlag.PARSE | DescFlag.PTS_VALID | DescFlag.DRAIN_PENDING | DescFlag.MULTI
 )
+
+# A multi-input task (DescFlag.MULTI): src holds 1..MULTI_MAX entries back to back, each
+# one input in the heap (a frame for ENCODE_FRAME, a chunk for DECODE) with its own pts
+# and flags (PTS_VALID, and FORCE_KEYFRAME for a frame; other bits are BAD_FLAGS).  The
+# descriptor's arg0 and PTS_VALID are unused; ENCODE_FRAME's strides (arg1, arg2) and
+# DECODE's PARSE apply to every entry.  The inputs are fed in order and the output of all
+# of them lands in dst under one table; NO_SPACE and the DRAIN_PENDING retry work as for
+# one input.  hostd copies the list once and checks every entry before the task starts.
+# offset u64, length u64, pts i64, flags u32, reserved u32 (must be 0)
+MULTI_ENTRY = struct.Struct("<QQqII")
+MULTI_MAX = 16
+MULTI_ENTRY_FLAGS = int(DescFlag.PTS_VALID | DescFlag.FORCE_KEYFRAME)
 
 # Offsets inside a 128-byte descriptor slot.
 D_STATUS = 0x00  # u32 Status; futex word the submitting thread waits on

@@ -13,7 +13,7 @@ decode input is the bitstream staged in region buffers before timing, so both
 sides measure codec work plus what the device adds: the round trips, the packet
 copy out (encode) and the bitstream copy in and the plane copy out (decode).
 ``device_fps`` uses the pipelined ``encode_stream()``/``decode_stream()``
-(STREAM_DEPTH tasks queued); ``device_sync_fps`` one ``encode()``/``decode()``
+(STREAM: tasks queued, frames per task); ``device_sync_fps`` one ``encode()``/``decode()``
 call at a time, for comparison.  Decode cases also report ``direct_copy_fps``:
 the floor plus the one plane copy the device must make into guest memory,
 done in process the same way, so the copy's own cost is visible.
@@ -47,7 +47,11 @@ import numpy.typing as npt
 from vmediad.bench.common import cpu_seconds, machine
 
 RING = 30  # distinct input pictures per case (cycled)
-STREAM_DEPTH = 8  # tasks queued per session by encode_stream()/decode_stream() (woken per 4)
+# encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch).
+# Encode: 4 tasks of 4 frames each (MULTI lists): the guest and hostd wake per 8 frames.
+# Decode: 8 tasks of one chunk: lists of chunks measured no faster (their 4-frame outputs
+# rotate through 4x the memory), docs/benchmarks.md.
+STREAM = {"encode": (4, 4), "decode": (8, 1)}
 ROUNDS = 5
 MIN_SECONDS = 4.0  # per side and case: short cases get more rounds
 MAX_ROUNDS = 15
@@ -155,7 +159,7 @@ def _copy_planes(frame: Any, dst: npt.NDArray[np.uint8]) -> None:
 
 # --- through the device ---------------------------------------------------------------------
 def _device_encode(dev: Any, case: Case, pics: list[npt.NDArray[np.uint8]], frames: int,
-                   depth: int) -> tuple[float, int]:
+                   depth: int, batch: int = 1) -> tuple[float, int]:
     from guestlib.codec import Encoder
 
     with Encoder(dev, case.codec, case.width, case.height) as enc:
@@ -164,7 +168,8 @@ def _device_encode(dev: Any, case: Case, pics: list[npt.NDArray[np.uint8]], fram
             _fill(f, pic, case)
         t0 = time.perf_counter()
         if depth:
-            n = sum(1 for _ in enc.encode_stream((ring[i % len(ring)] for i in range(frames)), depth=depth))
+            n = sum(1 for _ in enc.encode_stream((ring[i % len(ring)] for i in range(frames)), depth=depth,
+                                                 batch=batch))
         else:
             n = 0
             for i in range(frames):
@@ -182,7 +187,7 @@ def _fill(frame: Any, pic: npt.NDArray[np.uint8], case: Case) -> None:
     frame.planes[2][:] = flat[w * h * 5 // 4:].reshape(h // 2, w // 2)
 
 
-def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int) -> tuple[float, int]:
+def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int, batch: int = 1) -> tuple[float, int]:
     from guestlib.codec import Decoder
 
     bufs = [dev.put(d) for d in stream]  # the bitstream is in guest memory before the clock starts
@@ -190,7 +195,8 @@ def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int) -> tup
         with Decoder(dev, case.codec, parse=False) as dec:
             t0 = time.perf_counter()
             if depth:
-                n = sum(1 for _ in dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth))
+                n = sum(1 for _ in dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth,
+                                                     batch=batch))
             else:
                 n = 0
                 for i, b in enumerate(bufs):
@@ -246,7 +252,8 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
         rounds = min(rounds, 2)
         min_seconds = 1.0
     result: dict[str, Any] = {"machine": machine(), "frames": frames, "rounds": rounds,
-                              "stream_depth": STREAM_DEPTH, "hostd_overrides": hostd_overrides or {}, "cases": []}
+                              "stream": {op: {"depth": d, "batch": b} for op, (d, b) in STREAM.items()},
+                              "hostd_overrides": hostd_overrides or {}, "cases": []}
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="vmd-bench-") as d:
         cfg = Config(socket=Path(d) / "h.sock", region_max=512 << 20, **(hostd_overrides or {}))
@@ -286,12 +293,12 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                         elif path == "direct_copy":
                             dt, n = _direct_decode(decoder_config(case.codec), streams[key], sink)
                         else:
-                            depth = STREAM_DEPTH if path == "device" else 0
+                            depth, batch = STREAM[case.op] if path == "device" else (0, 1)
                             if case.op == "encode":
-                                dt, _ = _device_encode(dev, case, pics, frames, depth)
+                                dt, _ = _device_encode(dev, case, pics, frames, depth, batch)
                                 n = frames
                             else:
-                                dt, n = _device_decode(dev, case, streams[key], depth)
+                                dt, n = _device_decode(dev, case, streams[key], depth, batch)
                         if n != frames:
                             raise RuntimeError(f"{case.name}: {path} gave {n} frames, not {frames}")
                         fps[path] = n / dt
