@@ -47,11 +47,12 @@ import numpy.typing as npt
 from vmediad.bench.common import cpu_seconds, machine
 
 RING = 30  # distinct input pictures per case (cycled)
-# encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch).
-# Encode: 4 tasks of 4 frames each (MULTI lists): the guest and hostd wake per 8 frames.
-# Decode: 8 tasks of one chunk: lists of chunks measured no faster (their 4-frame outputs
-# rotate through 4x the memory), docs/benchmarks.md.
-STREAM = {"encode": (4, 4), "decode": (8, 1)}
+# encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch):
+# tasks queued, frames (chunks) per task.  Each was the best of those tried on this box
+# (docs/benchmarks.md): 4 x 4 for encode; for decode 4 x 3, since a task's output buffer
+# holds all its frames and 4-frame buffers at depth 4 rotate through more memory than the
+# copies into them can afford (4 x 4 was slower than 8 x 1).
+STREAM = {"encode": (4, 4), "decode": (4, 3)}
 ROUNDS = 5
 MIN_SECONDS = 4.0  # per side and case: short cases get more rounds
 MAX_ROUNDS = 15
