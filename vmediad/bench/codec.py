@@ -53,8 +53,8 @@ RING = 30  # distinct input pictures per case (cycled)
 # holds all its frames and 4-frame buffers at depth 4 rotate through more memory than the
 # copies into them can afford (4 x 4 was slower than 8 x 1).
 STREAM = {"encode": (4, 4), "decode": (4, 3)}
-ROUNDS = 5
-MIN_SECONDS = 4.0  # per side and case: short cases get more rounds
+ROUNDS = 7
+MIN_SECONDS = 6.0  # per side and case: short cases get more rounds
 MAX_ROUNDS = 15
 
 
