@@ -76,7 +76,11 @@ class Engine:
         opcode, flags, session, _cfg_len, src_off, src_len, dst_off, dst_len, a0, a1, a2, _a3 = prog
         op = Op(opcode)
         if op in (Op.CRC32, Op.ENCODE_FRAME, Op.DECODE, Op.COPY):
-            self._maybe_crash(src_off, src_len)
+            if flags & abi.DescFlag.MULTI:
+                for off, length, *_ in abi.MULTI_ENTRY.iter_unpack(config):
+                    self._maybe_crash(off, length)
+            else:
+                self._maybe_crash(src_off, src_len)
         if op == Op.NOP:
             return Outcome()
         if op == Op.COPY:

@@ -312,7 +312,7 @@ def test_corrupt_stream_is_invalid_data_and_the_session_recovers(dev: Device, so
         assert [md5(f.to_ndarray()) for f in decode_all(dec, chunks, parse=True)] == [m for _, m in want]
 
 
-@pytest.mark.parametrize("victim", ["encode", "decode"])
+@pytest.mark.parametrize("victim", ["encode", "decode", "decode-list"])
 def test_worker_crash_reports_every_session_of_the_guest_lost(make_hostd: Callable[..., Hostd],
                                                               sources: list[Planes], victim: str) -> None:
     from codec_backend.engine import CRASH_MARKER
@@ -334,8 +334,11 @@ def test_worker_crash_reports_every_session_of_the_guest_lost(make_hostd: Callab
                 f = fill(enc.new_frame(), sources[1])
                 f.planes[0][0, :len(CRASH_MARKER)] = np.frombuffer(CRASH_MARKER, np.uint8)
                 enc.encode(f)
-            else:
+            elif victim == "decode":
                 dec.decode(CRASH_MARKER + packets[3].data)
+            else:  # the second chunk of a MULTI list
+                list(dec.decode_stream([packets[3].data, CRASH_MARKER + packets[4].data, packets[5].data],
+                                       batch=3, flush=False))
         assert ei.value.code == ErrorCode.WORKER_CRASHED and not isinstance(ei.value, SessionLost)
         # Every session the dead worker held is lost, and says so: never a silent reset.
         with pytest.raises(SessionLost):
