@@ -837,22 +837,20 @@ class _DecoderSession(_Session):
         chunks stay queued for the next task (DRAIN_PENDING or more input)."""
         _check_range(mem, dst_off, dst_len, "dst")
         error: CodecError | None = None
-        if not drain_pending:
-            for inp in inputs:
-                if inp.length:
-                    _check_range(mem, inp.offset, inp.length, "src")
-                if inp.length > MAX_CHUNK:
-                    raise CodecError(ErrorCode.TOO_LARGE, "bitstream chunk too large")
-                if inp.pts is not None and not _I64_MIN < inp.pts <= _I64_MAX:
-                    raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
-            if any(inp.length for inp in inputs):
-                self._check_backlog()
-            for inp in inputs:
-                if inp.length:
-                    try:
-                        error = self._feed(mem, inp.offset, inp.length, inp.pts, parse) or error
-                    except CodecError as exc:
-                        error = error or exc
+        chunks = [] if drain_pending else [inp for inp in inputs if inp.length]  # empty: no input
+        for inp in chunks:
+            _check_range(mem, inp.offset, inp.length, "src")
+            if inp.length > MAX_CHUNK:
+                raise CodecError(ErrorCode.TOO_LARGE, "bitstream chunk too large")
+            if inp.pts is not None and not _I64_MIN < inp.pts <= _I64_MAX:
+                raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
+        if chunks:
+            self._check_backlog()
+        for inp in chunks:
+            try:
+                error = self._feed(mem, inp.offset, inp.length, inp.pts, parse) or error
+            except CodecError as exc:
+                error = error or exc
         if error is not None:
             raise error
         return self._emit(mem, dst_off, dst_len)

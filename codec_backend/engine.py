@@ -75,29 +75,27 @@ class Engine:
     def run(self, prog: tuple[int, ...], config: bytes) -> Outcome:
         opcode, flags, session, _cfg_len, src_off, src_len, dst_off, dst_len, a0, a1, a2, _a3 = prog
         op = Op(opcode)
-        if op in (Op.CRC32, Op.ENCODE_FRAME, Op.DECODE, Op.COPY):
-            if flags & abi.DescFlag.MULTI:
-                for off, length, *_ in abi.MULTI_ENTRY.iter_unpack(config):
-                    self._maybe_crash(off, length)
-            else:
-                self._maybe_crash(src_off, src_len)
         if op == Op.NOP:
             return Outcome()
+        pts = abi.as_i64(a0) if flags & abi.DescFlag.PTS_VALID else None
+        inputs = _inputs(flags, config, src_off, src_len, pts)
+        if op in (Op.CRC32, Op.ENCODE_FRAME, Op.DECODE, Op.COPY):
+            for inp in inputs:
+                self._maybe_crash(inp.offset, inp.length)
         if op == Op.COPY:
             # memoryview slice assignment is a memmove; hostd rejected overlap anyway.
             self.mem[dst_off : dst_off + src_len] = self.mem[src_off : src_off + src_len]
             return Outcome(result_len=src_len, copied=src_len)
         if op == Op.CRC32:
             return Outcome(result=zlib.crc32(self.mem[src_off : src_off + src_len]), result_len=src_len)
-        return self._codec(op, flags, session, config, src_off, src_len, dst_off, dst_len, a0, a1, a2)
+        return self._codec(op, flags, session, config, inputs, dst_off, dst_len, a1, a2)
 
-    def _codec(self, op: Op, flags: int, session: int, config: bytes, src_off: int, src_len: int,
-               dst_off: int, dst_len: int, a0: int, a1: int, a2: int) -> Outcome:
+    def _codec(self, op: Op, flags: int, session: int, config: bytes, inputs: list[Input],
+               dst_off: int, dst_len: int, a1: int, a2: int) -> Outcome:
         from codec_backend.av_sessions import CodecError, write_caps
 
         sm = self.sessions
         self._copied_delta()
-        pts = _signed(a0) if flags & abi.DescFlag.PTS_VALID else None
         drain = bool(flags & abi.DescFlag.DRAIN_PENDING)
         try:
             if op == Op.CAPS:
@@ -110,11 +108,10 @@ class Engine:
                 return Outcome(result=session)
             elif op == Op.ENCODE_FRAME:
                 strides = (a1 & 0xFFFFFFFF, a1 >> 32, a2 & 0xFFFFFFFF)
-                count, used = sm.encode(session, self.mem, _inputs(flags, config, src_off, src_len, pts),
-                                        strides, drain, dst_off, dst_len)
+                count, used = sm.encode(session, self.mem, inputs, strides, drain, dst_off, dst_len)
             elif op == Op.DECODE:
-                count, used = sm.decode(session, self.mem, _inputs(flags, config, src_off, src_len, pts),
-                                        bool(flags & abi.DescFlag.PARSE), drain, dst_off, dst_len)
+                count, used = sm.decode(session, self.mem, inputs, bool(flags & abi.DescFlag.PARSE), drain,
+                                        dst_off, dst_len)
             elif op == Op.FLUSH:
                 count, used = sm.flush(session, self.mem, dst_off, dst_len)
             else:  # pragma: no cover - validate.check() admits only the ops above
@@ -140,6 +137,3 @@ def _inputs(flags: int, config: bytes, src_off: int, src_len: int, pts: int | No
                 for off, length, p, f, _ in abi.MULTI_ENTRY.iter_unpack(config)]
     return [Input(src_off, src_len, pts, bool(flags & abi.DescFlag.FORCE_KEYFRAME))]
 
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v

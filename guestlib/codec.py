@@ -219,9 +219,8 @@ class _Session:
                 return run[0]
             buf = pool.pop() if pool else dev.alloc(abi.MULTI_MAX * abi.MULTI_ENTRY.size)
             for i, sp in enumerate(run):
-                pts = sp.args[0] - (1 << 64) if sp.args[0] >= 1 << 63 else sp.args[0]
-                abi.MULTI_ENTRY.pack_into(buf.mem, i * abi.MULTI_ENTRY.size, sp.src[0], sp.src[1], pts,
-                                          sp.flags & abi.MULTI_ENTRY_FLAGS, 0)
+                abi.MULTI_ENTRY.pack_into(buf.mem, i * abi.MULTI_ENTRY.size, sp.src[0], sp.src[1],
+                                          abi.as_i64(sp.args[0]), sp.flags & abi.MULTI_ENTRY_FLAGS, 0)
 
             def done() -> None:
                 pool.append(buf)

@@ -287,6 +287,11 @@ def register_page_init(layout: Layout, vm_id: int, caps: int) -> list[tuple[int,
     ]
 
 
+def as_i64(v: int) -> int:
+    """A u64 register (e.g. a pts in arg0) read as the i64 it carries."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
 def range_ok(off: int, length: int, lo: int, hi: int) -> ErrorCode:
     """Check [off, off+length) lies inside [lo, hi) without ever overflowing u64.
 
