@@ -154,6 +154,10 @@ class _Session:
     def _private(self, items: list[Any]) -> list[Any]:
         return items
 
+    def _task_output(self, batch: int) -> int:
+        """Bytes a stream task of ``batch`` inputs is expected to emit (0: unknown)."""
+        return 0
+
     def _take_backlog(self) -> list[Any]:
         items, self._backlog = self._backlog, []
         return items
@@ -274,6 +278,10 @@ class _Session:
         group = max(1, depth // 2)
         if batch < 1:
             raise ValueError("batch must be at least 1")
+        # Output buffers are sized ahead from what the session expects a task to emit, so
+        # a stream does not start with a NO_SPACE (a wasted round trip and a drain task)
+        # per task in flight; a task emitting more still gets NO_SPACE, and the size grows.
+        self._stream_size = max(self._stream_size, self._task_output(batch))
         spare: list[Buffer] = [dev.alloc(self._stream_size) for _ in range(depth + 1)]
         inflight: deque[tuple[Task, Buffer, _Spec]] = deque()
         lists: list[Buffer] = []  # MULTI lists not in flight
@@ -330,6 +338,7 @@ class _Session:
                     spare.append(buf)
                     task.wait()  # raises the task's error
                 items = self._items_at(buf.offset)
+                self._stream_size = max(self._stream_size, self._task_output(batch))
                 if len(inflight) <= depth - group:
                     top_up()  # the device works on the next tasks while the caller consumes these
                 given = 0
@@ -571,9 +580,16 @@ class Encoder(_Session):
 
 class Decoder(_Session):
     def __init__(self, dev: Device, codec: str = "h264", *, pix_fmt: str = "yuv420p", threads: int = 0,
-                 parse: bool = True, **options: Any) -> None:
+                 parse: bool = True, width: int = 0, height: int = 0, **options: Any) -> None:
+        """``width``/``height`` (optional) are the expected picture size, e.g. from a
+        container: ``decode_stream()`` sizes its output buffers from them until it has
+        seen a frame.  The stream's own geometry is what the device decodes."""
+        if width < 0 or height < 0:
+            raise ValueError("width and height must not be negative")
         cfg = decoder_config(codec, pix_fmt=pix_fmt, threads=threads, **options)
         self.parse = parse
+        # Largest decoded picture so far (bytes in the output buffer), or the hint's size.
+        self._frame_bytes = abi.frame_size(pix_fmt_id(pix_fmt), width, height) if width and height else 0
         self._in: Buffer | None = None
         self._staging: list[Buffer] = []
         super().__init__(dev, cfg)
@@ -660,6 +676,14 @@ class Decoder(_Session):
     def _items_at(self, base: int) -> list[Any]:
         return self._frames(base)
 
+    def _task_output(self, batch: int) -> int:
+        if not self._frame_bytes:
+            return 0
+        # A task emits about one frame per chunk; one more covers a decoder catching up
+        # (frame threads, reordering).  Frames start HEAP_ALIGN-aligned after the table.
+        n = batch + 1
+        return abi.out_table_size(abi.OUT_FRAMES, n) + n * (-(-self._frame_bytes // abi.HEAP_ALIGN) * abi.HEAP_ALIGN)
+
     def _private(self, items: list[Any]) -> list[Any]:
         return [f.copy() for f in items]
 
@@ -674,9 +698,10 @@ class Decoder(_Session):
             planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
             packed = all(o == sum(r * s for (r, _), s in zip(abi.plane_shapes(pf, w, h)[:k], strides, strict=False))
                          for k, o in enumerate(offs))
+            nbytes = abi.frame_size(pf, w, h, list(strides))
             frames.append(Frame(w, h, pf, None if pts == abi.NO_PTS else pts, planes,
-                                offset=base + off if packed else -1, strides=strides,
-                                nbytes=abi.frame_size(pf, w, h, list(strides))))
+                                offset=base + off if packed else -1, strides=strides, nbytes=nbytes))
+            self._frame_bytes = max(self._frame_bytes, nbytes)
         return frames
 
     def close(self) -> None:

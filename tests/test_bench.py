@@ -54,3 +54,15 @@ def test_quick_codec_bench_reports_cpu_per_frame() -> None:
     # Decode copies every visible plane once into guest memory: 1.5 bytes per pixel.
     assert cases["h264 decode 720p"]["bytes_copied_per_frame"] >= 1280 * 720 * 3 // 2
     assert cases["h264 encode 720p"]["bytes_copied_per_frame"] < 1280 * 720 // 4
+    # The decoder knows the picture size: its output buffers fit from the first task.
+    assert cases["h264 decode 720p"]["no_space_retries"] == 0
+
+
+def test_case_selection_matches_words_and_rejects_unknown_cases() -> None:
+    names = [c.name for c in cbench.select(cbench.FULL, ["decode"])]
+    assert names == ["h264 decode 720p", "h264 decode 1080p", "hevc decode 720p", "vp9 decode 720p"]
+    assert [c.name for c in cbench.select(cbench.FULL, ["h264 1080p", "vp9 encode"])] == [
+        "h264 encode 1080p", "h264 decode 1080p", "vp9 encode 720p"]
+    assert cbench.select(cbench.FULL, []) == cbench.FULL
+    with pytest.raises(ValueError, match="no case matches"):
+        cbench.select(cbench.FULL, ["av1"])

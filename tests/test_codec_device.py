@@ -545,6 +545,29 @@ def test_stream_no_space_is_lossless(dev: Device, sources: list[Planes]) -> None
     assert frames == pyav_decode("h264", want)
 
 
+def test_decode_stream_sizes_output_buffers_from_the_picture(dev: Device, sources: list[Planes]) -> None:
+    """A decode stream's output buffers fit ``batch`` frames from the start when the decoder
+    knows the picture size (a hint), and from the first frames it sees otherwise: NO_SPACE
+    is then limited to the tasks already in flight, not repeated through the stream."""
+    want = encode_all(dev, "h264", sources, bframes=True, gop=8)
+    ref = pyav_decode("h264", want)
+    depth, batch = 3, 2
+    with dev.decoder("h264", parse=False, width=W, height=H) as dec:
+        dec._stream_size = 4096  # less than one picture: only the hint can size the buffers
+        got = [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch, flush=False)]
+        assert dec.no_space_retries == 0  # (a FLUSH emits what frame threads and reordering held back)
+        assert got + [(f.pts, md5(f.to_ndarray())) for f in dec.flush()] == ref
+        assert dec._stream_size >= abi.out_table_size(abi.OUT_FRAMES, batch + 1) + (batch + 1) * FRAME_BYTES
+    with dev.decoder("h264", parse=False) as dec:
+        dec._stream_size = 4096
+        assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch)] == ref
+        # Only tasks submitted before the first frame came back (depth, and a group's top-up),
+        # and the FLUSH.
+        assert 1 <= dec.no_space_retries <= depth + max(1, depth // 2) + 1
+    with pytest.raises(ValueError, match="negative"):
+        dev.decoder("h264", width=-1, height=H)
+
+
 @pytest.mark.parametrize(("depth", "batch", "before_bad"), [(3, 1, 10), (2, 4, 8)])
 def test_stream_error_and_early_stop_keep_decoded_frames(dev: Device, sources: list[Planes], depth: int,
                                                          batch: int, before_bad: int) -> None:

@@ -355,14 +355,21 @@ def bench_transport(n: int, idle_s: float, json_out: Path | None) -> None:
 @bench.command("codec")
 @click.option("--frames", default=120, show_default=True)
 @click.option("--quick", is_flag=True, help="720p H.264 only, fewer frames")
+@click.option("--case", "only", multiple=True,
+              help='run only cases whose name has all these words, e.g. "decode" or "h264 720p" (repeatable)')
 @click.option("--json-out", type=click.Path(path_type=Path))
-def bench_codec(frames: int, quick: bool, json_out: Path | None) -> None:
+def bench_codec(frames: int, quick: bool, only: tuple[str, ...], json_out: Path | None) -> None:
     """fps through the device vs direct in-process PyAV with identical options."""
     from vmediad.bench import codec as cbench
     from vmediad.bench.common import save
 
     logs.configure("warning")
-    res = cbench.run(frames=frames, quick=quick, progress=lambda m: console.print(f"[dim]{m}[/]"))
+    try:
+        cbench.select(cbench.QUICK if quick else cbench.FULL, list(only))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--case") from None
+    res = cbench.run(frames=frames, quick=quick, only=list(only),
+                     progress=lambda m: console.print(f"[dim]{m}[/]"))
     save(res, json_out)
     t = Table(title="codec: device fps / direct PyAV fps (same run, same options)")
     for col in ("case", "direct fps", "device fps", "ratio", "bytes copied/frame",

@@ -160,7 +160,8 @@ def _copy_planes(frame: Any, dst: npt.NDArray[np.uint8]) -> None:
 
 # --- through the device ---------------------------------------------------------------------
 def _device_encode(dev: Any, case: Case, pics: list[npt.NDArray[np.uint8]], frames: int,
-                   depth: int, batch: int = 1) -> tuple[float, int]:
+                   depth: int, batch: int = 1) -> tuple[float, int, int]:
+    """Seconds, packets, NO_SPACE retries."""
     from guestlib.codec import Encoder
 
     with Encoder(dev, case.codec, case.width, case.height) as enc:
@@ -177,7 +178,7 @@ def _device_encode(dev: Any, case: Case, pics: list[npt.NDArray[np.uint8]], fram
                 n += len(enc.encode(ring[i % len(ring)], pts=i))
             n += len(enc.flush())
         dt = time.perf_counter() - t0
-    return dt, n
+    return dt, n, enc.no_space_retries
 
 
 def _fill(frame: Any, pic: npt.NDArray[np.uint8], case: Case) -> None:
@@ -188,12 +189,15 @@ def _fill(frame: Any, pic: npt.NDArray[np.uint8], case: Case) -> None:
     frame.planes[2][:] = flat[w * h * 5 // 4:].reshape(h // 2, w // 2)
 
 
-def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int, batch: int = 1) -> tuple[float, int]:
+def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int, batch: int = 1) -> tuple[float, int, int]:
+    """Seconds, frames, NO_SPACE retries."""
     from guestlib.codec import Decoder
 
     bufs = [dev.put(d) for d in stream]  # the bitstream is in guest memory before the clock starts
     try:
-        with Decoder(dev, case.codec, parse=False) as dec:
+        # The geometry hint is what a player has from its container: output buffers are
+        # sized for it from the first task (without it the first tasks end in NO_SPACE).
+        with Decoder(dev, case.codec, parse=False, width=case.width, height=case.height) as dec:
             t0 = time.perf_counter()
             if depth:
                 n = sum(1 for _ in dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth,
@@ -207,7 +211,7 @@ def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int, batch:
     finally:
         for b in bufs:
             dev.free(b)
-    return dt, n
+    return dt, n, dec.no_space_retries
 
 
 def _vm(h: Any, name: str) -> dict[str, Any]:
@@ -237,16 +241,28 @@ def _copied(h: Any, name: str) -> int:
     return int(_vm(h, name)["bytes_copied"])
 
 
+def select(cases: list[Case], only: list[str] | None) -> list[Case]:
+    """The cases whose name contains every word of one of ``only`` (all cases if none given)."""
+    if not only:
+        return cases
+    picked = [c for c in cases if any(all(w in c.name for w in o.split()) for o in only)]
+    if not picked:
+        raise ValueError(f"no case matches {only}; cases: {', '.join(c.name for c in cases)}")
+    return picked
+
+
 def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] | None = None,
-        rounds: int = ROUNDS, hostd_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure every case; ``hostd_overrides`` are hostd Config fields (experiments, e.g. spin_us)."""
+        rounds: int = ROUNDS, hostd_overrides: dict[str, Any] | None = None,
+        only: list[str] | None = None) -> dict[str, Any]:
+    """Measure every case (or those ``select`` picks with ``only``); ``hostd_overrides``
+    are hostd Config fields (experiments, e.g. spin_us)."""
     import guestlib
     from guestlib.codec import decoder_config, encoder_config
     from hostd.config import Config
     from hostd.daemon import Hostd
 
     say = progress or (lambda _m: None)
-    cases = QUICK if quick else FULL
+    cases = select(QUICK if quick else FULL, only)
     min_seconds = MIN_SECONDS
     if quick:
         frames = min(frames, 60)
@@ -274,6 +290,7 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                     runs["direct_copy"] = []
                     sink = np.empty(case.width * case.height * 3 // 2, np.uint8)
                 copied = 0
+                no_space = 0  # NO_SPACE retries of the counted "device" rounds
                 spent = 0.0
                 cpu: dict[str, dict[str, float]] = {path: {} for path in runs}
                 cpu_frames = dict.fromkeys(runs, 0)
@@ -296,10 +313,12 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                         else:
                             depth, batch = STREAM[case.op] if path == "device" else (0, 1)
                             if case.op == "encode":
-                                dt, _ = _device_encode(dev, case, pics, frames, depth, batch)
+                                dt, _, retries = _device_encode(dev, case, pics, frames, depth, batch)
                                 n = frames
                             else:
-                                dt, n = _device_decode(dev, case, streams[key], depth, batch)
+                                dt, n, retries = _device_decode(dev, case, streams[key], depth, batch)
+                            if r and path == "device":
+                                no_space += retries
                         if n != frames:
                             raise RuntimeError(f"{case.name}: {path} gave {n} frames, not {frames}")
                         fps[path] = n / dt
@@ -326,6 +345,7 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                     "ratio": round(paired["device"], 3),
                     "ratio_of_medians": round(med["device"] / med["direct"], 3),
                     "bytes_copied_per_frame": round(copied / frames),
+                    "no_space_retries": no_space,
                     "device_sync_fps": round(med["device_sync"], 1),
                     "sync_ratio": round(paired["device_sync"], 3),
                     **({"direct_copy_fps": round(med["direct_copy"], 1),
