@@ -559,6 +559,12 @@ class Encoder(_Session):
     def _items_at(self, base: int) -> list[Any]:
         return self._packets(base)
 
+    def _task_output(self, batch: int) -> int:
+        # Encoders hold frames back (lookahead, B-frames, frame threads) and then emit a
+        # burst with the first keyframe: x264 at 1080p emits 1.2-1.9 MB at once.  One raw
+        # frame covers that burst in practice; larger output still ends in NO_SPACE.
+        return self.frame_bytes
+
     def _packets(self, base: int | None = None) -> list[Packet]:
         mem = self.device.region.mem
         base = self._out.offset if base is None else base

@@ -534,7 +534,7 @@ def test_deep_streams_sleep_once_per_group_and_lose_nothing(dev: Device, sources
 def test_stream_no_space_is_lossless(dev: Device, sources: list[Planes]) -> None:
     want = encode_all(dev, "h264", sources, bframes=True, gop=8)
     with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:
-        enc._stream_size = 256
+        shrink_stream_buffers(enc, 256)
         got = list(enc.encode_stream((fill(enc.new_frame(), p) for p in sources), depth=3))
         assert enc.no_space_retries >= 1
     assert got == want
@@ -543,6 +543,12 @@ def test_stream_no_space_is_lossless(dev: Device, sources: list[Planes]) -> None
         frames = [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=3)]
         assert dec.no_space_retries >= 1
     assert frames == pyav_decode("h264", want)
+
+
+def shrink_stream_buffers(session: Any, size: int) -> None:
+    """Stream output buffers of ``size`` bytes, not sized ahead: every task may hit NO_SPACE."""
+    session._stream_size = size
+    session._task_output = lambda batch: 0
 
 
 def test_decode_stream_sizes_output_buffers_from_the_picture(dev: Device, sources: list[Planes]) -> None:
@@ -566,6 +572,12 @@ def test_decode_stream_sizes_output_buffers_from_the_picture(dev: Device, source
         assert 1 <= dec.no_space_retries <= depth + max(1, depth // 2) + 1
     with pytest.raises(ValueError, match="negative"):
         dev.decoder("h264", width=-1, height=H)
+    # An encoder sizes them for one raw picture: the burst of packets with the first keyframe.
+    with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:
+        enc._stream_size = 256
+        assert list(enc.encode_stream((fill(enc.new_frame(), p) for p in sources), depth=depth, batch=4)) == want
+        assert enc.no_space_retries == 0
+        assert enc._stream_size == FRAME_BYTES
 
 
 @pytest.mark.parametrize(("depth", "batch", "before_bad"), [(3, 1, 10), (2, 4, 8)])
@@ -628,7 +640,7 @@ def test_multi_input_streams_give_what_single_tasks_give(hostd: Hostd, dev: Devi
         chunks = [data[i:i + 999] for i in range(0, len(data), 999)]
         assert [md5(f.to_ndarray()) for f in dec.decode_stream(chunks, batch=abi.MULTI_MAX)] == [m for _, m in ref]
     with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:  # NO_SPACE on a list loses nothing
-        enc._stream_size = 256
+        shrink_stream_buffers(enc, 256)
         assert list(enc.encode_stream((fill(enc.new_frame(), p) for p in sources), depth=2, batch=5)) == want
         assert enc.no_space_retries >= 1
     with dev.decoder("h264", parse=False) as dec:
