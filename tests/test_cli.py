@@ -63,6 +63,8 @@ def test_clear_errors_for_bad_input(short_tmp: Path) -> None:
     assert r.exit_code != 0 and "even" in r.output
     r = CliRunner().invoke(main, ["vm", "spawn", "--socket", str(short_tmp / "nope.sock")])
     assert r.exit_code != 0 and "no hostd socket" in r.output
+    r = CliRunner().invoke(main, ["bench", "codec", "--case", "av1 decode"])  # no such case: no run
+    assert r.exit_code == 2 and "no case matches" in r.output and "h264 decode 720p" in r.output
 
 
 def test_vm_spawn_encode_decode_transcode(hostd: Hostd, tmp_path: Path) -> None:
