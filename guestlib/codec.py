@@ -158,6 +158,19 @@ class _Session:
         """Bytes a stream task of ``batch`` inputs is expected to emit (0: unknown)."""
         return 0
 
+    def _size_ahead(self, batch: int, depth: int, held: int) -> None:
+        """Grow the stream buffer size to what a task is expected to emit, so a stream does
+        not start with a NO_SPACE (a wasted round trip and a drain task) per task in flight.
+
+        Only as far as the heap allows ``depth + 1`` buffers (``held`` of them allocated
+        now) with room to spare: a hint larger than the region must not fail the stream.
+        A task emitting more still ends in NO_SPACE, and the size grows then."""
+        want = self._task_output(batch)
+        if want <= self._stream_size:
+            return
+        total = self.device.heap.available() + held * self._stream_size
+        self._stream_size = max(self._stream_size, min(want, total // (depth + 2)))
+
     def _take_backlog(self) -> list[Any]:
         items, self._backlog = self._backlog, []
         return items
@@ -278,10 +291,7 @@ class _Session:
         group = max(1, depth // 2)
         if batch < 1:
             raise ValueError("batch must be at least 1")
-        # Output buffers are sized ahead from what the session expects a task to emit, so
-        # a stream does not start with a NO_SPACE (a wasted round trip and a drain task)
-        # per task in flight; a task emitting more still gets NO_SPACE, and the size grows.
-        self._stream_size = max(self._stream_size, self._task_output(batch))
+        self._size_ahead(batch, depth, held=0)
         spare: list[Buffer] = [dev.alloc(self._stream_size) for _ in range(depth + 1)]
         inflight: deque[tuple[Task, Buffer, _Spec]] = deque()
         lists: list[Buffer] = []  # MULTI lists not in flight
@@ -338,7 +348,7 @@ class _Session:
                     spare.append(buf)
                     task.wait()  # raises the task's error
                 items = self._items_at(buf.offset)
-                self._stream_size = max(self._stream_size, self._task_output(batch))
+                self._size_ahead(batch, depth, held=depth + 1)
                 if len(inflight) <= depth - group:
                     top_up()  # the device works on the next tasks while the caller consumes these
                 given = 0

@@ -572,6 +572,12 @@ def test_decode_stream_sizes_output_buffers_from_the_picture(dev: Device, source
         assert 1 <= dec.no_space_retries <= depth + max(1, depth // 2) + 1
     with pytest.raises(ValueError, match="negative"):
         dev.decoder("h264", width=-1, height=H)
+    # A hint far larger than the region sizes the buffers only as far as the heap allows.
+    with dev.decoder("h264", parse=False, width=8192, height=8192) as dec:
+        free = dev.heap.available()
+        assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch)] == ref
+        assert dec.no_space_retries == 0
+        assert (depth + 1) * dec._stream_size <= free
     # An encoder sizes them for one raw picture: the burst of packets with the first keyframe.
     with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:
         enc._stream_size = 256
