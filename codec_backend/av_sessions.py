@@ -177,10 +177,6 @@ class GeometryCaps:
     max_pixels: int = 35_000_000
 
 
-def _align(value: int, to: int = abi.HEAP_ALIGN) -> int:
-    return (value + to - 1) // to * to
-
-
 def _check_range(mem: memoryview, off: int, length: int, what: str) -> None:
     if off < 0 or length < 0 or off + length > mem.nbytes:
         raise CodecError(ErrorCode.BAD_RANGE, f"{what} [{off}, +{length}) outside the region")
@@ -728,7 +724,7 @@ class _EncoderSession(_Session):
         offsets: list[int] = []
         used = table
         for item in pending:
-            pos = _align(used)
+            pos = abi.align(used)
             offsets.append(pos)
             used = pos + item.size
         if used > dst_len:
@@ -926,7 +922,7 @@ class _DecoderSession(_Session):
         layouts: list[tuple[int, list[tuple[int, int]]]] = []
         used = table
         for frame in pending:
-            pos = _align(used)
+            pos = abi.align(used)
             shapes = abi.plane_shapes(fmt, frame.width, frame.height)
             layouts.append((pos, shapes))
             used = pos + sum(r * b for r, b in shapes)

@@ -11,7 +11,8 @@ on the same decoder (use ``Frame.copy()`` to keep one).
 own output buffer), so the device starts the next frame as soon as one ends
 instead of waiting for the guest's round trip: use them for throughput.  They
 wait and submit ``depth // 2`` tasks at a time: at depth 8 the guest sleeps
-and rings the doorbell once per 4 frames (``vmediad bench codec`` streams at 8).
+and rings the doorbell once per 4 tasks.  ``batch=k`` puts k frames or chunks in
+one task (``vmediad bench codec`` streams encode at depth 4 x batch 4, decode at 4 x 3).
 """
 
 from __future__ import annotations
@@ -698,7 +699,7 @@ class Decoder(_Session):
         # A task emits about one frame per chunk; one more covers a decoder catching up
         # (frame threads, reordering).  Frames start HEAP_ALIGN-aligned after the table.
         n = batch + 1
-        return abi.out_table_size(abi.OUT_FRAMES, n) + n * (-(-self._frame_bytes // abi.HEAP_ALIGN) * abi.HEAP_ALIGN)
+        return abi.out_table_size(abi.OUT_FRAMES, n) + n * abi.align(self._frame_bytes)
 
     def _private(self, items: list[Any]) -> list[Any]:
         return [f.copy() for f in items]

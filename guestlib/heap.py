@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 
+from vmediad import abi
 from vmediad.abi import HEAP_ALIGN
 
 
@@ -22,7 +23,7 @@ class Heap:
     def alloc(self, nbytes: int) -> int:
         if nbytes <= 0:
             raise ValueError("allocation size must be positive")
-        need = (nbytes + self.align - 1) // self.align * self.align
+        need = abi.align(nbytes, self.align)
         for i, (off, size) in enumerate(self._free):
             if size >= need:
                 if size == need:

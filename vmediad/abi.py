@@ -235,7 +235,8 @@ class LayoutError(ValueError):
     pass
 
 
-def _align(value: int, to: int) -> int:
+def align(value: int, to: int = HEAP_ALIGN) -> int:
+    """``value`` rounded up to a multiple of ``to`` (heap blocks and output items: HEAP_ALIGN)."""
     return (value + to - 1) // to * to
 
 
@@ -246,8 +247,8 @@ def compute_layout(region_size: int, ring_entries: int) -> Layout:
     if region_size % PAGE_SIZE:
         raise LayoutError(f"region_size must be a multiple of {PAGE_SIZE}, got {region_size}")
     sq_offset = PAGE_SIZE
-    desc_offset = _align(sq_offset + 4 * ring_entries, DESC_SIZE)
-    heap_offset = _align(desc_offset + DESC_SIZE * ring_entries, PAGE_SIZE)
+    desc_offset = align(sq_offset + 4 * ring_entries, DESC_SIZE)
+    heap_offset = align(desc_offset + DESC_SIZE * ring_entries, PAGE_SIZE)
     if heap_offset + PAGE_SIZE > region_size:
         raise LayoutError(f"region_size {region_size} leaves no heap for {ring_entries} slots")
     return Layout(region_size, ring_entries, sq_offset, desc_offset, heap_offset, region_size - heap_offset)
@@ -455,7 +456,7 @@ NO_PTS = -(1 << 63)
 
 def out_table_size(kind: int, count: int) -> int:
     entry = PACKET_ENTRY.size if kind == OUT_PACKETS else FRAME_ENTRY.size
-    return _align(OUT_HEADER.size + count * entry, HEAP_ALIGN)
+    return align(OUT_HEADER.size + count * entry, HEAP_ALIGN)
 
 
 # --- channel register files (host <-> codec worker; never guest-visible) ----
@@ -522,7 +523,7 @@ BANK_MAX_WORKERS = (PAGE_SIZE - BANK_WORKER_BASE) // BANK_WORKER_STRIDE
 
 
 def _channels_end(channels: int) -> int:
-    return _align(PAGE_SIZE + channels * CH_FILES * CH_SIZE, PAGE_SIZE)
+    return align(PAGE_SIZE + channels * CH_FILES * CH_SIZE, PAGE_SIZE)
 
 
 def _configs_end(channels: int) -> int:

@@ -50,8 +50,8 @@ RING = 30  # distinct input pictures per case (cycled)
 # encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch):
 # tasks queued, frames (chunks) per task.  Each was the best of those tried on this box
 # (docs/benchmarks.md): 4 x 4 for encode; for decode 4 x 3, since a task's output buffer
-# holds all its frames and 4-frame buffers at depth 4 rotate through more memory than the
-# copies into them can afford (4 x 4 was slower than 8 x 1).
+# holds all its frames: bigger lists save guest and hostd CPU but make the worker write
+# more destination memory per task (4 x 4 and 4 x 6 were no better, within the noise).
 STREAM = {"encode": (4, 4), "decode": (4, 3)}
 ROUNDS = 7
 MIN_SECONDS = 6.0  # per side and case: short cases get more rounds
