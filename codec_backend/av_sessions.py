@@ -86,6 +86,8 @@ from av.packet import Packet
 from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType, VideoFrame
 
+from codec_backend import framepool
+from codec_backend.framepool import FramePool
 from codec_backend.inputs import Input
 from vmediad import abi
 from vmediad.abi import Codec, Direction, ErrorCode, PixFmt, RateControl, SessionConfig
@@ -203,6 +205,7 @@ class _Stats:
     dec_bytes_in: int = 0
     dec_in_copied: int = 0
     dec_out_copied: int = 0
+    dec_frames_pooled: int = 0  # decoded straight into the guest's frame pool: not copied
     opened: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -279,8 +282,10 @@ def _open_ctx(ctx: VideoCodecContext, opts: dict[str, str]) -> None:
 
 
 def _check_common(cfg: SessionConfig) -> None:
-    if cfg.flags:
+    if cfg.flags & ~abi.SESSION_FLAGS_MASK:
         raise CodecError(ErrorCode.BAD_FLAGS, f"unknown session flags {cfg.flags:#x}")
+    if cfg.flags & abi.SessionFlag.FRAME_POOL and cfg.direction != Direction.DECODE:
+        raise CodecError(ErrorCode.BAD_FLAGS, "FRAME_POOL is for decode sessions")
     if not 0 <= cfg.threads <= MAX_THREADS:
         raise CodecError(ErrorCode.BAD_ARG, f"threads must be 0..{MAX_THREADS}")
     if cfg.bframes not in (0, 1):
@@ -494,7 +499,8 @@ def open_decoder_context(cfg: SessionConfig, caps: GeometryCaps = GeometryCaps()
     return _build_decoder(cfg, impl, caps)
 
 
-def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps) -> VideoCodecContext:
+def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps,
+                   pool: FramePool | None = None) -> VideoCodecContext:
     ctx = cast(VideoCodecContext, av.CodecContext.create(impl, "r"))
     if cfg.threads == 1:
         ctx.thread_type, ctx.thread_count = ThreadType.SLICE, 1
@@ -502,6 +508,8 @@ def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps) -> VideoCo
         ctx.thread_type, ctx.thread_count = ThreadType.AUTO, cfg.threads
     opts = _guest_options(ctx, cfg.options)
     opts["max_pixels"] = str(caps.max_pixels)
+    if pool is not None:
+        pool.attach(ctx)  # before open: the frame threads copy the context then
     _open_ctx(ctx, opts)
     return ctx
 
@@ -748,9 +756,21 @@ class _EncoderSession(_Session):
 
 
 class _DecoderSession(_Session):
-    def __init__(self, cfg: SessionConfig, caps: GeometryCaps, stats: _Stats) -> None:
+    def __init__(self, cfg: SessionConfig, caps: GeometryCaps, stats: _Stats,
+                 mem: memoryview | None = None, pool: tuple[int, int] = (0, 0)) -> None:
         super().__init__(stats)
         self._codec, self._impl, self._fmt = _decoder_target(cfg, caps)
+        self._pool: FramePool | None = None
+        self._pool_off = pool[0]
+        if cfg.flags & abi.SessionFlag.FRAME_POOL:
+            if mem is None or pool[1] < abi.POOL_MIN:
+                raise CodecError(ErrorCode.BAD_ARG, f"FRAME_POOL needs a pool of at least {abi.POOL_MIN} bytes")
+            _check_range(mem, pool[0], pool[1], "frame pool")
+            if framepool.probe().ok:
+                base = int(np.frombuffer(mem, np.uint8, 1).ctypes.data)
+                self._pool = FramePool(base + pool[0], pool[1])
+        elif pool[1]:
+            raise CodecError(ErrorCode.BAD_ARG, "a frame pool was given without FRAME_POOL")
         self._cfg = cfg
         self._caps = caps
         self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
@@ -761,10 +781,14 @@ class _DecoderSession(_Session):
         self._parsed_pos = 0  # bytes the parser has handed out as packets
         self._chunk_pts: deque[list[int | None]] = deque()  # [chunk start, pts or None, used]
         self._ctx: VideoCodecContext | None = None
-        self._ctx = self._open()
+        try:
+            self._ctx = self._open()
+        except BaseException:
+            self.close()
+            raise
 
     def _open(self) -> VideoCodecContext:
-        ctx = _build_decoder(self._cfg, self._impl, self._caps)
+        ctx = _build_decoder(self._cfg, self._impl, self._caps, self._pool)
         self._fed = 0
         self._parsed = False
         self._stream_pos = self._parsed_pos = 0
@@ -918,24 +942,34 @@ class _DecoderSession(_Session):
         pending = self._pending
         count = len(pending)
         fmt = self._fmt
+        pool = self._pool
         table = abi.out_table_size(abi.OUT_FRAMES, count)
-        layouts: list[tuple[int, list[tuple[int, int]]]] = []
+        layouts: list[tuple[int, list[tuple[int, int]]]] = []  # pos -1: in the frame pool
         used = table
         for frame in pending:
-            pos = abi.align(used)
             shapes = abi.plane_shapes(fmt, frame.width, frame.height)
+            if pool is not None and pool.owns(frame.planes[0].buffer_ptr):
+                layouts.append((-1, shapes))
+                continue
+            pos = abi.align(used)
             layouts.append((pos, shapes))
             used = pos + sum(r * b for r, b in shapes)
         if used > dst_len:
             raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
         abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
         entry_pos = dst_off + abi.OUT_HEADER.size
-        copied = 0
+        copied = pooled = 0
         for frame, (pos, shapes) in zip(pending, layouts, strict=True):
+            planes = frame.planes  # PyAV builds new plane objects on every access
+            pts = abi.NO_PTS if frame.pts is None else frame.pts
+            if pos < 0:
+                self._emit_pooled(mem, entry_pos, frame, planes, shapes, pts)
+                pooled += 1
+                entry_pos += abi.FRAME_ENTRY.size
+                continue
             offs = [0, 0, 0]
             strides = [0, 0, 0]
             plane_off = 0
-            planes = frame.planes  # PyAV builds new plane objects on every access
             for i, (rows, row_bytes) in enumerate(shapes):
                 plane = planes[i]
                 line = plane.line_size
@@ -953,15 +987,51 @@ class _DecoderSession(_Session):
             copied += plane_off
             abi.FRAME_ENTRY.pack_into(
                 mem, entry_pos, pos, frame.width, frame.height, int(fmt), len(shapes),
-                abi.NO_PTS if frame.pts is None else frame.pts, *offs, *strides, 0)
+                pts, *offs, *strides, 0, 0)
             entry_pos += abi.FRAME_ENTRY.size
         mem[entry_pos:dst_off + table] = bytes(dst_off + table - entry_pos)
         self._stats.dec_frames_out += count
+        self._stats.dec_frames_pooled += pooled
         self._stats.dec_out_copied += copied
         pending.clear()
         self.pending_items = self.pending_bytes = 0
         return count, used
 
+    def _emit_pooled(self, mem: memoryview, entry_pos: int, frame: VideoFrame, planes: Any,
+                     shapes: list[tuple[int, int]], pts: int) -> None:
+        """The entry of a frame the decoder wrote into the pool: where it is, nothing copied.
+
+        Lending it (the guest's counter + 1) happens here, after the NO_SPACE check and
+        before hostd publishes the completion; the frame's own libav reference keeps the
+        slot from being reused or relaid until then."""
+        pool = cast(FramePool, self._pool)
+        lent = pool.lend(planes[0].buffer_ptr)
+        if lent is None:
+            raise CodecError(ErrorCode.BACKEND, "pooled frame is in no slot")
+        slot, slot_addr = lent
+        offs = [0, 0, 0]
+        strides = [0, 0, 0]
+        for i, (rows, row_bytes) in enumerate(shapes):
+            plane = planes[i]
+            off = plane.buffer_ptr - slot_addr
+            end = plane.buffer_ptr + rows * plane.line_size - 1
+            if plane.line_size < row_bytes or off < 0 or not pool.owns(end):
+                raise CodecError(ErrorCode.BACKEND, "decoded plane outside its pool slot")
+            offs[i], strides[i] = off, plane.line_size
+        abi.FRAME_ENTRY.pack_into(
+            mem, entry_pos, slot_addr - pool.addr, frame.width, frame.height, int(self._fmt), len(shapes),
+            pts, *offs, *strides, abi.FRAME_POOLED, slot)
+
+    def close(self) -> None:
+        """Drop the codec context and queued frames, then the pool: slots the guest still
+        holds stay lent until it gives them back or frees the pool with the session."""
+        super().close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def pool_statistics(self) -> framepool.PoolStats | None:
+        return None if self._pool is None else self._pool.statistics()
 
 
 class SessionManager:
@@ -992,7 +1062,10 @@ class SessionManager:
             raise CodecError(ErrorCode.BAD_SESSION, f"no session {session_id}")
         return session
 
-    def open(self, session_id: int, cfg: SessionConfig) -> None:
+    def open(self, session_id: int, cfg: SessionConfig, mem: memoryview | None = None,
+             pool: tuple[int, int] = (0, 0)) -> None:
+        """Open a session; ``pool`` is the (offset, length) of a decoder's frame pool in
+        ``mem`` (SessionFlag.FRAME_POOL), or (0, 0)."""
         def run() -> None:
             if session_id in self._sessions:
                 raise CodecError(ErrorCode.BAD_SESSION, f"session {session_id} already open")
@@ -1002,9 +1075,11 @@ class SessionManager:
             if cfg.direction == Direction.ENCODE:
                 session = _EncoderSession(cfg, self._caps, self._stats)
             elif cfg.direction == Direction.DECODE:
-                session = _DecoderSession(cfg, self._caps, self._stats)
+                session = _DecoderSession(cfg, self._caps, self._stats, mem, pool)
             else:
                 raise CodecError(ErrorCode.BAD_ARG, f"unknown direction {cfg.direction}")
+            if pool[1] and not isinstance(session, _DecoderSession):
+                raise CodecError(ErrorCode.BAD_ARG, "a frame pool was given to an encoder")
             self._sessions[session_id] = session
             self._stats.opened += 1
         self._guard(run)
@@ -1043,6 +1118,20 @@ class SessionManager:
         for session in sessions:
             session.close()
 
+    def _pool_statistics(self) -> dict[str, object]:
+        pr = framepool.probe()
+        pools = [p for x in self._sessions.values() if isinstance(x, _DecoderSession)
+                 and (p := x.pool_statistics()) is not None]
+        return {
+            "available": pr.ok,
+            "reason": pr.reason,
+            "pools": len(pools),
+            "slots": sum(p.slots for p in pools),
+            "slots_in_use": sum(p.in_use for p in pools),
+            "hits": sum(p.hits for p in pools),
+            "misses": sum(p.misses for p in pools),
+        }
+
     def bytes_copied(self) -> int:
         """Bytes copied so far by all sessions (inputs and outputs, encode and decode): cheap."""
         s = self._stats
@@ -1078,7 +1167,9 @@ class SessionManager:
                 "output_bytes_copied": s.dec_out_copied,
                 "bytes_copied": dec_copied,
                 "bytes_copied_per_frame": dec_copied / s.dec_frames_out if s.dec_frames_out else 0.0,
+                "frames_pooled": s.dec_frames_pooled,
             },
+            "frame_pool": self._pool_statistics(),
             "errors": dict(s.errors),
         }
 

@@ -101,7 +101,7 @@ class Engine:
             if op == Op.CAPS:
                 count, used = write_caps(self.mem, dst_off, dst_len, self.geometry())
             elif op == Op.SESSION_OPEN:
-                sm.open(session, abi.SessionConfig.unpack(config))
+                sm.open(session, abi.SessionConfig.unpack(config), self.mem, (dst_off, dst_len))
                 return Outcome(result=session)
             elif op == Op.SESSION_CLOSE:
                 sm.close(session)

@@ -17,6 +17,7 @@ one task (``vmediad bench codec`` streams encode at depth 4 x batch 4, decode at
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections import deque
@@ -40,6 +41,8 @@ CODECS.update({"h265": abi.Codec.HEVC, "avc": abi.Codec.H264, "libx264": abi.Cod
                "libaom-av1": abi.Codec.AV1, "libsvtav1": abi.Codec.AV1})
 PIX_FMTS = {name: f for f, name in abi.PIX_FMT_NAMES.items()}
 DEFAULT_OUT = 1 << 20
+DEFAULT_POOL_FRAMES = 32  # a decoder's references and threads, plus a 4 x 3 stream's frames in flight
+MIN_POOL_FRAMES = 8
 Chunk = Any  # Buffer | bytes-like | Packet | (data, pts) | object with .pts and the buffer protocol
 
 
@@ -85,7 +88,7 @@ class Frame:
 
     def __init__(self, width: int, height: int, fmt: PixFmt, pts: int | None, planes: list[npt.NDArray[np.uint8]],
                  *, offset: int = -1, strides: tuple[int, ...] = (), nbytes: int = 0,
-                 buffer: Buffer | None = None) -> None:
+                 buffer: Buffer | None = None, release: Callable[[], None] | None = None) -> None:
         self.width = width
         self.height = height
         self.pix_fmt = fmt
@@ -95,10 +98,24 @@ class Frame:
         self.strides = strides
         self.nbytes = nbytes
         self._buffer = buffer
+        self._release = release
 
     @property
     def format(self) -> str:
         return abi.PIX_FMT_NAMES[self.pix_fmt]
+
+    @property
+    def pooled(self) -> bool:
+        """The decoder wrote this frame straight into the session's frame pool (read-only
+        planes, lent until released)."""
+        return self._release is not None
+
+    def release(self) -> None:
+        """Give a pooled frame's slot back to the decoder now instead of at the next call
+        (its planes must not be read afterwards).  A no-op for other frames."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     def copy(self) -> Frame:
         return Frame(self.width, self.height, self.pix_fmt, self.pts, [p.copy() for p in self.planes])
@@ -132,13 +149,17 @@ class _Session:
         first = base + abi.OUT_HEADER.size
         return [entry.unpack_from(mem, first + i * entry.size) for i in range(count)]
 
-    def __init__(self, dev: Device, cfg: abi.SessionConfig) -> None:
+    def __init__(self, dev: Device, cfg: abi.SessionConfig, pool: Buffer | None = None) -> None:
         self.device = dev
         self.config = cfg
         self._out: Buffer = dev.alloc(DEFAULT_OUT)
         blob = dev.put(cfg.pack())
         try:
-            c = dev.submit(Op.SESSION_OPEN, src=(blob.offset, len(cfg.pack()))).wait()
+            c = dev.submit(Op.SESSION_OPEN, src=(blob.offset, len(cfg.pack())),
+                           dst=(pool.offset, pool.size) if pool is not None else (0, 0)).wait()
+        except BaseException:
+            dev.free(self._out)
+            raise
         finally:
             dev.free(blob)
         self.session: int = c.result
@@ -153,7 +174,14 @@ class _Session:
         raise NotImplementedError
 
     def _private(self, items: list[Any]) -> list[Any]:
+        """Copies of ``items`` the caller may keep (the originals are given back)."""
         return items
+
+    def _given(self, item: Any) -> None:
+        """A stream's consumer has advanced past ``item``."""
+
+    def _stopped_at(self, item: Any) -> None:
+        """A stream was closed while its consumer held ``item``: valid until the next call."""
 
     def _task_output(self, batch: int) -> int:
         """Bytes a stream task of ``batch`` inputs is expected to emit (0: unknown)."""
@@ -356,8 +384,10 @@ class _Session:
                 try:
                     for item in items:
                         yield item
+                        self._given(item)
                         given += 1
                 except GeneratorExit:
+                    self._stopped_at(items[given])
                     self._backlog.extend(self._private(items[given + 1:]))
                     raise
                 finally:
@@ -595,23 +625,73 @@ class Encoder(_Session):
         super().close()
 
 
+def pool_slot_bytes(width: int, height: int) -> int:
+    """A generous estimate of one frame pool slot for a 4:2:0 picture: the decoder pads
+    the picture (codec alignment, 64-byte strides, edge rows) before laying slots out."""
+    return abi.align((abi.align(width, 64) + 64) * (abi.align(height, 64) + 8) * 3 // 2 + 3 * 192, abi.PAGE_SIZE)
+
+
 class Decoder(_Session):
     def __init__(self, dev: Device, codec: str = "h264", *, pix_fmt: str = "yuv420p", threads: int = 0,
-                 parse: bool = True, width: int = 0, height: int = 0, **options: Any) -> None:
+                 parse: bool = True, width: int = 0, height: int = 0, pool_frames: int | None = None,
+                 **options: Any) -> None:
         """``width``/``height`` (optional) are the expected picture size, e.g. from a
         container: ``decode_stream()`` sizes its output buffers from them until it has
-        seen a frame.  The stream's own geometry is what the device decodes."""
+        seen a frame.  The stream's own geometry is what the device decodes.
+
+        With a size, the session also gets a frame pool of ``pool_frames`` pictures
+        (default ``DEFAULT_POOL_FRAMES``, fewer if the heap is short; 0: none): the
+        decoder then writes pictures straight into it and nothing is copied.  Pooled
+        frames are read-only and lent until the next call (or ``Frame.release()``);
+        frames that find no free slot are copied as without a pool."""
         if width < 0 or height < 0:
             raise ValueError("width and height must not be negative")
+        if pool_frames is not None and pool_frames < 0:
+            raise ValueError("pool_frames must not be negative")
+        if pool_frames and not (width and height):
+            raise ValueError("a frame pool needs the picture size (width, height)")
         cfg = decoder_config(codec, pix_fmt=pix_fmt, threads=threads, **options)
         self.parse = parse
         # Largest decoded picture so far (bytes in the output buffer), or the hint's size.
         self._frame_bytes = abi.frame_size(pix_fmt_id(pix_fmt), width, height) if width and height else 0
         self._in: Buffer | None = None
         self._staging: list[Buffer] = []
-        super().__init__(dev, cfg)
+        self._lent: list[Frame] = []  # pooled frames handed out by the last decode()/flush()
+        self._pool = self._make_pool(dev, width, height, DEFAULT_POOL_FRAMES if pool_frames is None else pool_frames)
+        if self._pool is not None:
+            cfg = dataclasses.replace(cfg, flags=cfg.flags | abi.SessionFlag.FRAME_POOL)
+        try:
+            super().__init__(dev, cfg, self._pool)
+        except BaseException:
+            if self._pool is not None:
+                dev.free(self._pool)
+            raise
         self.device.free(self._out)
         self._out = dev.alloc(8 << 20)
+
+    @staticmethod
+    def _make_pool(dev: Device, width: int, height: int, frames: int) -> Buffer | None:
+        if not (frames and width and height) or not dev.region.load64(abi.REG_CAPS) & abi.Caps.FRAME_POOL:
+            return None
+        slot = pool_slot_bytes(width, height)
+        # At most half the free heap: the stream's output buffers need the rest.
+        frames = min(frames, abi.POOL_MAX_SLOTS, (dev.heap.available() // 2 - abi.POOL_HEADER) // slot)
+        if frames < MIN_POOL_FRAMES:
+            return None
+        pool = dev.alloc(abi.POOL_HEADER + frames * slot)
+        # Every slot starts with no frame lent (the heap memory may hold old bytes).
+        pool.mem[: 4 * abi.POOL_MAX_SLOTS] = bytes(4 * abi.POOL_MAX_SLOTS)
+        return pool
+
+    @property
+    def pool_size(self) -> int:
+        """Bytes of the session's frame pool (0: none)."""
+        return 0 if self._pool is None else self._pool.size
+
+    def _release_lent(self) -> None:
+        lent, self._lent = self._lent, []
+        for f in lent:
+            f.release()
 
     def _stage(self, data: bytes | bytearray | memoryview | Buffer) -> tuple[int, int]:
         from guestlib.device import Buffer
@@ -628,6 +708,7 @@ class Decoder(_Session):
 
     def decode(self, data: bytes | bytearray | memoryview | Buffer, pts: int | None = None,
                parse: bool | None = None) -> list[Frame]:
+        self._release_lent()
         src = self._stage(data)
         backlog = self._take_backlog()
         if src[1] == 0:
@@ -635,11 +716,16 @@ class Decoder(_Session):
         parse = self.parse if parse is None else parse
         flags = (DescFlag.PARSE if parse else 0) | (DescFlag.PTS_VALID if pts is not None else 0)
         self._run(Op.DECODE, flags=flags, src=src, args=((pts or 0) & abi.U64_MAX, 0, 0, 0))
-        return backlog + self._frames()
+        return backlog + self._lend(self._frames())
 
     def flush(self) -> list[Frame]:
+        self._release_lent()
         self._run(Op.FLUSH)
-        return self._take_backlog() + self._frames()
+        return self._take_backlog() + self._lend(self._frames())
+
+    def _lend(self, frames: list[Frame]) -> list[Frame]:
+        self._lent.extend(f for f in frames if f.pooled)
+        return frames
 
     def decode_stream(self, chunks: Iterable[Chunk], *, flush: bool = True, parse: bool | None = None,
                       depth: int = 2, batch: int = 1) -> Iterator[Frame]:
@@ -653,6 +739,7 @@ class Decoder(_Session):
         stay valid until the iterator is advanced past it (``Frame.copy()`` keeps
         one).  ``flush`` ends the stream (``flush()``).
         """
+        self._release_lent()
         yield from self._take_backlog()
         parse = self.parse if parse is None else parse
         yield from self._stream(self._decode_specs(chunks, flush, parse), depth, Op.DECODE, batch)
@@ -702,16 +789,43 @@ class Decoder(_Session):
         return abi.out_table_size(abi.OUT_FRAMES, n) + n * abi.align(self._frame_bytes)
 
     def _private(self, items: list[Any]) -> list[Any]:
-        return [f.copy() for f in items]
+        copies = [f.copy() for f in items]
+        for f in items:
+            f.release()
+        return copies
+
+    def _given(self, item: Any) -> None:
+        item.release()
+
+    def _stopped_at(self, item: Any) -> None:
+        if item.pooled:
+            self._lent.append(item)
 
     def _frames(self, base: int | None = None) -> list[Frame]:
         mem = self.device.region.mem
+        region = self.device.region
         base = self._out.offset if base is None else base
         frames = []
-        for off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, _ in self._table(base, abi.OUT_FRAMES,
-                                                                                 abi.FRAME_ENTRY):
+        for off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot in self._table(
+                base, abi.OUT_FRAMES, abi.FRAME_ENTRY):
             pf = PixFmt(fmt)
             offs, strides = (o0, o1, o2)[:nplanes], (s0, s1, s2)[:nplanes]
+            release: Callable[[], None] | None = None
+            if flags & abi.FRAME_POOLED:
+                if self._pool is None or slot >= abi.POOL_MAX_SLOTS:
+                    raise ValueError(f"pooled frame in slot {slot} without a frame pool")
+                start = self._pool.offset + off
+                planes = _plane_views(mem, pf, w, h, start, offs, strides)
+                lo, hi = start - off + abi.POOL_HEADER, self._pool.offset + self._pool.size
+                if not all(lo <= start + o and start + o + (rows - 1) * s + rb <= hi for (rows, rb), o, s
+                           in zip(abi.plane_shapes(pf, w, h), offs, strides, strict=False)):
+                    raise ValueError("pooled frame outside the frame pool")
+                for p in planes:
+                    p.flags.writeable = False  # the decoder may still predict from it
+                release = _lender(region, self._pool.offset + abi.pool_lent_word(slot))
+                frames.append(Frame(w, h, pf, None if pts == abi.NO_PTS else pts, planes, strides=strides,
+                                    nbytes=abi.frame_size(pf, w, h, list(strides)), release=release))
+                continue
             planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
             packed = all(o == sum(r * s for (r, _), s in zip(abi.plane_shapes(pf, w, h)[:k], strides, strict=False))
                          for k, o in enumerate(offs))
@@ -723,6 +837,7 @@ class Decoder(_Session):
 
     def close(self) -> None:
         if not self.closed:
+            self._release_lent()
             if self._in is not None:
                 self.device.free(self._in)
                 self._in = None
@@ -730,6 +845,16 @@ class Decoder(_Session):
                 self.device.free(b)
             self._staging.clear()
         super().close()
+        if self._pool is not None:  # after SESSION_CLOSE: the worker has let go of it
+            self.device.free(self._pool)
+            self._pool = None
+
+
+def _lender(region: Any, word: int) -> Callable[[], None]:
+    def give_back() -> None:
+        # Release: the guest's reads of the frame happen before the decoder may reuse the slot.
+        region.fadd32(word, -1)
+    return give_back
 
 
 def _returner(free: list[Buffer], buf: Buffer) -> Callable[[], None]:

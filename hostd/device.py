@@ -205,7 +205,7 @@ class Device:
         self.files = [f for c in self.channels for f in c.files]
         self.scheduler = Scheduler(cfg.policy, cfg.max_inflight_per_guest)
         self.limits = validate.Limits(cfg.max_width, cfg.max_height, cfg.max_pixels)
-        self.caps = int(abi.Caps.FUTEX | abi.Caps.POLL | abi.Caps.CODEC | abi.Caps.MULTI
+        self.caps = int(abi.Caps.FUTEX | abi.Caps.POLL | abi.Caps.CODEC | abi.Caps.MULTI | abi.Caps.FRAME_POOL
                         | (abi.Caps.NAMED_REGION if cfg.named_regions else 0))
         self.guests: dict[int, Guest] = {}
         self._events: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()

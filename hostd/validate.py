@@ -44,7 +44,7 @@ _USES: dict[Op, tuple[bool, bool]] = {
     Op.COPY: (True, True),
     Op.CRC32: (True, False),
     Op.CAPS: (False, True),
-    Op.SESSION_OPEN: (True, False),
+    Op.SESSION_OPEN: (True, True),  # dst: the frame pool, if any (may be empty)
     Op.ENCODE_FRAME: (True, True),
     Op.DECODE: (True, True),
     Op.FLUSH: (False, True),
@@ -67,7 +67,7 @@ def check(desc: Descriptor, layout: Layout) -> Program | ErrorCode:
         err = abi.range_ok(desc.src_off, desc.src_len, lo, hi)
         if err:
             return err
-    if uses_dst:
+    if uses_dst and not (op == Op.SESSION_OPEN and desc.dst_len == 0):
         err = abi.range_ok(desc.dst_off, desc.dst_len, lo, hi)
         if err:
             return err

@@ -77,11 +77,22 @@ def test_output_tables_golden() -> None:
     assert abi.OUT_HEADER.pack(1, 2, 3).hex() == "01000000020000000300000000000000"
     assert abi.PACKET_ENTRY.pack(64, 100, 5, 4, 1, 0).hex() == (
         "40000000000000006400000000000000050000000000000004000000000000000100000000000000")
-    assert abi.FRAME_ENTRY.pack(128, 64, 48, 1, 3, 10, 0, 3072, 3840, 64, 32, 32, 0).hex() == (
+    assert abi.FRAME_ENTRY.pack(128, 64, 48, 1, 3, 10, 0, 3072, 3840, 64, 32, 32, 0, 0).hex() == (
         "8000000000000000400000003000000001000000030000000a0000000000000000000000000c0000000f0000400000002000"
         "0000200000000000000000000000")
+    # A pooled frame: the former reserved u64 is flags (FRAME_POOLED) and the slot.
+    assert abi.FRAME_ENTRY.pack(4096, 64, 48, 1, 3, 10, 0, 3072, 3840, 64, 32, 32, abi.FRAME_POOLED, 7).hex()[-16:] == (
+        "0100000007000000")
     assert (abi.OUT_HEADER.size, abi.PACKET_ENTRY.size, abi.FRAME_ENTRY.size) == (16, 40, 64)
     assert abi.out_table_size(abi.OUT_PACKETS, 3) == 192
+
+
+def test_frame_pool_layout() -> None:
+    """SessionFlag.FRAME_POOL, Caps.FRAME_POOL and the pool header: one u32 lent counter per slot."""
+    assert (int(abi.SessionFlag.FRAME_POOL), abi.SESSION_FLAGS_MASK, int(abi.Caps.FRAME_POOL)) == (1, 1, 0x20)
+    assert (abi.POOL_MAX_SLOTS, abi.POOL_HEADER, abi.POOL_MIN, abi.FRAME_POOLED) == (256, 4096, 8192, 1)
+    assert [abi.pool_lent_word(i) for i in (0, 1, 255)] == [0, 4, 1020]
+    assert 4 * abi.POOL_MAX_SLOTS <= abi.POOL_HEADER
 
 
 def test_multi_input_list_layout() -> None:

@@ -148,9 +148,9 @@ def read_frames(mem: memoryview, off: int = DST) -> list[Frm]:
     end = abi.out_table_size(abi.OUT_FRAMES, count)
     out = []
     for k in range(count):
-        (data_off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, reserved) = \
+        (data_off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot) = \
             abi.FRAME_ENTRY.unpack_from(mem, off + abi.OUT_HEADER.size + k * abi.FRAME_ENTRY.size)
-        assert reserved == 0 and data_off % abi.HEAP_ALIGN == 0 and data_off >= end
+        assert flags == slot == 0 and data_off % abi.HEAP_ALIGN == 0 and data_off >= end
         shapes = abi.plane_shapes(PixFmt(fmt), w, h)
         assert nplanes == len(shapes)
         offs, strides = [o0, o1, o2][:nplanes], [s0, s1, s2][:nplanes]

@@ -87,6 +87,7 @@ class Caps(enum.IntFlag):
     CODEC = 1 << 2  # session ops present
     NAMED_REGION = 1 << 3
     MULTI = 1 << 4  # ENCODE_FRAME/DECODE accept DescFlag.MULTI (a list of inputs per task)
+    FRAME_POOL = 1 << 5  # decode sessions accept SessionFlag.FRAME_POOL (decoding into guest memory)
 
 
 # --- descriptor ------------------------------------------------------------
@@ -439,6 +440,38 @@ class SessionConfig:
         )
 
 
+class SessionFlag(enum.IntFlag):
+    # DECODE sessions: SESSION_OPEN's dst (at least POOL_MIN bytes) is a frame pool.
+    FRAME_POOL = 1 << 0
+
+
+SESSION_FLAGS_MASK = int(SessionFlag.FRAME_POOL)
+
+# A frame pool (SessionFlag.FRAME_POOL) is guest memory the decoder allocates its pictures
+# in, so decoded planes are written there by the codec itself and never copied:
+#
+#   pool + 0:            u32 lent[POOL_MAX_SLOTS], one counter per slot
+#   pool + POOL_HEADER:  slots, laid out by the worker for the stream's geometry
+#
+# The worker cuts the slots, hands them to the decoder (for output and reference pictures
+# alike) and reports a frame that lies in one with FRAME_POOLED and its slot number.  Before
+# the completion is published it adds 1 to that slot's lent counter (one per entry, as a
+# decoder may output the same picture twice); the guest subtracts 1 (atomically, release)
+# when it is done with the frame.  A slot is reused only when its counter is 0 and the
+# decoder holds no reference to it, so the guest must treat pooled planes as read-only (the
+# decoder may still predict from them) and must not touch the pool until the session is
+# closed.  A counter the guest never decrements only costs it pool slots: frames that find
+# no free slot are decoded into private memory and copied to dst as without a pool.
+POOL_MAX_SLOTS = 256
+POOL_HEADER = 4096
+POOL_MIN = POOL_HEADER + PAGE_SIZE
+
+
+def pool_lent_word(slot: int) -> int:
+    """Offset of slot ``slot``'s lent counter from the pool start."""
+    return 4 * slot
+
+
 # Output tables written at dst by ENCODE_FRAME / DECODE / FLUSH / CAPS.
 # Header: kind, count, used (bytes of dst used, header included).
 OUT_HEADER = struct.Struct("<IIQ")
@@ -449,8 +482,10 @@ OUT_JSON = 3
 PACKET_ENTRY = struct.Struct("<QQqqII")
 PACKET_KEY = 1
 # Frame entry: data offset from dst start, width, height, pix_fmt, nplanes, pts,
-# plane offsets (from data offset) x3, strides x3, reserved.
-FRAME_ENTRY = struct.Struct("<QIIIIq3I3IQ")
+# plane offsets (from data offset) x3, strides x3, flags, slot.  With FRAME_POOLED the data
+# offset is from the session's frame pool start instead, and slot is the pool slot it is in.
+FRAME_ENTRY = struct.Struct("<QIIIIq3I3III")
+FRAME_POOLED = 1
 NO_PTS = -(1 << 63)
 
 

@@ -1,0 +1,268 @@
+"""cffi (API mode) build of the decoder frame pool: an ``AVCodecContext.get_buffer2`` that
+hands the decoder picture buffers carved out of the guest's region, so decoded planes are
+written straight into guest memory instead of being copied there afterwards.
+
+It is compiled without FFmpeg's headers (the PyAV wheels ship none): the libav functions it
+calls are passed in as addresses at run time, and the few struct offsets it needs are either
+fixed since FFmpeg 1.x or discovered and checked at run time (``codec_backend.framepool``).
+"""
+
+from cffi import FFI
+
+CDEF = """
+typedef struct fp_pool fp_pool;
+int fp_setup(uintptr_t default_get_buffer2, uintptr_t align_dimensions2, uintptr_t fill_linesizes,
+             uintptr_t fill_plane_sizes, uintptr_t buffer_create, size_t off_get_buffer2,
+             size_t off_opaque, size_t off_buf);
+fp_pool *fp_pool_new(uintptr_t lent, uintptr_t base, size_t size, unsigned int max_slots);
+int fp_lend(fp_pool *pool, uintptr_t ptr, uint64_t *slot_addr);
+int fp_attach(fp_pool *pool, uintptr_t avctx);
+void fp_close(fp_pool *pool);
+void fp_stats(fp_pool *pool, uint64_t *out);
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+
+typedef int (*get_buffer2_fn)(void *avctx, void *frame, int flags);
+typedef void (*align_fn)(void *avctx, int *w, int *h, int linesize_align[8]);
+typedef int (*linesizes_fn)(int linesizes[4], int pix_fmt, int width);
+typedef int (*plane_sizes_fn)(size_t sizes[4], int pix_fmt, int height, const ptrdiff_t linesizes[4]);
+typedef void (*free_fn)(void *opaque, uint8_t *data);
+typedef void *(*create_fn)(uint8_t *data, size_t size, free_fn free, void *opaque, int flags);
+
+static struct {
+    get_buffer2_fn dflt;
+    align_fn align;
+    linesizes_fn linesizes;
+    plane_sizes_fn plane_sizes;
+    create_fn create;
+    size_t off_get_buffer2, off_opaque, off_buf;
+} av;
+
+/* AVFrame's leading fields have kept these offsets since FFmpeg 1.x (data[8], linesize[8],
+   extended_data, width, height, nb_samples, format); buf[] moves between versions and is
+   discovered.  framepool.py checks all of them against a real frame before enabling us. */
+#define F_DATA(f) ((uint8_t **)(f))
+#define F_LINESIZE(f) ((int *)((char *)(f) + 64))
+#define F_EXTENDED(f) (*(uint8_t ***)((char *)(f) + 96))
+#define F_WIDTH(f) (*(int *)((char *)(f) + 104))
+#define F_HEIGHT(f) (*(int *)((char *)(f) + 108))
+#define F_FORMAT(f) (*(int *)((char *)(f) + 116))
+#define F_BUF(f) ((void **)((char *)(f) + av.off_buf))
+#define C_OPAQUE(c) (*(void **)((char *)(c) + av.off_opaque))
+#define C_GET_BUFFER2(c) (*(get_buffer2_fn *)((char *)(c) + av.off_get_buffer2))
+
+#define ALIGN 64          /* STRIDE_ALIGN of an AVX-512 build, and what av_malloc gives */
+#define PAD (16 + ALIGN)  /* the over-read slack FFmpeg's own pool adds to every plane */
+#define MAX_SLOTS 256
+
+typedef struct fp_pool fp_pool;
+
+struct fp_pool {
+    pthread_mutex_t lock;
+    uint32_t *lent;        /* guest-shared: per-slot count of frames the guest holds */
+    uint8_t *base;
+    size_t size;
+    unsigned int max_slots;
+    /* Layout the slots are cut for; relaid only while no slot is in use. */
+    int w, h, fmt;
+    int linesize[4];
+    size_t plane_off[4];
+    int planes;
+    size_t slot_size;
+    unsigned int nslots;
+    unsigned int in_use;
+    unsigned int refs;     /* buffers alive: the pool struct outlives fp_close until 0 */
+    int closed;
+    uint8_t used[MAX_SLOTS];
+    uint64_t hits, misses, relayouts;
+};
+
+int fp_setup(uintptr_t dflt, uintptr_t align, uintptr_t linesizes, uintptr_t plane_sizes,
+             uintptr_t create, size_t off_get_buffer2, size_t off_opaque, size_t off_buf) {
+    av.dflt = (get_buffer2_fn)dflt;
+    av.align = (align_fn)align;
+    av.linesizes = (linesizes_fn)linesizes;
+    av.plane_sizes = (plane_sizes_fn)plane_sizes;
+    av.create = (create_fn)create;
+    av.off_get_buffer2 = off_get_buffer2;
+    av.off_opaque = off_opaque;
+    av.off_buf = off_buf;
+    return 0;
+}
+
+fp_pool *fp_pool_new(uintptr_t lent, uintptr_t base, size_t size, unsigned int max_slots) {
+    fp_pool *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    pthread_mutex_init(&p->lock, NULL);
+    p->lent = (uint32_t *)lent;
+    uintptr_t b = (base + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
+    p->base = (uint8_t *)b;
+    p->size = size > (b - base) ? size - (b - base) : 0;
+    p->max_slots = max_slots > MAX_SLOTS ? MAX_SLOTS : max_slots;
+    p->fmt = -1;
+    return p;
+}
+
+static void destroy(fp_pool *p) {
+    pthread_mutex_destroy(&p->lock);
+    free(p);
+}
+
+/* Lay the slots out for one geometry, the way avcodec_default_get_buffer2 sizes its own
+   pool: dimensions aligned for the codec, linesizes multiples of the stride alignment, every
+   plane padded.  Called with the lock held and no slot in use.  0, or -1 if it does not fit. */
+static int relayout(fp_pool *p, void *avctx, int w0, int h0, int fmt) {
+    int w = w0, h = h0, align[8] = {0}, ls[4];
+    size_t sizes[4];
+    ptrdiff_t pls[4];
+    av.align(avctx, &w, &h, align);
+    for (;;) {
+        if (av.linesizes(ls, fmt, w) < 0) return -1;
+        int unaligned = 0;
+        for (int i = 0; i < 4; i++) unaligned |= align[i] ? ls[i] % align[i] : 0;
+        if (!unaligned) break;
+        w += w & ~(w - 1);
+    }
+    for (int i = 0; i < 4; i++) pls[i] = ls[i];
+    if (av.plane_sizes(sizes, fmt, h, pls) < 0) return -1;
+    size_t off = 0;
+    int planes = 0;
+    for (int i = 0; i < 4; i++) {
+        p->linesize[i] = ls[i];
+        p->plane_off[i] = off;
+        if (sizes[i]) {
+            off += (sizes[i] + PAD + ALIGN - 1) & ~(size_t)(ALIGN - 1);
+            planes = i + 1;
+        }
+    }
+    p->slot_size = (off + 4095) & ~(size_t)4095;
+    size_t n = p->slot_size ? p->size / p->slot_size : 0;
+    p->nslots = n > p->max_slots ? p->max_slots : (unsigned int)n;
+    p->planes = planes;
+    p->w = w0; p->h = h0; p->fmt = fmt;
+    p->relayouts++;
+    return p->nslots ? 0 : -1;
+}
+
+/* Slots the guest still holds keep the layout: relaying would move them under its feet. */
+static int any_lent(fp_pool *p) {
+    for (unsigned int i = 0; i < p->nslots; i++)
+        if (__atomic_load_n(&p->lent[i], __ATOMIC_ACQUIRE)) return 1;
+    return 0;
+}
+
+/* Runs on whichever thread the buffer's last reference is dropped: a decoder thread, or the
+   worker's Python thread when it releases a frame the guest has given back. */
+static void slot_free(void *opaque, uint8_t *data) {
+    fp_pool *p = opaque;
+    pthread_mutex_lock(&p->lock);
+    size_t i = (size_t)(data - p->base) / p->slot_size;
+    p->used[i] = 0;
+    p->in_use--;
+    int last = --p->refs == 0 && p->closed;
+    pthread_mutex_unlock(&p->lock);
+    if (last) destroy(p);
+}
+
+/* The decoder calls this from its frame threads, concurrently: everything shared is under
+   the pool lock.  `s` is a thread's copy of the context; libavcodec copies get_buffer2 and
+   opaque from the user's context into every copy before each packet. */
+static int fp_get_buffer2(void *s, void *frame, int flags) {
+    fp_pool *p = C_OPAQUE(s);
+    int w = F_WIDTH(frame), h = F_HEIGHT(frame), fmt = F_FORMAT(frame);
+    uint8_t *slot = NULL;
+    unsigned int i = 0;
+    pthread_mutex_lock(&p->lock);
+    if (!p->closed && w > 0 && h > 0 && fmt >= 0) {
+        if ((w != p->w || h != p->h || fmt != p->fmt) && p->in_use == 0 && !any_lent(p))
+            if (relayout(p, s, w, h, fmt) < 0) p->fmt = -1;
+        if (w == p->w && h == p->h && fmt == p->fmt) {
+            for (i = 0; i < p->nslots; i++) {
+                /* Acquire: pairs with the guest's release decrement, so its reads of the
+                   frame are done before the decoder writes the slot again. */
+                if (!p->used[i] && __atomic_load_n(&p->lent[i], __ATOMIC_ACQUIRE) == 0) {
+                    p->used[i] = 1;
+                    p->in_use++;
+                    p->refs++;
+                    slot = p->base + (size_t)i * p->slot_size;
+                    break;
+                }
+            }
+        }
+    }
+    if (slot) p->hits++; else p->misses++;
+    pthread_mutex_unlock(&p->lock);
+    if (!slot) return av.dflt(s, frame, flags);
+    void *buf = av.create(slot, p->slot_size, slot_free, p, 0);
+    if (!buf) {
+        slot_free(p, slot);
+        return -12; /* AVERROR(ENOMEM) */
+    }
+    void **bufs = F_BUF(frame);
+    bufs[0] = buf;
+    for (int k = 1; k < 8; k++) bufs[k] = NULL;
+    for (int k = 0; k < 8; k++) {
+        F_DATA(frame)[k] = k < p->planes ? slot + p->plane_off[k] : NULL;
+        F_LINESIZE(frame)[k] = k < p->planes ? p->linesize[k] : 0;
+    }
+    F_EXTENDED(frame) = F_DATA(frame);
+    return 0;
+}
+
+/* Install the pool on a context that is not yet open (or between packets: libavcodec copies
+   both fields into its thread contexts before each packet). */
+int fp_attach(fp_pool *p, uintptr_t avctx) {
+    C_OPAQUE((void *)avctx) = p;
+    C_GET_BUFFER2((void *)avctx) = fp_get_buffer2;
+    return 0;
+}
+
+/* The worker reports a frame whose plane 0 is at `ptr` to the guest: count it as lent
+   (before the completion is published) and return its slot, or -1 if `ptr` is not in a slot.
+   The decoder's reference keeps the slot in use until then, so the layout cannot change. */
+int fp_lend(fp_pool *p, uintptr_t ptr, uint64_t *slot_addr) {
+    int slot = -1;
+    pthread_mutex_lock(&p->lock);
+    if (p->slot_size && ptr >= (uintptr_t)p->base) {
+        size_t i = (ptr - (uintptr_t)p->base) / p->slot_size;
+        if (i < p->nslots && p->used[i]) {
+            __atomic_fetch_add(&p->lent[i], 1, __ATOMIC_RELEASE);
+            *slot_addr = (uint64_t)(uintptr_t)(p->base + i * p->slot_size);
+            slot = (int)i;
+        }
+    }
+    pthread_mutex_unlock(&p->lock);
+    return slot;
+}
+
+/* The pool's owner lets go.  Slots still referenced (decoder references, frames not yet
+   released) keep the struct alive; fp_get_buffer2 hands out no more slots. */
+void fp_close(fp_pool *p) {
+    pthread_mutex_lock(&p->lock);
+    p->closed = 1;
+    int last = p->refs == 0;
+    pthread_mutex_unlock(&p->lock);
+    if (last) destroy(p);
+}
+
+/* out: slots, in_use, slot_size, hits, misses, relayouts */
+void fp_stats(fp_pool *p, uint64_t *out) {
+    pthread_mutex_lock(&p->lock);
+    out[0] = p->nslots; out[1] = p->in_use; out[2] = p->slot_size;
+    out[3] = p->hits; out[4] = p->misses; out[5] = p->relayouts;
+    pthread_mutex_unlock(&p->lock);
+}
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("codec_backend._framepool", SOURCE, extra_compile_args=["-O2"], libraries=["pthread"])
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=False)

@@ -1,0 +1,291 @@
+"""Decoder frame pools in guest memory: the libav side of zero-copy decode.
+
+A :class:`FramePool` owns a range of the guest's region and is attached to one PyAV decoder
+context.  The decoder then allocates its pictures (output and reference frames alike) in that
+range through ``get_buffer2`` (``_framepool_build.py``), so a decoded frame is already in guest
+memory and the worker only reports where.  When a picture does not fit (pool full, geometry
+changed while slots are in use, a decoder that does not use ``get_buffer2``), libav's default
+allocator takes over and the worker copies that frame the old way: nothing is lost.
+
+PyAV exposes neither the ``AVCodecContext`` pointer nor ``get_buffer2``, and its wheels ship
+no FFmpeg headers, so :func:`probe` establishes what it needs at run time and checks every
+assumption before the first pool is made:
+
+* the libav functions come from the very libraries PyAV loaded (``/proc/self/maps``);
+* the offset of ``get_buffer2`` in ``AVCodecContext`` is the one word of a fresh context that
+  holds ``avcodec_default_get_buffer2``;
+* the offset of ``buf[0]`` in ``AVFrame`` is the word that points at an ``AVBufferRef`` whose
+  ``data`` is the frame's ``data[0]`` (probed through ``/proc/self/mem``, which fails with EIO
+  rather than faulting on a word that is not a pointer);
+* the ``AVCodecContext`` behind a PyAV ``CodecContext`` is the pointer after the Cython
+  object's header, and is accepted only if its ``av_class``, ``codec_type`` and ``codec_id``
+  say it is that decoder.
+
+If any check fails, :func:`probe` says why and no pool is ever attached: decode falls back to
+copying, which is slower but correct.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from cffi import FFI
+
+from vmediad import abi
+
+__all__ = ["FramePool", "PoolStats", "Probe", "probe"]
+
+_ABI = FFI()
+_ABI.cdef("""
+int avcodec_default_get_buffer2(void *s, void *frame, int flags);
+void avcodec_align_dimensions2(void *s, int *width, int *height, int linesize_align[8]);
+const void *avcodec_get_class(void);
+void *avcodec_alloc_context3(const void *codec);
+void avcodec_free_context(void **avctx);
+int av_image_fill_linesizes(int linesizes[4], int pix_fmt, int width);
+int av_image_fill_plane_sizes(size_t size[4], int pix_fmt, int height, const ptrdiff_t linesizes[4]);
+void *av_buffer_create(uint8_t *data, size_t size, void (*free)(void *opaque, uint8_t *data), void *opaque, int flags);
+void *av_frame_alloc(void);
+void av_frame_free(void **frame);
+int av_frame_get_buffer(void *frame, int align);
+""")
+
+# AVCodecContext's first fields, unchanged since FFmpeg 1.x.
+_CTX_CODEC_TYPE = 12
+_CTX_CODEC_ID = 24
+_CTX_OPAQUE = 48
+_SCAN_BYTES = 1024
+# A Cython extension type with cdef methods: PyObject header (16 bytes), then its vtable
+# pointer, then the first declared attribute, CodecContext.ptr.
+_PYAV_CTX_PTR = 24
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What :func:`probe` found: ``ok`` and the offsets, or the reason pools are off."""
+
+    ok: bool
+    reason: str = ""
+    off_get_buffer2: int = 0
+    off_buf: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    slots: int
+    in_use: int
+    slot_size: int
+    hits: int
+    misses: int
+    relayouts: int
+
+
+class _Mem:
+    """Reads of arbitrary addresses that fail with OSError instead of faulting."""
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/mem", os.O_RDONLY)
+
+    def word(self, addr: int) -> int:
+        data = os.pread(self._fd, 8, addr)
+        if len(data) != 8:
+            raise OSError("short read")
+        return int(struct.unpack("<Q", data)[0])
+
+    def i32(self, addr: int) -> int:
+        data = os.pread(self._fd, 4, addr)
+        if len(data) != 4:
+            raise OSError("short read")
+        return int(struct.unpack("<i", data)[0])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _loaded(name: str) -> str | None:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            path = line.rstrip("\n").split(maxsplit=5)[-1]
+            if f"/{name}" in path and ".so" in path:
+                return path
+    return None
+
+
+class _Av:
+    def __init__(self) -> None:
+        import av  # noqa: F401  (loads the libraries this module binds to)
+
+        codec, util = _loaded("libavcodec"), _loaded("libavutil")
+        if codec is None or util is None:
+            raise OSError("PyAV's libavcodec/libavutil are not mapped")
+        self.codec: Any = _ABI.dlopen(codec)
+        self.util: Any = _ABI.dlopen(util)
+
+    def addr(self, lib: Any, name: str) -> int:
+        return int(_ABI.cast("uintptr_t", getattr(lib, name)))
+
+
+_PROBE: Probe | None = None
+_AV: _Av | None = None
+_NATIVE: Any = None
+
+
+def _discover() -> Probe:
+    global _AV, _NATIVE
+    if sys.byteorder != "little" or struct.calcsize("P") != 8:
+        return Probe(False, "only 64-bit little-endian layouts are known")
+    try:
+        from codec_backend import _framepool  # type: ignore[attr-defined]
+    except ImportError as e:
+        return Probe(False, f"native frame pool not built: {e}")
+    try:
+        av_ = _Av()
+    except OSError as e:
+        return Probe(False, str(e))
+    mem = _Mem()
+    try:
+        dflt = av_.addr(av_.codec, "avcodec_default_get_buffer2")
+        ctx = av_.codec.avcodec_alloc_context3(_ABI.NULL)
+        try:
+            base = int(_ABI.cast("uintptr_t", ctx))
+            if mem.word(base) != int(_ABI.cast("uintptr_t", av_.codec.avcodec_get_class())):
+                return Probe(False, "AVCodecContext does not start with its AVClass")
+            hits = [off for off in range(0, _SCAN_BYTES, 8) if mem.word(base + off) == dflt]
+        finally:
+            pp = _ABI.new("void **", ctx)
+            av_.codec.avcodec_free_context(pp)
+        if len(hits) != 1:
+            return Probe(False, f"get_buffer2 not found in AVCodecContext ({len(hits)} candidates)")
+        off_gb2 = hits[0]
+
+        frame = av_.util.av_frame_alloc()
+        try:
+            fb = int(_ABI.cast("uintptr_t", frame))
+            ints = _ABI.cast("int *", frame)
+            ints[104 // 4], ints[108 // 4], ints[116 // 4] = 64, 48, 0  # width, height, YUV420P
+            if av_.util.av_frame_get_buffer(frame, 0) != 0:
+                return Probe(False, "AVFrame width/height/format are not where expected")
+            data0, ls0 = mem.word(fb), mem.i32(fb + 64)
+            if data0 == 0 or ls0 < 64 or mem.word(fb + 24) != 0:
+                return Probe(False, "AVFrame data/linesize are not where expected")
+            buf = []
+            for off in range(120, _SCAN_BYTES, 8):
+                q = mem.word(fb + off)
+                if not 4096 <= q < 1 << 47 or q % 8:
+                    continue
+                try:
+                    if mem.word(q + 8) == data0:
+                        buf.append(off)
+                except OSError:
+                    continue
+        finally:
+            fp = _ABI.new("void **", frame)
+            av_.util.av_frame_free(fp)
+        if len(buf) != 1:
+            return Probe(False, f"AVFrame.buf not found ({len(buf)} candidates)")
+        off_buf = buf[0]
+    except OSError as e:
+        return Probe(False, f"probing libav failed: {e}")
+    finally:
+        mem.close()
+
+    _framepool.lib.fp_setup(
+        dflt,
+        av_.addr(av_.codec, "avcodec_align_dimensions2"),
+        av_.addr(av_.util, "av_image_fill_linesizes"),
+        av_.addr(av_.util, "av_image_fill_plane_sizes"),
+        av_.addr(av_.util, "av_buffer_create"),
+        off_gb2,
+        _CTX_OPAQUE,
+        off_buf,
+    )
+    _AV, _NATIVE = av_, _framepool
+    return Probe(True, "", off_gb2, off_buf)
+
+
+def probe() -> Probe:
+    """Check (once per process) that pools can be used with the loaded libav."""
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = _discover()
+    return _PROBE
+
+
+def _context_pointer(ctx: Any) -> int | None:
+    """The AVCodecContext behind a PyAV decoder context, or None if it cannot be proven."""
+    assert _AV is not None
+    mem = _Mem()
+    try:
+        p = mem.word(id(ctx) + _PYAV_CTX_PTR)
+        if p < 4096:
+            return None
+        klass = int(_ABI.cast("uintptr_t", _AV.codec.avcodec_get_class()))
+        if mem.word(p) != klass or mem.i32(p + _CTX_CODEC_TYPE) != 0:
+            return None
+        if mem.i32(p + _CTX_CODEC_ID) != ctx.codec.id:
+            return None
+        return p
+    except OSError:
+        return None
+    finally:
+        mem.close()
+
+
+class FramePool:
+    """The picture slots of one decoder, in the frame pool at ``[addr, addr + size)`` (see
+    ``abi.POOL_HEADER``): lent counters first, then the slots.  The mapping must stay until
+    :meth:`close` has run and every frame the decoder handed out is gone.
+
+    All slots are laid out for one geometry; the layout follows the stream when no slot is
+    in use or lent.  A slot is reused only when libav's last reference to it is dropped and
+    the guest's lent counter is back at 0."""
+
+    def __init__(self, addr: int, size: int, max_slots: int = abi.POOL_MAX_SLOTS) -> None:
+        pr = probe()
+        if not pr.ok:
+            raise RuntimeError(f"frame pools unavailable: {pr.reason}")
+        if size < abi.POOL_MIN:
+            raise ValueError(f"a frame pool needs at least {abi.POOL_MIN} bytes")
+        self.addr, self.size = addr, size
+        self._ptr: Any = _NATIVE.lib.fp_pool_new(addr, addr + abi.POOL_HEADER, size - abi.POOL_HEADER,
+                                                 min(max_slots, abi.POOL_MAX_SLOTS))
+        if self._ptr == _NATIVE.ffi.NULL:
+            raise MemoryError("frame pool")
+        self._slot = _NATIVE.ffi.new("uint64_t *")
+
+    def attach(self, ctx: Any) -> bool:
+        """Install the pool on a PyAV decoder context; False if its pointer can't be proven."""
+        p = _context_pointer(ctx)
+        if p is None or self._ptr is None:
+            return False
+        _NATIVE.lib.fp_attach(self._ptr, p)
+        return True
+
+    def owns(self, ptr: int) -> bool:
+        return self.addr <= ptr < self.addr + self.size
+
+    def lend(self, ptr: int) -> tuple[int, int] | None:
+        """Count the frame whose plane 0 is at ``ptr`` as lent to the guest: (slot, slot
+        address), or None if it is not in a slot (decoded into libav's own memory)."""
+        if self._ptr is None or not self.addr <= ptr < self.addr + self.size:
+            return None
+        slot = int(_NATIVE.lib.fp_lend(self._ptr, ptr, self._slot))
+        return None if slot < 0 else (slot, int(self._slot[0]))
+
+    def statistics(self) -> PoolStats:
+        if self._ptr is None:
+            return PoolStats(0, 0, 0, 0, 0, 0)
+        out = _NATIVE.ffi.new("uint64_t[6]")
+        _NATIVE.lib.fp_stats(self._ptr, out)
+        return PoolStats(*(int(v) for v in out))
+
+    def close(self) -> None:
+        """Stop handing out slots.  Call after the decoder context is dropped; slots of frames
+        still alive are released with them."""
+        if self._ptr is not None:
+            _NATIVE.lib.fp_close(self._ptr)
+            self._ptr = None
