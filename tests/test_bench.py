@@ -51,8 +51,9 @@ def test_quick_codec_bench_reports_cpu_per_frame() -> None:
         assert dev["worker"] > 0  # the codec runs in the worker process
         assert dev["total"] == pytest.approx(dev["guest"] + dev["hostd"] + dev["worker"], abs=0.2)
         assert c["device_fps"] > 0 and c["direct_fps"] > 0
-    # Decode copies every visible plane once into guest memory: 1.5 bytes per pixel.
-    assert cases["h264 decode 720p"]["bytes_copied_per_frame"] >= 1280 * 720 * 3 // 2
+    # The decoder writes its pictures into the guest's frame pool: only the bitstream is
+    # copied (once, into FFmpeg's padded packets), never the 1.5 bytes per pixel of planes.
+    assert 0 < cases["h264 decode 720p"]["bytes_copied_per_frame"] < 1280 * 720 // 4
     assert cases["h264 encode 720p"]["bytes_copied_per_frame"] < 1280 * 720 // 4
     # The decoder knows the picture size: its output buffers fit from the first task.
     assert cases["h264 decode 720p"]["no_space_retries"] == 0

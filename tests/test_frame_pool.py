@@ -1,0 +1,257 @@
+"""Zero-copy decode: decoders allocate their pictures in a frame pool in guest memory
+(``get_buffer2`` in ``codec_backend/_framepool_build.py``), frames are reported by slot and
+lent to the guest, and frames that find no free slot are copied as without a pool."""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+from collections.abc import Iterator
+from typing import Any, cast
+
+import av
+import numpy as np
+import pytest
+from av.codec.context import ThreadType
+from av.video.codeccontext import VideoCodecContext
+
+import guestlib
+from codec_backend import framepool
+from codec_backend.framepool import FramePool
+from guestlib.codec import Decoder, Packet, decoder_config, pool_slot_bytes
+from guestlib.device import Device
+from hostd.daemon import Hostd
+from tests.test_codec_device import FPS, H, Planes, W, fill, md5, padded, pattern, pyav_decode, vm_stats
+from vmediad import abi
+from vmediad.abi import ErrorCode, Op
+
+N = 24
+
+
+def encode(dev: Device, w: int, h: int, n: int = N, **kw: Any) -> list[Packet]:
+    packets: list[Packet] = []
+    with dev.encoder("h264", w, h, FPS, **kw) as enc:
+        for i in range(n):
+            packets += enc.encode(fill(enc.new_frame(), pattern(i, w=w, h=h)))
+        packets += enc.flush()
+    return packets
+
+
+def lent(dec: Decoder) -> list[int]:
+    """The pool's lent counters, as the guest sees them."""
+    pool = cast(Any, dec)._pool
+    return [dec.device.region.load32(pool.offset + abi.pool_lent_word(i)) for i in range(abi.POOL_MAX_SLOTS)]
+
+
+@pytest.fixture(scope="module")
+def sources() -> list[Planes]:
+    return [pattern(i) for i in range(N)]
+
+
+@pytest.fixture
+def dev(hostd: Hostd) -> Iterator[Device]:
+    with guestlib.attach(hostd.socket_path, name="pool", region_size=64 << 20) as d:
+        yield d
+
+
+# --- the libav side, in process -------------------------------------------------------------
+def test_probe_proves_the_libav_layout_it_relies_on() -> None:
+    pr = framepool.probe()
+    assert pr.ok, pr.reason
+    assert pr.off_get_buffer2 % 8 == 0 and 0 < pr.off_get_buffer2 < 1024
+    assert pr.off_buf % 8 == 0 and 120 <= pr.off_buf < 1024
+    area = mmap.mmap(-1, 1 << 20)
+    base = int(np.frombuffer(area, np.uint8, 1).ctypes.data)
+    pool = FramePool(base, 1 << 20)
+    try:
+        # Anything that is not a PyAV decoder context is refused, never written to.
+        assert not pool.attach(object())
+        assert not pool.attach(av.VideoFrame(16, 16, "yuv420p"))
+        assert pool.statistics().hits == 0
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="at least"):
+        FramePool(base, abi.POOL_MIN - 1)
+
+
+def _pyav_pool_decode(packets: list[Packet], pool: FramePool | None, hold: int = 0) -> tuple[list[str], int]:
+    """Decode with frame threads; returns the MD5s and how many frames were in the pool."""
+    ctx = cast(VideoCodecContext, av.CodecContext.create("h264", "r"))
+    ctx.thread_type, ctx.thread_count = ThreadType.AUTO, 0
+    if pool is not None:
+        assert pool.attach(ctx)
+    out, pooled, held = [], 0, []
+    for p in [*packets, None]:
+        for f in ctx.decode(None if p is None else padded(p.data)):
+            out.append(md5(f.to_ndarray()))
+            pooled += pool is not None and pool.owns(f.planes[0].buffer_ptr)
+            held = [*held, f][-hold:] if hold else []
+    del ctx, held
+    return out, pooled
+
+
+def test_decoder_writes_into_the_pool_bit_identically(dev: Device) -> None:
+    packets = encode(dev, W, H, bframes=True, gop=8)
+    ref = [m for _, m in pyav_decode("h264", packets)]
+    size = 8 << 20
+    area = mmap.mmap(-1, size)
+    base = int(np.frombuffer(area, np.uint8, 1).ctypes.data)
+    pool = FramePool(base, size)
+    got, pooled = _pyav_pool_decode(packets, pool, hold=4)
+    st = pool.statistics()
+    assert got == ref and pooled == len(ref)
+    assert st.misses == 0 and st.hits >= len(ref) and st.relayouts == 1
+    assert st.in_use == 0  # every slot went back once the context and the frames were gone
+    assert st.slots * st.slot_size <= size - abi.POOL_HEADER and st.slot_size >= W * H * 3 // 2
+    # Too few slots for the decoder's references and threads: the rest is decoded into
+    # libav's own memory, and the output is the same.
+    pool.close()
+    small = FramePool(base, abi.POOL_HEADER + 2 * st.slot_size)
+    got, pooled = _pyav_pool_decode(packets, small, hold=4)
+    st2 = small.statistics()
+    small.close()
+    assert got == ref and 0 < pooled < len(ref) and st2.misses > 0 and st2.slots == 2
+    # A counter the guest never brings back to 0 keeps its slot out of use.
+    lent = np.frombuffer(area, np.uint32, abi.POOL_MAX_SLOTS)
+    lent[:] = 1
+    blocked = FramePool(base, size)
+    got, pooled = _pyav_pool_decode(packets, blocked)
+    assert got == ref and pooled == 0
+    blocked.close()
+
+
+def test_pool_follows_a_change_of_picture_size(dev: Device) -> None:
+    """A stream that switches from 320x240 to 640x480: the slots are laid out again once
+    no picture of the old size is in use, and frames in between are copied."""
+    packets = encode(dev, W, H, 12) + encode(dev, 640, 480, 12)
+    ref = pyav_decode("h264", packets)
+    size = 16 << 20
+    area = mmap.mmap(-1, size)
+    pool = FramePool(int(np.frombuffer(area, np.uint8, 1).ctypes.data), size)
+    got, pooled = _pyav_pool_decode(packets, pool)
+    st = pool.statistics()
+    pool.close()
+    assert got == [m for _, m in ref]
+    assert st.relayouts == 2 and pooled >= 20
+    assert st.slot_size >= 640 * 480 * 3 // 2
+
+
+# --- through the device ------------------------------------------------------------------------
+def test_device_decode_is_zero_copy_with_a_pool(hostd: Hostd, dev: Device) -> None:
+    packets = encode(dev, W, H, bframes=True, gop=8)
+    ref = pyav_decode("h264", packets)
+    payload = sum(len(p.data) for p in packets)
+    with guestlib.attach(hostd.socket_path, name="zc", region_size=64 << 20) as g:
+        with g.decoder("h264", parse=False, width=W, height=H) as dec:
+            assert dec.pool_size > 0
+            got = []
+            for p in packets:
+                frames = dec.decode(p.data, pts=p.pts)
+                for f in frames:
+                    assert f.pooled and not f.planes[0].flags.writeable
+                    with pytest.raises(ValueError):
+                        f.planes[0][0, 0] = 1  # the decoder may still predict from it
+                    got.append((f.pts, md5(f.to_ndarray())))
+                # Lent until the next call: one count per frame handed out by this one.
+                assert sum(lent(dec)) == len(frames)
+            got += [(f.pts, md5(f.to_ndarray())) for f in dec.flush()]
+            assert got == ref
+            dec.decode(b"")  # the next call gives the flushed frames back
+            assert sum(lent(dec)) == 0
+        st = vm_stats(hostd, "zc")
+        # Only the bitstream was copied (once, into FFmpeg's padded packets): no planes.
+        assert st["bytes_copied"] == payload
+        # Frame.release() gives a slot back at once.
+        with g.decoder("h264", parse=False, width=W, height=H) as dec:
+            frames = dec.decode(b"".join(p.data for p in packets[:12]), parse=True)
+            assert frames and sum(lent(dec)) == len(frames)
+            frames[0].release()
+            frames[0].release()  # idempotent
+            assert sum(lent(dec)) == len(frames) - 1
+            assert not frames[0].pooled and frames[1].pooled
+
+
+def test_a_guest_that_keeps_every_slot_gets_copies(dev: Device) -> None:
+    packets = encode(dev, W, H)
+    ref = pyav_decode("h264", packets)
+    with dev.decoder("h264", parse=False, width=W, height=H, pool_frames=8) as dec:
+        pool = cast(Any, dec)._pool
+        for i in range(abi.POOL_MAX_SLOTS):
+            dev.region.store32(pool.offset + abi.pool_lent_word(i), 1)
+        got = [(f.pts, md5(f.to_ndarray()), f.pooled) for f in dec.decode_stream(packets, depth=3, batch=2)]
+        assert [g[:2] for g in got] == ref and not any(g[2] for g in got)
+    # The same memory as a fresh pool (the guest zeroes the counters): every frame in place.
+    with dev.decoder("h264", parse=False, width=W, height=H) as dec:
+        assert cast(Any, dec)._pool.offset == pool.offset
+        got = [(f.pts, md5(f.to_ndarray()), f.pooled) for f in dec.decode_stream(packets, depth=3, batch=2)]
+        assert [g[:2] for g in got] == ref and all(g[2] for g in got)
+
+
+def test_streams_lend_a_frame_until_the_consumer_moves_on(dev: Device) -> None:
+    packets = encode(dev, W, H)
+    ref = pyav_decode("h264", packets)
+    with dev.decoder("h264", parse=False, width=W, height=H) as dec:
+        got = []
+        for f in dec.decode_stream(packets, depth=3, batch=2):
+            # Lent: this frame, the rest of its task's output and what the tasks in flight
+            # have emitted, never the frames the consumer has moved past (or it would grow).
+            assert f.pooled and 1 <= sum(lent(dec)) <= 3 * (2 + 1) + 1
+            got.append((f.pts, md5(f.to_ndarray())))
+        assert got == ref and sum(lent(dec)) == 0
+        # Stopped early: the frame in hand stays valid until the next call; the frames
+        # still in flight come back later as private copies (nothing lost, nothing lent).
+        it = dec.decode_stream(packets, depth=3, batch=2, flush=True)
+        first = []
+        for _ in range(5):
+            held = next(it)
+            first.append((held.pts, md5(held.to_ndarray())))
+        it.close()
+        assert held.pooled and sum(lent(dec)) == 1
+        assert md5(held.to_ndarray()) == ref[4][1]
+        rest = dec.decode(b"")  # the next call: the backlog, and the held frame is given back
+        assert sum(lent(dec)) == 0 and rest and not any(f.pooled for f in rest)
+        got = first + [(f.pts, md5(f.to_ndarray())) for f in rest]
+        assert got == ref[:len(got)]
+
+
+def test_frame_pool_requests_are_checked(dev: Device) -> None:
+    def open_raw(cfg: abi.SessionConfig, dst: tuple[int, int]) -> ErrorCode:
+        blob = dev.put(cfg.pack())
+        try:
+            c = dev.submit(Op.SESSION_OPEN, src=(blob.offset, len(cfg.pack())), dst=dst).completion()
+        finally:
+            dev.free(blob)
+        if c.error == ErrorCode.OK:
+            dev.submit(Op.SESSION_CLOSE, session=c.result).completion()
+        return ErrorCode(c.error)
+
+    pool = dev.alloc(1 << 20)
+    try:
+        dec = decoder_config("h264")
+        flagged = dataclasses.replace(dec, flags=int(abi.SessionFlag.FRAME_POOL))
+        enc = abi.SessionConfig(direction=abi.Direction.ENCODE, codec=abi.Codec.H264, width=W, height=H,
+                                flags=int(abi.SessionFlag.FRAME_POOL))
+        assert open_raw(flagged, (pool.offset, pool.size)) == ErrorCode.OK
+        assert open_raw(flagged, (0, 0)) == ErrorCode.BAD_ARG
+        assert open_raw(flagged, (pool.offset, abi.POOL_MIN - 1)) == ErrorCode.BAD_ARG
+        assert open_raw(dec, (pool.offset, pool.size)) == ErrorCode.BAD_ARG  # a pool without the flag
+        assert open_raw(enc, (pool.offset, pool.size)) == ErrorCode.BAD_FLAGS
+        unknown = abi.SessionConfig(direction=abi.Direction.DECODE, codec=abi.Codec.H264, flags=1 << 7)
+        assert open_raw(unknown, (0, 0)) == ErrorCode.BAD_FLAGS
+        assert open_raw(flagged, (dev.layout.region_size - 4096, 1 << 20)) == ErrorCode.BAD_RANGE
+    finally:
+        dev.free(pool)
+    with pytest.raises(ValueError, match="negative"):
+        dev.decoder("h264", width=W, height=H, pool_frames=-1)
+    with pytest.raises(ValueError, match="picture size"):
+        dev.decoder("h264", pool_frames=8)
+    # No size, or pool_frames=0: no pool (frames are copied into the output buffers).
+    with dev.decoder("h264") as a, dev.decoder("h264", width=W, height=H, pool_frames=0) as b:
+        assert a.pool_size == b.pool_size == 0
+    # A pool never takes more than half the free heap: 32 pictures of 1080p would not fit
+    # in this 64 MB region, so the pool holds as many as half of it does.
+    free = dev.heap.available()
+    with dev.decoder("h264", width=1920, height=1088) as big:
+        slot = pool_slot_bytes(1920, 1088)
+        assert big.pool_size == abi.POOL_HEADER + (free // 2 - abi.POOL_HEADER) // slot * slot
+        assert big.pool_size <= free // 2
