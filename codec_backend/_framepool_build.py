@@ -175,6 +175,7 @@ static void slot_free(void *opaque, uint8_t *data) {
    opaque from the user's context into every copy before each packet. */
 static int fp_get_buffer2(void *s, void *frame, int flags) {
     fp_pool *p = C_OPAQUE(s);
+    if (!p) return av.dflt(s, frame, flags);
     int w = F_WIDTH(frame), h = F_HEIGHT(frame), fmt = F_FORMAT(frame);
     uint8_t *slot = NULL;
     unsigned int i = 0;

@@ -2,9 +2,14 @@
 
 Frames and bitstreams live in the guest's region and move by offset (seed 001):
 ``Encoder.new_frame()`` hands out planes that are numpy views of region memory,
-and decoded ``Frame.planes`` are views of the decoder's output buffer.  A
-decoded frame's planes stay valid until the next ``decode()``/``flush()`` call
-on the same decoder (use ``Frame.copy()`` to keep one).
+and decoded ``Frame.planes`` are views of region memory too.  A decoder given the
+picture size (``width=``, ``height=``) gets a frame pool (``abi.POOL_HEADER``): the
+codec allocates its pictures there and writes them itself, so nothing is copied,
+and such frames are read-only (the decoder may still predict from them).  Without
+a pool, frames are copied once into the task's output buffer.  Either way a
+decoded frame's planes stay valid until the next ``decode()``/``flush()`` call on
+the same decoder, or until a stream advances past it (``Frame.copy()`` keeps one,
+``Frame.release()`` gives a pooled one back early).
 
 ``encode()``/``decode()`` run one task at a time.  ``encode_stream()`` and
 ``decode_stream()`` keep ``depth`` tasks queued on the session (each with its
@@ -12,7 +17,7 @@ own output buffer), so the device starts the next frame as soon as one ends
 instead of waiting for the guest's round trip: use them for throughput.  They
 wait and submit ``depth // 2`` tasks at a time: at depth 8 the guest sleeps
 and rings the doorbell once per 4 tasks.  ``batch=k`` puts k frames or chunks in
-one task (``vmediad bench codec`` streams encode at depth 4 x batch 4, decode at 4 x 3).
+one task (``vmediad bench codec`` streams encode at depth 4 x batch 4, decode at 3 x 6).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ CODECS.update({"h265": abi.Codec.HEVC, "avc": abi.Codec.H264, "libx264": abi.Cod
                "libaom-av1": abi.Codec.AV1, "libsvtav1": abi.Codec.AV1})
 PIX_FMTS = {name: f for f, name in abi.PIX_FMT_NAMES.items()}
 DEFAULT_OUT = 1 << 20
-DEFAULT_POOL_FRAMES = 32  # a decoder's references and threads, plus a 4 x 3 stream's frames in flight
+DEFAULT_POOL_FRAMES = 48  # a decoder's references and threads, plus a 4 x 6 stream's frames in flight
 MIN_POOL_FRAMES = 8
 Chunk = Any  # Buffer | bytes-like | Packet | (data, pts) | object with .pts and the buffer protocol
 
@@ -593,8 +598,11 @@ class Encoder(_Session):
         if f.pix_fmt != self.fmt or (f.width, f.height) != (self.width, self.height):
             raise ValueError(f"frame is {f.width}x{f.height} {f.format}, encoder takes "
                              f"{self.width}x{self.height} {abi.PIX_FMT_NAMES[self.fmt]}")
-        if f.offset < 0:
-            f = self._from_array(f.to_ndarray())
+        if f.offset < 0:  # not packed in the region (a private copy, a pooled decoded frame)
+            packed = self.new_frame()
+            for dst, src in zip(packed.planes, f.planes, strict=True):
+                np.copyto(dst, src)  # the one copy, plane by plane
+            f = packed
         return f
 
     def _items_at(self, base: int) -> list[Any]:
@@ -785,8 +793,10 @@ class Decoder(_Session):
             return 0
         # A task emits about one frame per chunk; one more covers a decoder catching up
         # (frame threads, reordering).  Frames start HEAP_ALIGN-aligned after the table.
+        # With a frame pool the pictures are decoded in place: the buffer holds the table
+        # and one picture that found no free slot (more ends in NO_SPACE and grows it).
         n = batch + 1
-        return abi.out_table_size(abi.OUT_FRAMES, n) + n * abi.align(self._frame_bytes)
+        return abi.out_table_size(abi.OUT_FRAMES, n) + (1 if self._pool is not None else n) * abi.align(self._frame_bytes)
 
     def _private(self, items: list[Any]) -> list[Any]:
         copies = [f.copy() for f in items]
