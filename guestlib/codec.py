@@ -796,7 +796,8 @@ class Decoder(_Session):
         # With a frame pool the pictures are decoded in place: the buffer holds the table
         # and one picture that found no free slot (more ends in NO_SPACE and grows it).
         n = batch + 1
-        return abi.out_table_size(abi.OUT_FRAMES, n) + (1 if self._pool is not None else n) * abi.align(self._frame_bytes)
+        pictures = 1 if self._pool is not None else n
+        return abi.out_table_size(abi.OUT_FRAMES, n) + pictures * abi.align(self._frame_bytes)
 
     def _private(self, items: list[Any]) -> list[Any]:
         copies = [f.copy() for f in items]
