@@ -88,7 +88,9 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
         in_codec = vstream.codec_context.name
         fps = Fraction(vstream.average_rate or vstream.guessed_rate or 30)
         frames = packets_in = 0
-        with dev.decoder(in_codec, parse=False) as dec:
+        # The container's picture size gives the decoder a frame pool: it decodes in place.
+        with dev.decoder(in_codec, parse=False, width=vstream.codec_context.width,
+                         height=vstream.codec_context.height) as dec:
             enc: Encoder | None = None
             mux: Muxer | None = None
             try:

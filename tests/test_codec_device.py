@@ -322,7 +322,8 @@ def test_worker_crash_reports_every_session_of_the_guest_lost(make_hostd: Callab
             guestlib.attach(h.socket_path, name="calm", region_size=32 << 20) as other:
         packets = encode_all(dev, "h264", sources)
         enc = dev.encoder("h264", W, H, FPS)
-        dec = dev.decoder("h264", parse=False)
+        dec = dev.decoder("h264", parse=False, width=W, height=H)  # decoding into a frame pool
+        assert dec.pool_size
         bystander = other.encoder("vp9", W, H, FPS)
         assert enc.encode(fill(enc.new_frame(), sources[0])) is not None
         decode_all_partial(dec, packets[:3])
@@ -349,6 +350,7 @@ def test_worker_crash_reports_every_session_of_the_guest_lost(make_hostd: Callab
             enc.flush()
         enc.close()
         dec.close()
+        assert dev.heap.allocated() == 0  # the lost decoder's frame pool went back to the heap
         # The other guest's worker never noticed.
         for planes in sources[1:]:
             bystander_packets += bystander.encode(fill(bystander.new_frame(), planes))
@@ -357,7 +359,7 @@ def test_worker_crash_reports_every_session_of_the_guest_lost(make_hostd: Callab
         assert len(pyav_decode("vp9", bystander_packets)) == N
         # New sessions on the respawned worker work.
         again = encode_all(dev, "h264", sources)
-        with dev.decoder("h264", parse=False) as fresh:
+        with dev.decoder("h264", parse=False, width=W, height=H) as fresh:
             frames = decode_all(fresh, again)
         assert len(frames) == N and min(psnr(sources[f.pts or 0], f.planes) for f in frames) >= 35.0
         st = vm_stats(h, "crashy")
@@ -558,12 +560,21 @@ def test_decode_stream_sizes_output_buffers_from_the_picture(dev: Device, source
     want = encode_all(dev, "h264", sources, bframes=True, gop=8)
     ref = pyav_decode("h264", want)
     depth, batch = 3, 2
-    with dev.decoder("h264", parse=False, width=W, height=H) as dec:
+    table = abi.out_table_size(abi.OUT_FRAMES, batch + 1)
+    with dev.decoder("h264", parse=False, width=W, height=H, pool_frames=0) as dec:
         dec._stream_size = 4096  # less than one picture: only the hint can size the buffers
         got = [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch, flush=False)]
         assert dec.no_space_retries == 0  # (a FLUSH emits what frame threads and reordering held back)
         assert got + [(f.pts, md5(f.to_ndarray())) for f in dec.flush()] == ref
-        assert dec._stream_size >= abi.out_table_size(abi.OUT_FRAMES, batch + 1) + (batch + 1) * FRAME_BYTES
+        assert dec._stream_size >= table + (batch + 1) * FRAME_BYTES
+    # With a frame pool the pictures stay in the pool: a buffer holds the table and one
+    # picture that found no free slot.
+    with dev.decoder("h264", parse=False, width=W, height=H) as dec:
+        assert dec.pool_size
+        dec._stream_size = 4096
+        assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch)] == ref
+        assert dec.no_space_retries == 0
+        assert dec._stream_size == table + abi.align(FRAME_BYTES)
     with dev.decoder("h264", parse=False) as dec:
         dec._stream_size = 4096
         assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch)] == ref

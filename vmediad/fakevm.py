@@ -145,8 +145,10 @@ def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: Any, src: Path, out: 
     with av.open(str(src)) as container:
         vs = container.streams.video[0]
         rate = vs.average_rate or Fraction(spec.fps)
-        with dev.decoder(vs.codec_context.name, parse=False) as dec, av.open(str(out), "w",
-                                                                           format="yuv4mpegpipe") as y4m:
+        # The container's picture size gives the decoder a frame pool: it decodes in place.
+        with dev.decoder(vs.codec_context.name, parse=False, width=vs.codec_context.width,
+                         height=vs.codec_context.height) as dec, \
+                av.open(str(out), "w", format="yuv4mpegpipe") as y4m:
             stream = y4m.add_stream("rawvideo", rate=rate)
             stream.pix_fmt = "yuv420p"
             configured = False
