@@ -3,7 +3,10 @@
 The worker hands every call the guest's whole region as a writable ``memoryview``
 (``mem``) plus absolute offsets that hostd has range-checked; everything inside
 those ranges is hostile.  Input frames are wrapped in place (no copy) whenever the
-layout allows; output (packets or decoded planes) is copied once into the region.
+layout allows; output (packets or decoded planes) is copied once into the region,
+except the pictures of a decoder with a frame pool (SessionFlag.FRAME_POOL,
+``codec_backend.framepool``): the codec writes those into the pool itself, and
+their table entries say where (FRAME_POOLED, data offset from the pool start).
 
 Output layout written at ``dst_off`` (all offsets relative to ``dst_off``)::
 

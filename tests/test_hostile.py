@@ -300,7 +300,9 @@ def decode_corrupt_streams(h: Hostd, dev: Device, codec: str, n: int, seed: int)
             packets[at] = CRASH_MARKER + packets[at]
             kind = "crash"
         kinds[kind] += 1
-        dec = dev.decoder(codec, parse=False)
+        # Every other stream is decoded into a frame pool (the picture size given): corrupt
+        # headers then change the geometry under slots that are in use or lent.
+        dec = dev.decoder(codec, parse=False, **({"width": 64, "height": 64} if i % 2 else {}))
         pid = _worker_pid(h, dev.vm_id)
         crashed = False
         for p in packets:
@@ -340,16 +342,18 @@ def decode_corrupt_streams(h: Hostd, dev: Device, codec: str, n: int, seed: int)
                 assert e.code in (ErrorCode.INVALID_DATA, ErrorCode.TOO_LARGE), e.code
                 outcomes["flush " + e.code.name] += 1
         dec.close()
-    # The device still decodes the valid stream exactly.
+    # The device still decodes the valid stream exactly, with and without a frame pool.
     assert decode_md5s(dev, codec, valid) == want
+    assert decode_md5s(dev, codec, valid, pool=True) == want
     return {"outcomes": outcomes, "kinds": kinds, "respawn_s": respawn_s, "slowest_s": slowest}
 
 
-def decode_md5s(dev: Device, codec: str, packets: list[bytes]) -> list[str]:
+def decode_md5s(dev: Device, codec: str, packets: list[bytes], pool: bool = False) -> list[str]:
     """md5 of each frame the device decodes (taken at once: planes are views into the
-    decoder's output buffer, valid until its next call)."""
+    decoder's output buffer or its frame pool, valid until its next call)."""
     out: list[str] = []
-    with dev.decoder(codec, parse=False) as dec:
+    with dev.decoder(codec, parse=False, **({"width": 64, "height": 64} if pool else {})) as dec:
+        assert bool(dec.pool_size) == pool
         for p in [*packets, None]:
             frames = dec.flush() if p is None else dec.decode(p)
             out += [frame_md5(f.to_ndarray().tobytes()) for f in frames]
