@@ -255,3 +255,23 @@ def test_frame_pool_requests_are_checked(dev: Device) -> None:
         slot = pool_slot_bytes(1920, 1088)
         assert big.pool_size == abi.POOL_HEADER + (free // 2 - abi.POOL_HEADER) // slot * slot
         assert big.pool_size <= free // 2
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"])
+def test_every_decoder_is_bit_identical_with_a_pool(dev: Device, codec: str) -> None:
+    """Five of the six decoders allocate through get_buffer2 and decode in place; libdav1d
+    (av1) allocates its own pictures, so its frames are copied, and equal all the same."""
+    packets: list[Packet] = []
+    with dev.encoder(codec, W, H, FPS) as enc:
+        for i in range(12):
+            packets += enc.encode(fill(enc.new_frame(), pattern(i)))
+        packets += enc.flush()
+    ref = pyav_decode(codec, packets)
+    with dev.decoder(codec, parse=False, width=W, height=H) as dec:
+        got, pooled = [], 0
+        for p in [*packets, None]:
+            for f in dec.flush() if p is None else dec.decode(p.data, pts=p.pts):
+                got.append((f.pts, md5(f.to_ndarray())))
+                pooled += f.pooled
+    assert got == ref and len(got) == 12
+    assert pooled == (0 if codec == "av1" else 12)
