@@ -134,6 +134,11 @@ _AV: _Av | None = None
 _NATIVE: Any = None
 
 
+def _free(fn: Any, ptr: Any) -> None:
+    """Call a libav ``*_free(T **)`` function on ``ptr``."""
+    fn(_ABI.new("void **", ptr))
+
+
 def _discover() -> Probe:
     global _AV, _NATIVE
     if sys.byteorder != "little" or struct.calcsize("P") != 8:
@@ -156,8 +161,7 @@ def _discover() -> Probe:
                 return Probe(False, "AVCodecContext does not start with its AVClass")
             hits = [off for off in range(0, _SCAN_BYTES, 8) if mem.word(base + off) == dflt]
         finally:
-            pp = _ABI.new("void **", ctx)
-            av_.codec.avcodec_free_context(pp)
+            _free(av_.codec.avcodec_free_context, ctx)
         if len(hits) != 1:
             return Probe(False, f"get_buffer2 not found in AVCodecContext ({len(hits)} candidates)")
         off_gb2 = hits[0]
@@ -183,8 +187,7 @@ def _discover() -> Probe:
                 except OSError:
                     continue
         finally:
-            fp = _ABI.new("void **", frame)
-            av_.util.av_frame_free(fp)
+            _free(av_.util.av_frame_free, frame)
         if len(buf) != 1:
             return Probe(False, f"AVFrame.buf not found ({len(buf)} candidates)")
         off_buf = buf[0]

@@ -21,7 +21,7 @@ from codec_backend.framepool import FramePool
 from guestlib.codec import Decoder, Packet, decoder_config, pool_slot_bytes
 from guestlib.device import Device
 from hostd.daemon import Hostd
-from tests.test_codec_device import FPS, H, Planes, W, fill, md5, padded, pattern, pyav_decode, vm_stats
+from tests.test_codec_device import FPS, H, W, fill, md5, padded, pattern, pyav_decode, vm_stats
 from vmediad import abi
 from vmediad.abi import ErrorCode, Op
 
@@ -41,11 +41,6 @@ def lent(dec: Decoder) -> list[int]:
     """The pool's lent counters, as the guest sees them."""
     pool = cast(Any, dec)._pool
     return [dec.device.region.load32(pool.offset + abi.pool_lent_word(i)) for i in range(abi.POOL_MAX_SLOTS)]
-
-
-@pytest.fixture(scope="module")
-def sources() -> list[Planes]:
-    return [pattern(i) for i in range(N)]
 
 
 @pytest.fixture
@@ -275,3 +270,50 @@ def test_every_decoder_is_bit_identical_with_a_pool(dev: Device, codec: str) -> 
                 pooled += f.pooled
     assert got == ref and len(got) == 12
     assert pooled == (0 if codec == "av1" else 12)
+
+
+def test_worker_reports_pooled_frames_by_slot_and_counts_no_plane_bytes(dev: Device) -> None:
+    """The worker side alone (SessionManager on a private mapping): the exact table entry of
+    a pooled frame, the lent counter it bumps, and the statistics."""
+    from codec_backend.av_sessions import SessionManager
+    from codec_backend.inputs import Input
+
+    packets = encode(dev, W, H, 8)
+    ref = [m for _, m in pyav_decode("h264", packets)]
+    area = mmap.mmap(-1, 64 << 20)
+    mem = memoryview(area)
+    src, dst, pool, pool_len = 0, 1 << 20, 8 << 20, 32 << 20
+    mgr = SessionManager()
+    cfg = dataclasses.replace(decoder_config("h264", threads=1), flags=int(abi.SessionFlag.FRAME_POOL))
+    mgr.open(1, cfg, mem, (pool, pool_len))
+    got, payload = [], 0
+    for p in [*packets, None]:
+        if p is None:
+            count, used = mgr.flush(1, mem, dst, 1 << 20)
+        else:
+            mem[src:src + len(p.data)] = p.data
+            payload += len(p.data)
+            count, used = mgr.decode(1, mem, [Input(src, len(p.data), p.pts)], False, False, dst, 1 << 20)
+        assert used == abi.out_table_size(abi.OUT_FRAMES, count)  # no plane bytes in dst
+        for k in range(count):
+            (off, w, h, fmt, nplanes, _pts, o0, o1, o2, s0, s1, s2, flags, slot) = abi.FRAME_ENTRY.unpack_from(
+                mem, dst + abi.OUT_HEADER.size + k * abi.FRAME_ENTRY.size)
+            assert (w, h, fmt, nplanes, flags) == (W, H, abi.PixFmt.YUV420P, 3, abi.FRAME_POOLED)
+            assert off >= abi.POOL_HEADER and off % 64 == 0 and s0 >= W and s1 >= W // 2 and s2 >= W // 2
+            lent_at = pool + abi.pool_lent_word(slot)
+            assert int.from_bytes(mem[lent_at:lent_at + 4], "little") == 1
+            mem[lent_at:lent_at + 4] = bytes(4)  # the guest gives it back
+            planes = [np.ndarray((rows, rb), np.uint8, buffer=mem, offset=pool + off + o, strides=(s, 1))
+                      for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, W, H), (o0, o1, o2),
+                                                  (s0, s1, s2), strict=True)]
+            got.append(md5(np.concatenate([p_.reshape(-1) for p_ in planes])))
+    assert got == ref
+    st = mgr.statistics()
+    dec = cast(dict[str, Any], st["decode"])
+    assert dec["frames_out"] == dec["frames_pooled"] == len(ref)
+    assert dec["output_bytes_copied"] == 0 and dec["input_bytes_copied"] == payload
+    fp = cast(dict[str, Any], st["frame_pool"])
+    assert fp["available"] and fp["pools"] == 1 and fp["hits"] >= len(ref) and fp["misses"] == 0
+    mgr.close_all()
+    assert cast(dict[str, Any], mgr.statistics()["frame_pool"])["pools"] == 0
+    mem.release()
