@@ -947,23 +947,24 @@ class _DecoderSession(_Session):
         fmt = self._fmt
         pool = self._pool
         table = abi.out_table_size(abi.OUT_FRAMES, count)
-        layouts: list[tuple[int, list[tuple[int, int]]]] = []  # pos -1: in the frame pool
+        # (pos in dst or -1: in the frame pool, plane shapes, planes)
+        layouts: list[tuple[int, list[tuple[int, int]], Any]] = []
         used = table
         for frame in pending:
             shapes = abi.plane_shapes(fmt, frame.width, frame.height)
-            if pool is not None and pool.owns(frame.planes[0].buffer_ptr):
-                layouts.append((-1, shapes))
+            planes = frame.planes  # PyAV builds new plane objects on every access
+            if pool is not None and pool.owns(planes[0].buffer_ptr):
+                layouts.append((-1, shapes, planes))
                 continue
             pos = abi.align(used)
-            layouts.append((pos, shapes))
+            layouts.append((pos, shapes, planes))
             used = pos + sum(r * b for r, b in shapes)
         if used > dst_len:
             raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
         abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
         entry_pos = dst_off + abi.OUT_HEADER.size
         copied = pooled = 0
-        for frame, (pos, shapes) in zip(pending, layouts, strict=True):
-            planes = frame.planes  # PyAV builds new plane objects on every access
+        for frame, (pos, shapes, planes) in zip(pending, layouts, strict=True):
             pts = abi.NO_PTS if frame.pts is None else frame.pts
             if pos < 0:
                 self._emit_pooled(mem, entry_pos, frame, planes, shapes, pts)
