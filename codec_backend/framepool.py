@@ -59,6 +59,7 @@ _CTX_CODEC_TYPE = 12
 _CTX_CODEC_ID = 24
 _CTX_OPAQUE = 48
 _SCAN_BYTES = 1024
+_CAP_DR1 = 1 << 1  # AV_CODEC_CAP_DR1
 # A Cython extension type with cdef methods: PyObject header (16 bytes), then its vtable
 # pointer, then the first declared attribute, CodecContext.ptr.
 _PYAV_CTX_PTR = 24
@@ -261,7 +262,14 @@ class FramePool:
         self._slot = _NATIVE.ffi.new("uint64_t *")
 
     def attach(self, ctx: Any) -> bool:
-        """Install the pool on a PyAV decoder context; False if its pointer can't be proven."""
+        """Install the pool on a PyAV decoder context.  False, and nothing installed, if its
+        pointer can't be proven or the decoder lacks AV_CODEC_CAP_DR1: libavcodec allows a
+        custom get_buffer2 only for decoders with direct rendering (libdav1d has none)."""
+        try:
+            if not int(ctx.codec.capabilities) & _CAP_DR1:
+                return False
+        except AttributeError:
+            return False
         p = _context_pointer(ctx)
         if p is None or self._ptr is None:
             return False
