@@ -14,8 +14,10 @@ typedef struct fp_pool fp_pool;
 int fp_setup(uintptr_t default_get_buffer2, uintptr_t align_dimensions2, uintptr_t fill_linesizes,
              uintptr_t fill_plane_sizes, uintptr_t buffer_create, size_t off_get_buffer2,
              size_t off_opaque, size_t off_buf);
-fp_pool *fp_pool_new(uintptr_t lent, uintptr_t base, size_t size, unsigned int max_slots);
+fp_pool *fp_pool_new(uintptr_t lent, uintptr_t base, size_t size, unsigned int max_slots,
+                     const int *formats, unsigned int nformats);
 int fp_lend(fp_pool *pool, uintptr_t ptr, uint64_t *slot_addr);
+void fp_unlend(fp_pool *pool, int slot);
 int fp_attach(fp_pool *pool, uintptr_t avctx);
 void fp_close(fp_pool *pool);
 void fp_stats(fp_pool *pool, uint64_t *out);
@@ -71,6 +73,9 @@ struct fp_pool {
     unsigned int max_slots;
     /* Layout the slots are cut for; relaid only while no slot is in use. */
     int w, h, fmt;
+    int bad_w, bad_h, bad_fmt;  /* the last geometry that fit no slot: not tried again */
+    int formats[4];             /* pixel formats the session emits as decoded (8-bit only) */
+    unsigned int nformats;
     int linesize[4];
     size_t plane_off[4];
     int planes;
@@ -96,11 +101,15 @@ int fp_setup(uintptr_t dflt, uintptr_t align, uintptr_t linesizes, uintptr_t pla
     return 0;
 }
 
-fp_pool *fp_pool_new(uintptr_t lent, uintptr_t base, size_t size, unsigned int max_slots) {
+fp_pool *fp_pool_new(uintptr_t lent, uintptr_t base, size_t size, unsigned int max_slots,
+                     const int *formats, unsigned int nformats) {
     fp_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     pthread_mutex_init(&p->lock, NULL);
     p->lent = (uint32_t *)lent;
+    p->nformats = nformats > 4 ? 4 : nformats;
+    for (unsigned int i = 0; i < p->nformats; i++) p->formats[i] = formats[i];
+    p->bad_fmt = -1;
     uintptr_t b = (base + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
     p->base = (uint8_t *)b;
     p->size = size > (b - base) ? size - (b - base) : 0;
@@ -179,10 +188,20 @@ static int fp_get_buffer2(void *s, void *frame, int flags) {
     int w = F_WIDTH(frame), h = F_HEIGHT(frame), fmt = F_FORMAT(frame);
     uint8_t *slot = NULL;
     unsigned int i = 0;
+    int allowed = 0;
+    /* Only the 8-bit formats the session emits as decoded: every byte value is a valid
+       sample there, so what the guest writes into a slot can garble its own pictures but
+       never index a decoder table out of range (10-bit samples above 1023 could). */
+    for (unsigned int k = 0; k < p->nformats; k++) allowed |= fmt == p->formats[k];
     pthread_mutex_lock(&p->lock);
-    if (!p->closed && w > 0 && h > 0 && fmt >= 0) {
-        if ((w != p->w || h != p->h || fmt != p->fmt) && p->in_use == 0 && !any_lent(p))
-            if (relayout(p, s, w, h, fmt) < 0) p->fmt = -1;
+    if (!p->closed && allowed && w > 0 && h > 0) {
+        if ((w != p->w || h != p->h || fmt != p->fmt) && p->in_use == 0 && !any_lent(p)
+                && !(w == p->bad_w && h == p->bad_h && fmt == p->bad_fmt)) {
+            if (relayout(p, s, w, h, fmt) < 0) {
+                p->fmt = -1;
+                p->bad_w = w; p->bad_h = h; p->bad_fmt = fmt;
+            }
+        }
         if (w == p->w && h == p->h && fmt == p->fmt) {
             for (i = 0; i < p->nslots; i++) {
                 /* Acquire: pairs with the guest's release decrement, so its reads of the
@@ -240,6 +259,14 @@ int fp_lend(fp_pool *p, uintptr_t ptr, uint64_t *slot_addr) {
     }
     pthread_mutex_unlock(&p->lock);
     return slot;
+}
+
+/* Undo an fp_lend whose frame never reached the guest (its task failed after all). */
+void fp_unlend(fp_pool *p, int slot) {
+    pthread_mutex_lock(&p->lock);
+    if (slot >= 0 && (unsigned int)slot < p->nslots)
+        __atomic_fetch_sub(&p->lent[slot], 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&p->lock);
 }
 
 /* The pool's owner lets go.  Slots still referenced (decoder references, frames not yet

@@ -129,6 +129,7 @@ _DEFAULT_QSCALE: Final = 3
 _FF_QP2LAMBDA: Final = 118
 
 # Decoded formats whose memory layout equals an output format (no conversion).
+_CAP_DR1: Final = 1 << 1  # AV_CODEC_CAP_DR1: the decoder allocates through get_buffer2
 _SAME_LAYOUT: Final = {
     PixFmt.YUV420P: frozenset({"yuv420p", "yuvj420p"}),
     PixFmt.NV12: frozenset({"nv12"}),
@@ -511,8 +512,8 @@ def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps,
         ctx.thread_type, ctx.thread_count = ThreadType.AUTO, cfg.threads
     opts = _guest_options(ctx, cfg.options)
     opts["max_pixels"] = str(caps.max_pixels)
-    if pool is not None:
-        pool.attach(ctx)  # before open: the frame threads copy the context then
+    if pool is not None and not pool.attach(ctx):  # before open: the frame threads copy the context
+        raise CodecError(ErrorCode.BACKEND, "the frame pool could not be attached to the decoder")
     _open_ctx(ctx, opts)
     return ctx
 
@@ -769,9 +770,16 @@ class _DecoderSession(_Session):
             if mem is None or pool[1] < abi.POOL_MIN:
                 raise CodecError(ErrorCode.BAD_ARG, f"FRAME_POOL needs a pool of at least {abi.POOL_MIN} bytes")
             _check_range(mem, pool[0], pool[1], "frame pool")
-            if framepool.probe().ok:
-                base = int(np.frombuffer(mem, np.uint8, 1).ctypes.data)
-                self._pool = FramePool(base + pool[0], pool[1])
+            if pool[0] % abi.HEAP_ALIGN:  # the lent counters are atomics
+                raise CodecError(ErrorCode.BAD_ARG, f"a frame pool must be {abi.HEAP_ALIGN}-byte aligned")
+            if not av.codec.Codec(self._impl, "r").capabilities & _CAP_DR1:
+                # libavcodec allows a custom get_buffer2 only with direct rendering.
+                raise CodecError(ErrorCode.BAD_FLAGS, f"{self._impl} cannot decode into a frame pool")
+            pr = framepool.probe()
+            if not pr.ok:
+                raise CodecError(ErrorCode.BACKEND, f"frame pools unavailable: {pr.reason}")
+            base = int(np.frombuffer(mem, np.uint8, 1).ctypes.data)
+            self._pool = FramePool(base + pool[0], pool[1], formats=tuple(sorted(_SAME_LAYOUT[self._fmt])))
         elif pool[1]:
             raise CodecError(ErrorCode.BAD_ARG, "a frame pool was given without FRAME_POOL")
         self._cfg = cfg
@@ -953,7 +961,14 @@ class _DecoderSession(_Session):
         for frame in pending:
             shapes = abi.plane_shapes(fmt, frame.width, frame.height)
             planes = frame.planes  # PyAV builds new plane objects on every access
+            # Every check that can fail happens here, before the first frame is lent.
+            for (_rows, row_bytes), plane in zip(shapes, planes, strict=False):
+                if plane.line_size < row_bytes:
+                    raise CodecError(ErrorCode.BACKEND, "decoded plane narrower than its format")
             if pool is not None and pool.owns(planes[0].buffer_ptr):
+                if not all(pool.owns(p.buffer_ptr) and pool.owns(p.buffer_ptr + rows * p.line_size - 1)
+                           for (rows, _), p in zip(shapes, planes, strict=False)):
+                    raise CodecError(ErrorCode.BACKEND, "decoded plane outside the frame pool")
                 layouts.append((-1, shapes, planes))
                 continue
             pos = abi.align(used)
@@ -964,35 +979,39 @@ class _DecoderSession(_Session):
         abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
         entry_pos = dst_off + abi.OUT_HEADER.size
         copied = pooled = 0
-        for frame, (pos, shapes, planes) in zip(pending, layouts, strict=True):
-            pts = abi.NO_PTS if frame.pts is None else frame.pts
-            if pos < 0:
-                self._emit_pooled(mem, entry_pos, frame, planes, shapes, pts)
-                pooled += 1
+        lent: list[int] = []
+        try:
+            for frame, (pos, shapes, planes) in zip(pending, layouts, strict=True):
+                pts = abi.NO_PTS if frame.pts is None else frame.pts
+                if pos < 0:
+                    lent.append(self._emit_pooled(mem, entry_pos, frame, planes, shapes, pts))
+                    pooled += 1
+                    entry_pos += abi.FRAME_ENTRY.size
+                    continue
+                offs = [0, 0, 0]
+                strides = [0, 0, 0]
+                plane_off = 0
+                for i, (rows, row_bytes) in enumerate(shapes):
+                    plane = planes[i]
+                    # One copy, straight from the AVFrame plane (rows of line_size bytes,
+                    # cropped to the visible width) into the region.
+                    src = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(plane),
+                                     strides=(plane.line_size, 1))
+                    dst = np.ndarray((rows, row_bytes), np.uint8, buffer=mem,
+                                     offset=dst_off + pos + plane_off)
+                    np.copyto(dst, src)
+                    offs[i], strides[i] = plane_off, row_bytes
+                    plane_off += rows * row_bytes
+                copied += plane_off
+                abi.FRAME_ENTRY.pack_into(
+                    mem, entry_pos, pos, frame.width, frame.height, int(fmt), len(shapes),
+                    pts, *offs, *strides, 0, 0)
                 entry_pos += abi.FRAME_ENTRY.size
-                continue
-            offs = [0, 0, 0]
-            strides = [0, 0, 0]
-            plane_off = 0
-            for i, (rows, row_bytes) in enumerate(shapes):
-                plane = planes[i]
-                line = plane.line_size
-                if line < row_bytes:
-                    raise CodecError(ErrorCode.BACKEND, "decoded plane narrower than its format")
-                # One copy, straight from the AVFrame plane (rows of line_size bytes,
-                # cropped to the visible width) into the region.
-                src = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(plane),
-                                 strides=(line, 1))
-                dst = np.ndarray((rows, row_bytes), np.uint8, buffer=mem,
-                                 offset=dst_off + pos + plane_off)
-                np.copyto(dst, src)
-                offs[i], strides[i] = plane_off, row_bytes
-                plane_off += rows * row_bytes
-            copied += plane_off
-            abi.FRAME_ENTRY.pack_into(
-                mem, entry_pos, pos, frame.width, frame.height, int(fmt), len(shapes),
-                pts, *offs, *strides, 0, 0)
-            entry_pos += abi.FRAME_ENTRY.size
+        except BaseException:
+            # The task fails and its frames stay queued: the guest never sees these lends.
+            for slot in lent:
+                cast(FramePool, pool).unlend(slot)
+            raise
         mem[entry_pos:dst_off + table] = bytes(dst_off + table - entry_pos)
         self._stats.dec_frames_out += count
         self._stats.dec_frames_pooled += pooled
@@ -1002,12 +1021,11 @@ class _DecoderSession(_Session):
         return count, used
 
     def _emit_pooled(self, mem: memoryview, entry_pos: int, frame: VideoFrame, planes: Any,
-                     shapes: list[tuple[int, int]], pts: int) -> None:
-        """The entry of a frame the decoder wrote into the pool: where it is, nothing copied.
-
-        Lending it (the guest's counter + 1) happens here, after the NO_SPACE check and
-        before hostd publishes the completion; the frame's own libav reference keeps the
-        slot from being reused or relaid until then."""
+                     shapes: list[tuple[int, int]], pts: int) -> int:
+        """Write the entry of a frame the decoder wrote into the pool (nothing copied) and
+        lend it: the guest's counter + 1, after the NO_SPACE check and before hostd publishes
+        the completion.  The frame's own libav reference keeps the slot from being reused or
+        relaid until then.  Returns the slot."""
         pool = cast(FramePool, self._pool)
         lent = pool.lend(planes[0].buffer_ptr)
         if lent is None:
@@ -1015,16 +1033,15 @@ class _DecoderSession(_Session):
         slot, slot_addr = lent
         offs = [0, 0, 0]
         strides = [0, 0, 0]
-        for i, (rows, row_bytes) in enumerate(shapes):
-            plane = planes[i]
-            off = plane.buffer_ptr - slot_addr
-            end = plane.buffer_ptr + rows * plane.line_size - 1
-            if plane.line_size < row_bytes or off < 0 or not pool.owns(end):
-                raise CodecError(ErrorCode.BACKEND, "decoded plane outside its pool slot")
-            offs[i], strides[i] = off, plane.line_size
+        for i in range(len(shapes)):
+            offs[i], strides[i] = planes[i].buffer_ptr - slot_addr, planes[i].line_size
+        if min(offs) < 0:
+            pool.unlend(slot)
+            raise CodecError(ErrorCode.BACKEND, "decoded plane before its pool slot")
         abi.FRAME_ENTRY.pack_into(
             mem, entry_pos, slot_addr - pool.addr, frame.width, frame.height, int(self._fmt), len(shapes),
             pts, *offs, *strides, abi.FRAME_POOLED, slot)
+        return slot
 
     def close(self) -> None:
         """Drop the codec context and queued frames, then the pool: slots the guest still

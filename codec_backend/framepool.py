@@ -52,6 +52,7 @@ void *av_buffer_create(uint8_t *data, size_t size, void (*free)(void *opaque, ui
 void *av_frame_alloc(void);
 void av_frame_free(void **frame);
 int av_frame_get_buffer(void *frame, int align);
+int av_get_pix_fmt(const char *name);
 """)
 
 # AVCodecContext's first fields, unchanged since FFmpeg 1.x.
@@ -156,6 +157,8 @@ def _discover() -> Probe:
     try:
         dflt = av_.addr(av_.codec, "avcodec_default_get_buffer2")
         ctx = av_.codec.avcodec_alloc_context3(_ABI.NULL)
+        if ctx == _ABI.NULL:
+            return Probe(False, "avcodec_alloc_context3 failed")
         try:
             base = int(_ABI.cast("uintptr_t", ctx))
             if mem.word(base) != int(_ABI.cast("uintptr_t", av_.codec.avcodec_get_class())):
@@ -168,6 +171,8 @@ def _discover() -> Probe:
         off_gb2 = hits[0]
 
         frame = av_.util.av_frame_alloc()
+        if frame == _ABI.NULL:
+            return Probe(False, "av_frame_alloc failed")
         try:
             fb = int(_ABI.cast("uintptr_t", frame))
             ints = _ABI.cast("int *", frame)
@@ -215,14 +220,20 @@ def probe() -> Probe:
     """Check (once per process) that pools can be used with the loaded libav."""
     global _PROBE
     if _PROBE is None:
-        _PROBE = _discover()
+        try:
+            _PROBE = _discover()
+        except Exception as e:  # any surprise means no pools, never a failed session
+            _PROBE = Probe(False, f"probing libav failed: {type(e).__name__}: {e}")
     return _PROBE
 
 
 def _context_pointer(ctx: Any) -> int | None:
     """The AVCodecContext behind a PyAV decoder context, or None if it cannot be proven."""
     assert _AV is not None
-    mem = _Mem()
+    try:
+        mem = _Mem()
+    except OSError:
+        return None
     try:
         p = mem.word(id(ctx) + _PYAV_CTX_PTR)
         if p < 4096:
@@ -233,7 +244,7 @@ def _context_pointer(ctx: Any) -> int | None:
         if mem.i32(p + _CTX_CODEC_ID) != ctx.codec.id:
             return None
         return p
-    except OSError:
+    except (OSError, AttributeError, TypeError, ValueError):
         return None
     finally:
         mem.close()
@@ -248,15 +259,21 @@ class FramePool:
     in use or lent.  A slot is reused only when libav's last reference to it is dropped and
     the guest's lent counter is back at 0."""
 
-    def __init__(self, addr: int, size: int, max_slots: int = abi.POOL_MAX_SLOTS) -> None:
+    def __init__(self, addr: int, size: int, max_slots: int = abi.POOL_MAX_SLOTS,
+                 formats: tuple[str, ...] = ("yuv420p", "yuvj420p")) -> None:
+        """``formats``: the (8-bit) pixel formats pictures may have to get a slot; others
+        are decoded into libav's memory (and converted and copied by the session)."""
         pr = probe()
         if not pr.ok:
             raise RuntimeError(f"frame pools unavailable: {pr.reason}")
         if size < abi.POOL_MIN:
             raise ValueError(f"a frame pool needs at least {abi.POOL_MIN} bytes")
         self.addr, self.size = addr, size
+        assert _AV is not None
+        ids = [int(_AV.util.av_get_pix_fmt(name.encode())) for name in formats]
+        fmts = _NATIVE.ffi.new("int[]", [i for i in ids if i >= 0][:4] or [-1])
         self._ptr: Any = _NATIVE.lib.fp_pool_new(addr, addr + abi.POOL_HEADER, size - abi.POOL_HEADER,
-                                                 min(max_slots, abi.POOL_MAX_SLOTS))
+                                                 min(max_slots, abi.POOL_MAX_SLOTS), fmts, len(fmts))
         if self._ptr == _NATIVE.ffi.NULL:
             raise MemoryError("frame pool")
         self._slot = _NATIVE.ffi.new("uint64_t *")
@@ -286,6 +303,11 @@ class FramePool:
             return None
         slot = int(_NATIVE.lib.fp_lend(self._ptr, ptr, self._slot))
         return None if slot < 0 else (slot, int(self._slot[0]))
+
+    def unlend(self, slot: int) -> None:
+        """Undo a :meth:`lend` whose frame never reached the guest."""
+        if self._ptr is not None:
+            _NATIVE.lib.fp_unlend(self._ptr, slot)
 
     def statistics(self) -> PoolStats:
         if self._ptr is None:

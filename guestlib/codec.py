@@ -665,14 +665,28 @@ class Decoder(_Session):
         self._in: Buffer | None = None
         self._staging: list[Buffer] = []
         self._lent: list[Frame] = []  # pooled frames handed out by the last decode()/flush()
+        from guestlib.device import DeviceError
+
         self._pool = self._make_pool(dev, width, height, DEFAULT_POOL_FRAMES if pool_frames is None else pool_frames)
-        if self._pool is not None:
-            cfg = dataclasses.replace(cfg, flags=cfg.flags | abi.SessionFlag.FRAME_POOL)
         try:
-            super().__init__(dev, cfg, self._pool)
+            if self._pool is None:
+                super().__init__(dev, cfg)
+            else:
+                try:
+                    super().__init__(dev, dataclasses.replace(cfg, flags=cfg.flags | abi.SessionFlag.FRAME_POOL),
+                                     self._pool)
+                except DeviceError as e:
+                    # This decoder cannot use a pool (BAD_FLAGS: no direct rendering, e.g.
+                    # libdav1d) or the worker's libav cannot (BACKEND): decode with copies.
+                    if e.code not in (ErrorCode.BAD_FLAGS, ErrorCode.BACKEND):
+                        raise
+                    dev.free(self._pool)
+                    self._pool = None
+                    super().__init__(dev, cfg)
         except BaseException:
             if self._pool is not None:
                 dev.free(self._pool)
+                self._pool = None
             raise
         self.device.free(self._out)
         self._out = dev.alloc(8 << 20)
@@ -690,6 +704,20 @@ class Decoder(_Session):
         # Every slot starts with no frame lent (the heap memory may hold old bytes).
         pool.mem[: 4 * abi.POOL_MAX_SLOTS] = bytes(4 * abi.POOL_MAX_SLOTS)
         return pool
+
+    def _lender(self, slot: int) -> Callable[[], None]:
+        pool = self._pool
+        assert pool is not None
+        word = pool.offset + abi.pool_lent_word(slot)
+        region = self.device.region
+
+        def give_back() -> None:
+            # Only while the pool is this session's: once close() has freed it, the word may
+            # belong to another buffer.  Release ordering (a seq-cst RMW): the guest's reads
+            # of the frame happen before the decoder may write the slot again.
+            if self._pool is pool:
+                region.fadd32(word, -1)
+        return give_back
 
     @property
     def pool_size(self) -> int:
@@ -813,38 +841,49 @@ class Decoder(_Session):
             self._lent.append(item)
 
     def _frames(self, base: int | None = None) -> list[Frame]:
-        mem = self.device.region.mem
-        region = self.device.region
         base = self._out.offset if base is None else base
-        frames = []
-        for off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot in self._table(
-                base, abi.OUT_FRAMES, abi.FRAME_ENTRY):
-            pf = PixFmt(fmt)
-            offs, strides = (o0, o1, o2)[:nplanes], (s0, s1, s2)[:nplanes]
-            release: Callable[[], None] | None = None
-            if flags & abi.FRAME_POOLED:
-                if self._pool is None or slot >= abi.POOL_MAX_SLOTS:
-                    raise ValueError(f"pooled frame in slot {slot} without a frame pool")
-                start = self._pool.offset + off
-                planes = _plane_views(mem, pf, w, h, start, offs, strides)
-                lo, hi = start - off + abi.POOL_HEADER, self._pool.offset + self._pool.size
-                if not all(lo <= start + o and start + o + (rows - 1) * s + rb <= hi for (rows, rb), o, s
-                           in zip(abi.plane_shapes(pf, w, h), offs, strides, strict=False)):
-                    raise ValueError("pooled frame outside the frame pool")
-                for p in planes:
-                    p.flags.writeable = False  # the decoder may still predict from it
-                release = _lender(region, self._pool.offset + abi.pool_lent_word(slot))
-                frames.append(Frame(w, h, pf, None if pts == abi.NO_PTS else pts, planes, strides=strides,
-                                    nbytes=abi.frame_size(pf, w, h, list(strides)), release=release))
-                continue
-            planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
-            packed = all(o == sum(r * s for (r, _), s in zip(abi.plane_shapes(pf, w, h)[:k], strides, strict=False))
-                         for k, o in enumerate(offs))
-            nbytes = abi.frame_size(pf, w, h, list(strides))
-            frames.append(Frame(w, h, pf, None if pts == abi.NO_PTS else pts, planes,
-                                offset=base + off if packed else -1, strides=strides, nbytes=nbytes))
-            self._frame_bytes = max(self._frame_bytes, nbytes)
+        entries = self._table(base, abi.OUT_FRAMES, abi.FRAME_ENTRY)
+        frames: list[Frame] = []
+        try:
+            for entry in entries:
+                frames.append(self._frame(entry, base))
+        except BaseException:
+            # A malformed table: give back every slot the worker lent for it, or the
+            # pool would lose them for the rest of the session.
+            for f in frames:
+                f.release()
+            for entry in entries[len(frames):]:
+                flags, slot = entry[12], entry[13]
+                if flags & abi.FRAME_POOLED and self._pool is not None and slot < abi.POOL_MAX_SLOTS:
+                    self.device.region.fadd32(self._pool.offset + abi.pool_lent_word(slot), -1)
+            raise
         return frames
+
+    def _frame(self, entry: tuple[Any, ...], base: int) -> Frame:
+        mem = self.device.region.mem
+        off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot = entry
+        pf = PixFmt(fmt)
+        offs, strides = (o0, o1, o2)[:nplanes], (s0, s1, s2)[:nplanes]
+        if flags & abi.FRAME_POOLED:
+            if self._pool is None or slot >= abi.POOL_MAX_SLOTS:
+                raise ValueError(f"pooled frame in slot {slot} without a frame pool")
+            start = self._pool.offset + off
+            lo, hi = self._pool.offset + abi.POOL_HEADER, self._pool.offset + self._pool.size
+            if not all(lo <= start + o and start + o + (rows - 1) * s + rb <= hi for (rows, rb), o, s
+                       in zip(abi.plane_shapes(pf, w, h), offs, strides, strict=False)):
+                raise ValueError("pooled frame outside the frame pool")
+            planes = _plane_views(mem, pf, w, h, start, offs, strides)
+            for p in planes:
+                p.flags.writeable = False  # the decoder may still predict from it
+            return Frame(w, h, pf, None if pts == abi.NO_PTS else pts, planes, strides=strides,
+                         nbytes=abi.frame_size(pf, w, h, list(strides)), release=self._lender(slot))
+        planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
+        packed = all(o == sum(r * s for (r, _), s in zip(abi.plane_shapes(pf, w, h)[:k], strides, strict=False))
+                     for k, o in enumerate(offs))
+        nbytes = abi.frame_size(pf, w, h, list(strides))
+        self._frame_bytes = max(self._frame_bytes, nbytes)
+        return Frame(w, h, pf, None if pts == abi.NO_PTS else pts, planes,
+                     offset=base + off if packed else -1, strides=strides, nbytes=nbytes)
 
     def close(self) -> None:
         if not self.closed:
@@ -859,13 +898,6 @@ class Decoder(_Session):
         if self._pool is not None:  # after SESSION_CLOSE: the worker has let go of it
             self.device.free(self._pool)
             self._pool = None
-
-
-def _lender(region: Any, word: int) -> Callable[[], None]:
-    def give_back() -> None:
-        # Release: the guest's reads of the frame happen before the decoder may reuse the slot.
-        region.fadd32(word, -1)
-    return give_back
 
 
 def _returner(free: list[Buffer], buf: Buffer) -> Callable[[], None]:

@@ -103,7 +103,7 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
                             enc = Encoder(dev, codec, f.width, f.height, fps, pix_fmt=f.format, **options)
                             mux = Muxer(output_path, codec, f.width, f.height, enc.time_base, fps)
                         assert mux is not None
-                        mux.write(enc.encode(f, pts=frames))  # zero-copy: the decoder's output feeds the encoder
+                        mux.write(enc.encode(f, pts=frames))  # a pooled frame is copied in once
                         frames += 1
                         if on_frame is not None:
                             on_frame(frames)
