@@ -325,3 +325,52 @@ def test_worker_reports_pooled_frames_by_slot_and_counts_no_plane_bytes(dev: Dev
     mgr.close_all()
     assert cast(dict[str, Any], mgr.statistics()["frame_pool"])["pools"] == 0
     mem.release()
+
+
+def test_ten_bit_pictures_never_get_a_slot(dev: Device) -> None:
+    """Only 8-bit pictures of the session's format are decoded in place: in a 10-bit slot the
+    guest could write samples above 1023, which decoders use as table indices.  A 10-bit
+    H.264 stream is decoded into libav's memory and converted, as without a pool."""
+    from fractions import Fraction
+
+    enc = cast(VideoCodecContext, av.CodecContext.create("libx264", "w"))
+    enc.width, enc.height, enc.pix_fmt, enc.time_base = W, H, "yuv420p10le", Fraction(1, FPS)
+    enc.options = {"preset": "ultrafast"}
+    enc.open()
+    data = []
+    for i in range(8):
+        src = av.VideoFrame.from_ndarray(pattern(i)[0].astype(np.uint16) * 4, format="gray16le").reformat(
+            format="yuv420p10le")
+        src.pts = i
+        data += [bytes(p) for p in enc.encode(src)]
+    data += [bytes(p) for p in enc.encode(None)]
+    ref_ctx = cast(VideoCodecContext, av.CodecContext.create("h264", "r"))
+    ref = [md5(f.reformat(format="yuv420p").to_ndarray()) for d in [*data, None]
+           for f in ref_ctx.decode(None if d is None else padded(d))]
+    with dev.decoder("h264", parse=False, width=W, height=H) as dec:
+        assert dec.pool_size
+        slots = cast(Any, dec)._pool.mem[abi.POOL_HEADER:]
+        slots[:] = b"\x5a" * len(slots)
+        got = [(md5(f.to_ndarray()), f.pooled) for d in data for f in dec.decode(d)]
+        got += [(md5(f.to_ndarray()), f.pooled) for f in dec.flush()]
+        assert bytes(slots) == b"\x5a" * len(slots)  # the decoder never wrote a slot
+    assert [g[0] for g in got] == ref and len(ref) == 8 and not any(g[1] for g in got)
+
+
+def test_a_release_after_close_touches_nothing(dev: Device) -> None:
+    """A stream still suspended when its decoder is closed: the pool's memory may already
+    belong to another buffer, so giving frames back must not write there."""
+    packets = encode(dev, W, H)
+    dec = dev.decoder("h264", parse=False, width=W, height=H)
+    pool_off, pool_size = cast(Any, dec)._pool.offset, dec.pool_size
+    it = dec.decode_stream(packets, depth=3, batch=2)
+    first = next(it)
+    assert first.pooled
+    dec.close()
+    other = dev.alloc(pool_size)  # the heap hands the same memory out again
+    assert other.offset == pool_off
+    other.mem[:4096] = b"\xa5" * 4096
+    it.close()  # gives back the frames of the tasks in flight, and the one in hand
+    first.release()
+    assert bytes(other.mem[:4096]) == b"\xa5" * 4096
+    dev.free(other)
