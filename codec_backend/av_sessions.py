@@ -765,7 +765,6 @@ class _DecoderSession(_Session):
         super().__init__(stats)
         self._codec, self._impl, self._fmt = _decoder_target(cfg, caps)
         self._pool: FramePool | None = None
-        self._pool_off = pool[0]
         if cfg.flags & abi.SessionFlag.FRAME_POOL:
             if mem is None or pool[1] < abi.POOL_MIN:
                 raise CodecError(ErrorCode.BAD_ARG, f"FRAME_POOL needs a pool of at least {abi.POOL_MIN} bytes")

@@ -667,27 +667,20 @@ class Decoder(_Session):
         self._lent: list[Frame] = []  # pooled frames handed out by the last decode()/flush()
         from guestlib.device import DeviceError
 
-        self._pool = self._make_pool(dev, width, height, DEFAULT_POOL_FRAMES if pool_frames is None else pool_frames)
-        try:
-            if self._pool is None:
-                super().__init__(dev, cfg)
-            else:
-                try:
-                    super().__init__(dev, dataclasses.replace(cfg, flags=cfg.flags | abi.SessionFlag.FRAME_POOL),
-                                     self._pool)
-                except DeviceError as e:
-                    # This decoder cannot use a pool (BAD_FLAGS: no direct rendering, e.g.
-                    # libdav1d) or the worker's libav cannot (BACKEND): decode with copies.
-                    if e.code not in (ErrorCode.BAD_FLAGS, ErrorCode.BACKEND):
-                        raise
-                    dev.free(self._pool)
-                    self._pool = None
-                    super().__init__(dev, cfg)
-        except BaseException:
-            if self._pool is not None:
-                dev.free(self._pool)
-                self._pool = None
-            raise
+        self._pool: Buffer | None = None
+        pool = self._make_pool(dev, width, height, DEFAULT_POOL_FRAMES if pool_frames is None else pool_frames)
+        if pool is not None:
+            try:
+                super().__init__(dev, dataclasses.replace(cfg, flags=cfg.flags | abi.SessionFlag.FRAME_POOL), pool)
+                self._pool = pool
+            except BaseException as e:
+                dev.free(pool)
+                # This decoder cannot use a pool (BAD_FLAGS: no direct rendering, e.g.
+                # libdav1d) or the worker's libav cannot (BACKEND): decode with copies.
+                if not (isinstance(e, DeviceError) and e.code in (ErrorCode.BAD_FLAGS, ErrorCode.BACKEND)):
+                    raise
+        if self._pool is None:
+            super().__init__(dev, cfg)
         self.device.free(self._out)
         self._out = dev.alloc(8 << 20)
 
@@ -855,7 +848,7 @@ class Decoder(_Session):
             for entry in entries[len(frames):]:
                 flags, slot = entry[12], entry[13]
                 if flags & abi.FRAME_POOLED and self._pool is not None and slot < abi.POOL_MAX_SLOTS:
-                    self.device.region.fadd32(self._pool.offset + abi.pool_lent_word(slot), -1)
+                    self._lender(slot)()
             raise
         return frames
 
