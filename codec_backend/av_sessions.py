@@ -784,6 +784,8 @@ class _DecoderSession(_Session):
         self._cfg = cfg
         self._caps = caps
         self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
+        self._same_layout = _SAME_LAYOUT[self._fmt]
+        self._geom: tuple[int, int, list[tuple[int, int]], int] = (0, 0, [], 0)  # see _geometry
         self._pending: deque[VideoFrame] = deque()
         self._fed = 0
         self._parsed = False
@@ -839,14 +841,27 @@ class _DecoderSession(_Session):
                 error = self._queue(frame) or error
         return error
 
-    def _queue(self, frame: VideoFrame) -> CodecError | None:
-        w, h = frame.width, frame.height
+    def _geometry(self, w: int, h: int) -> tuple[list[tuple[int, int]], int] | None:
+        """Plane shapes and unpadded size of a ``w`` x ``h`` picture, or None past the caps.
+        The last geometry that passed is kept: a stream's pictures rarely change size."""
+        geom = self._geom
+        if geom[0] == w and geom[1] == h:
+            return geom[2], geom[3]
         caps = self._caps
         if (not 0 < w <= caps.max_width or not 0 < h <= caps.max_height
                 or w * h > caps.max_pixels):
+            return None
+        shapes = abi.plane_shapes(self._fmt, w, h)
+        self._geom = (w, h, shapes, sum(r * b for r, b in shapes))
+        return shapes, self._geom[3]
+
+    def _queue(self, frame: VideoFrame) -> CodecError | None:
+        w, h = frame.width, frame.height
+        geom = self._geometry(w, h)
+        if geom is None:
             return CodecError(ErrorCode.TOO_LARGE, f"decoded {w}x{h} exceeds the geometry caps")
-        size = _frame_bytes(self._fmt, w, h)
-        if frame.format.name not in _SAME_LAYOUT[self._fmt]:
+        size = geom[1]
+        if frame.format.name not in self._same_layout:
             try:
                 frame = frame.reformat(format=self._fmt_name)
             except (av.error.FFmpegError, ValueError) as exc:
@@ -953,26 +968,33 @@ class _DecoderSession(_Session):
         count = len(pending)
         fmt = self._fmt
         pool = self._pool
+        lo, hi = (pool.addr, pool.addr + pool.size) if pool is not None else (0, 0)
         table = abi.out_table_size(abi.OUT_FRAMES, count)
-        # (pos in dst or -1: in the frame pool, plane shapes, planes)
-        layouts: list[tuple[int, list[tuple[int, int]], Any]] = []
+        # Per frame: position in dst (-1: in the frame pool), plane shapes, PyAV planes,
+        # plane addresses, line sizes.
+        layouts: list[tuple[int, list[tuple[int, int]], Any, list[int], list[int]]] = []
         used = table
         for frame in pending:
-            shapes = abi.plane_shapes(fmt, frame.width, frame.height)
+            geom = self._geometry(frame.width, frame.height)
+            if geom is None:  # pragma: no cover - _queue admitted only frames within the caps
+                raise CodecError(ErrorCode.BACKEND, "queued frame exceeds the geometry caps")
+            shapes = geom[0]
             planes = frame.planes  # PyAV builds new plane objects on every access
+            ptrs = [p.buffer_ptr for p in planes]
+            lines = [p.line_size for p in planes]
             # Every check that can fail happens here, before the first frame is lent.
-            for (_rows, row_bytes), plane in zip(shapes, planes, strict=False):
-                if plane.line_size < row_bytes:
+            for (_rows, row_bytes), line in zip(shapes, lines, strict=False):
+                if line < row_bytes:
                     raise CodecError(ErrorCode.BACKEND, "decoded plane narrower than its format")
-            if pool is not None and pool.owns(planes[0].buffer_ptr):
-                if not all(pool.owns(p.buffer_ptr) and pool.owns(p.buffer_ptr + rows * p.line_size - 1)
-                           for (rows, _), p in zip(shapes, planes, strict=False)):
+            if lo <= ptrs[0] < hi:
+                if not all(lo <= ptr and ptr + rows * line <= hi
+                           for (rows, _), ptr, line in zip(shapes, ptrs, lines, strict=False)):
                     raise CodecError(ErrorCode.BACKEND, "decoded plane outside the frame pool")
-                layouts.append((-1, shapes, planes))
+                layouts.append((-1, shapes, planes, ptrs, lines))
                 continue
             pos = abi.align(used)
-            layouts.append((pos, shapes, planes))
-            used = pos + sum(r * b for r, b in shapes)
+            layouts.append((pos, shapes, planes, ptrs, lines))
+            used = pos + geom[1]
         if used > dst_len:
             raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
         abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
@@ -980,10 +1002,10 @@ class _DecoderSession(_Session):
         copied = pooled = 0
         lent: list[int] = []
         try:
-            for frame, (pos, shapes, planes) in zip(pending, layouts, strict=True):
+            for frame, (pos, shapes, planes, ptrs, lines) in zip(pending, layouts, strict=True):
                 pts = abi.NO_PTS if frame.pts is None else frame.pts
                 if pos < 0:
-                    lent.append(self._emit_pooled(mem, entry_pos, frame, planes, shapes, pts))
+                    lent.append(self._emit_pooled(mem, entry_pos, frame, ptrs, lines, len(shapes), pts))
                     pooled += 1
                     entry_pos += abi.FRAME_ENTRY.size
                     continue
@@ -991,11 +1013,10 @@ class _DecoderSession(_Session):
                 strides = [0, 0, 0]
                 plane_off = 0
                 for i, (rows, row_bytes) in enumerate(shapes):
-                    plane = planes[i]
                     # One copy, straight from the AVFrame plane (rows of line_size bytes,
                     # cropped to the visible width) into the region.
-                    src = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(plane),
-                                     strides=(plane.line_size, 1))
+                    src = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(planes[i]),
+                                     strides=(lines[i], 1))
                     dst = np.ndarray((rows, row_bytes), np.uint8, buffer=mem,
                                      offset=dst_off + pos + plane_off)
                     np.copyto(dst, src)
@@ -1019,26 +1040,26 @@ class _DecoderSession(_Session):
         self.pending_items = self.pending_bytes = 0
         return count, used
 
-    def _emit_pooled(self, mem: memoryview, entry_pos: int, frame: VideoFrame, planes: Any,
-                     shapes: list[tuple[int, int]], pts: int) -> int:
+    def _emit_pooled(self, mem: memoryview, entry_pos: int, frame: VideoFrame, ptrs: list[int],
+                     lines: list[int], nplanes: int, pts: int) -> int:
         """Write the entry of a frame the decoder wrote into the pool (nothing copied) and
         lend it: the guest's counter + 1, after the NO_SPACE check and before hostd publishes
         the completion.  The frame's own libav reference keeps the slot from being reused or
         relaid until then.  Returns the slot."""
         pool = cast(FramePool, self._pool)
-        lent = pool.lend(planes[0].buffer_ptr)
+        lent = pool.lend(ptrs[0])
         if lent is None:
             raise CodecError(ErrorCode.BACKEND, "pooled frame is in no slot")
         slot, slot_addr = lent
         offs = [0, 0, 0]
         strides = [0, 0, 0]
-        for i in range(len(shapes)):
-            offs[i], strides[i] = planes[i].buffer_ptr - slot_addr, planes[i].line_size
+        for i in range(nplanes):
+            offs[i], strides[i] = ptrs[i] - slot_addr, lines[i]
         if min(offs) < 0:
             pool.unlend(slot)
             raise CodecError(ErrorCode.BACKEND, "decoded plane before its pool slot")
         abi.FRAME_ENTRY.pack_into(
-            mem, entry_pos, slot_addr - pool.addr, frame.width, frame.height, int(self._fmt), len(shapes),
+            mem, entry_pos, slot_addr - pool.addr, frame.width, frame.height, int(self._fmt), nplanes,
             pts, *offs, *strides, abi.FRAME_POOLED, slot)
         return slot
 

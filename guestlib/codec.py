@@ -17,7 +17,7 @@ own output buffer), so the device starts the next frame as soon as one ends
 instead of waiting for the guest's round trip: use them for throughput.  They
 wait and submit ``depth // 2`` tasks at a time: at depth 8 the guest sleeps
 and rings the doorbell once per 4 tasks.  ``batch=k`` puts k frames or chunks in
-one task (``vmediad bench codec`` streams encode at depth 4 x batch 4, decode at 3 x 6).
+one task (``vmediad bench codec`` streams encode at depth 4 x batch 4, decode at 3 x 12).
 """
 
 from __future__ import annotations
@@ -88,22 +88,39 @@ def _plane_views(mem: memoryview, fmt: PixFmt, width: int, height: int, base: in
     return views
 
 
+Planes = list[npt.NDArray[np.uint8]]
+
+
 class Frame:
     """A picture in region memory: ``planes`` are numpy views (rows x row bytes per plane)."""
 
-    def __init__(self, width: int, height: int, fmt: PixFmt, pts: int | None, planes: list[npt.NDArray[np.uint8]],
+    def __init__(self, width: int, height: int, fmt: PixFmt, pts: int | None,
+                 planes: Planes | Callable[[], Planes],
                  *, offset: int = -1, strides: tuple[int, ...] = (), nbytes: int = 0,
                  buffer: Buffer | None = None, release: Callable[[], None] | None = None) -> None:
+        """``planes``: the views, or a function that makes them on first access (a decoder's
+        pooled frames: most are passed on or counted, never looked at)."""
         self.width = width
         self.height = height
         self.pix_fmt = fmt
         self.pts = pts
-        self.planes = planes
+        self._planes = planes
         self.offset = offset  # region offset of plane 0 when planes are packed back to back
         self.strides = strides
         self.nbytes = nbytes
         self._buffer = buffer
         self._release = release
+
+    @property
+    def planes(self) -> Planes:
+        planes = self._planes
+        if callable(planes):
+            planes = self._planes = planes()
+        return planes
+
+    @planes.setter
+    def planes(self, planes: Planes) -> None:
+        self._planes = planes
 
     @property
     def format(self) -> str:
@@ -665,6 +682,7 @@ class Decoder(_Session):
         self._in: Buffer | None = None
         self._staging: list[Buffer] = []
         self._lent: list[Frame] = []  # pooled frames handed out by the last decode()/flush()
+        self._geom: tuple[int, int, int, PixFmt, list[tuple[int, int]]] = (-1, 0, 0, PixFmt.YUV420P, [])
         from guestlib.device import DeviceError
 
         self._pool: Buffer | None = None
@@ -852,31 +870,45 @@ class Decoder(_Session):
             raise
         return frames
 
+    def _geometry(self, fmt: int, w: int, h: int) -> tuple[PixFmt, list[tuple[int, int]]]:
+        """The pixel format and plane shapes of a table entry (the last one is kept)."""
+        g = self._geom
+        if g[0] != fmt or g[1] != w or g[2] != h:
+            pf = PixFmt(fmt)
+            g = self._geom = (fmt, w, h, pf, abi.plane_shapes(pf, w, h))
+        return g[3], g[4]
+
     def _frame(self, entry: tuple[Any, ...], base: int) -> Frame:
         mem = self.device.region.mem
         off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot = entry
-        pf = PixFmt(fmt)
+        pf, shapes = self._geometry(fmt, w, h)
+        if nplanes != len(shapes):
+            raise ValueError(f"{nplanes} planes for {abi.PIX_FMT_NAMES[pf]}")
         offs, strides = (o0, o1, o2)[:nplanes], (s0, s1, s2)[:nplanes]
+        nbytes = sum(r * s for (r, _), s in zip(shapes, strides, strict=True))
+        if pts == abi.NO_PTS:
+            pts = None
         if flags & abi.FRAME_POOLED:
             if self._pool is None or slot >= abi.POOL_MAX_SLOTS:
                 raise ValueError(f"pooled frame in slot {slot} without a frame pool")
             start = self._pool.offset + off
             lo, hi = self._pool.offset + abi.POOL_HEADER, self._pool.offset + self._pool.size
-            if not all(lo <= start + o and start + o + (rows - 1) * s + rb <= hi for (rows, rb), o, s
-                       in zip(abi.plane_shapes(pf, w, h), offs, strides, strict=False)):
-                raise ValueError("pooled frame outside the frame pool")
-            planes = _plane_views(mem, pf, w, h, start, offs, strides)
-            for p in planes:
-                p.flags.writeable = False  # the decoder may still predict from it
-            return Frame(w, h, pf, None if pts == abi.NO_PTS else pts, planes, strides=strides,
-                         nbytes=abi.frame_size(pf, w, h, list(strides)), release=self._lender(slot))
+            for (rows, rb), o, s in zip(shapes, offs, strides, strict=True):
+                if not lo <= start + o or start + o + (rows - 1) * s + rb > hi:
+                    raise ValueError("pooled frame outside the frame pool")
+
+            def views() -> Planes:
+                planes = _plane_views(mem, pf, w, h, start, offs, strides)
+                for p in planes:
+                    p.flags.writeable = False  # the decoder may still predict from it
+                return planes
+            return Frame(w, h, pf, pts, views, strides=strides, nbytes=nbytes, release=self._lender(slot))
         planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
-        packed = all(o == sum(r * s for (r, _), s in zip(abi.plane_shapes(pf, w, h)[:k], strides, strict=False))
-                     for k, o in enumerate(offs))
-        nbytes = abi.frame_size(pf, w, h, list(strides))
+        packed, acc = True, 0
+        for (rows, _), o, s in zip(shapes, offs, strides, strict=True):
+            packed, acc = packed and o == acc, acc + rows * s
         self._frame_bytes = max(self._frame_bytes, nbytes)
-        return Frame(w, h, pf, None if pts == abi.NO_PTS else pts, planes,
-                     offset=base + off if packed else -1, strides=strides, nbytes=nbytes)
+        return Frame(w, h, pf, pts, planes, offset=base + off if packed else -1, strides=strides, nbytes=nbytes)
 
     def close(self) -> None:
         if not self.closed:
