@@ -374,3 +374,45 @@ def test_a_release_after_close_touches_nothing(dev: Device) -> None:
     first.release()
     assert bytes(other.mem[:4096]) == b"\xa5" * 4096
     dev.free(other)
+
+
+def test_guest_checks_every_pooled_entry_before_it_makes_views(dev: Device) -> None:
+    """guestlib reads a pooled entry's planes only inside its pool and makes the views on
+    first access; a malformed table fails the call and gives back every slot it lent."""
+    w, h, step = 64, 48, 8192
+    with dev.decoder("h264", parse=False, width=W, height=H) as dec:
+        pool = cast(Any, dec)._pool
+        out = cast(Any, dec)._out
+        mem = dev.region.mem
+
+        def entry(slot: int, o2: int = 64 * 48 + 32 * 24, nplanes: int = 3) -> tuple[int, ...]:
+            return (abi.POOL_HEADER + slot * step, w, h, int(abi.PixFmt.YUV420P), nplanes, 7 + slot,
+                    0, 64 * 48, o2, 64, 32, 32, abi.FRAME_POOLED, slot)
+
+        def table(*entries: tuple[int, ...]) -> None:
+            for slot in range(len(entries)):
+                dev.region.store32(pool.offset + abi.pool_lent_word(slot), 1)  # as the worker lends
+            abi.OUT_HEADER.pack_into(mem, out.offset, abi.OUT_FRAMES, len(entries), 0)
+            for i, e in enumerate(entries):
+                abi.FRAME_ENTRY.pack_into(mem, out.offset + abi.OUT_HEADER.size + i * abi.FRAME_ENTRY.size, *e)
+
+        for slot in range(3):
+            start = pool.offset + abi.POOL_HEADER + slot * step
+            mem[start:start + w * h * 3 // 2] = bytes([slot + 1]) * (w * h * 3 // 2)
+        table(entry(0), entry(1), entry(2))
+        frames = cast(Any, dec)._frames(out.offset)
+        assert [f.pts for f in frames] == [7, 8, 9] and all(f.pooled for f in frames)
+        assert lent(dec)[:3] == [1, 1, 1]
+        for slot, f in enumerate(frames):
+            assert [p.shape for p in f.planes] == [(h, w), (h // 2, w // 2), (h // 2, w // 2)]
+            assert all((p == slot + 1).all() and not p.flags.writeable for p in f.planes)
+            assert f.planes is f.planes  # made once
+            f.release()
+        assert lent(dec)[:3] == [0, 0, 0]
+        # A plane past the pool's end, then a plane count that is not the format's: refused,
+        # and the slots of the whole table are given back.
+        for bad in (entry(1, o2=pool.size), entry(1, nplanes=2)):
+            table(entry(0), bad, entry(2))
+            with pytest.raises(ValueError):
+                cast(Any, dec)._frames(out.offset)
+            assert lent(dec)[:3] == [0, 0, 0]
