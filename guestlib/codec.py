@@ -17,7 +17,7 @@ own output buffer), so the device starts the next frame as soon as one ends
 instead of waiting for the guest's round trip: use them for throughput.  They
 wait and submit ``depth // 2`` tasks at a time: at depth 8 the guest sleeps
 and rings the doorbell once per 4 tasks.  ``batch=k`` puts k frames or chunks in
-one task (``vmediad bench codec`` streams encode at depth 4 x batch 4, decode at 3 x 12).
+one task (``vmediad bench codec`` streams encode at depth 4 x batch 8, decode at 3 x 12).
 """
 
 from __future__ import annotations

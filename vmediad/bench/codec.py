@@ -19,7 +19,8 @@ would from its container).  ``device_fps`` uses the pipelined
 
 Content is a scrolling noise texture under moving gradients: neither trivially
 compressible nor pure noise.  Direct and device runs alternate, ``rounds`` times
-each (more for short cases, see MIN_SECONDS) after one uncounted warm-up round.
+each (more for short cases, see MIN_SECONDS) after one uncounted warm-up round,
+and swap places every round (then ``device_sync``).
 ``ratio`` is the median over rounds of device fps / direct fps of the same round
 (paired: this box has 2 cores and is noisy, and pairing cancels drifts of its
 speed between rounds); the fps columns are medians.  ``cpu_us_per_frame`` is the
@@ -48,10 +49,10 @@ from vmediad.bench.common import cpu_seconds, machine
 RING = 30  # distinct input pictures per case (cycled)
 # encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch):
 # tasks queued, frames (chunks) per task.  Each was the best of those tried on this box
-# (docs/benchmarks.md): 4 x 4 for encode; 3 x 12 for decode.  Since the decoder writes into
+# (docs/benchmarks.md): 4 x 8 for encode; 3 x 12 for decode.  Since the decoder writes into
 # the guest's frame pool, a bigger list no longer means more memory written per task, so it
 # only saves guest and hostd CPU: at 720p 3 x 12 took 72 us of it per frame, 3 x 6 111 us.
-STREAM = {"encode": (4, 4), "decode": (3, 12)}
+STREAM = {"encode": (4, 8), "decode": (3, 12)}
 ROUNDS = 7
 MIN_SECONDS = 6.0  # per side and case: short cases get more rounds
 MAX_ROUNDS = 15
@@ -281,7 +282,10 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                 # rounds (up to MAX_ROUNDS) until each path has run min_seconds in total.
                 while r <= rounds or (spent < min_seconds and r <= MAX_ROUNDS):
                     fps: dict[str, float] = {}
-                    for path in runs:
+                    # Direct and device swap places every round, so neither always runs
+                    # right after the other (a codec's threads winding down, caches).
+                    order = ["direct", "device"] if r % 2 else ["device", "direct"]
+                    for path in [*order, "device_sync"]:
                         vm0 = _vm(h, "bench") if path.startswith("device") else None
                         wpid = None if vm0 is None else int(vm0["worker_pid"])
                         c0 = _cpu(h, guest_tid, wpid)
