@@ -53,7 +53,7 @@ RING = 30  # distinct input pictures per case (cycled)
 # the guest's frame pool, a bigger list no longer means more memory written per task, so it
 # only saves guest and hostd CPU: at 720p 3 x 12 took 72 us of it per frame, 3 x 6 111 us.
 STREAM = {"encode": (4, 8), "decode": (3, 12)}
-ROUNDS = 7
+ROUNDS = 11  # counted rounds; each round runs every path for at least RUN_SECONDS
 MIN_SECONDS = 6.0  # per side and case: short cases get more rounds
 RUN_SECONDS = 1.0  # a path's run in a round repeats until it has lasted this long
 MAX_ROUNDS = 15
