@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from vmediad.bench import codec as cbench
+from vmediad.bench.combine import CombineError, combine
 from vmediad.bench.common import cpu_seconds
+from vmediad.cli import main
 
 
 def test_cpu_seconds_of_one_thread() -> None:
@@ -67,3 +73,46 @@ def test_case_selection_matches_words_and_rejects_unknown_cases() -> None:
     assert cbench.select(cbench.FULL, []) == cbench.FULL
     with pytest.raises(ValueError, match="no case matches"):
         cbench.select(cbench.FULL, ["av1"])
+
+
+def _result(ratios_by_case: dict[str, list[tuple[float, float]]]) -> dict[str, object]:
+    return {"cases": [{"case": name, "ratio": round(statistics.median(b / a for a, b in pairs), 3),
+                       "runs": {"direct": [a for a, _ in pairs], "device": [b for _, b in pairs]}}
+                      for name, pairs in ratios_by_case.items()]}
+
+
+def test_combine_pools_paired_rounds_across_runs(tmp_path: Path) -> None:
+    """Pooled median is over every paired round of every run, not the median of run medians."""
+    run_a = _result({"x decode": [(100, 90), (100, 91), (100, 92)], "y encode": [(50, 50), (50, 60), (50, 40)]})
+    run_b = _result({"y encode": [(50, 55), (50, 45), (50, 50)], "x decode": [(100, 100), (100, 101), (100, 102)]})
+    pooled = combine([("a", run_a), ("b", run_b)], target=0.97)
+    assert [p.case for p in pooled] == ["x decode", "y encode"]
+    x, y = pooled
+    # x: rounds 0.90 0.91 0.92 1.00 1.01 1.02: median 0.96, though run b alone has 1.01.
+    assert (x.runs, x.rounds, x.run_ratios, x.median, x.runs_meeting, x.meets) == (2, 6, (0.91, 1.01), 0.96, 1, False)
+    assert x.ci95[0] <= x.median <= x.ci95[1] and 0.90 <= x.ci95[0] and x.ci95[1] <= 1.02
+    assert (y.median, y.meets) == (1.0, True)
+    # The CLI prints the same, and writes it as JSON.
+    for name, res in (("a.json", run_a), ("b.json", run_b)):
+        (tmp_path / name).write_text(json.dumps(res))
+    out = tmp_path / "pooled.json"
+    r = CliRunner().invoke(main, ["bench", "combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                  "--json-out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "0.960" in r.output and "1/2" in r.output
+    assert [c["median"] for c in json.loads(out.read_text())["cases"]] == [0.96, 1.0]
+
+
+def test_combine_refuses_files_it_cannot_pool(tmp_path: Path) -> None:
+    good = _result({"x decode": [(100, 90)]})
+    with pytest.raises(CombineError, match="no per-round"):
+        combine([("old", {"cases": [{"case": "x decode", "ratio": 0.9}]})])
+    with pytest.raises(CombineError, match="differ"):
+        combine([("a", good), ("b", _result({"z encode": [(1, 1)]}))])
+    with pytest.raises(CombineError, match="2 device rounds against 1"):
+        combine([("a", {"cases": [{"case": "x", "runs": {"direct": [1.0], "device": [1.0, 2.0]}}]})])
+    with pytest.raises(CombineError, match="no result files"):
+        combine([])
+    (tmp_path / "bad.json").write_text("{")
+    r = CliRunner().invoke(main, ["bench", "combine", str(tmp_path / "bad.json")])
+    assert r.exit_code == 2 and "not JSON" in r.output

@@ -384,6 +384,39 @@ def bench_codec(frames: int, quick: bool, only: tuple[str, ...], json_out: Path 
     console.print(t)
 
 
+@bench.command("combine")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--target", default=0.97, show_default=True, help="ratio to check each case against")
+@click.option("--json-out", type=click.Path(path_type=Path))
+def bench_combine(files: tuple[Path, ...], target: float, json_out: Path | None) -> None:
+    """Pool the paired rounds of several `bench codec --json-out` files: median and 95 % interval."""
+    from dataclasses import asdict
+
+    from vmediad.bench.combine import CombineError, combine
+    from vmediad.bench.common import save
+
+    loaded = []
+    for f in files:
+        try:
+            loaded.append((str(f), json.loads(f.read_text())))
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"{f}: not JSON ({e})", param_hint="FILES") from None
+    try:
+        pooled = combine(loaded, target=target)
+    except CombineError as e:
+        raise click.BadParameter(str(e), param_hint="FILES") from None
+    save({"files": [str(f) for f in files], "target": target,
+          "cases": [asdict(p) for p in pooled]}, json_out)
+    t = Table(title=f"codec ratios pooled over {len(files)} runs (target {target})")
+    for col in ("case", "runs", "rounds", "each run's ratio", "pooled median", "95 % interval", "runs >= target"):
+        t.add_column(col)
+    for p in pooled:
+        style = "green" if p.meets else "red"
+        t.add_row(p.case, str(p.runs), str(p.rounds), " ".join(f"{x:.3f}" for x in p.run_ratios),
+                  f"[{style}]{p.median:.3f}[/]", f"{p.ci95[0]:.3f}-{p.ci95[1]:.3f}", f"{p.runs_meeting}/{p.runs}")
+    console.print(t)
+
+
 @main.command()
 @click.option("--tasks", default=100_000, show_default=True, help="mixed tasks in total")
 @click.option("--guests", default=8, show_default=True)
