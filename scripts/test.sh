@@ -14,4 +14,4 @@ fi
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 python3 -m pytest -q -p no:cacheprovider "$@"
 python3 -m ruff check .
-python3 -m mypy vmediad hostd guestlib codec_backend
+python3 -m mypy .  # the packages and the tests

@@ -33,7 +33,8 @@ def test_constants() -> None:
         "NOP": 1, "COPY": 2, "CRC32": 3, "CAPS": 4, "SESSION_OPEN": 16, "ENCODE_FRAME": 17, "DECODE": 18,
         "FLUSH": 19, "SESSION_CLOSE": 20,
     }
-    assert abi.ErrorCode.WORKER_CRASHED == 9 and abi.ErrorCode.NO_SPACE == 13 and abi.ErrorCode.SESSION_LOST == 15
+    codes = (abi.ErrorCode.WORKER_CRASHED, abi.ErrorCode.NO_SPACE, abi.ErrorCode.SESSION_LOST)
+    assert [int(c) for c in codes] == [9, 13, 15]
     assert (abi.REG_DOORBELL, abi.REG_SQ_TAIL, abi.REG_NEED_WAKEUP, abi.REG_SQ_HEAD) == (0x80, 0x84, 0xC0, 0xC4)
     assert (abi.REG_EPOCH, abi.REG_HEARTBEAT, abi.REG_IRQ_COUNT) == (0x100, 0x108, 0x110)
     assert (abi.D_STATUS, abi.D_WAITERS, abi.D_INPUT, abi.D_RESULT, abi.D_SEQ) == (0, 4, 8, 0x58, 0x78)

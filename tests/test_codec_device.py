@@ -706,11 +706,11 @@ def test_multi_batching_holds_only_what_it_must_and_a_stopped_stream_runs_it(
 
         # depth 1: the list of frames 0-1 is in flight and frame 2 held when that list fails.
         failing = specs(bad=(0, 1))
-        enc._encode_specs = lambda *_a, **_k: iter(failing)  # type: ignore[method-assign]
+        enc._encode_specs = lambda *_a, **_k: iter(failing)
         with pytest.raises(DeviceError) as ei:
             list(enc.encode_stream(frames, depth=1, batch=4))
         assert ei.value.code == ErrorCode.BAD_ARG
-        enc._encode_specs = orig  # type: ignore[method-assign]
+        enc._encode_specs = orig
         assert [p.pts for p in enc.flush()] == [failing[2].args[0]]  # frame 2 was encoded, not dropped
 
 

@@ -216,6 +216,7 @@ def test_guest_sigkilled_mid_task_is_reclaimed(hostd: Hostd) -> None:
     out = guests.CTX.Queue()
     survivor = guests.run(guests.steady_guest, hostd.socket_path, "survivor", 3.0, out)
     time.sleep(0.5)
+    assert victim.pid is not None
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(10)
     name, ok, bad = out.get(timeout=60)

@@ -13,7 +13,6 @@ import av
 import numpy as np
 import pytest
 from av.codec.context import ThreadType
-from av.video.codeccontext import VideoCodecContext
 
 import guestlib
 from codec_backend import framepool
@@ -72,11 +71,13 @@ def test_probe_proves_the_libav_layout_it_relies_on() -> None:
 
 def _pyav_pool_decode(packets: list[Packet], pool: FramePool | None, hold: int = 0) -> tuple[list[str], int]:
     """Decode with frame threads; returns the MD5s and how many frames were in the pool."""
-    ctx = cast(VideoCodecContext, av.CodecContext.create("h264", "r"))
+    ctx = av.CodecContext.create("h264", "r")
     ctx.thread_type, ctx.thread_count = ThreadType.AUTO, 0
     if pool is not None:
         assert pool.attach(ctx)
-    out, pooled, held = [], 0, []
+    out: list[str] = []
+    held: list[Any] = []
+    pooled = 0
     for p in [*packets, None]:
         for f in ctx.decode(None if p is None else padded(p.data)):
             out.append(md5(f.to_ndarray()))
@@ -333,7 +334,7 @@ def test_ten_bit_pictures_never_get_a_slot(dev: Device) -> None:
     H.264 stream is decoded into libav's memory and converted, as without a pool."""
     from fractions import Fraction
 
-    enc = cast(VideoCodecContext, av.CodecContext.create("libx264", "w"))
+    enc = av.CodecContext.create("libx264", "w")
     enc.width, enc.height, enc.pix_fmt, enc.time_base = W, H, "yuv420p10le", Fraction(1, FPS)
     enc.options = {"preset": "ultrafast"}
     enc.open()
@@ -344,7 +345,7 @@ def test_ten_bit_pictures_never_get_a_slot(dev: Device) -> None:
         src.pts = i
         data += [bytes(p) for p in enc.encode(src)]
     data += [bytes(p) for p in enc.encode(None)]
-    ref_ctx = cast(VideoCodecContext, av.CodecContext.create("h264", "r"))
+    ref_ctx = av.CodecContext.create("h264", "r")
     ref = [md5(f.reformat(format="yuv420p").to_ndarray()) for d in [*data, None]
            for f in ref_ctx.decode(None if d is None else padded(d))]
     with dev.decoder("h264", parse=False, width=W, height=H) as dec:
@@ -370,7 +371,7 @@ def test_a_release_after_close_touches_nothing(dev: Device) -> None:
     other = dev.alloc(pool_size)  # the heap hands the same memory out again
     assert other.offset == pool_off
     other.mem[:4096] = b"\xa5" * 4096
-    it.close()  # gives back the frames of the tasks in flight, and the one in hand
+    it.close()  # type: ignore[attr-defined]  # a generator: gives back the frames of the tasks in flight, and the one in hand
     first.release()
     assert bytes(other.mem[:4096]) == b"\xa5" * 4096
     dev.free(other)

@@ -110,7 +110,7 @@ def test_after_a_task_the_worker_takes_the_oldest_file_even_the_same_one_again()
         region.mem[8192 : 8192 + 4096] = src
         region.mem[65536 : 65536 + 4096] = bytes(4096)
         run_file = me.run_file
-        reloaded = []
+        reloaded: list[int] = []
 
         def run_then_reload(k: int, f: int) -> None:
             run_file(k, f)
