@@ -345,10 +345,6 @@ def _ratio(num: int, den: int, what: str) -> Fraction:
     return Fraction(num, den)
 
 
-def _frame_bytes(fmt: PixFmt, width: int, height: int) -> int:
-    return sum(r * b for r, b in abi.plane_shapes(fmt, width, height))
-
-
 def _copy_planes_in(frame: VideoFrame, src: np.ndarray, fmt: PixFmt, width: int, height: int,
                     linesizes: tuple[int, ...]) -> int:
     """Copy a packed-with-strides image into an FFmpeg-owned frame; returns bytes copied."""
@@ -568,7 +564,7 @@ class _EncoderSession(_Session):
         self._shapes = abi.plane_shapes(self._fmt, self._w, self._h)
         self._ctx_fmt = target.ctx_fmt
         self._convert = self._ctx_fmt != self._fmt_name
-        self._convert_bytes = _frame_bytes(PixFmt(PixFmt.NV12 if self._ctx_fmt == "nv12"
+        self._convert_bytes = abi.frame_size(PixFmt(PixFmt.NV12 if self._ctx_fmt == "nv12"
                                                   else PixFmt.YUV420P), self._w, self._h)
         self._tb, self._fps = target.time_base, target.fps
         self._duration = max(1, round(1 / (self._fps * self._tb)))

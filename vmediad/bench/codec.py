@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vmediad.bench.common import cpu_seconds, machine
+from vmediad.bench.common import cpu_seconds, machine, round_ratios
 
 RING = 30  # distinct input pictures per case (cycled)
 # encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch):
@@ -337,7 +337,7 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                 med = {k: statistics.median(v) for k, v in runs.items()}
                 # Paired: each round's device run against the direct run next to it, so a
                 # drift of the machine's speed between rounds (other tenants) cancels out.
-                paired = {k: statistics.median(a / b for a, b in zip(v, runs["direct"], strict=True))
+                paired = {k: statistics.median(round_ratios(runs["direct"], v))
                           for k, v in runs.items() if k != "direct"}
                 result["cases"].append({
                     "case": case.name, "direct_fps": round(med["direct"], 1), "device_fps": round(med["device"], 1),

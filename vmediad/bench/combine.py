@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from vmediad.bench.common import round_ratios
+
 
 class CombineError(ValueError):
     """A result file that cannot be pooled (no per-round data, or runs of other cases)."""
@@ -45,7 +47,7 @@ def _paired(case: dict[str, Any], where: str) -> list[float]:
                            f"against {len(direct)} direct rounds")
     if any(not isinstance(x, int | float) or x <= 0 for x in (*direct, *device)):
         raise CombineError(f"{where}: case {case.get('case')!r}: fps must be positive numbers")
-    return [b / a for a, b in zip(direct, device, strict=True)]
+    return round_ratios(direct, device)
 
 
 def combine(results: list[tuple[str, dict[str, Any]]], target: float = 0.97, resamples: int = 10_000,
@@ -69,7 +71,7 @@ def combine(results: list[tuple[str, dict[str, Any]]], target: float = 0.97, res
             name = str(c["case"])
             pr = _paired(c, where)
             rounds.setdefault(name, []).extend(pr)
-            per_run.setdefault(name, []).append(float(c.get("ratio", statistics.median(pr))))
+            per_run.setdefault(name, []).append(float(c["ratio"] if "ratio" in c else statistics.median(pr)))
     assert order is not None
     rng = np.random.default_rng(seed)
     out = []

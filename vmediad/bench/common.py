@@ -24,6 +24,11 @@ def summary_us(samples_s: list[float]) -> dict[str, float]:
             "mean_us": round(statistics.fmean(us), 2) if us else 0.0, "n": len(us)}
 
 
+def round_ratios(floor: list[float], other: list[float]) -> list[float]:
+    """Per-round ratios ``other / floor`` of runs paired round by round."""
+    return [b / a for a, b in zip(floor, other, strict=True)]
+
+
 def cpu_seconds(pid: int | None = None, tid: int | None = None) -> float:
     """utime+stime from /proc: of a whole process (all its threads, also exited ones),
     or with ``tid`` of that one thread.  0.0 when it is gone."""
