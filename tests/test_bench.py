@@ -7,11 +7,13 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from vmediad.bench import codec as cbench
+from vmediad.bench import layers as lbench
 from vmediad.bench.combine import CombineError, combine
 from vmediad.bench.common import cpu_seconds
 from vmediad.cli import main
@@ -116,3 +118,57 @@ def test_combine_refuses_files_it_cannot_pool(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
     r = CliRunner().invoke(main, ["bench", "combine", str(tmp_path / "bad.json")])
     assert r.exit_code == 2 and "not JSON" in r.output
+
+
+def test_layers_bench_checks_pictures_and_reports_each_layer_against_the_floor(tmp_path: Path) -> None:
+    pytest.importorskip("av")
+    out = tmp_path / "layers.json"
+    r = CliRunner().invoke(main, ["bench", "layers", "--size", "320x240", "--frames", "24", "--blocks", "2",
+                                  "--json-out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "all 5 layers decode the same 24 pictures" in r.output
+    res = json.loads(out.read_text())
+    layers = {x["layer"]: x for x in res["layers"]}
+    assert list(layers) == ["direct", "copy", "pool", "engine", "device"]
+    assert layers["direct"]["speed"] == 1.0 and layers["direct"]["ci95"] == [1.0, 1.0]
+    for x in layers.values():
+        assert x["fps"] > 0 and x["ci95"][0] <= x["speed"] <= x["ci95"][1]
+        assert len(res["seconds"][x["layer"]]) == 2
+    assert layers["engine"]["thread_us_per_frame"] > 0  # the worker's code ran on this thread
+    assert res["stream"] == {"depth": cbench.STREAM["decode"][0], "batch": cbench.STREAM["decode"][1],
+                             "pool_frames": 48}
+    bad = CliRunner().invoke(main, ["bench", "layers", "--layer", "nope"])
+    assert bad.exit_code == 2
+
+
+def test_layers_bench_refuses_a_layer_that_decodes_other_pictures(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("av")
+    real = lbench._copied
+
+    def drops_first(codec: str, s: Any, pool: bool, cb: Any) -> tuple[float, int]:
+        seen: list[int] = []
+
+        def skip(f: Any) -> None:
+            seen.append(1)
+            if len(seen) > 1:
+                cb(f)
+        return real(codec, s, pool, skip if cb is not None else None)
+
+    monkeypatch.setattr(lbench, "_copied", drops_first)
+    with pytest.raises(RuntimeError, match="layer copy decoded different pictures from frame 0"):
+        lbench.run(width=320, height=240, frames=24, blocks=2, layers=("copy",))
+    with pytest.raises(ValueError, match="unknown layers"):
+        lbench.run(layers=("warp",))
+
+
+def test_speed_interval_is_the_ratio_of_sums_with_a_paired_bootstrap() -> None:
+    import random
+
+    point, ci = lbench.speed_interval([1.0, 1.0, 2.0], [2.0, 2.0, 4.0], random.Random(0))
+    assert point == 0.5 and ci == (0.5, 0.5)
+    # The ratio of sums, not the mean of ratios: 4 / 5, though the per-block ratios average 0.833.
+    point, ci = lbench.speed_interval([1.0, 3.0], [2.0, 3.0], random.Random(0), resamples=200)
+    assert point == pytest.approx(0.8)
+    assert 0.5 <= ci[0] <= 0.8 <= ci[1] <= 1.0
+    with pytest.raises(ValueError):
+        lbench.speed_interval([1.0], [1.0, 2.0], random.Random(0))

@@ -384,6 +384,39 @@ def bench_codec(frames: int, quick: bool, only: tuple[str, ...], json_out: Path 
     console.print(t)
 
 
+@bench.command("layers")
+@click.option("--codec", default="h264", show_default=True, type=click.Choice(["h264", "hevc", "vp9"]))
+@click.option("--size", default="1280x720", show_default=True)
+@click.option("--frames", default=120, show_default=True, type=click.IntRange(24))
+@click.option("--blocks", default=60, show_default=True, type=click.IntRange(2),
+              help="rounds; each decodes the stream once per layer")
+@click.option("--layer", "layers", multiple=True, type=click.Choice(["direct", "copy", "pool", "engine", "device"]),
+              help="only these layers (repeatable; direct, the floor, is always run)")
+@click.option("--json-out", type=click.Path(path_type=Path))
+def bench_layers(codec: str, size: str, frames: int, blocks: int, layers: tuple[str, ...],
+                 json_out: Path | None) -> None:
+    """Decode speed layer by layer, from direct PyAV to the whole device, against the same floor."""
+    from vmediad.bench import layers as lbench
+    from vmediad.bench.common import save
+
+    logs.configure("warning")
+    width, height = _size(size)
+    res = lbench.run(codec=codec, width=width, height=height, frames=frames, blocks=blocks,
+                     layers=layers or lbench.LAYERS, progress=lambda m: console.print(f"[dim]{m}[/]"))
+    save(res, json_out)
+    t = Table(title=f"{codec} decode {width}x{height}: speed of each layer / direct PyAV "
+                    f"({blocks} rounds of {frames} frames, same run)")
+    for col in ("layer", "fps (median)", "speed", "95 % interval", "step", "calling thread CPU us/frame"):
+        t.add_column(col)
+    prev = None
+    for r in res["layers"]:
+        step = "" if prev is None else f"{r['speed'] - prev:+.3f}"
+        t.add_row(r["layer"], f"{r['fps']:.1f}", f"{r['speed']:.3f}", f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}",
+                  step, f"{r['thread_us_per_frame']:.0f}")
+        prev = r["speed"]
+    console.print(t)
+
+
 @bench.command("combine")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--target", default=0.97, show_default=True, help="ratio to check each case against")

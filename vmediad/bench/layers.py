@@ -1,0 +1,324 @@
+"""Where a device decode's time goes: one stream decoded by five paths, each adding one layer
+of the device to the one before, timed one stream at a time in rotation (``bench layers``).
+
+Layers, in order:
+  direct  the floor of ``bench codec``: pre-built padded packets, frames in FFmpeg's buffers;
+  copy    + every chunk copied from region memory into a fresh padded packet, with its pts
+          (what the worker does with each chunk);
+  pool    + the decoder writes its pictures into a C frame pool in shared memory;
+  engine  the worker's SessionManager, in this process: MULTI tasks of ``batch`` chunks,
+          the frame table, lending, the guest's give-back (the lent words) after each task;
+  device  the whole path: hostd in this process, the guest's worker process, guestlib's
+          ``decode_stream`` with bench codec's depth and batch.
+
+A block runs every layer once on the same stream, in an order that rotates and alternates
+from block to block, so a drift of the machine's speed (other tenants) reaches every layer
+alike.  A layer's speed is the floor's summed time over its own, across blocks; the interval
+is a bootstrap over blocks.  Before timing, every layer's pictures are checked against the
+floor's (MD5 of the visible planes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import mmap
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmediad import abi
+from vmediad.bench.common import machine
+
+LAYERS = ("direct", "copy", "pool", "engine", "device")
+BOOTSTRAP = 2000
+_DST = 8 << 20  # engine layer: where its output table goes in the scratch region
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    layer: str
+    fps: float  # median over blocks
+    speed: float  # summed floor time / summed layer time
+    ci95: tuple[float, float]
+    thread_us_per_frame: float  # CPU of the calling thread (the guest's, for "device")
+
+
+def _digest(planes: Iterator[np.ndarray[Any, Any]]) -> bytes:
+    h = hashlib.md5()
+    for p in planes:
+        h.update(np.ascontiguousarray(p).tobytes())
+    return h.digest()
+
+
+def _av_planes(frame: Any) -> Iterator[np.ndarray[Any, Any]]:
+    """The visible rows and bytes of a yuv420p VideoFrame's planes."""
+    for (rows, row_bytes), plane in zip(abi.plane_shapes(abi.PixFmt.YUV420P, frame.width, frame.height),
+                                        frame.planes, strict=True):
+        yield np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:rows, :row_bytes]
+
+
+class _Scratch:
+    """Region-like shared memory for the in-process layers: the chunks, a frame pool, a table."""
+
+    def __init__(self, stream: list[bytes], width: int, height: int, pool_frames: int) -> None:
+        from guestlib.codec import pool_slot_bytes
+
+        self.chunks: list[tuple[int, int]] = []
+        off = 0
+        for d in stream:
+            self.chunks.append((off, len(d)))
+            off = abi.align(off + len(d), abi.PAGE_SIZE)
+        self.pool = abi.align(max(off, 2 * _DST), abi.PAGE_SIZE)
+        self.pool_len = abi.POOL_HEADER + pool_frames * pool_slot_bytes(width, height)
+        self.dst_len = self.pool - _DST
+        # mmap(-1) is MAP_SHARED | MAP_ANONYMOUS: shmem pages, as a guest's region is.
+        self.map = mmap.mmap(-1, self.pool + self.pool_len)
+        self.mem = memoryview(self.map)
+        for (o, n), d in zip(self.chunks, stream, strict=True):
+            self.mem[o:o + n] = d
+        self.base = int(np.frombuffer(self.map, np.uint8, 1).ctypes.data)
+        self.lent = np.frombuffer(self.map, np.uint32, abi.POOL_MAX_SLOTS, self.pool)
+
+    def close(self) -> None:
+        self.lent = np.empty(0, np.uint32)
+        self.mem.release()
+        self.map.close()
+
+
+def _direct(codec: str, packets: list[Any], on_frame: Callable[[Any], None] | None) -> tuple[float, int]:
+    from codec_backend.av_sessions import open_decoder_context
+    from guestlib.codec import decoder_config
+
+    ctx = open_decoder_context(decoder_config(codec))
+    n = 0
+    t0 = time.perf_counter()
+    for p in [*packets, None]:
+        frames = ctx.decode(p)
+        n += len(frames)
+        if on_frame is not None:
+            for f in frames:
+                on_frame(f)
+    return time.perf_counter() - t0, n
+
+
+def _copied(codec: str, s: _Scratch, pool: bool, on_frame: Callable[[Any], None] | None) -> tuple[float, int]:
+    from av.packet import Packet
+
+    from codec_backend.av_sessions import open_decoder_context
+    from codec_backend.framepool import FramePool
+    from guestlib.codec import decoder_config
+
+    ctx = open_decoder_context(decoder_config(codec))
+    fp = None
+    if pool:
+        # Attached after open here (libavcodec copies get_buffer2 into its frame threads'
+        # contexts before each packet); the worker attaches before open.
+        fp = FramePool(s.base + s.pool, s.pool_len)
+        if not fp.attach(ctx):
+            raise RuntimeError("the frame pool could not be attached")
+    n = 0
+    mem = s.mem
+    t0 = time.perf_counter()
+    for i, (off, length) in enumerate(s.chunks):
+        pkt = Packet(length)
+        memoryview(pkt)[:] = mem[off:off + length]
+        pkt.pts = i
+        frames = ctx.decode(pkt)
+        n += len(frames)
+        if on_frame is not None:
+            for f in frames:
+                on_frame(f)
+    frames = ctx.decode(None)
+    n += len(frames)
+    if on_frame is not None:
+        for f in frames:
+            on_frame(f)
+    dt = time.perf_counter() - t0
+    del ctx, frames
+    if fp is not None:
+        fp.close()
+    return dt, n
+
+
+def _engine(codec: str, s: _Scratch, batch: int, sm: Any, on_table: Callable[[int], None] | None) -> tuple[float, int]:
+    from codec_backend.inputs import Input
+    from guestlib.codec import decoder_config
+
+    cfg = decoder_config(codec)
+    cfg = dataclasses.replace(cfg, flags=cfg.flags | abi.SessionFlag.FRAME_POOL)
+    s.lent[:] = 0
+    sm.open(1, cfg, s.mem, (s.pool, s.pool_len))
+    n = 0
+    try:
+        t0 = time.perf_counter()
+        for i in range(0, len(s.chunks), batch):
+            inputs = [Input(o, length, i + j) for j, (o, length) in enumerate(s.chunks[i:i + batch])]
+            n += sm.decode(1, s.mem, inputs, False, False, _DST, s.dst_len)[0]
+            if on_table is not None:
+                on_table(_DST)
+            s.lent[:] = 0  # the guest has read the task's frames and gives them back
+        n += sm.flush(1, s.mem, _DST, s.dst_len)[0]
+        if on_table is not None:
+            on_table(_DST)
+        dt = time.perf_counter() - t0
+    finally:
+        s.lent[:] = 0
+        sm.close(1)
+    return dt, n
+
+
+def _table_digests(s: _Scratch, base: int) -> list[bytes]:
+    _kind, count, _used = abi.OUT_HEADER.unpack_from(s.mem, base)
+    out = []
+    for i in range(count):
+        e = abi.FRAME_ENTRY.unpack_from(s.mem, base + abi.OUT_HEADER.size + i * abi.FRAME_ENTRY.size)
+        off, w, h, _fmt, nplanes, _pts, *rest = e
+        offs, strides, flags = rest[0:3], rest[3:6], rest[6]
+        start = (s.pool + off) if flags & abi.FRAME_POOLED else base + off
+        shapes = abi.plane_shapes(abi.PixFmt.YUV420P, w, h)
+        planes = (np.ndarray((rows, rb), np.uint8, buffer=s.mem, offset=start + o, strides=(st, 1))
+                  for (rows, rb), o, st in zip(shapes, offs[:nplanes], strides[:nplanes], strict=True))
+        out.append(_digest(planes))
+    return out
+
+
+def _device(dev: Any, codec: str, width: int, height: int, stream: list[bytes], depth: int, batch: int,
+            on_frame: Callable[[Any], None] | None) -> tuple[float, int]:
+    from guestlib.codec import Decoder
+
+    bufs = [dev.put(d) for d in stream]  # in guest memory before the clock starts, as in bench codec
+    try:
+        with Decoder(dev, codec, parse=False, width=width, height=height) as dec:
+            n = 0
+            t0 = time.perf_counter()
+            for f in dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth, batch=batch):
+                n += 1
+                if on_frame is not None:
+                    on_frame(f)
+            dt = time.perf_counter() - t0
+    finally:
+        for b in bufs:
+            dev.free(b)
+    return dt, n
+
+
+@contextmanager
+def _device_session(region_size: int) -> Iterator[Any]:
+    import guestlib
+    from hostd.config import Config
+    from hostd.daemon import Hostd
+
+    with tempfile.TemporaryDirectory(prefix="vmd-layers-") as d, ExitStack() as stack:
+        h = stack.enter_context(Hostd(Config(socket=Path(d) / "h.sock", region_max=max(1024 << 20, region_size))))
+        dev = stack.enter_context(guestlib.attach(h.socket_path, name="layers", region_size=region_size))
+        dev.nop().wait()
+        yield dev
+
+
+def speed_interval(floor: list[float], times: list[float], rng: random.Random,
+                   resamples: int = BOOTSTRAP) -> tuple[float, tuple[float, float]]:
+    """sum(floor) / sum(times) and its bootstrap 95 % interval over blocks (resampled in pairs)."""
+    if not floor or len(floor) != len(times):
+        raise ValueError("need paired, non-empty timings")
+    n = len(floor)
+    point = sum(floor) / sum(times)
+    boots = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boots.append(sum(floor[i] for i in idx) / sum(times[i] for i in idx))
+    boots.sort()
+    return point, (boots[int(0.025 * (resamples - 1))], boots[int(0.975 * (resamples - 1))])
+
+
+def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int = 120, blocks: int = 60,
+        layers: tuple[str, ...] = LAYERS, progress: Callable[[str], None] | None = None,
+        seed: int = 1) -> dict[str, Any]:
+    from codec_backend.av_sessions import SessionManager
+    from guestlib.codec import DEFAULT_POOL_FRAMES, encoder_config
+    from vmediad.bench.codec import STREAM, _direct_encode, _padded, pictures
+
+    unknown = [x for x in layers if x not in LAYERS]
+    if unknown or not layers:
+        raise ValueError(f"unknown layers {unknown}; known: {', '.join(LAYERS)}")
+    if "direct" not in layers:
+        layers = ("direct", *layers)
+    if blocks < 2:
+        raise ValueError("blocks must be at least 2")
+    say = progress or (lambda _m: None)
+    depth, batch = STREAM["decode"]
+    say(f"encoding {frames} frames of {width}x{height} {codec}")
+    stream = _direct_encode(encoder_config(codec, width, height), pictures(width, height, min(30, frames)), frames)[1]
+    packets = [_padded(d) for d in stream]
+    scratch = _Scratch(stream, width, height, DEFAULT_POOL_FRAMES)
+    sm = SessionManager()
+    region = max(256 << 20, 2 * scratch.pool_len + sum(abi.align(len(d), abi.PAGE_SIZE) for d in stream) + (64 << 20))
+    with ExitStack() as stack:
+        stack.callback(scratch.close)
+        dev = stack.enter_context(_device_session(region)) if "device" in layers else None
+
+        def one(layer: str, check: list[bytes] | None = None) -> tuple[float, int]:
+            def on_frame(f: Any) -> None:
+                assert check is not None
+                if layer == "device":
+                    check.append(_digest(iter(f.planes)))
+                else:
+                    check.append(_digest(_av_planes(f)))
+            cb = on_frame if check is not None else None
+            if layer == "direct":
+                return _direct(codec, packets, cb)
+            if layer in ("copy", "pool"):
+                return _copied(codec, scratch, layer == "pool", cb)
+            if layer == "engine":
+                return _engine(codec, scratch, batch, sm,
+                               None if check is None else (lambda base: check.extend(_table_digests(scratch, base))))
+            return _device(dev, codec, width, height, stream, depth, batch, cb)
+
+        # Every layer must decode the very pictures the floor does.
+        ref: list[bytes] = []
+        one("direct", ref)
+        if len(ref) != frames:
+            raise RuntimeError(f"direct decode gave {len(ref)} frames, not {frames}")
+        for layer in layers[1:]:
+            got: list[bytes] = []
+            one(layer, got)
+            if got != ref:
+                bad = next((i for i, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b),
+                           min(len(got), len(ref)))
+                raise RuntimeError(f"layer {layer} decoded different pictures from frame {bad} "
+                                   f"({len(got)} frames against {len(ref)})")
+        say(f"all {len(layers)} layers decode the same {frames} pictures (MD5 of the visible planes)")
+
+        times: dict[str, list[float]] = {x: [] for x in layers}
+        cpu: dict[str, float] = dict.fromkeys(layers, 0.0)
+        for b in range(blocks):
+            k = b % len(layers)
+            order = list(layers[k:] + layers[:k])
+            if b % 2:
+                order.reverse()
+            for layer in order:
+                c0 = time.thread_time()
+                dt, n = one(layer)
+                cpu[layer] += time.thread_time() - c0
+                if n != frames:
+                    raise RuntimeError(f"layer {layer} gave {n} frames, not {frames}")
+                times[layer].append(dt)
+            if (b + 1) % max(1, blocks // 10) == 0 or b + 1 == blocks:
+                say(f"block {b + 1}/{blocks}: " + ", ".join(f"{x} {frames / times[x][-1]:.0f} fps" for x in layers))
+    rng = random.Random(seed)
+    results = []
+    for layer in layers:
+        speed, ci = speed_interval(times["direct"], times[layer], rng)
+        fps = sorted(frames / t for t in times[layer])[len(times[layer]) // 2]
+        results.append(LayerResult(layer, round(fps, 1), round(speed, 4), (round(ci[0], 4), round(ci[1], 4)),
+                                   round(cpu[layer] / (blocks * frames) * 1e6, 1)))
+    return {"machine": machine(), "codec": codec, "width": width, "height": height, "frames": frames,
+            "blocks": blocks, "stream": {"depth": depth, "batch": batch, "pool_frames": DEFAULT_POOL_FRAMES},
+            "layers": [dataclasses.asdict(r) for r in results],
+            "seconds": {x: times[x] for x in layers}}
