@@ -143,7 +143,7 @@ def test_layers_bench_checks_pictures_and_reports_each_layer_against_the_floor(t
 
 def test_layers_bench_refuses_a_layer_that_decodes_other_pictures(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("av")
-    real = lbench._copied
+    real = lbench._fresh_packets
 
     def drops_first(codec: str, s: Any, pool: bool, cb: Any) -> tuple[float, int]:
         seen: list[int] = []
@@ -154,7 +154,7 @@ def test_layers_bench_refuses_a_layer_that_decodes_other_pictures(monkeypatch: p
                 cb(f)
         return real(codec, s, pool, skip if cb is not None else None)
 
-    monkeypatch.setattr(lbench, "_copied", drops_first)
+    monkeypatch.setattr(lbench, "_fresh_packets", drops_first)
     with pytest.raises(RuntimeError, match="layer copy decoded different pictures from frame 0"):
         lbench.run(width=320, height=240, frames=24, blocks=2, layers=("copy",))
     with pytest.raises(ValueError, match="unknown layers"):

@@ -132,8 +132,9 @@ def _padded(data: bytes) -> Any:
     return pkt
 
 
-def _direct_decode(cfg: Any, stream: list[bytes]) -> tuple[float, int]:
-    """Decode ``stream``; the frames stay in FFmpeg's buffers."""
+def _direct_decode(cfg: Any, stream: list[bytes],
+                   on_frame: Callable[[Any], None] | None = None) -> tuple[float, int]:
+    """Decode ``stream``; the frames stay in FFmpeg's buffers (``on_frame`` sees each one)."""
     from codec_backend.av_sessions import open_decoder_context
 
     ctx = open_decoder_context(cfg)
@@ -141,7 +142,11 @@ def _direct_decode(cfg: Any, stream: list[bytes]) -> tuple[float, int]:
     n = 0
     t0 = time.perf_counter()
     for p in [*packets, None]:
-        n += len(ctx.decode(p))
+        frames = ctx.decode(p)
+        n += len(frames)
+        if on_frame is not None:
+            for f in frames:
+                on_frame(f)
     return time.perf_counter() - t0, n
 
 
@@ -176,8 +181,9 @@ def _fill(frame: Any, pic: npt.NDArray[np.uint8], case: Case) -> None:
     frame.planes[2][:] = flat[w * h * 5 // 4:].reshape(h // 2, w // 2)
 
 
-def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int, batch: int = 1) -> tuple[float, int, int]:
-    """Seconds, frames, NO_SPACE retries."""
+def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int, batch: int = 1,
+                   on_frame: Callable[[Any], None] | None = None) -> tuple[float, int, int]:
+    """Seconds, frames, NO_SPACE retries (``on_frame`` sees each streamed frame while it is lent)."""
     from guestlib.codec import Decoder
 
     bufs = [dev.put(d) for d in stream]  # the bitstream is in guest memory before the clock starts
@@ -187,8 +193,14 @@ def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int, batch:
         with Decoder(dev, case.codec, parse=False, width=case.width, height=case.height) as dec:
             t0 = time.perf_counter()
             if depth:
-                n = sum(1 for _ in dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth,
-                                                     batch=batch))
+                it = dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth, batch=batch)
+                if on_frame is None:
+                    n = sum(1 for _ in it)
+                else:
+                    n = 0
+                    for f in it:
+                        on_frame(f)
+                        n += 1
             else:
                 n = 0
                 for i, b in enumerate(bufs):

@@ -92,23 +92,7 @@ class _Scratch:
         self.map.close()
 
 
-def _direct(codec: str, packets: list[Any], on_frame: Callable[[Any], None] | None) -> tuple[float, int]:
-    from codec_backend.av_sessions import open_decoder_context
-    from guestlib.codec import decoder_config
-
-    ctx = open_decoder_context(decoder_config(codec))
-    n = 0
-    t0 = time.perf_counter()
-    for p in [*packets, None]:
-        frames = ctx.decode(p)
-        n += len(frames)
-        if on_frame is not None:
-            for f in frames:
-                on_frame(f)
-    return time.perf_counter() - t0, n
-
-
-def _copied(codec: str, s: _Scratch, pool: bool, on_frame: Callable[[Any], None] | None) -> tuple[float, int]:
+def _fresh_packets(codec: str, s: _Scratch, pool: bool, on_frame: Callable[[Any], None] | None) -> tuple[float, int]:
     from av.packet import Packet
 
     from codec_backend.av_sessions import open_decoder_context
@@ -189,26 +173,6 @@ def _table_digests(s: _Scratch, base: int) -> list[bytes]:
     return out
 
 
-def _device(dev: Any, codec: str, width: int, height: int, stream: list[bytes], depth: int, batch: int,
-            on_frame: Callable[[Any], None] | None) -> tuple[float, int]:
-    from guestlib.codec import Decoder
-
-    bufs = [dev.put(d) for d in stream]  # in guest memory before the clock starts, as in bench codec
-    try:
-        with Decoder(dev, codec, parse=False, width=width, height=height) as dec:
-            n = 0
-            t0 = time.perf_counter()
-            for f in dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth, batch=batch):
-                n += 1
-                if on_frame is not None:
-                    on_frame(f)
-            dt = time.perf_counter() - t0
-    finally:
-        for b in bufs:
-            dev.free(b)
-    return dt, n
-
-
 @contextmanager
 def _device_session(region_size: int) -> Iterator[Any]:
     import guestlib
@@ -241,8 +205,8 @@ def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int =
         layers: tuple[str, ...] = LAYERS, progress: Callable[[str], None] | None = None,
         seed: int = 1) -> dict[str, Any]:
     from codec_backend.av_sessions import SessionManager
-    from guestlib.codec import DEFAULT_POOL_FRAMES, encoder_config
-    from vmediad.bench.codec import STREAM, _direct_encode, _padded, pictures
+    from guestlib.codec import DEFAULT_POOL_FRAMES, decoder_config, encoder_config
+    from vmediad.bench.codec import STREAM, Case, _device_decode, _direct_decode, _direct_encode, pictures
 
     unknown = [x for x in layers if x not in LAYERS]
     if unknown or not layers:
@@ -255,7 +219,6 @@ def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int =
     depth, batch = STREAM["decode"]
     say(f"encoding {frames} frames of {width}x{height} {codec}")
     stream = _direct_encode(encoder_config(codec, width, height), pictures(width, height, min(30, frames)), frames)[1]
-    packets = [_padded(d) for d in stream]
     scratch = _Scratch(stream, width, height, DEFAULT_POOL_FRAMES)
     sm = SessionManager()
     region = max(256 << 20, 2 * scratch.pool_len + sum(abi.align(len(d), abi.PAGE_SIZE) for d in stream) + (64 << 20))
@@ -272,13 +235,13 @@ def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int =
                     check.append(_digest(_av_planes(f)))
             cb = on_frame if check is not None else None
             if layer == "direct":
-                return _direct(codec, packets, cb)
+                return _direct_decode(decoder_config(codec), stream, cb)
             if layer in ("copy", "pool"):
-                return _copied(codec, scratch, layer == "pool", cb)
+                return _fresh_packets(codec, scratch, layer == "pool", cb)
             if layer == "engine":
                 return _engine(codec, scratch, batch, sm,
                                None if check is None else (lambda base: check.extend(_table_digests(scratch, base))))
-            return _device(dev, codec, width, height, stream, depth, batch, cb)
+            return _device_decode(dev, Case(codec, "decode", width, height), stream, depth, batch, cb)[:2]
 
         # Every layer must decode the very pictures the floor does.
         ref: list[bytes] = []
