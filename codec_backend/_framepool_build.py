@@ -13,10 +13,12 @@ CDEF = """
 typedef struct fp_pool fp_pool;
 int fp_setup(uintptr_t default_get_buffer2, uintptr_t align_dimensions2, uintptr_t fill_linesizes,
              uintptr_t fill_plane_sizes, uintptr_t buffer_create, size_t off_get_buffer2,
-             size_t off_opaque, size_t off_buf);
+             size_t off_opaque, size_t off_buf, size_t off_pyframe);
 fp_pool *fp_pool_new(uintptr_t lent, uintptr_t base, size_t size, unsigned int max_slots,
                      const int *formats, unsigned int nformats);
 int fp_lend(fp_pool *pool, uintptr_t ptr, uint64_t *slot_addr);
+int fp_lend_frame(fp_pool *pool, uintptr_t frame_obj, unsigned int nplanes, const int64_t *shape,
+                  int64_t *out);
 void fp_unlend(fp_pool *pool, int slot);
 int fp_attach(fp_pool *pool, uintptr_t avctx);
 void fp_close(fp_pool *pool);
@@ -44,6 +46,7 @@ static struct {
     plane_sizes_fn plane_sizes;
     create_fn create;
     size_t off_get_buffer2, off_opaque, off_buf;
+    size_t off_pyframe;  /* offset of the AVFrame pointer in a PyAV frame object */
 } av;
 
 /* AVFrame's leading fields have kept these offsets since FFmpeg 1.x (data[8], linesize[8],
@@ -89,7 +92,8 @@ struct fp_pool {
 };
 
 int fp_setup(uintptr_t dflt, uintptr_t align, uintptr_t linesizes, uintptr_t plane_sizes,
-             uintptr_t create, size_t off_get_buffer2, size_t off_opaque, size_t off_buf) {
+             uintptr_t create, size_t off_get_buffer2, size_t off_opaque, size_t off_buf,
+             size_t off_pyframe) {
     av.dflt = (get_buffer2_fn)dflt;
     av.align = (align_fn)align;
     av.linesizes = (linesizes_fn)linesizes;
@@ -98,6 +102,7 @@ int fp_setup(uintptr_t dflt, uintptr_t align, uintptr_t linesizes, uintptr_t pla
     av.off_get_buffer2 = off_get_buffer2;
     av.off_opaque = off_opaque;
     av.off_buf = off_buf;
+    av.off_pyframe = off_pyframe;
     return 0;
 }
 
@@ -258,6 +263,41 @@ int fp_lend(fp_pool *p, uintptr_t ptr, uint64_t *slot_addr) {
         }
     }
     pthread_mutex_unlock(&p->lock);
+    return slot;
+}
+
+/* fp_lend for a decoded picture, read straight from the AVFrame behind a live PyAV
+   VideoFrame object (the caller checks its type; framepool.py checked the pointer's offset
+   against a real frame), so the worker builds no PyAV plane objects per frame.
+   `shape` holds rows and row bytes of each of the format's `nplanes` (at most 3) planes.
+   On success the frame is counted lent and out = the slot's offset from the pool's start,
+   then each plane's offset in the slot and its line size (3 each, 0 past nplanes); returns
+   the slot.  -1: plane 0 is in no slot (libav's own memory: the caller copies the frame);
+   -2: a plane is narrower than its row bytes or does not lie inside the slot. */
+void fp_unlend(fp_pool *p, int slot);
+
+int fp_lend_frame(fp_pool *p, uintptr_t frame_obj, unsigned int nplanes, const int64_t *shape,
+                  int64_t *out) {
+    void *f = *(void **)(frame_obj + av.off_pyframe);
+    uint64_t slot_addr;
+    if (nplanes > 3) return -2;
+    int slot = fp_lend(p, (uintptr_t)F_DATA(f)[0], &slot_addr);
+    if (slot < 0) return -1;
+    out[0] = (int64_t)(slot_addr - (uintptr_t)p->lent);
+    for (unsigned int k = 0; k < 3; k++) {
+        out[1 + k] = out[4 + k] = 0;
+        if (k >= nplanes) continue;
+        int64_t off = (int64_t)((uintptr_t)F_DATA(f)[k] - slot_addr), line = F_LINESIZE(f)[k];
+        int64_t rows = shape[2 * k], row_bytes = shape[2 * k + 1];
+        /* The slot size is fixed while the slot is in use (relayout needs none in use). */
+        if (line < row_bytes || off < 0 || rows < 1
+                || off + (rows - 1) * line + row_bytes > (int64_t)p->slot_size) {
+            fp_unlend(p, slot);
+            return -2;
+        }
+        out[1 + k] = off;
+        out[4 + k] = line;
+    }
     return slot;
 }
 

@@ -781,7 +781,7 @@ class _DecoderSession(_Session):
         self._caps = caps
         self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
         self._same_layout = _SAME_LAYOUT[self._fmt]
-        self._geom: tuple[int, int, list[tuple[int, int]], int] = (0, 0, [], 0)  # see _geometry
+        self._geom: tuple[int, int, tuple[list[tuple[int, int]], int, Any]] = (0, 0, ([], 0, None))  # _geometry
         self._pending: deque[VideoFrame] = deque()
         self._fed = 0
         self._parsed = False
@@ -837,19 +837,21 @@ class _DecoderSession(_Session):
                 error = self._queue(frame) or error
         return error
 
-    def _geometry(self, w: int, h: int) -> tuple[list[tuple[int, int]], int] | None:
-        """Plane shapes and unpadded size of a ``w`` x ``h`` picture, or None past the caps.
-        The last geometry that passed is kept: a stream's pictures rarely change size."""
+    def _geometry(self, w: int, h: int) -> tuple[list[tuple[int, int]], int, Any] | None:
+        """Plane shapes, unpadded size and the shapes as the frame pool takes them of a
+        ``w`` x ``h`` picture, or None past the caps.  The last geometry that passed is
+        kept: a stream's pictures rarely change size."""
         geom = self._geom
         if geom[0] == w and geom[1] == h:
-            return geom[2], geom[3]
+            return geom[2]
         caps = self._caps
         if (not 0 < w <= caps.max_width or not 0 < h <= caps.max_height
                 or w * h > caps.max_pixels):
             return None
         shapes = abi.plane_shapes(self._fmt, w, h)
-        self._geom = (w, h, shapes, sum(r * b for r, b in shapes))
-        return shapes, self._geom[3]
+        found = (shapes, sum(r * b for r, b in shapes), None if self._pool is None else FramePool.shape(shapes))
+        self._geom = (w, h, found)
+        return found
 
     def _queue(self, frame: VideoFrame) -> CodecError | None:
         w, h = frame.width, frame.height
@@ -962,102 +964,80 @@ class _DecoderSession(_Session):
     def _emit(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
         pending = self._pending
         count = len(pending)
-        fmt = self._fmt
+        fmt = int(self._fmt)
         pool = self._pool
-        lo, hi = (pool.addr, pool.addr + pool.size) if pool is not None else (0, 0)
         table = abi.out_table_size(abi.OUT_FRAMES, count)
-        # Per frame: position in dst (-1: in the frame pool), plane shapes, PyAV planes,
-        # plane addresses, line sizes.
-        layouts: list[tuple[int, list[tuple[int, int]], Any, list[int], list[int]]] = []
+        # Frames the decoder wrote into the pool are lent in this first pass (the slot's
+        # counter + 1, which the decoder's get_buffer2 reads): every failure below, NO_SPACE
+        # included, takes the lends back, and the guest sees them only with the completion.
+        # Per frame: (-1, shapes, slot, pooled entry fields) or (position in dst, shapes, 0, []).
+        layouts: list[tuple[int, list[tuple[int, int]], int, list[int]]] = []
         used = table
-        for frame in pending:
-            geom = self._geometry(frame.width, frame.height)
-            if geom is None:  # pragma: no cover - _queue admitted only frames within the caps
-                raise CodecError(ErrorCode.BACKEND, "queued frame exceeds the geometry caps")
-            shapes = geom[0]
-            planes = frame.planes  # PyAV builds new plane objects on every access
-            ptrs = [p.buffer_ptr for p in planes]
-            lines = [p.line_size for p in planes]
-            # Every check that can fail happens here, before the first frame is lent.
-            for (_rows, row_bytes), line in zip(shapes, lines, strict=False):
-                if line < row_bytes:
-                    raise CodecError(ErrorCode.BACKEND, "decoded plane narrower than its format")
-            if lo <= ptrs[0] < hi:
-                if not all(lo <= ptr and ptr + rows * line <= hi
-                           for (rows, _), ptr, line in zip(shapes, ptrs, lines, strict=False)):
-                    raise CodecError(ErrorCode.BACKEND, "decoded plane outside the frame pool")
-                layouts.append((-1, shapes, planes, ptrs, lines))
-                continue
-            pos = abi.align(used)
-            layouts.append((pos, shapes, planes, ptrs, lines))
-            used = pos + geom[1]
-        if used > dst_len:
-            raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
-        abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
-        entry_pos = dst_off + abi.OUT_HEADER.size
-        copied = pooled = 0
-        lent: list[int] = []
         try:
-            for frame, (pos, shapes, planes, ptrs, lines) in zip(pending, layouts, strict=True):
+            for frame in pending:
+                geom = self._geometry(frame.width, frame.height)
+                if geom is None:  # pragma: no cover - _queue admitted only frames within the caps
+                    raise CodecError(ErrorCode.BACKEND, "queued frame exceeds the geometry caps")
+                shapes = geom[0]
+                if pool is not None:
+                    try:
+                        lent = pool.lend_frame(frame, geom[2])
+                    except ValueError as exc:
+                        raise CodecError(ErrorCode.BACKEND, str(exc)) from exc
+                    if lent is not None:
+                        layouts.append((-1, shapes, *lent))
+                        continue
+                pos = abi.align(used)
+                layouts.append((pos, shapes, 0, []))
+                used = pos + geom[1]
+            if used > dst_len:
+                raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
+            abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
+            entry_pos = dst_off + abi.OUT_HEADER.size
+            copied = 0
+            for frame, (pos, shapes, slot, entry) in zip(pending, layouts, strict=True):
                 pts = abi.NO_PTS if frame.pts is None else frame.pts
                 if pos < 0:
-                    lent.append(self._emit_pooled(mem, entry_pos, frame, ptrs, lines, len(shapes), pts))
-                    pooled += 1
-                    entry_pos += abi.FRAME_ENTRY.size
-                    continue
-                offs = [0, 0, 0]
-                strides = [0, 0, 0]
-                plane_off = 0
-                for i, (rows, row_bytes) in enumerate(shapes):
-                    # One copy, straight from the AVFrame plane (rows of line_size bytes,
-                    # cropped to the visible width) into the region.
-                    src = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(planes[i]),
-                                     strides=(lines[i], 1))
-                    dst = np.ndarray((rows, row_bytes), np.uint8, buffer=mem,
-                                     offset=dst_off + pos + plane_off)
-                    np.copyto(dst, src)
-                    offs[i], strides[i] = plane_off, row_bytes
-                    plane_off += rows * row_bytes
-                copied += plane_off
-                abi.FRAME_ENTRY.pack_into(
-                    mem, entry_pos, pos, frame.width, frame.height, int(fmt), len(shapes),
-                    pts, *offs, *strides, 0, 0)
+                    abi.FRAME_ENTRY.pack_into(mem, entry_pos, entry[0], frame.width, frame.height, fmt,
+                                              len(shapes), pts, *entry[1:], abi.FRAME_POOLED, slot)
+                else:
+                    copied += self._emit_copy(mem, entry_pos, dst_off, pos, frame, shapes, pts)
                 entry_pos += abi.FRAME_ENTRY.size
         except BaseException:
             # The task fails and its frames stay queued: the guest never sees these lends.
-            for slot in lent:
-                cast(FramePool, pool).unlend(slot)
+            for pos, _shapes, slot, _entry in layouts:
+                if pos < 0:
+                    cast(FramePool, pool).unlend(slot)
             raise
         mem[entry_pos:dst_off + table] = bytes(dst_off + table - entry_pos)
         self._stats.dec_frames_out += count
-        self._stats.dec_frames_pooled += pooled
+        self._stats.dec_frames_pooled += sum(1 for pos, *_ in layouts if pos < 0)
         self._stats.dec_out_copied += copied
         pending.clear()
         self.pending_items = self.pending_bytes = 0
         return count, used
 
-    def _emit_pooled(self, mem: memoryview, entry_pos: int, frame: VideoFrame, ptrs: list[int],
-                     lines: list[int], nplanes: int, pts: int) -> int:
-        """Write the entry of a frame the decoder wrote into the pool (nothing copied) and
-        lend it: the guest's counter + 1, after the NO_SPACE check and before hostd publishes
-        the completion.  The frame's own libav reference keeps the slot from being reused or
-        relaid until then.  Returns the slot."""
-        pool = cast(FramePool, self._pool)
-        lent = pool.lend(ptrs[0])
-        if lent is None:
-            raise CodecError(ErrorCode.BACKEND, "pooled frame is in no slot")
-        slot, slot_addr = lent
+    def _emit_copy(self, mem: memoryview, entry_pos: int, dst_off: int, pos: int, frame: VideoFrame,
+                   shapes: list[tuple[int, int]], pts: int) -> int:
+        """Copy a frame decoded into libav's memory to ``pos`` in dst, once, straight from
+        its AVFrame planes (rows of line_size bytes, cropped to the visible width), and
+        write its entry.  Returns the bytes copied."""
+        planes = frame.planes  # PyAV builds new plane objects on every access
         offs = [0, 0, 0]
         strides = [0, 0, 0]
-        for i in range(nplanes):
-            offs[i], strides[i] = ptrs[i] - slot_addr, lines[i]
-        if min(offs) < 0:
-            pool.unlend(slot)
-            raise CodecError(ErrorCode.BACKEND, "decoded plane before its pool slot")
-        abi.FRAME_ENTRY.pack_into(
-            mem, entry_pos, slot_addr - pool.addr, frame.width, frame.height, int(self._fmt), nplanes,
-            pts, *offs, *strides, abi.FRAME_POOLED, slot)
-        return slot
+        plane_off = 0
+        for i, (rows, row_bytes) in enumerate(shapes):
+            line = planes[i].line_size
+            if line < row_bytes:
+                raise CodecError(ErrorCode.BACKEND, "decoded plane narrower than its format")
+            src = np.ndarray((rows, row_bytes), np.uint8, buffer=memoryview(planes[i]), strides=(line, 1))
+            dst = np.ndarray((rows, row_bytes), np.uint8, buffer=mem, offset=dst_off + pos + plane_off)
+            np.copyto(dst, src)
+            offs[i], strides[i] = plane_off, row_bytes
+            plane_off += rows * row_bytes
+        abi.FRAME_ENTRY.pack_into(mem, entry_pos, pos, frame.width, frame.height, int(self._fmt), len(shapes),
+                                  pts, *offs, *strides, 0, 0)
+        return plane_off
 
     def close(self) -> None:
         """Drop the codec context and queued frames, then the pool: slots the guest still

@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from av.video.frame import VideoFrame
 from cffi import FFI
 
 from vmediad import abi
@@ -62,8 +63,9 @@ _CTX_OPAQUE = 48
 _SCAN_BYTES = 1024
 _CAP_DR1 = 1 << 1  # AV_CODEC_CAP_DR1
 # A Cython extension type with cdef methods: PyObject header (16 bytes), then its vtable
-# pointer, then the first declared attribute, CodecContext.ptr.
+# pointer, then the first declared attribute: CodecContext.ptr, Frame.ptr.
 _PYAV_CTX_PTR = 24
+_PYAV_FRAME_PTR = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +199,8 @@ def _discover() -> Probe:
         if len(buf) != 1:
             return Probe(False, f"AVFrame.buf not found ({len(buf)} candidates)")
         off_buf = buf[0]
+        if not _pyav_frame_checks(mem):
+            return Probe(False, "the AVFrame behind a PyAV VideoFrame is not where expected")
     except OSError as e:
         return Probe(False, f"probing libav failed: {e}")
     finally:
@@ -211,9 +215,23 @@ def _discover() -> Probe:
         off_gb2,
         _CTX_OPAQUE,
         off_buf,
+        _PYAV_FRAME_PTR,
     )
     _AV, _NATIVE = av_, _framepool
     return Probe(True, "", off_gb2, off_buf)
+
+
+def _pyav_frame_checks(mem: _Mem) -> bool:
+    """Whether the AVFrame pointer of a PyAV VideoFrame is at ``_PYAV_FRAME_PTR``: the
+    AVFrame found there must hold the frame's plane addresses, line sizes and size."""
+    vf = VideoFrame(64, 48, "yuv420p")
+    p = mem.word(id(vf) + _PYAV_FRAME_PTR)
+    if p < 4096:
+        return False
+    planes = vf.planes
+    return (all(mem.word(p + 8 * i) == pl.buffer_ptr and mem.i32(p + 64 + 4 * i) == pl.line_size
+                for i, pl in enumerate(planes))
+            and mem.i32(p + 104) == vf.width and mem.i32(p + 108) == vf.height)
 
 
 def probe() -> Probe:
@@ -277,6 +295,7 @@ class FramePool:
         if self._ptr == _NATIVE.ffi.NULL:
             raise MemoryError("frame pool")
         self._slot = _NATIVE.ffi.new("uint64_t *")
+        self._out = _NATIVE.ffi.new("int64_t[7]")
 
     def attach(self, ctx: Any) -> bool:
         """Install the pool on a PyAV decoder context.  False, and nothing installed, if its
@@ -303,6 +322,27 @@ class FramePool:
             return None
         slot = int(_NATIVE.lib.fp_lend(self._ptr, ptr, self._slot))
         return None if slot < 0 else (slot, int(self._slot[0]))
+
+    def lend_frame(self, frame: VideoFrame, shape: Any) -> tuple[int, list[int]] | None:
+        """:meth:`lend` for a decoded picture, read from its AVFrame (no PyAV plane objects):
+        (slot, [slot offset in the pool, plane offsets in the slot x 3, line sizes x 3]), or
+        None if it is not in a slot.  ``shape`` is from :meth:`shape`.  Raises ValueError if
+        a plane is narrower than its rows or does not lie inside its slot."""
+        if self._ptr is None:
+            return None
+        if type(frame) is not VideoFrame:  # the pointer is read at a fixed offset
+            raise TypeError(f"not a VideoFrame: {type(frame).__name__}")
+        slot = int(_NATIVE.lib.fp_lend_frame(self._ptr, id(frame), shape[1], shape[0], self._out))
+        if slot == -1:
+            return None
+        if slot < 0:
+            raise ValueError("decoded plane narrower than its format or outside its pool slot")
+        return slot, _NATIVE.ffi.unpack(self._out, 7)
+
+    @staticmethod
+    def shape(shapes: list[tuple[int, int]]) -> tuple[Any, int]:
+        """Plane shapes ((rows, row bytes) per plane) as :meth:`lend_frame` takes them."""
+        return _NATIVE.ffi.new("int64_t[]", [v for rb in shapes for v in rb] or [0]), len(shapes)
 
     def unlend(self, slot: int) -> None:
         """Undo a :meth:`lend` whose frame never reached the guest."""

@@ -69,6 +69,51 @@ def test_probe_proves_the_libav_layout_it_relies_on() -> None:
         FramePool(base, abi.POOL_MIN - 1)
 
 
+def test_lend_frame_reads_the_avframe_behind_a_pyav_frame(dev: Device) -> None:
+    """The worker's per-frame path: slot, offsets and line sizes straight from the AVFrame
+    must be what PyAV's own plane objects say; a bad shape lends nothing."""
+    packets = encode(dev, W, H, n=6)
+    area = mmap.mmap(-1, 64 << 20)
+    base = int(np.frombuffer(area, np.uint8, 1).ctypes.data)
+    lent_words = np.frombuffer(area, np.uint32, abi.POOL_MAX_SLOTS)
+    pool = FramePool(base, 64 << 20)
+    ctx = av.CodecContext.create("h264", "r")
+    assert pool.attach(ctx)
+    shapes = abi.plane_shapes(abi.PixFmt.YUV420P, W, H)
+    shape = FramePool.shape(shapes)
+    frames: list[Any] = []
+    try:
+        frames = [f for p in [*packets, None] for f in ctx.decode(None if p is None else padded(p.data))]
+        assert len(frames) == 6
+        slots = set()
+        for f in frames:
+            got = pool.lend_frame(f, shape)
+            assert got is not None
+            slot, (slot_off, *rest) = got
+            slots.add(slot)
+            assert lent_words[slot] == 1
+            offs, lines = rest[:3], rest[3:]
+            assert [base + slot_off + o for o in offs] == [p.buffer_ptr for p in f.planes]
+            assert lines == [p.line_size for p in f.planes]
+            pool.unlend(slot)
+            assert lent_words[slot] == 0
+        assert len(slots) == 6
+        # Wider rows than the planes have, or more rows than the slot holds: refused, not lent.
+        for bad in ([(H, W + 4096), (H // 2, W // 2), (H // 2, W // 2)], [(1 << 20, W), (1, 1), (1, 1)]):
+            with pytest.raises(ValueError, match=r"narrower|outside"):
+                pool.lend_frame(frames[0], FramePool.shape(bad))
+            assert not lent_words.any()
+        # A picture in libav's own memory is not the pool's; anything but a VideoFrame is refused.
+        assert pool.lend_frame(av.VideoFrame(W, H, "yuv420p"), shape) is None
+        with pytest.raises(TypeError):
+            pool.lend_frame(cast(Any, object()), shape)
+    finally:
+        del ctx, frames
+        pool.close()
+        del lent_words
+        area.close()
+
+
 def _pyav_pool_decode(packets: list[Packet], pool: FramePool | None, hold: int = 0) -> tuple[list[str], int]:
     """Decode with frame threads; returns the MD5s and how many frames were in the pool."""
     ctx = av.CodecContext.create("h264", "r")
