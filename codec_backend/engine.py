@@ -77,7 +77,7 @@ class Engine:
         op = Op(opcode)
         if op == Op.NOP:
             return Outcome()
-        pts = abi.as_i64(a0) if flags & abi.DescFlag.PTS_VALID else None
+        pts = abi.as_i64(a0) if flags & abi.F_PTS_VALID else None
         inputs = _inputs(flags, config, src_off, src_len, pts)
         if op in (Op.CRC32, Op.ENCODE_FRAME, Op.DECODE, Op.COPY):
             for inp in inputs:
@@ -96,7 +96,7 @@ class Engine:
 
         sm = self.sessions
         self._copied_delta()
-        drain = bool(flags & abi.DescFlag.DRAIN_PENDING)
+        drain = bool(flags & abi.F_DRAIN_PENDING)
         try:
             if op == Op.CAPS:
                 count, used = write_caps(self.mem, dst_off, dst_len, self.geometry())
@@ -110,7 +110,7 @@ class Engine:
                 strides = (a1 & 0xFFFFFFFF, a1 >> 32, a2 & 0xFFFFFFFF)
                 count, used = sm.encode(session, self.mem, inputs, strides, drain, dst_off, dst_len)
             elif op == Op.DECODE:
-                count, used = sm.decode(session, self.mem, inputs, bool(flags & abi.DescFlag.PARSE), drain,
+                count, used = sm.decode(session, self.mem, inputs, bool(flags & abi.F_PARSE), drain,
                                         dst_off, dst_len)
             elif op == Op.FLUSH:
                 count, used = sm.flush(session, self.mem, dst_off, dst_len)
@@ -132,8 +132,8 @@ class Engine:
 
 def _inputs(flags: int, config: bytes, src_off: int, src_len: int, pts: int | None) -> list[Input]:
     """The task's inputs: the MULTI list hostd checked (from the config page), or its one src."""
-    if flags & abi.DescFlag.MULTI:
-        return [Input(off, length, p if f & abi.DescFlag.PTS_VALID else None, bool(f & abi.DescFlag.FORCE_KEYFRAME))
+    if flags & abi.F_MULTI:
+        return [Input(off, length, p if f & abi.F_PTS_VALID else None, bool(f & abi.F_FORCE_KEYFRAME))
                 for off, length, p, f, _ in abi.MULTI_ENTRY.iter_unpack(config)]
-    return [Input(src_off, src_len, pts, bool(flags & abi.DescFlag.FORCE_KEYFRAME))]
+    return [Input(src_off, src_len, pts, bool(flags & abi.F_FORCE_KEYFRAME))]
 

@@ -87,7 +87,7 @@ class Worker:
         ch = abi.channel_offset(k, f)
         prog = abi.CH_PROGRAM_STRUCT.unpack_from(self.bank.mem, ch + abi.CH_PROGRAM)
         config = b""
-        if prog[0] == Op.SESSION_OPEN or prog[1] & abi.DescFlag.MULTI:  # the page hostd filled
+        if prog[0] == Op.SESSION_OPEN or prog[1] & abi.F_MULTI:  # the page hostd filled
             cfg_len = min(prog[3], abi.CONFIG_PAGE)
             off = abi.channel_config_offset(self.channels, k, f)
             config = bytes(self.bank.mem[off : off + cfg_len])

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmediad import abi
-from vmediad.abi import DescFlag, ErrorCode, Op, PixFmt
+from vmediad.abi import ErrorCode, Op, PixFmt
 
 if TYPE_CHECKING:
     from guestlib.device import Buffer, Device, Task
@@ -257,7 +257,7 @@ class _Session:
 
     @staticmethod
     def _drain_flags(op: Op) -> int:
-        return DescFlag.DRAIN_PENDING if op in (Op.ENCODE_FRAME, Op.DECODE) else 0
+        return abi.F_DRAIN_PENDING if op in (Op.ENCODE_FRAME, Op.DECODE) else 0
 
     def _batched(self, specs: Iterable[_Spec], batch: int, pool: list[Buffer],
                  held: list[_Spec]) -> Generator[_Spec, None, None]:
@@ -276,10 +276,10 @@ class _Session:
         batch = min(batch, abi.MULTI_MAX)
 
         def mergeable(spec: _Spec) -> bool:
-            return spec.op in (Op.ENCODE_FRAME, Op.DECODE) and not spec.flags & DescFlag.DRAIN_PENDING
+            return spec.op in (Op.ENCODE_FRAME, Op.DECODE) and not spec.flags & abi.F_DRAIN_PENDING
 
         def key(spec: _Spec) -> tuple[int, ...]:
-            return (spec.op, spec.flags & DescFlag.PARSE, spec.args[1], spec.args[2])
+            return (spec.op, spec.flags & abi.F_PARSE, spec.args[1], spec.args[2])
 
         def merge() -> _Spec:
             run, held[:] = held[:], []
@@ -296,7 +296,7 @@ class _Session:
                     if sp.done is not None:
                         sp.done()
             first = run[0]
-            return _Spec(first.op, DescFlag.MULTI | (first.flags & DescFlag.PARSE),
+            return _Spec(first.op, abi.F_MULTI | (first.flags & abi.F_PARSE),
                          (buf.offset, len(run) * abi.MULTI_ENTRY.size), (0, first.args[1], first.args[2], 0), done)
 
         for spec in specs:
@@ -559,7 +559,7 @@ class Encoder(_Session):
             pts = f.pts if f.pts is not None else self._next_pts
         self._next_pts = pts + 1
         s = (*f.strides, 0, 0, 0)[:3]
-        flags = DescFlag.PTS_VALID | (DescFlag.FORCE_KEYFRAME if force_keyframe else 0)
+        flags = abi.F_PTS_VALID | (abi.F_FORCE_KEYFRAME if force_keyframe else 0)
         try:
             self._run(Op.ENCODE_FRAME, flags=flags, src=(f.offset, f.nbytes),
                       args=(pts & abi.U64_MAX, s[0] | s[1] << 32, s[2], 0))
@@ -595,7 +595,7 @@ class Encoder(_Session):
             pts = f.pts if f.pts is not None else self._next_pts
             self._next_pts = pts + 1
             s = (*f.strides, 0, 0, 0)[:3]
-            yield _Spec(Op.ENCODE_FRAME, DescFlag.PTS_VALID, (f.offset, f.nbytes),
+            yield _Spec(Op.ENCODE_FRAME, abi.F_PTS_VALID, (f.offset, f.nbytes),
                         (pts & abi.U64_MAX, s[0] | s[1] << 32, s[2], 0), self._giver(f))
         if flush:
             yield _Spec(Op.FLUSH)
@@ -682,7 +682,8 @@ class Decoder(_Session):
         self._in: Buffer | None = None
         self._staging: list[Buffer] = []
         self._lent: list[Frame] = []  # pooled frames handed out by the last decode()/flush()
-        self._geom: tuple[int, int, int, PixFmt, list[tuple[int, int]]] = (-1, 0, 0, PixFmt.YUV420P, [])
+        self._geom: tuple[Any, ...] = ((),)  # see _geometry
+        self._givers: dict[int, Callable[[], None]] = {}  # see _giver
         from guestlib.device import DeviceError
 
         self._pool: Buffer | None = None
@@ -761,7 +762,7 @@ class Decoder(_Session):
         if src[1] == 0:
             return backlog
         parse = self.parse if parse is None else parse
-        flags = (DescFlag.PARSE if parse else 0) | (DescFlag.PTS_VALID if pts is not None else 0)
+        flags = (abi.F_PARSE if parse else 0) | (abi.F_PTS_VALID if pts is not None else 0)
         self._run(Op.DECODE, flags=flags, src=src, args=((pts or 0) & abi.U64_MAX, 0, 0, 0))
         return backlog + self._lend(self._frames())
 
@@ -819,7 +820,7 @@ class Decoder(_Session):
                 buf.mem[: mv.nbytes] = mv  # the one copy of the bitstream into the region
                 src = (buf.offset, mv.nbytes)
                 done = _returner(free, buf)
-            flags = (DescFlag.PARSE if parse else 0) | (DescFlag.PTS_VALID if pts is not None else 0)
+            flags = (abi.F_PARSE if parse else 0) | (abi.F_PTS_VALID if pts is not None else 0)
             yield _Spec(Op.DECODE, flags, src, ((pts or 0) & abi.U64_MAX, 0, 0, 0), done)
         if flush:
             yield _Spec(Op.FLUSH)
@@ -870,31 +871,45 @@ class Decoder(_Session):
             raise
         return frames
 
-    def _geometry(self, fmt: int, w: int, h: int) -> tuple[PixFmt, list[tuple[int, int]]]:
-        """The pixel format and plane shapes of a table entry (the last one is kept)."""
+    def _geometry(self, key: tuple[int, int, int, int, int, int, int],
+                  ) -> tuple[PixFmt, list[tuple[int, int]], tuple[int, ...], int, list[int]]:
+        """For a table entry's (fmt, width, height, planes, strides x 3): the pixel format,
+        plane shapes, strides, bytes and each plane's extent (from its first byte to past its
+        last visible one).  The last one is kept: a stream's entries rarely change."""
         g = self._geom
-        if g[0] != fmt or g[1] != w or g[2] != h:
+        if g[0] != key:
+            fmt, w, h, nplanes = key[:4]
             pf = PixFmt(fmt)
-            g = self._geom = (fmt, w, h, pf, abi.plane_shapes(pf, w, h))
-        return g[3], g[4]
+            shapes = abi.plane_shapes(pf, w, h)
+            if nplanes != len(shapes):
+                raise ValueError(f"{nplanes} planes for {abi.PIX_FMT_NAMES[pf]}")
+            strides = key[4:4 + nplanes]
+            g = self._geom = (key, pf, shapes, strides, sum(r * s for (r, _), s in zip(shapes, strides, strict=True)),
+                              [(r - 1) * s + rb for (r, rb), s in zip(shapes, strides, strict=True)])
+        return g[1], g[2], g[3], g[4], g[5]
+
+    def _giver(self, slot: int) -> Callable[[], None]:
+        """The give-back of pool slot ``slot`` (made once per slot)."""
+        give = self._givers.get(slot)
+        if give is None:
+            give = self._givers[slot] = self._lender(slot)
+        return give
 
     def _frame(self, entry: tuple[Any, ...], base: int) -> Frame:
         mem = self.device.region.mem
         off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot = entry
-        pf, shapes = self._geometry(fmt, w, h)
-        if nplanes != len(shapes):
-            raise ValueError(f"{nplanes} planes for {abi.PIX_FMT_NAMES[pf]}")
-        offs, strides = (o0, o1, o2)[:nplanes], (s0, s1, s2)[:nplanes]
-        nbytes = sum(r * s for (r, _), s in zip(shapes, strides, strict=True))
+        pf, shapes, strides, nbytes, extents = self._geometry((fmt, w, h, nplanes, s0, s1, s2))
+        offs = (o0, o1, o2)[:nplanes]
         if pts == abi.NO_PTS:
             pts = None
         if flags & abi.FRAME_POOLED:
-            if self._pool is None or slot >= abi.POOL_MAX_SLOTS:
+            pool = self._pool
+            if pool is None or slot >= abi.POOL_MAX_SLOTS:
                 raise ValueError(f"pooled frame in slot {slot} without a frame pool")
-            start = self._pool.offset + off
-            lo, hi = self._pool.offset + abi.POOL_HEADER, self._pool.offset + self._pool.size
-            for (rows, rb), o, s in zip(shapes, offs, strides, strict=True):
-                if not lo <= start + o or start + o + (rows - 1) * s + rb > hi:
+            start = pool.offset + off
+            lo, hi = pool.offset + abi.POOL_HEADER, pool.offset + pool.size
+            for o, ext in zip(offs, extents, strict=True):
+                if not lo <= start + o or start + o + ext > hi:
                     raise ValueError("pooled frame outside the frame pool")
 
             def views() -> Planes:
@@ -902,7 +917,7 @@ class Decoder(_Session):
                 for p in planes:
                     p.flags.writeable = False  # the decoder may still predict from it
                 return planes
-            return Frame(w, h, pf, pts, views, strides=strides, nbytes=nbytes, release=self._lender(slot))
+            return Frame(w, h, pf, pts, views, strides=strides, nbytes=nbytes, release=self._giver(slot))
         planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
         packed, acc = True, 0
         for (rows, _), o, s in zip(shapes, offs, strides, strict=True):

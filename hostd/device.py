@@ -609,7 +609,7 @@ class Device:
             self.channels[channel].bound_sessions += 1
             prog = validate.Program(prog.opcode, prog.flags, sid, *_tail(prog))
         elif prog.opcode in abi.SESSION_OPS:
-            if prog.flags & abi.DescFlag.MULTI:
+            if prog.flags & abi.F_MULTI:
                 # Copied once, like the descriptor; the worker reads only this copy.
                 multi = validate.check_multi(bytes(mem[prog.src_off : prog.src_off + prog.src_len]),
                                              prog.opcode, layout)
@@ -665,7 +665,7 @@ class Device:
         tag = 0
         rf.running = Running(
             g.vm_id, st.pending.slot, tag, prog.opcode, prog.session, self._task_seq, now, st.arrival_ns,
-            st.pending.seq, len(st.config) // abi.MULTI_ENTRY.size if prog.flags & abi.DescFlag.MULTI else 1,
+            st.pending.seq, len(st.config) // abi.MULTI_ENTRY.size if prog.flags & abi.F_MULTI else 1,
         )
         # Release: the registers above are visible first.  Only worker g.slot+1 can claim it.
         bank.store32(ch + abi.CH_CTRL, abi.ctrl_start(g.slot + 1))

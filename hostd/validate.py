@@ -79,11 +79,11 @@ def check(desc: Descriptor, layout: Layout) -> Program | ErrorCode:
     if op == Op.SESSION_OPEN and not abi.SESSION_CONFIG.size <= desc.src_len <= MAX_CONFIG_BYTES:
         return ErrorCode.BAD_ARG
     if op in (Op.ENCODE_FRAME, Op.DECODE) and desc.src_len == 0 and not (
-        desc.flags & abi.DescFlag.DRAIN_PENDING
+        desc.flags & abi.F_DRAIN_PENDING
     ):
         return ErrorCode.BAD_ARG
-    if desc.flags & abi.DescFlag.MULTI:
-        if op not in (Op.ENCODE_FRAME, Op.DECODE) or desc.flags & abi.DescFlag.DRAIN_PENDING:
+    if desc.flags & abi.F_MULTI:
+        if op not in (Op.ENCODE_FRAME, Op.DECODE) or desc.flags & abi.F_DRAIN_PENDING:
             return ErrorCode.BAD_FLAGS
         n, rest = divmod(desc.src_len, abi.MULTI_ENTRY.size)
         if rest or not 1 <= n <= abi.MULTI_MAX:

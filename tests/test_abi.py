@@ -99,6 +99,9 @@ def test_frame_pool_layout() -> None:
 def test_multi_input_list_layout() -> None:
     """DescFlag.MULTI (bit 4) and its 32-byte entries: offset, length, pts (i64), flags, reserved."""
     assert (int(abi.DescFlag.MULTI), abi.DESC_FLAGS_MASK, int(abi.Caps.MULTI)) == (0x10, 0x1F, 0x10)
+    # The plain-int copies the hot paths use are the flags' bits, and plain ints.
+    plain = (abi.F_FORCE_KEYFRAME, abi.F_PARSE, abi.F_PTS_VALID, abi.F_DRAIN_PENDING, abi.F_MULTI)
+    assert plain == (1, 2, 4, 8, 16) and all(type(f) is int for f in plain)
     assert (abi.MULTI_ENTRY.size, abi.MULTI_MAX, abi.MULTI_ENTRY_FLAGS) == (32, 16, 0x5)
     assert abi.MULTI_ENTRY.pack(0x12340, 4096, -1, int(abi.DescFlag.PTS_VALID), 0).hex() == (
         "40230100000000000010000000000000ffffffffffffffff0400000000000000")

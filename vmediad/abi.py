@@ -144,6 +144,14 @@ class DescFlag(enum.IntFlag):
     MULTI = 1 << 4  # ENCODE_FRAME/DECODE: src is a list of MULTI_ENTRY inputs, not one input
 
 
+# Plain-int copies for per-task and per-frame paths: an IntFlag operator runs Python code
+# (about 0.5 us here), and ``int & IntFlag`` dispatches to IntFlag.__rand__ as well.
+F_FORCE_KEYFRAME = int(DescFlag.FORCE_KEYFRAME)
+F_PARSE = int(DescFlag.PARSE)
+F_PTS_VALID = int(DescFlag.PTS_VALID)
+F_DRAIN_PENDING = int(DescFlag.DRAIN_PENDING)
+F_MULTI = int(DescFlag.MULTI)
+
 DESC_FLAGS_MASK = int(
     DescFlag.FORCE_KEYFRAME | DescFlag.PARSE | DescFlag.PTS_VALID | DescFlag.DRAIN_PENDING | DescFlag.MULTI
 )
