@@ -19,7 +19,10 @@ assumption before the first pool is made:
   rather than faulting on a word that is not a pointer);
 * the ``AVCodecContext`` behind a PyAV ``CodecContext`` is the pointer after the Cython
   object's header, and is accepted only if its ``av_class``, ``codec_type`` and ``codec_id``
-  say it is that decoder.
+  say it is that decoder;
+* the ``AVFrame`` behind a PyAV ``VideoFrame`` is at the same place, checked once against a
+  real frame's planes, line sizes and size: the worker lends each decoded picture by reading
+  it there (:meth:`FramePool.lend_frame`) instead of building PyAV's plane objects per frame.
 
 If any check fails, :func:`probe` says why and no pool is ever attached: decode falls back to
 copying, which is slower but correct.
