@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vmediad import logs
+from vmediad.bench.common import LAYERS
 
 # Not a terminal (pipes, CI logs): wide enough that tables do not truncate names.
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
@@ -390,7 +391,7 @@ def bench_codec(frames: int, quick: bool, only: tuple[str, ...], json_out: Path 
 @click.option("--frames", default=120, show_default=True, type=click.IntRange(24))
 @click.option("--blocks", default=60, show_default=True, type=click.IntRange(2),
               help="rounds; each decodes the stream once per layer")
-@click.option("--layer", "layers", multiple=True, type=click.Choice(["direct", "copy", "pool", "engine", "device"]),
+@click.option("--layer", "layers", multiple=True, type=click.Choice(LAYERS),
               help="only these layers (repeatable; direct, the floor, is always run)")
 @click.option("--json-out", type=click.Path(path_type=Path))
 def bench_layers(codec: str, size: str, frames: int, blocks: int, layers: tuple[str, ...],
@@ -402,7 +403,7 @@ def bench_layers(codec: str, size: str, frames: int, blocks: int, layers: tuple[
     logs.configure("warning")
     width, height = _size(size)
     res = lbench.run(codec=codec, width=width, height=height, frames=frames, blocks=blocks,
-                     layers=layers or lbench.LAYERS, progress=lambda m: console.print(f"[dim]{m}[/]"))
+                     layers=layers or LAYERS, progress=lambda m: console.print(f"[dim]{m}[/]"))
     save(res, json_out)
     t = Table(title=f"{codec} decode {width}x{height}: speed of each layer / direct PyAV "
                     f"({blocks} rounds of {frames} frames, same run)")

@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The layers of `bench layers`, floor first (here so the CLI can offer them without
+# importing numpy).
+LAYERS = ("direct", "copy", "pool", "engine", "device")
+
 
 def pct(samples: list[float], q: float) -> float:
     s = sorted(samples)

@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 
 from vmediad import abi
-from vmediad.bench.common import machine
+from vmediad.bench.common import LAYERS, machine
 
-LAYERS = ("direct", "copy", "pool", "engine", "device")
 BOOTSTRAP = 2000
 _DST = 8 << 20  # engine layer: where its output table goes in the scratch region
 
