@@ -16,7 +16,6 @@ int fp_setup(uintptr_t default_get_buffer2, uintptr_t align_dimensions2, uintptr
              size_t off_opaque, size_t off_buf, size_t off_pyframe);
 fp_pool *fp_pool_new(uintptr_t lent, uintptr_t base, size_t size, unsigned int max_slots,
                      const int *formats, unsigned int nformats);
-int fp_lend(fp_pool *pool, uintptr_t ptr, uint64_t *slot_addr);
 int fp_lend_frame(fp_pool *pool, uintptr_t frame_obj, unsigned int nplanes, const int64_t *shape,
                   int64_t *out);
 void fp_unlend(fp_pool *pool, int slot);
@@ -251,7 +250,7 @@ int fp_attach(fp_pool *p, uintptr_t avctx) {
 /* The worker reports a frame whose plane 0 is at `ptr` to the guest: count it as lent
    (before the completion is published) and return its slot, or -1 if `ptr` is not in a slot.
    The decoder's reference keeps the slot in use until then, so the layout cannot change. */
-int fp_lend(fp_pool *p, uintptr_t ptr, uint64_t *slot_addr) {
+static int fp_lend(fp_pool *p, uintptr_t ptr, uint64_t *slot_addr) {
     int slot = -1;
     pthread_mutex_lock(&p->lock);
     if (p->slot_size && ptr >= (uintptr_t)p->base) {
@@ -266,6 +265,8 @@ int fp_lend(fp_pool *p, uintptr_t ptr, uint64_t *slot_addr) {
     return slot;
 }
 
+void fp_unlend(fp_pool *p, int slot);
+
 /* fp_lend for a decoded picture, read straight from the AVFrame behind a live PyAV
    VideoFrame object (the caller checks its type; framepool.py checked the pointer's offset
    against a real frame), so the worker builds no PyAV plane objects per frame.
@@ -274,8 +275,6 @@ int fp_lend(fp_pool *p, uintptr_t ptr, uint64_t *slot_addr) {
    then each plane's offset in the slot and its line size (3 each, 0 past nplanes); returns
    the slot.  -1: plane 0 is in no slot (libav's own memory: the caller copies the frame);
    -2: a plane is narrower than its row bytes or does not lie inside the slot. */
-void fp_unlend(fp_pool *p, int slot);
-
 int fp_lend_frame(fp_pool *p, uintptr_t frame_obj, unsigned int nplanes, const int64_t *shape,
                   int64_t *out) {
     void *f = *(void **)(frame_obj + av.off_pyframe);

@@ -973,6 +973,7 @@ class _DecoderSession(_Session):
         # Per frame: (-1, shapes, slot, pooled entry fields) or (position in dst, shapes, 0, []).
         layouts: list[tuple[int, list[tuple[int, int]], int, list[int]]] = []
         used = table
+        pooled = 0
         try:
             for frame in pending:
                 geom = self._geometry(frame.width, frame.height)
@@ -986,6 +987,7 @@ class _DecoderSession(_Session):
                         raise CodecError(ErrorCode.BACKEND, str(exc)) from exc
                     if lent is not None:
                         layouts.append((-1, shapes, *lent))
+                        pooled += 1
                         continue
                 pos = abi.align(used)
                 layouts.append((pos, shapes, 0, []))
@@ -1011,7 +1013,7 @@ class _DecoderSession(_Session):
             raise
         mem[entry_pos:dst_off + table] = bytes(dst_off + table - entry_pos)
         self._stats.dec_frames_out += count
-        self._stats.dec_frames_pooled += sum(1 for pos, *_ in layouts if pos < 0)
+        self._stats.dec_frames_pooled += pooled
         self._stats.dec_out_copied += copied
         pending.clear()
         self.pending_items = self.pending_bytes = 0

@@ -297,7 +297,6 @@ class FramePool:
                                                  min(max_slots, abi.POOL_MAX_SLOTS), fmts, len(fmts))
         if self._ptr == _NATIVE.ffi.NULL:
             raise MemoryError("frame pool")
-        self._slot = _NATIVE.ffi.new("uint64_t *")
         self._out = _NATIVE.ffi.new("int64_t[7]")
 
     def attach(self, ctx: Any) -> bool:
@@ -318,19 +317,12 @@ class FramePool:
     def owns(self, ptr: int) -> bool:
         return self.addr <= ptr < self.addr + self.size
 
-    def lend(self, ptr: int) -> tuple[int, int] | None:
-        """Count the frame whose plane 0 is at ``ptr`` as lent to the guest: (slot, slot
-        address), or None if it is not in a slot (decoded into libav's own memory)."""
-        if self._ptr is None or not self.addr <= ptr < self.addr + self.size:
-            return None
-        slot = int(_NATIVE.lib.fp_lend(self._ptr, ptr, self._slot))
-        return None if slot < 0 else (slot, int(self._slot[0]))
-
     def lend_frame(self, frame: VideoFrame, shape: Any) -> tuple[int, list[int]] | None:
-        """:meth:`lend` for a decoded picture, read from its AVFrame (no PyAV plane objects):
-        (slot, [slot offset in the pool, plane offsets in the slot x 3, line sizes x 3]), or
-        None if it is not in a slot.  ``shape`` is from :meth:`shape`.  Raises ValueError if
-        a plane is narrower than its rows or does not lie inside its slot."""
+        """Count a decoded picture the decoder wrote into a slot as lent to the guest, read
+        from its AVFrame (no PyAV plane objects): (slot, [slot offset in the pool, plane
+        offsets in the slot x 3, line sizes x 3]), or None if it is not in a slot.
+        ``shape`` is from :meth:`shape`.  Raises ValueError if a plane is narrower than its
+        rows or does not lie inside its slot."""
         if self._ptr is None:
             return None
         if type(frame) is not VideoFrame:  # the pointer is read at a fixed offset
@@ -348,7 +340,7 @@ class FramePool:
         return _NATIVE.ffi.new("int64_t[]", [v for rb in shapes for v in rb] or [0]), len(shapes)
 
     def unlend(self, slot: int) -> None:
-        """Undo a :meth:`lend` whose frame never reached the guest."""
+        """Undo a :meth:`lend_frame` whose frame never reached the guest."""
         if self._ptr is not None:
             _NATIVE.lib.fp_unlend(self._ptr, slot)
 

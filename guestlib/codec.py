@@ -683,7 +683,7 @@ class Decoder(_Session):
         self._staging: list[Buffer] = []
         self._lent: list[Frame] = []  # pooled frames handed out by the last decode()/flush()
         self._geom: tuple[Any, ...] = ((),)  # see _geometry
-        self._givers: dict[int, Callable[[], None]] = {}  # see _giver
+        self._givers: dict[int, Callable[[], None]] = {}  # see _lender
         from guestlib.device import DeviceError
 
         self._pool: Buffer | None = None
@@ -718,6 +718,10 @@ class Decoder(_Session):
         return pool
 
     def _lender(self, slot: int) -> Callable[[], None]:
+        """The give-back of pool slot ``slot`` (made once per slot and session)."""
+        give = self._givers.get(slot)
+        if give is not None:
+            return give
         pool = self._pool
         assert pool is not None
         word = pool.offset + abi.pool_lent_word(slot)
@@ -729,6 +733,7 @@ class Decoder(_Session):
             # of the frame happen before the decoder may write the slot again.
             if self._pool is pool:
                 region.fadd32(word, -1)
+        self._givers[slot] = give_back
         return give_back
 
     @property
@@ -888,13 +893,6 @@ class Decoder(_Session):
                               [(r - 1) * s + rb for (r, rb), s in zip(shapes, strides, strict=True)])
         return g[1], g[2], g[3], g[4], g[5]
 
-    def _giver(self, slot: int) -> Callable[[], None]:
-        """The give-back of pool slot ``slot`` (made once per slot)."""
-        give = self._givers.get(slot)
-        if give is None:
-            give = self._givers[slot] = self._lender(slot)
-        return give
-
     def _frame(self, entry: tuple[Any, ...], base: int) -> Frame:
         mem = self.device.region.mem
         off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot = entry
@@ -917,7 +915,7 @@ class Decoder(_Session):
                 for p in planes:
                     p.flags.writeable = False  # the decoder may still predict from it
                 return planes
-            return Frame(w, h, pf, pts, views, strides=strides, nbytes=nbytes, release=self._giver(slot))
+            return Frame(w, h, pf, pts, views, strides=strides, nbytes=nbytes, release=self._lender(slot))
         planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
         packed, acc = True, 0
         for (rows, _), o, s in zip(shapes, offs, strides, strict=True):
