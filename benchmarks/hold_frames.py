@@ -21,8 +21,6 @@ import argparse
 import collections
 import random
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,8 @@ Run = Callable[[], tuple[float, int, float]]  # seconds, frames, CPU seconds
 
 def _paths(stream: list[bytes], holds: list[int], device: str | None, dev: Any, wpid: int,
            width: int, height: int) -> dict[str, Run]:
-    from guestlib.codec import Decoder, decoder_config
-    from vmediad.bench.codec import _direct_decode
+    from guestlib.codec import decoder_config
+    from vmediad.bench.codec import Case, _device_decode, _direct_decode
     from vmediad.bench.common import cpu_seconds
 
     def direct(k: int) -> Run:
@@ -47,15 +45,12 @@ def _paths(stream: list[bytes], holds: list[int], device: str | None, dev: Any, 
     paths: dict[str, Run] = {f"hold{k}": direct(k) for k in holds}
     if device:
         depth, batch = (int(x) for x in device.split("x"))
-        bufs = [dev.put(d) for d in stream]
+        case = Case("h264", "decode", width, height)
 
         def through_device() -> tuple[float, int, float]:
-            with Decoder(dev, "h264", parse=False, width=width, height=height) as dec:
-                c0 = cpu_seconds(wpid)
-                t0 = time.perf_counter()
-                n = sum(1 for _ in dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth, batch=batch))
-                dt = time.perf_counter() - t0
-                return dt, n, cpu_seconds(wpid) - c0
+            c0 = cpu_seconds(wpid)
+            dt, n, _retries = _device_decode(dev, case, stream, depth, batch)
+            return dt, n, cpu_seconds(wpid) - c0
         paths[f"device {device}"] = through_device
     return paths
 
@@ -65,25 +60,21 @@ def distinct_buffers(stream: list[bytes], k: int) -> int:
     from guestlib.codec import decoder_config
     from vmediad.bench.codec import _direct_decode
 
-    held: collections.deque[Any] = collections.deque(maxlen=max(k, 1))
+    held: collections.deque[Any] = collections.deque(maxlen=k)  # maxlen 0 keeps nothing
     seen: set[int] = set()
 
     def on_frame(f: Any) -> None:
         seen.add(f.planes[0].buffer_ptr)
-        if k:
-            held.append(f)
+        held.append(f)
     _direct_decode(decoder_config("h264"), stream, on_frame=on_frame)
     return len(seen)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import guestlib
     from guestlib.codec import encoder_config
-    from hostd.config import Config
-    from hostd.daemon import Hostd
     from vmediad.bench.codec import _direct_encode, pictures
     from vmediad.bench.common import machine, save
-    from vmediad.bench.layers import speed_interval
+    from vmediad.bench.layers import _device_session, block_order, speed_interval
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=60)
@@ -97,28 +88,24 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --blocks >= 2 and non-negative --hold values")
     width, height = (int(x) for x in a.size.split("x"))
     stream = _direct_encode(encoder_config("h264", width, height), pictures(width, height, 30), 120)[1]
-    with tempfile.TemporaryDirectory(prefix="vmd-hold-") as d:
-        with Hostd(Config(socket=Path(d) / "h.sock", region_max=1024 << 20)) as h, \
-                guestlib.attach(h.socket_path, name="hold", region_size=512 << 20) as dev:
-            dev.nop().wait()
-            wpid = int(h.device.statistics()["vms"][0]["worker_pid"])
-            paths = _paths(stream, holds, a.device or None, dev, wpid, width, height)
-            names = list(paths)
-            times: dict[str, list[float]] = {k: [] for k in names}
-            cpu = dict.fromkeys(names, 0.0)
-            frames = dict.fromkeys(names, 0)
-            for k in names:
-                paths[k]()  # warm-up, not counted
-            for b in range(a.blocks):
-                order = names[b % len(names):] + names[:b % len(names)]
-                for k in order if b % 2 == 0 else order[::-1]:
-                    dt, n, c = paths[k]()
-                    if n != len(stream):
-                        raise RuntimeError(f"{k}: {n} frames decoded, expected {len(stream)}")
-                    times[k].append(dt)
-                    cpu[k] += c
-                    frames[k] += n
-                print(f"block {b + 1}/{a.blocks}", file=sys.stderr, end="\r", flush=True)
+    with _device_session(512 << 20) as (h, dev):
+        wpid = int(h.device.statistics()["vms"][0]["worker_pid"])  # the one guest's worker
+        paths = _paths(stream, holds, a.device or None, dev, wpid, width, height)
+        names = list(paths)
+        times: dict[str, list[float]] = {k: [] for k in names}
+        cpu = dict.fromkeys(names, 0.0)
+        frames = dict.fromkeys(names, 0)
+        for k in names:
+            paths[k]()  # warm-up, not counted
+        for b in range(a.blocks):
+            for k in block_order(names, b):
+                dt, n, c = paths[k]()
+                if n != len(stream):
+                    raise RuntimeError(f"{k}: {n} frames decoded, expected {len(stream)}")
+                times[k].append(dt)
+                cpu[k] += c
+                frames[k] += n
+            print(f"block {b + 1}/{a.blocks}", file=sys.stderr, end="\r", flush=True)
     rng = random.Random(1)
     floor = names[0]
     rows = []

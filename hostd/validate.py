@@ -99,7 +99,7 @@ def check_multi(raw: bytes, op: Op, layout: Layout) -> bytes | ErrorCode:
 
     Every input must lie in the heap, as a single task's src must; a chunk may not be
     empty (that is a drain, which takes no list).  Returns the list the worker will read."""
-    allowed = abi.MULTI_ENTRY_FLAGS if op == Op.ENCODE_FRAME else int(abi.DescFlag.PTS_VALID)
+    allowed = abi.MULTI_ENTRY_FLAGS if op == Op.ENCODE_FRAME else abi.F_PTS_VALID
     lo, hi = layout.heap_offset, layout.region_size
     for off, length, _pts, flags, reserved in abi.MULTI_ENTRY.iter_unpack(raw):
         if flags & ~allowed:

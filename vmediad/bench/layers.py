@@ -173,7 +173,8 @@ def _table_digests(s: _Scratch, base: int) -> list[bytes]:
 
 
 @contextmanager
-def _device_session(region_size: int) -> Iterator[Any]:
+def _device_session(region_size: int) -> Iterator[tuple[Any, Any]]:
+    """An in-process hostd and one attached guest: (hostd, device)."""
     import guestlib
     from hostd.config import Config
     from hostd.daemon import Hostd
@@ -182,7 +183,15 @@ def _device_session(region_size: int) -> Iterator[Any]:
         h = stack.enter_context(Hostd(Config(socket=Path(d) / "h.sock", region_max=max(1024 << 20, region_size))))
         dev = stack.enter_context(guestlib.attach(h.socket_path, name="layers", region_size=region_size))
         dev.nop().wait()
-        yield dev
+        yield h, dev
+
+
+def block_order(paths: tuple[str, ...] | list[str], b: int) -> list[str]:
+    """The order block ``b`` runs ``paths`` in: rotated by one per block, reversed every other
+    block, so a drift of the machine's speed reaches every path alike."""
+    k = b % len(paths)
+    order = list(paths[k:]) + list(paths[:k])
+    return order[::-1] if b % 2 else order
 
 
 def speed_interval(floor: list[float], times: list[float], rng: random.Random,
@@ -223,7 +232,7 @@ def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int =
     region = max(256 << 20, 2 * scratch.pool_len + sum(abi.align(len(d), abi.PAGE_SIZE) for d in stream) + (64 << 20))
     with ExitStack() as stack:
         stack.callback(scratch.close)
-        dev = stack.enter_context(_device_session(region)) if "device" in layers else None
+        dev = stack.enter_context(_device_session(region))[1] if "device" in layers else None
 
         def one(layer: str, check: list[bytes] | None = None) -> tuple[float, int]:
             def on_frame(f: Any) -> None:
@@ -260,11 +269,7 @@ def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int =
         times: dict[str, list[float]] = {x: [] for x in layers}
         cpu: dict[str, float] = dict.fromkeys(layers, 0.0)
         for b in range(blocks):
-            k = b % len(layers)
-            order = list(layers[k:] + layers[:k])
-            if b % 2:
-                order.reverse()
-            for layer in order:
+            for layer in block_order(layers, b):
                 c0 = time.thread_time()
                 dt, n = one(layer)
                 cpu[layer] += time.thread_time() - c0
