@@ -32,7 +32,7 @@ import mmap
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,8 @@ def _spin(us: int) -> None:
 
 def _tasks(stream: list[bytes], costs: Costs, batch: int, region: memoryview,
            spans: list[tuple[int, int]], on_frame: Callable[[Any], None] | None) -> tuple[float, int]:
-    """Direct decode in tasks of ``batch`` packets, with ``costs``' copies and gaps."""
+    """Direct decode in tasks of ``batch`` packets, with ``costs``' copies and gaps.  (The
+    floor itself is bench codec's ``_direct_decode``: paths without either take that.)"""
     from av.packet import Packet
 
     from codec_backend.av_sessions import open_decoder_context
@@ -80,28 +81,28 @@ def _tasks(stream: list[bytes], costs: Costs, batch: int, region: memoryview,
     from vmediad.bench.codec import _padded
 
     ctx = open_decoder_context(decoder_config("h264"))
-    built = [_padded(d) for d in stream]
-    n = 0
-    t0 = time.perf_counter()
-    for first in range(0, len(stream), batch):
-        for i in range(first, min(first + batch, len(stream))):
-            if costs.copy:  # as the worker's _feed: a padded packet filled from the region
-                off, length = spans[i]
+    built = None if costs.copy else [_padded(d) for d in stream]
+
+    def packets() -> Iterator[Any]:
+        for i, (off, length) in enumerate(spans):
+            if built is None:  # as the worker's _feed: a padded packet filled from the region
                 p = Packet(length)
                 memoryview(p)[:] = region[off:off + length]
+                yield p
             else:
-                p = built[i]
-            frames = ctx.decode(p)
-            n += len(frames)
-            if on_frame is not None:
-                for f in frames:
-                    on_frame(f)
-        if costs.gap_us:
-            _spin(costs.gap_us)
-    for f in ctx.decode(None):
-        n += 1
+                yield built[i]
+            if costs.gap_us and (i % batch == batch - 1 or i == len(spans) - 1):
+                _spin(costs.gap_us)
+        yield None  # drain
+
+    n = 0
+    t0 = time.perf_counter()
+    for p in packets():
+        frames = ctx.decode(p)
+        n += len(frames)
         if on_frame is not None:
-            on_frame(f)
+            for f in frames:
+                on_frame(f)
     return time.perf_counter() - t0, n
 
 
@@ -206,15 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(1)
     floor = names[0]
     rows = []
-    width = max(len(k) for k in names)
+    name_width = max(len(k) for k in names)
+    buffers: dict[int, int] = {}  # frames held -> buffers cycled (copies and gaps change nothing)
     for k in names:
         speed, (lo, hi) = speed_interval(times[floor], times[k], rng)
         row = {"path": k, "speed": round(speed, 4), "ci95": [round(lo, 4), round(hi, 4)],
                "fps": round(frames[k] / sum(times[k]), 1), "cpu_us_per_frame": round(cpu[k] / frames[k] * 1e6, 1)}
         if not k.startswith("device"):
-            row["distinct_buffers"] = distinct_buffers(stream, Costs.parse(k).hold)
+            hold = Costs.parse(k).hold
+            if hold not in buffers:
+                buffers[hold] = distinct_buffers(stream, hold)
+            row["distinct_buffers"] = buffers[hold]
         rows.append(row)
-        print(f"{k:{width}s} speed {speed:.3f} ({lo:.3f}-{hi:.3f})  {row['fps']:6.1f} fps  "
+        print(f"{k:{name_width}s} speed {speed:.3f} ({lo:.3f}-{hi:.3f})  {row['fps']:6.1f} fps  "
               f"CPU {row['cpu_us_per_frame']:6.0f} us/frame"
               + (f"  buffers {row['distinct_buffers']}" if "distinct_buffers" in row else ""))
     save({"machine": machine(), "blocks": a.blocks, "size": a.size, "batch": a.batch, "rows": rows}, a.json_out)
