@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import threading
@@ -159,6 +160,23 @@ def test_layers_bench_refuses_a_layer_that_decodes_other_pictures(monkeypatch: p
         lbench.run(width=320, height=240, frames=24, blocks=2, layers=("copy",))
     with pytest.raises(ValueError, match="unknown layers"):
         lbench.run(layers=("warp",))
+
+
+def test_layers_scratch_keeps_chunks_output_and_pool_apart() -> None:
+    """A stream of more than 8 MB (480 frames of 720p H.264) once ran into the engine layer's
+    output table, which overwrote its later chunks: every range must be disjoint, and the
+    chunks must read back as written."""
+    stream = [bytes([i % 251]) * (50_000 + i) for i in range(240)]  # 12 MB of chunks
+    s = lbench._Scratch(stream, 1280, 720, 4)
+    try:
+        ranges = sorted([(o, o + n) for o, n in s.chunks] + [(s.dst, s.dst + s.dst_len),
+                                                             (s.pool, s.pool + s.pool_len)])
+        assert all(a_end <= b for (_, a_end), (b, _) in itertools.pairwise(ranges))
+        assert s.pool + s.pool_len <= len(s.mem)
+        s.mem[s.dst:s.dst + s.dst_len] = b"\xff" * s.dst_len  # what a task's table may cover
+        assert [bytes(s.mem[o:o + n]) for o, n in s.chunks] == stream
+    finally:
+        s.close()
 
 
 def test_speed_interval_is_the_ratio_of_sums_with_a_paired_bootstrap() -> None:

@@ -37,7 +37,7 @@ from vmediad import abi
 from vmediad.bench.common import LAYERS, machine
 
 BOOTSTRAP = 2000
-_DST = 8 << 20  # engine layer: where its output table goes in the scratch region
+_DST_LEN = 8 << 20  # engine layer: room for a task's output table (and copied frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +74,12 @@ class _Scratch:
         for d in stream:
             self.chunks.append((off, len(d)))
             off = abi.align(off + len(d), abi.PAGE_SIZE)
-        self.pool = abi.align(max(off, 2 * _DST), abi.PAGE_SIZE)
+        # chunks | engine output | pool: the output must not overlap the chunks, or a
+        # long stream's later chunks are overwritten by the first task's table.
+        self.dst = abi.align(off, abi.PAGE_SIZE)
+        self.dst_len = _DST_LEN
+        self.pool = self.dst + self.dst_len
         self.pool_len = abi.POOL_HEADER + pool_frames * pool_slot_bytes(width, height)
-        self.dst_len = self.pool - _DST
         # mmap(-1) is MAP_SHARED | MAP_ANONYMOUS: shmem pages, as a guest's region is.
         self.map = mmap.mmap(-1, self.pool + self.pool_len)
         self.mem = memoryview(self.map)
@@ -143,13 +146,13 @@ def _engine(codec: str, s: _Scratch, batch: int, sm: Any, on_table: Callable[[in
         t0 = time.perf_counter()
         for i in range(0, len(s.chunks), batch):
             inputs = [Input(o, length, i + j) for j, (o, length) in enumerate(s.chunks[i:i + batch])]
-            n += sm.decode(1, s.mem, inputs, False, False, _DST, s.dst_len)[0]
+            n += sm.decode(1, s.mem, inputs, False, False, s.dst, s.dst_len)[0]
             if on_table is not None:
-                on_table(_DST)
+                on_table(s.dst)
             s.lent[:] = 0  # the guest has read the task's frames and gives them back
-        n += sm.flush(1, s.mem, _DST, s.dst_len)[0]
+        n += sm.flush(1, s.mem, s.dst, s.dst_len)[0]
         if on_table is not None:
-            on_table(_DST)
+            on_table(s.dst)
         dt = time.perf_counter() - t0
     finally:
         s.lent[:] = 0
