@@ -78,7 +78,7 @@ def _tasks(stream: list[bytes], costs: Costs, batch: int, region: memoryview,
 
     from codec_backend.av_sessions import open_decoder_context
     from guestlib.codec import decoder_config
-    from vmediad.bench.codec import _padded
+    from vmediad.bench.codec import _padded, timed_decode
 
     ctx = open_decoder_context(decoder_config("h264"))
     built = None if costs.copy else [_padded(d) for d in stream]
@@ -95,15 +95,7 @@ def _tasks(stream: list[bytes], costs: Costs, batch: int, region: memoryview,
                 _spin(costs.gap_us)
         yield None  # drain
 
-    n = 0
-    t0 = time.perf_counter()
-    for p in packets():
-        frames = ctx.decode(p)
-        n += len(frames)
-        if on_frame is not None:
-            for f in frames:
-                on_frame(f)
-    return time.perf_counter() - t0, n
+    return timed_decode(ctx, packets(), on_frame)
 
 
 def _paths(stream: list[bytes], specs: list[str], batch: int, device: str | None, dev: Any, wpid: int,

@@ -36,7 +36,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,9 +139,16 @@ def _direct_decode(cfg: Any, stream: list[bytes],
 
     ctx = open_decoder_context(cfg)
     packets = [_padded(d) for d in stream]
+    return timed_decode(ctx, [*packets, None], on_frame)
+
+
+def timed_decode(ctx: Any, packets: Iterable[Any],
+                 on_frame: Callable[[Any], None] | None = None) -> tuple[float, int]:
+    """Seconds and frames of feeding ``packets`` (end with None to drain) to ``ctx``; the
+    clock covers whatever producing them costs, as a generator's copies or pauses."""
     n = 0
     t0 = time.perf_counter()
-    for p in [*packets, None]:
+    for p in packets:
         frames = ctx.decode(p)
         n += len(frames)
         if on_frame is not None:

@@ -100,6 +100,7 @@ def _fresh_packets(codec: str, s: _Scratch, pool: bool, on_frame: Callable[[Any]
     from codec_backend.av_sessions import open_decoder_context
     from codec_backend.framepool import FramePool
     from guestlib.codec import decoder_config
+    from vmediad.bench.codec import timed_decode
 
     ctx = open_decoder_context(decoder_config(codec))
     fp = None
@@ -109,25 +110,18 @@ def _fresh_packets(codec: str, s: _Scratch, pool: bool, on_frame: Callable[[Any]
         fp = FramePool(s.base + s.pool, s.pool_len)
         if not fp.attach(ctx):
             raise RuntimeError("the frame pool could not be attached")
-    n = 0
     mem = s.mem
-    t0 = time.perf_counter()
-    for i, (off, length) in enumerate(s.chunks):
-        pkt = Packet(length)
-        memoryview(pkt)[:] = mem[off:off + length]
-        pkt.pts = i
-        frames = ctx.decode(pkt)
-        n += len(frames)
-        if on_frame is not None:
-            for f in frames:
-                on_frame(f)
-    frames = ctx.decode(None)
-    n += len(frames)
-    if on_frame is not None:
-        for f in frames:
-            on_frame(f)
-    dt = time.perf_counter() - t0
-    del ctx, frames
+
+    def packets() -> Iterator[Any]:
+        for i, (off, length) in enumerate(s.chunks):
+            pkt = Packet(length)
+            memoryview(pkt)[:] = mem[off:off + length]
+            pkt.pts = i
+            yield pkt
+        yield None  # drain
+
+    dt, n = timed_decode(ctx, packets(), on_frame)
+    del ctx
     if fp is not None:
         fp.close()
     return dt, n
