@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -190,3 +193,36 @@ def test_speed_interval_is_the_ratio_of_sums_with_a_paired_bootstrap() -> None:
     assert 0.5 <= ci[0] <= 0.8 <= ci[1] <= 1.0
     with pytest.raises(ValueError):
         lbench.speed_interval([1.0], [1.0, 2.0], random.Random(0))
+
+
+def _fifo_allowed() -> bool:
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except PermissionError:
+        return False
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return True
+
+
+def test_sched_policy_bench_reports_the_device_against_the_floor_of_each_policy(tmp_path: Path) -> None:
+    pytest.importorskip("av")
+    script = Path(__file__).parent.parent / "benchmarks" / "sched_policy.py"
+    policies = ["other", "fifo"] if _fifo_allowed() else ["other"]
+    out = tmp_path / "sched.json"
+    r = subprocess.run([sys.executable, str(script), "--blocks", "2", "--policies", ",".join(policies),
+                        "--device", "1x4,2x6", "--size", "320x240", "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["path"]: x for x in json.loads(out.read_text())["rows"]}
+    assert list(rows) == [p for pol in policies for p in (f"direct {pol}", f"device 1x4 {pol}", f"device 2x6 {pol}")]
+    assert rows["direct other"]["speed"] == 1.0
+    for pol in policies:
+        for shape in ("1x4", "2x6"):
+            row = rows[f"device {shape} {pol}"]
+            assert row["fps"] > 0 and row["ratio_ci95"][0] <= row["ratio_same_policy"] <= row["ratio_ci95"][1]
+            assert row["worker_cpu_us_per_frame"] > 0
+            if pol == "other":  # the same floor: both figures are one ratio
+                assert row["ratio_same_policy"] == row["speed"]
+    for bad in (["--policies", "rr"], ["--device", "3x0"], ["--size", "big"]):
+        e = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=60)
+        assert e.returncode == 2, (bad, e.stderr)
