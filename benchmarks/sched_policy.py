@@ -20,6 +20,7 @@ intervals over blocks.
 
     python benchmarks/sched_policy.py --blocks 60 --device 3x12 \\
         --json-out benchmarks/results/sched-policy-720p.json
+    python benchmarks/sched_policy.py --codec hevc --blocks 60
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=60)
     p.add_argument("--policies", default="other,fifo", help="comma-separated: other, fifo; the first is the floor's")
     p.add_argument("--device", default="3x12", help="device shapes DEPTHxBATCH, comma-separated")
+    p.add_argument("--codec", default="h264", choices=["h264", "hevc", "vp9"])
     p.add_argument("--size", default="1280x720")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
@@ -99,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     if why := _check_allowed(policies):
         p.error(why)
 
-    stream = _direct_encode(encoder_config("h264", width, height), pictures(width, height, 30), 120)[1]
-    case = Case("h264", "decode", width, height)
+    stream = _direct_encode(encoder_config(a.codec, width, height), pictures(width, height, 30), 120)[1]
+    case = Case(a.codec, "decode", width, height)
     me = os.getpid()
     with _device_session(512 << 20) as (h, dev):
         wpid = int(h.device.statistics()["vms"][0]["worker_pid"])  # the one guest's worker
         paths: dict[str, Run] = {}
         for name in policies:
             pol = POLICIES[name]
-            paths[f"direct {name}"] = _under(pol, [me], lambda: _direct_decode(decoder_config("h264"), stream), wpid)
+            paths[f"direct {name}"] = _under(pol, [me], lambda: _direct_decode(decoder_config(a.codec), stream), wpid)
             for depth, batch in shapes:
                 def device(depth: int = depth, batch: int = batch) -> tuple[float, int]:
                     dt, n, _retries = _device_decode(dev, case, stream, depth, batch)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f"  CPU {here_us:5.0f} us/frame"
         rows.append(row)
         print(line)
-    save({"machine": machine(), "blocks": a.blocks, "size": a.size, "rows": rows}, a.json_out)
+    save({"machine": machine(), "codec": a.codec, "blocks": a.blocks, "size": a.size, "rows": rows}, a.json_out)
     return 0
 
 

@@ -223,6 +223,6 @@ def test_sched_policy_bench_reports_the_device_against_the_floor_of_each_policy(
             assert row["worker_cpu_us_per_frame"] > 0
             if pol == "other":  # the same floor: both figures are one ratio
                 assert row["ratio_same_policy"] == row["speed"]
-    for bad in (["--policies", "rr"], ["--device", "3x0"], ["--size", "big"]):
+    for bad in (["--policies", "rr"], ["--device", "3x0"], ["--size", "big"], ["--codec", "av1"]):
         e = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=60)
         assert e.returncode == 2, (bad, e.stderr)
