@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from guestlib.codec import encoder_config
     from vmediad.bench.codec import _direct_encode, pictures
     from vmediad.bench.common import machine, save
-    from vmediad.bench.layers import _device_session, block_order, speed_interval
+    from vmediad.bench.layers import _device_session, block_counter, speed_interval, timed_blocks
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=60)
@@ -182,20 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         wpid = int(h.device.statistics()["vms"][0]["worker_pid"])  # the one guest's worker
         paths = _paths(stream, specs, a.batch, a.device or None, dev, wpid, width, height)
         names = list(paths)
-        times: dict[str, list[float]] = {k: [] for k in names}
-        cpu = dict.fromkeys(names, 0.0)
-        frames = dict.fromkeys(names, 0)
         for k in names:
             paths[k]()  # warm-up, not counted
-        for b in range(a.blocks):
-            for k in block_order(names, b):
-                dt, n, c = paths[k]()
-                if n != len(stream):
-                    raise RuntimeError(f"{k}: {n} frames decoded, expected {len(stream)}")
-                times[k].append(dt)
-                cpu[k] += c
-                frames[k] += n
-            print(f"block {b + 1}/{a.blocks}", file=sys.stderr, end="\r", flush=True)
+        times, sums = timed_blocks(paths, a.blocks, len(stream), block_counter(a.blocks))
+    frames = a.blocks * len(stream)
+    cpu = {k: sums[k][0] for k in names}
     rng = random.Random(1)
     floor = names[0]
     rows = []
@@ -204,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in names:
         speed, (lo, hi) = speed_interval(times[floor], times[k], rng)
         row = {"path": k, "speed": round(speed, 4), "ci95": [round(lo, 4), round(hi, 4)],
-               "fps": round(frames[k] / sum(times[k]), 1), "cpu_us_per_frame": round(cpu[k] / frames[k] * 1e6, 1)}
+               "fps": round(frames / sum(times[k]), 1), "cpu_us_per_frame": round(cpu[k] / frames * 1e6, 1)}
         if not k.startswith("device"):
             hold = Costs.parse(k).hold
             if hold not in buffers:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from guestlib.codec import decoder_config, encoder_config
     from vmediad.bench.codec import Case, _device_decode, _direct_decode, _direct_encode, pictures
     from vmediad.bench.common import machine, save
-    from vmediad.bench.layers import _device_session, block_order, speed_interval
+    from vmediad.bench.layers import _device_session, block_counter, speed_interval, timed_blocks
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=60)
@@ -116,30 +116,19 @@ def main(argv: list[str] | None = None) -> int:
                     return dt, n
                 paths[f"device {depth}x{batch} {name}"] = _under(pol, [me, wpid], device, wpid)
         names = list(paths)
-        times: dict[str, list[float]] = {k: [] for k in names}
-        cpu: dict[str, list[float]] = {k: [0.0, 0.0] for k in names}
-        frames = dict.fromkeys(names, 0)
         for k in names:
             paths[k]()  # warm-up, not counted
-        for b in range(a.blocks):
-            for k in block_order(names, b):
-                dt, n, here, worker = paths[k]()
-                if n != len(stream):
-                    raise RuntimeError(f"{k}: {n} frames decoded, expected {len(stream)}")
-                times[k].append(dt)
-                cpu[k][0] += here
-                cpu[k][1] += worker
-                frames[k] += n
-            print(f"block {b + 1}/{a.blocks}", file=sys.stderr, end="\r", flush=True)
+        times, cpu = timed_blocks(paths, a.blocks, len(stream), block_counter(a.blocks))
+    frames = a.blocks * len(stream)
     rng = random.Random(1)
     floor = names[0]
     rows: list[dict[str, Any]] = []
     width_col = max(len(k) for k in names)
     for k in names:
         speed, (lo, hi) = speed_interval(times[floor], times[k], rng)
-        here_us, worker_us = (c / frames[k] * 1e6 for c in cpu[k])
+        here_us, worker_us = (c / frames * 1e6 for c in cpu[k])
         row: dict[str, Any] = {"path": k, "speed": round(speed, 4), "ci95": [round(lo, 4), round(hi, 4)],
-                               "fps": round(frames[k] / sum(times[k]), 1)}
+                               "fps": round(frames / sum(times[k]), 1)}
         line = f"{k:{width_col}s} speed {speed:.3f} ({lo:.3f}-{hi:.3f})  {row['fps']:6.1f} fps"
         if k.startswith("device"):
             same = f"direct {k.rsplit(' ', 1)[1]}"

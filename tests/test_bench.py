@@ -226,3 +226,22 @@ def test_sched_policy_bench_reports_the_device_against_the_floor_of_each_policy(
     for bad in (["--policies", "rr"], ["--device", "3x0"], ["--size", "big"], ["--codec", "av1"]):
         e = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=60)
         assert e.returncode == 2, (bad, e.stderr)
+
+
+def test_timed_blocks_sums_each_paths_counters_and_refuses_a_short_decode() -> None:
+    calls: list[str] = []
+
+    def path(name: str, seconds: float, n: int = 10) -> Any:
+        def go() -> tuple[float, int, float, float]:
+            calls.append(name)
+            return seconds, n, 1.0, 0.5
+        return go
+
+    seen: list[int] = []
+    times, sums = lbench.timed_blocks({"a": path("a", 2.0), "b": path("b", 3.0)}, 3, 10,
+                                      lambda b, t: seen.append(b))
+    assert times == {"a": [2.0, 2.0, 2.0], "b": [3.0, 3.0, 3.0]}
+    assert sums == {"a": [3.0, 1.5], "b": [3.0, 1.5]}
+    assert calls == ["a", "b", "a", "b", "a", "b"] and seen == [1, 2, 3]  # order of block_order
+    with pytest.raises(RuntimeError, match="b gave 9 frames, not 10"):
+        lbench.timed_blocks({"a": path("a", 1.0), "b": path("b", 1.0, 9)}, 2, 10)

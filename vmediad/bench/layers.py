@@ -24,9 +24,10 @@ import dataclasses
 import hashlib
 import mmap
 import random
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,35 @@ def speed_interval(floor: list[float], times: list[float], rng: random.Random,
     return point, (boots[int(0.025 * (resamples - 1))], boots[int(0.975 * (resamples - 1))])
 
 
+def timed_blocks(paths: Mapping[str, Callable[[], tuple[float, ...]]], blocks: int, frames: int,
+                 progress: Callable[[int, dict[str, list[float]]], None] | None = None,
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run every path once per block, in ``block_order``.  A path returns (seconds, frames
+    decoded, *counters); one that decodes other than ``frames`` frames stops the run.
+    Returns each path's seconds per block and its counters summed over the blocks;
+    ``progress`` sees the block number (from 1) and the times so far after each block."""
+    names = list(paths)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    sums: dict[str, list[float]] = {}
+    for b in range(blocks):
+        for k in block_order(names, b):
+            dt, n, *counters = paths[k]()
+            if n != frames:
+                raise RuntimeError(f"{k} gave {n} frames, not {frames}")
+            times[k].append(dt)
+            sums[k] = [x + c for x, c in zip(sums[k], counters, strict=True)] if k in sums else list(counters)
+        if progress is not None:
+            progress(b + 1, times)
+    return times, sums
+
+
+def block_counter(blocks: int) -> Callable[[int, dict[str, list[float]]], None]:
+    """A ``timed_blocks`` progress that rewrites "block b/blocks" on one line of stderr."""
+    def show(b: int, _times: dict[str, list[float]]) -> None:
+        print(f"block {b}/{blocks}", file=sys.stderr, end="\r", flush=True)
+    return show
+
+
 def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int = 120, blocks: int = 60,
         layers: tuple[str, ...] = LAYERS, progress: Callable[[str], None] | None = None,
         seed: int = 1) -> dict[str, Any]:
@@ -263,25 +293,25 @@ def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int =
                                    f"({len(got)} frames against {len(ref)})")
         say(f"all {len(layers)} layers decode the same {frames} pictures (MD5 of the visible planes)")
 
-        times: dict[str, list[float]] = {x: [] for x in layers}
-        cpu: dict[str, float] = dict.fromkeys(layers, 0.0)
-        for b in range(blocks):
-            for layer in block_order(layers, b):
+        def on_thread_clock(layer: str) -> Callable[[], tuple[float, int, float]]:
+            def go() -> tuple[float, int, float]:
                 c0 = time.thread_time()
                 dt, n = one(layer)
-                cpu[layer] += time.thread_time() - c0
-                if n != frames:
-                    raise RuntimeError(f"layer {layer} gave {n} frames, not {frames}")
-                times[layer].append(dt)
-            if (b + 1) % max(1, blocks // 10) == 0 or b + 1 == blocks:
-                say(f"block {b + 1}/{blocks}: " + ", ".join(f"{x} {frames / times[x][-1]:.0f} fps" for x in layers))
+                return dt, n, time.thread_time() - c0
+            return go
+
+        def report(b: int, times: dict[str, list[float]]) -> None:
+            if b % max(1, blocks // 10) == 0 or b == blocks:
+                say(f"block {b}/{blocks}: " + ", ".join(f"{x} {frames / times[x][-1]:.0f} fps" for x in layers))
+
+        times, sums = timed_blocks({x: on_thread_clock(x) for x in layers}, blocks, frames, report)
     rng = random.Random(seed)
     results = []
     for layer in layers:
         speed, ci = speed_interval(times["direct"], times[layer], rng)
         fps = sorted(frames / t for t in times[layer])[len(times[layer]) // 2]
         results.append(LayerResult(layer, round(fps, 1), round(speed, 4), (round(ci[0], 4), round(ci[1], 4)),
-                                   round(cpu[layer] / (blocks * frames) * 1e6, 1)))
+                                   round(sums[layer][0] / (blocks * frames) * 1e6, 1)))
     return {"machine": machine(), "codec": codec, "width": width, "height": height, "frames": frames,
             "blocks": blocks, "stream": {"depth": depth, "batch": batch, "pool_frames": DEFAULT_POOL_FRAMES},
             "layers": [dataclasses.asdict(r) for r in results],
