@@ -22,6 +22,12 @@ void fp_unlend(fp_pool *pool, int slot);
 int fp_attach(fp_pool *pool, uintptr_t avctx);
 void fp_close(fp_pool *pool);
 void fp_stats(fp_pool *pool, uint64_t *out);
+int fp_setup_decode(uintptr_t packet_alloc, uintptr_t new_packet, uintptr_t packet_free, uintptr_t send_packet,
+                    uintptr_t receive_frame, uintptr_t frame_unref, uintptr_t frame_move_ref, size_t off_frame_pts);
+int fp_decode(fp_pool *pool, uintptr_t avctx, uintptr_t frame, uintptr_t base, const int64_t *chunks, int n,
+              int width, int height, unsigned int nplanes, const int64_t *shape, int64_t fmt, int64_t flags,
+              int64_t *out, int max_out, int64_t *state);
+void fp_take_frame(uintptr_t frame, uintptr_t frame_obj);
 """
 
 SOURCE = r"""
@@ -275,9 +281,14 @@ void fp_unlend(fp_pool *p, int slot);
    then each plane's offset in the slot and its line size (3 each, 0 past nplanes); returns
    the slot.  -1: plane 0 is in no slot (libav's own memory: the caller copies the frame);
    -2: a plane is narrower than its row bytes or does not lie inside the slot. */
+static int lend_avframe(fp_pool *p, void *f, unsigned int nplanes, const int64_t *shape, int64_t *out);
+
 int fp_lend_frame(fp_pool *p, uintptr_t frame_obj, unsigned int nplanes, const int64_t *shape,
                   int64_t *out) {
-    void *f = *(void **)(frame_obj + av.off_pyframe);
+    return lend_avframe(p, *(void **)(frame_obj + av.off_pyframe), nplanes, shape, out);
+}
+
+static int lend_avframe(fp_pool *p, void *f, unsigned int nplanes, const int64_t *shape, int64_t *out) {
     uint64_t slot_addr;
     if (nplanes > 3) return -2;
     int slot = fp_lend(p, (uintptr_t)F_DATA(f)[0], &slot_addr);
@@ -298,6 +309,119 @@ int fp_lend_frame(fp_pool *p, uintptr_t frame_obj, unsigned int nplanes, const i
         out[4 + k] = line;
     }
     return slot;
+}
+
+/* --- the decode loop: packets in, pooled frames lent, no Python per frame ---------------
+
+   The worker's thread that drives a decoder runs between the codec's frame threads on the
+   same cores, so every Python step it takes per packet delays the next packet.  For a
+   session with a pool, fp_decode copies each chunk into a fresh padded packet, sends it and
+   receives what the decoder returns, and lends every picture that landed in a slot with the
+   session's geometry and a pool format, writing its frame-table entry (abi.FRAME_ENTRY's
+   fields, in order, one int64 each: Python packs them).  Anything else stops the loop with
+   the frame left in `frame` (FD_HELD): the caller takes it as a PyAV frame (fp_take_frame)
+   and treats it as a frame decoded by PyAV, then resumes.  The loop runs without the GIL
+   (cffi releases it), so hostd-facing threads of the worker are not held up either. */
+
+typedef void *(*packet_alloc_fn)(void);
+typedef int (*new_packet_fn)(void *pkt, int size);
+typedef void (*packet_free_fn)(void **pkt);
+typedef int (*send_packet_fn)(void *avctx, const void *pkt);
+typedef int (*receive_frame_fn)(void *avctx, void *frame);
+typedef void (*frame_unref_fn)(void *frame);
+typedef void (*frame_move_ref_fn)(void *dst, void *src);
+
+static struct {
+    packet_alloc_fn packet_alloc;
+    new_packet_fn new_packet;
+    packet_free_fn packet_free;
+    send_packet_fn send_packet;
+    receive_frame_fn receive_frame;
+    frame_unref_fn frame_unref;
+    frame_move_ref_fn frame_move_ref;
+    size_t off_frame_pts;
+} dec;
+
+/* AVPacket's leading fields (buf, pts, dts, data, size) have not moved since FFmpeg 2.x;
+   framepool.py checks them on a real packet before enabling the loop. */
+#define P_PTS(p) (*(int64_t *)((char *)(p) + 8))
+#define P_DATA(p) (*(uint8_t **)((char *)(p) + 24))
+#define F_PTS(f) (*(int64_t *)((char *)(f) + dec.off_frame_pts))
+#define AVERR_EAGAIN (-11)
+#define AVERR_EOF (-0x20464F45)  /* FFERRTAG('E','O','F',' ') */
+#define ENTRY_WORDS 14
+
+enum { FD_DONE = 0, FD_HELD = 1, FD_FULL = 2, FD_ERROR = 3, FD_NOMEM = 4 };
+
+int fp_setup_decode(uintptr_t packet_alloc, uintptr_t new_packet, uintptr_t packet_free, uintptr_t send_packet,
+                    uintptr_t receive_frame, uintptr_t frame_unref, uintptr_t frame_move_ref, size_t off_frame_pts) {
+    dec.packet_alloc = (packet_alloc_fn)packet_alloc;
+    dec.new_packet = (new_packet_fn)new_packet;
+    dec.packet_free = (packet_free_fn)packet_free;
+    dec.send_packet = (send_packet_fn)send_packet;
+    dec.receive_frame = (receive_frame_fn)receive_frame;
+    dec.frame_unref = (frame_unref_fn)frame_unref;
+    dec.frame_move_ref = (frame_move_ref_fn)frame_move_ref;
+    dec.off_frame_pts = off_frame_pts;
+    return 0;
+}
+
+/* chunks: n x {offset from base, length, pts, pts valid}.  state (in/out): [0] the chunk to
+   send next, or whose frames are being received when [1] is 1; [2] (out) entries written;
+   [3] (out) the libav error of FD_ERROR, whose chunk is state[0] - 1.  FD_FULL: out holds
+   max_out entries; call again.  The caller checked every chunk against the region. */
+int fp_decode(fp_pool *p, uintptr_t avctx, uintptr_t frame, uintptr_t base, const int64_t *chunks, int n,
+              int width, int height, unsigned int nplanes, const int64_t *shape, int64_t fmt, int64_t flags,
+              int64_t *out, int max_out, int64_t *state) {
+    void *ctx = (void *)avctx, *f = (void *)frame;
+    int i = (int)state[0], receiving = (int)state[1], nout = 0, ret = 0, rc = FD_DONE;
+    state[3] = 0;
+    for (; i < n; i++) {
+        if (!receiving) {
+            const int64_t *c = chunks + 4 * i;
+            void *pkt = dec.packet_alloc();
+            if (!pkt) { rc = FD_NOMEM; goto stop; }
+            if (dec.new_packet(pkt, (int)c[1]) < 0) {  /* zero-padded, refcounted */
+                dec.packet_free(&pkt);
+                rc = FD_NOMEM;
+                goto stop;
+            }
+            memcpy(P_DATA(pkt), (const uint8_t *)base + c[0], (size_t)c[1]);
+            P_PTS(pkt) = c[3] ? c[2] : INT64_MIN;  /* AV_NOPTS_VALUE */
+            ret = dec.send_packet(ctx, pkt);
+            dec.packet_free(&pkt);
+            if (ret < 0) { i++; rc = FD_ERROR; goto stop; }
+        }
+        receiving = 1;
+        for (;;) {
+            if (nout >= max_out) { rc = FD_FULL; goto stop; }
+            ret = dec.receive_frame(ctx, f);
+            if (ret == AVERR_EAGAIN || ret == AVERR_EOF) break;
+            if (ret < 0) { i++; receiving = 0; rc = FD_ERROR; goto stop; }
+            int ok = p && F_WIDTH(f) == width && F_HEIGHT(f) == height;
+            int fmt_ok = 0;
+            for (unsigned int k = 0; ok && k < p->nformats; k++) fmt_ok |= F_FORMAT(f) == p->formats[k];
+            int64_t lent[7];
+            int slot = ok && fmt_ok ? lend_avframe(p, f, nplanes, shape, lent) : -1;
+            if (slot < 0) { rc = FD_HELD; goto stop; }  /* the caller takes it from `frame` */
+            int64_t *e = out + ENTRY_WORDS * nout++;
+            e[0] = lent[0]; e[1] = width; e[2] = height; e[3] = fmt; e[4] = nplanes; e[5] = F_PTS(f);
+            for (int k = 0; k < 6; k++) e[6 + k] = lent[1 + k];
+            e[12] = flags; e[13] = slot;
+            dec.frame_unref(f);  /* the slot stays the guest's: its lent counter is up */
+        }
+        receiving = 0;
+    }
+stop:
+    state[0] = i; state[1] = receiving; state[2] = nout; state[3] = ret;
+    return rc;
+}
+
+/* Move the frame fp_decode held into a PyAV VideoFrame made for its geometry and format. */
+void fp_take_frame(uintptr_t frame, uintptr_t frame_obj) {
+    void *dst = *(void **)(frame_obj + av.off_pyframe);
+    dec.frame_unref(dst);
+    dec.frame_move_ref(dst, (void *)frame);
 }
 
 /* Undo an fp_lend whose frame never reached the guest (its task failed after all). */

@@ -210,6 +210,7 @@ class _Stats:
     dec_in_copied: int = 0
     dec_out_copied: int = 0
     dec_frames_pooled: int = 0  # decoded straight into the guest's frame pool: not copied
+    dec_frames_looped: int = 0  # of those, lent by the C decode loop (framepool.DecodeLoop)
     opened: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -515,6 +516,26 @@ def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps,
 
 
 # --- sessions --------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Lent:
+    """Frames the C decode loop lent (their slots' counters are up) and whose table entries it
+    wrote: abi.FRAME_ENTRY's fields, flat, ``count`` entries.  Queued like decoded frames; a
+    task that fails keeps them lent and queued for the next."""
+
+    entries: list[int]
+    count: int
+
+
+@lru_cache(maxsize=64)
+def _entries_struct(count: int) -> Any:
+    import struct
+
+    return struct.Struct("<" + abi.FRAME_ENTRY.format.lstrip("<") * count)
+
+
+_NO_SHAPE: Final = (None, 0)
+
+
 class _Session:
     pending_items: int
     pending_bytes: int
@@ -761,6 +782,9 @@ class _DecoderSession(_Session):
         super().__init__(stats)
         self._codec, self._impl, self._fmt = _decoder_target(cfg, caps)
         self._pool: FramePool | None = None
+        self._loop: framepool.DecodeLoop | None = None  # the C packet loop (pooled sessions)
+        self._base_mem: memoryview | None = None
+        self._base = 0
         if cfg.flags & abi.SessionFlag.FRAME_POOL:
             if mem is None or pool[1] < abi.POOL_MIN:
                 raise CodecError(ErrorCode.BAD_ARG, f"FRAME_POOL needs a pool of at least {abi.POOL_MIN} bytes")
@@ -775,6 +799,8 @@ class _DecoderSession(_Session):
                 raise CodecError(ErrorCode.BACKEND, f"frame pools unavailable: {pr.reason}")
             base = int(np.frombuffer(mem, np.uint8, 1).ctypes.data)
             self._pool = FramePool(base + pool[0], pool[1], formats=tuple(sorted(_SAME_LAYOUT[self._fmt])))
+            if framepool.DecodeLoop.enabled():
+                self._loop = framepool.DecodeLoop(self._pool)
         elif pool[1]:
             raise CodecError(ErrorCode.BAD_ARG, "a frame pool was given without FRAME_POOL")
         self._cfg = cfg
@@ -782,7 +808,7 @@ class _DecoderSession(_Session):
         self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
         self._same_layout = _SAME_LAYOUT[self._fmt]
         self._geom: tuple[int, int, tuple[list[tuple[int, int]], int, Any]] = (0, 0, ([], 0, None))  # _geometry
-        self._pending: deque[VideoFrame] = deque()
+        self._pending: deque[VideoFrame | _Lent] = deque()
         self._fed = 0
         self._parsed = False
         self._stream_pos = 0  # bytes fed to the parser
@@ -889,14 +915,72 @@ class _DecoderSession(_Session):
                 raise CodecError(ErrorCode.BAD_ARG, "pts out of range")
         if chunks:
             self._check_backlog()
-        for inp in chunks:
-            try:
-                error = self._feed(mem, inp.offset, inp.length, inp.pts, parse) or error
-            except CodecError as exc:
-                error = error or exc
+        if chunks and self._loop is not None and not parse and self._loop.bind(self._context()):
+            error = self._feed_loop(mem, chunks)
+        else:
+            for inp in chunks:
+                try:
+                    error = self._feed(mem, inp.offset, inp.length, inp.pts, parse) or error
+                except CodecError as exc:
+                    error = error or exc
         if error is not None:
             raise error
         return self._emit(mem, dst_off, dst_len)
+
+    def _feed_loop(self, mem: memoryview, chunks: list[Input]) -> CodecError | None:
+        """Decode ``chunks`` (checked, unparsed) in the C loop: what ``_feed`` does for each,
+        with the pictures it can lend queued as :class:`_Lent` and the others as PyAV frames
+        through ``_queue``.  Returns the first error; frames before it stay queued."""
+        loop = cast(framepool.DecodeLoop, self._loop)
+        if mem is not self._base_mem:
+            self._base_mem, self._base = mem, int(np.frombuffer(mem, np.uint8, 1).ctypes.data)
+        n = len(chunks)
+        arr = loop.chunks([(c.offset, c.length, 0 if c.pts is None else c.pts, c.pts is not None) for c in chunks])
+        fmt = int(self._fmt)
+        error: CodecError | None = None
+        i = receiving = failed = 0
+        while True:
+            w, h, geom = self._geom
+            rc, i, receiving, entries, err = loop.run(self._base, arr, n, i, receiving, w, h,
+                                                      geom[2] if geom[2] is not None else _NO_SHAPE, fmt)
+            if entries:
+                k = len(entries) // loop.ENTRY_WORDS
+                self._stats.dec_frames_looped += k
+                self._pending.append(_Lent(entries, k))
+                self.pending_items += k
+                self.pending_bytes += k * geom[1]
+            if rc == framepool.FD_DONE:
+                break
+            if rc == framepool.FD_HELD:
+                frame = loop.take()
+                if frame is None:
+                    error = error or CodecError(ErrorCode.INVALID_DATA, "cannot convert frame: unknown format")
+                else:
+                    error = self._queue(frame) or error
+            elif rc == framepool.FD_ERROR:
+                failed += 1
+                try:
+                    av.error.err_check(err)
+                    error = error or CodecError(ErrorCode.BACKEND, f"decoder error {err}")
+                    break
+                except av.error.InvalidDataError as exc:
+                    error = error or CodecError(ErrorCode.INVALID_DATA, str(exc))
+                except av.error.FFmpegError as exc:
+                    error = error or _ff_error(exc, ErrorCode.INVALID_DATA)
+                    self._ctx = None
+                    break
+            elif rc == framepool.FD_NOMEM:
+                error = error or CodecError(ErrorCode.BACKEND, "out of memory for a packet")
+                break
+            # FD_FULL: the entries are queued; go on.
+        sent = sum(c.length for c in chunks[:i])
+        stats = self._stats
+        stats.dec_chunks_in += i
+        stats.dec_bytes_in += sent
+        stats.dec_in_copied += sent
+        stats.dec_packets_in += i - failed
+        self._fed += i
+        return error
 
     def _feed(self, mem: memoryview, src_off: int, src_len: int, pts: int | None,
               parse: bool) -> CodecError | None:
@@ -963,19 +1047,26 @@ class _DecoderSession(_Session):
 
     def _emit(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
         pending = self._pending
-        count = len(pending)
+        count = self.pending_items
         fmt = int(self._fmt)
         pool = self._pool
         table = abi.out_table_size(abi.OUT_FRAMES, count)
         # Frames the decoder wrote into the pool are lent in this first pass (the slot's
         # counter + 1, which the decoder's get_buffer2 reads): every failure below, NO_SPACE
-        # included, takes the lends back, and the guest sees them only with the completion.
-        # Per frame: (-1, shapes, slot, pooled entry fields) or (position in dst, shapes, 0, []).
+        # included, takes these lends back, and the guest sees them only with the completion.
+        # (The C loop's _Lent frames were lent as they were decoded and stay lent and queued.)
+        # Per item: (-1, shapes, slot, pooled entry fields), (position in dst, shapes, 0, [])
+        # or (-2, [], count, the _Lent's entries).
         layouts: list[tuple[int, list[tuple[int, int]], int, list[int]]] = []
         used = table
         pooled = 0
         try:
-            for frame in pending:
+            for item in pending:
+                if type(item) is _Lent:
+                    layouts.append((-2, [], item.count, item.entries))
+                    pooled += item.count
+                    continue
+                frame = cast(VideoFrame, item)
                 geom = self._geometry(frame.width, frame.height)
                 if geom is None:  # pragma: no cover - _queue admitted only frames within the caps
                     raise CodecError(ErrorCode.BACKEND, "queued frame exceeds the geometry caps")
@@ -997,7 +1088,12 @@ class _DecoderSession(_Session):
             abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
             entry_pos = dst_off + abi.OUT_HEADER.size
             copied = 0
-            for frame, (pos, shapes, slot, entry) in zip(pending, layouts, strict=True):
+            for item, (pos, shapes, slot, entry) in zip(pending, layouts, strict=True):
+                if pos == -2:
+                    _entries_struct(slot).pack_into(mem, entry_pos, *entry)
+                    entry_pos += slot * abi.FRAME_ENTRY.size
+                    continue
+                frame = cast(VideoFrame, item)
                 pts = abi.NO_PTS if frame.pts is None else frame.pts
                 if pos < 0:
                     abi.FRAME_ENTRY.pack_into(mem, entry_pos, entry[0], frame.width, frame.height, fmt,
@@ -1008,7 +1104,7 @@ class _DecoderSession(_Session):
         except BaseException:
             # The task fails and its frames stay queued: the guest never sees these lends.
             for pos, _shapes, slot, _entry in layouts:
-                if pos < 0:
+                if pos == -1:
                     cast(FramePool, pool).unlend(slot)
             raise
         mem[entry_pos:dst_off + table] = bytes(dst_off + table - entry_pos)
@@ -1045,6 +1141,9 @@ class _DecoderSession(_Session):
         """Drop the codec context and queued frames, then the pool: slots the guest still
         holds stay lent until it gives them back or frees the pool with the session."""
         super().close()
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -1187,6 +1286,7 @@ class SessionManager:
                 "bytes_copied": dec_copied,
                 "bytes_copied_per_frame": dec_copied / s.dec_frames_out if s.dec_frames_out else 0.0,
                 "frames_pooled": s.dec_frames_pooled,
+                "frames_looped": s.dec_frames_looped,
             },
             "frame_pool": self._pool_statistics(),
             "errors": dict(s.errors),

@@ -36,12 +36,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import av.error as av_error
 from av.video.frame import VideoFrame
 from cffi import FFI
 
 from vmediad import abi
 
-__all__ = ["FramePool", "PoolStats", "Probe", "probe"]
+__all__ = ["DecodeLoop", "FramePool", "PoolStats", "Probe", "probe"]
 
 _ABI = FFI()
 _ABI.cdef("""
@@ -57,6 +58,14 @@ void *av_frame_alloc(void);
 void av_frame_free(void **frame);
 int av_frame_get_buffer(void *frame, int align);
 int av_get_pix_fmt(const char *name);
+const char *av_get_pix_fmt_name(int pix_fmt);
+void *av_packet_alloc(void);
+int av_new_packet(void *pkt, int size);
+void av_packet_free(void **pkt);
+int avcodec_send_packet(void *avctx, const void *pkt);
+int avcodec_receive_frame(void *avctx, void *frame);
+void av_frame_unref(void *frame);
+void av_frame_move_ref(void *dst, void *src);
 """)
 
 # AVCodecContext's first fields, unchanged since FFmpeg 1.x.
@@ -73,12 +82,15 @@ _PYAV_FRAME_PTR = 24
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """What :func:`probe` found: ``ok`` and the offsets, or the reason pools are off."""
+    """What :func:`probe` found: ``ok`` and the offsets, or the reason pools are off.
+    ``loop``: :class:`DecodeLoop` may be used (else ``loop_reason`` says why not)."""
 
     ok: bool
     reason: str = ""
     off_get_buffer2: int = 0
     off_buf: int = 0
+    loop: bool = False
+    loop_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +221,7 @@ def _discover() -> Probe:
     finally:
         mem.close()
 
+    loop_reason = _probe_decode_loop(av_)
     _framepool.lib.fp_setup(
         dflt,
         av_.addr(av_.codec, "avcodec_align_dimensions2"),
@@ -220,8 +233,51 @@ def _discover() -> Probe:
         off_buf,
         _PYAV_FRAME_PTR,
     )
+    if isinstance(loop_reason, int):
+        _framepool.lib.fp_setup_decode(*(av_.addr(av_.codec, n) for n in (
+            "av_packet_alloc", "av_new_packet", "av_packet_free", "avcodec_send_packet",
+            "avcodec_receive_frame")), *(av_.addr(av_.util, n) for n in ("av_frame_unref", "av_frame_move_ref")),
+            loop_reason)
     _AV, _NATIVE = av_, _framepool
-    return Probe(True, "", off_gb2, off_buf)
+    if isinstance(loop_reason, int):
+        return Probe(True, "", off_gb2, off_buf, True)
+    return Probe(True, "", off_gb2, off_buf, False, loop_reason)
+
+
+def _probe_decode_loop(av_: _Av) -> int | str:
+    """What fp_decode assumes of AVPacket and AVFrame: the offset of AVFrame.pts, or why the
+    loop is off.  AVPacket: buf, pts, dts, data and size lead it (checked on a real packet);
+    AVFrame.pts is found as the one word that holds a pts set through PyAV, twice."""
+    mem = _Mem()
+    try:
+        pkt = av_.codec.av_packet_alloc()
+        if pkt == _ABI.NULL:
+            return "av_packet_alloc failed"
+        try:
+            if av_.codec.av_new_packet(pkt, 100) != 0:
+                return "av_new_packet failed"
+            pb = int(_ABI.cast("uintptr_t", pkt))
+            buf, data = mem.word(pb), mem.word(pb + 24)
+            nopts = 1 << 63
+            if not (buf and data and mem.word(buf + 8) == data and mem.i32(pb + 32) == 100
+                    and mem.word(pb + 8) == nopts and mem.word(pb + 16) == nopts):
+                return "AVPacket buf/pts/dts/data/size are not where expected"
+        finally:
+            _free(av_.codec.av_packet_free, pkt)
+        vf = VideoFrame(64, 48, "yuv420p")
+        p = mem.word(id(vf) + _PYAV_FRAME_PTR)
+        found: list[int] = []
+        for value in (0x1122334455667788, 0x0A0B0C0D0E0F1011):
+            vf.pts = value
+            hits = [off for off in range(120, _SCAN_BYTES, 8) if mem.word(p + off) == value]
+            found.append(hits[0] if len(hits) == 1 else -1)
+        if found[0] < 0 or found[0] != found[1]:
+            return "AVFrame.pts not found"
+        return found[0]
+    except OSError as e:
+        return f"probing AVPacket/AVFrame failed: {e}"
+    finally:
+        mem.close()
 
 
 def _pyav_frame_checks(mem: _Mem) -> bool:
@@ -357,3 +413,89 @@ class FramePool:
         if self._ptr is not None:
             _NATIVE.lib.fp_close(self._ptr)
             self._ptr = None
+
+
+class DecodeLoop:
+    """The packet loop of one pooled decoder in C (``fp_decode``): chunks of guest memory in,
+    pooled pictures lent with their frame-table entries out, no Python per packet or frame.
+
+    A picture the loop cannot lend (not in a slot, another geometry or format) stops it and
+    is handed over as a PyAV frame (:meth:`take`), so the session treats it exactly as one
+    ``decode()`` returned.  ``VMEDIAD_DECODE_LOOP=0`` in a worker's environment turns the
+    loop off (the A/B switch of the benchmarks)."""
+
+    ENTRY_WORDS = 14  # abi.FRAME_ENTRY's fields
+    MAX_OUT = 64  # entries per call; a task with more calls again
+
+    def __init__(self, pool: FramePool) -> None:
+        assert _AV is not None and _NATIVE is not None
+        self._pool = pool
+        frame = _AV.util.av_frame_alloc()
+        if frame == _ABI.NULL:
+            raise MemoryError("av_frame_alloc")
+        self._frame: Any = frame
+        self._frame_addr = int(_ABI.cast("uintptr_t", frame))
+        self._out: Any = _NATIVE.ffi.new("int64_t[]", self.ENTRY_WORDS * self.MAX_OUT)
+        self._state: Any = _NATIVE.ffi.new("int64_t[4]")
+        self._ctx_id = 0
+        self._avctx = 0
+
+    @staticmethod
+    def enabled() -> bool:
+        return probe().loop and os.environ.get("VMEDIAD_DECODE_LOOP", "1") != "0"
+
+    def bind(self, ctx: Any) -> bool:
+        """Use ``ctx`` (its AVCodecContext is proven once per context object)."""
+        if id(ctx) != self._ctx_id:
+            p = _context_pointer(ctx)
+            if p is None:
+                return False
+            self._ctx_id, self._avctx = id(ctx), p
+        return True
+
+    def run(self, base: int, chunks: Any, n: int, start: int, receiving: int, width: int, height: int,
+            shape: Any, fmt: int) -> tuple[int, int, int, list[int], int]:
+        """One fp_decode call: (code, next chunk, receiving, entries (flat), libav error)."""
+        ptr = self._pool._ptr
+        if ptr is None:
+            raise RuntimeError("the frame pool is closed")
+        st = self._state
+        st[0], st[1] = start, receiving
+        arr = _NATIVE.ffi.NULL if shape[0] is None else shape[0]
+        rc = int(_NATIVE.lib.fp_decode(ptr, self._avctx, self._frame_addr, base, chunks, n, width, height,
+                                       shape[1], arr, fmt, abi.FRAME_POOLED, self._out, self.MAX_OUT, st))
+        nout = int(st[2])
+        entries = _NATIVE.ffi.unpack(self._out, self.ENTRY_WORDS * nout) if nout else []
+        return rc, int(st[0]), int(st[1]), entries, int(st[3])
+
+    @staticmethod
+    def chunks(items: list[tuple[int, int, int, int]]) -> Any:
+        """The chunk array fp_decode reads: (offset, length, pts, pts valid) per chunk."""
+        assert _NATIVE is not None
+        return _NATIVE.ffi.new("int64_t[]", [v for c in items for v in c] or [0])
+
+    def take(self) -> VideoFrame | None:
+        """The picture the loop stopped at, as a PyAV frame (None: a format PyAV can't hold;
+        the picture is dropped)."""
+        assert _AV is not None and _NATIVE is not None
+        f = _ABI.cast("int *", self._frame)
+        w, h, fmt = int(f[104 // 4]), int(f[108 // 4]), int(f[116 // 4])
+        name = _AV.util.av_get_pix_fmt_name(fmt)
+        try:
+            if name == _ABI.NULL:
+                raise ValueError(f"pixel format {fmt}")
+            vf = VideoFrame(w, h, _ABI.string(name).decode())
+        except (ValueError, TypeError, av_error.FFmpegError):
+            _AV.util.av_frame_unref(self._frame)
+            return None
+        _NATIVE.lib.fp_take_frame(self._frame_addr, id(vf))
+        return vf
+
+    def close(self) -> None:
+        if self._frame is not None and _AV is not None:
+            _free(_AV.util.av_frame_free, self._frame)
+            self._frame = None
+
+
+# fp_decode's return codes (_framepool_build.py).
+FD_DONE, FD_HELD, FD_FULL, FD_ERROR, FD_NOMEM = range(5)

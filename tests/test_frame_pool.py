@@ -462,3 +462,80 @@ def test_guest_checks_every_pooled_entry_before_it_makes_views(dev: Device) -> N
             with pytest.raises(ValueError):
                 cast(Any, dec)._frames(out.offset)
             assert lent(dec)[:3] == [0, 0, 0]
+
+
+def _session_decode(packets: list[Packet], tasks: list[list[int]], loop: bool,
+                    monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], dict[str, Any]]:
+    """Decode ``packets`` in a worker's SessionManager (in process) with a frame pool, in tasks
+    of the given packet indexes, then flush.  Per task: the error name, or per frame (pts,
+    width, height, pooled, MD5 of its visible planes read through its table entry); every
+    slot is given back after the task, as a guest does."""
+    from codec_backend.av_sessions import CodecError, SessionManager
+    from codec_backend.inputs import Input
+
+    monkeypatch.setenv("VMEDIAD_DECODE_LOOP", "1" if loop else "0")
+    area = mmap.mmap(-1, 64 << 20)
+    mem = memoryview(area)
+    pool_off, pool_len, dst_off, dst_len, src = 16 << 20, 24 << 20, 0, 16 << 20, 48 << 20
+    cfg = dataclasses.replace(decoder_config("h264"), flags=abi.SessionFlag.FRAME_POOL)
+    sm = SessionManager()
+    sm.open(1, cfg, mem, (pool_off, pool_len))
+    inputs = []
+    for p in packets:
+        mem[src:src + len(p.data)] = p.data
+        inputs.append(Input(src, len(p.data), p.pts, False))
+        src += len(p.data)
+    out: list[Any] = []
+
+    def table() -> list[Any]:
+        _kind, count, _used = abi.OUT_HEADER.unpack_from(mem, dst_off)
+        frames = []
+        for k in range(count):
+            e = abi.FRAME_ENTRY.unpack_from(mem, dst_off + abi.OUT_HEADER.size + k * abi.FRAME_ENTRY.size)
+            off, w, h, _fmt, nplanes, pts, *rest = e
+            offs, strides, flags, slot = rest[0:3], rest[3:6], rest[6], rest[7]
+            base = (pool_off + off) if flags & abi.FRAME_POOLED else (dst_off + off)
+            planes = b"".join(
+                bytes(np.ndarray((rows, rb), np.uint8, buffer=mem, offset=base + o, strides=(s, 1)).tobytes())
+                for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, w, h), offs, strides, strict=True))
+            frames.append((pts, w, h, bool(flags & abi.FRAME_POOLED), md5(planes), nplanes))
+            if flags & abi.FRAME_POOLED:  # the guest gives the slot back
+                word = np.frombuffer(mem, np.uint32, 1, pool_off + abi.pool_lent_word(slot))
+                word[0] -= 1
+        return frames
+
+    for task in tasks:
+        try:
+            sm.decode(1, mem, [inputs[i] for i in task], False, False, dst_off, dst_len)
+            out.append(table())
+        except CodecError as exc:
+            out.append(exc.code.name)
+    sm.flush(1, mem, dst_off, dst_len)
+    out.append(table())
+    stats = cast(dict[str, Any], sm.statistics()["decode"])
+    sm.close(1)
+    return out, stats
+
+
+def test_the_c_decode_loop_returns_what_pyav_decode_returns(dev: Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """framepool.DecodeLoop against the PyAV path it replaces, in the same session code:
+    same frames, pts, sizes and pooling, task by task, through a change of picture size
+    (pictures the loop hands back to PyAV), a corrupt chunk (INVALID_DATA, the session goes
+    on) and a flush."""
+    if not framepool.probe().loop:
+        pytest.skip(f"decode loop unavailable: {framepool.probe().loop_reason}")
+    packets = encode(dev, W, H, 12, bframes=True, gop=6) + encode(dev, 640, 480, 12)
+    bad = Packet(b"\x00\x00\x01\x65" + b"\xff" * 700, packets[5].pts, packets[5].dts, False)
+    packets = [*packets[:5], bad, *packets[5:]]
+    n = len(packets)
+    tasks = [list(range(i, min(i + 4, n))) for i in range(0, n, 4)]
+    on, on_stats = _session_decode(packets, tasks, True, monkeypatch)
+    off, off_stats = _session_decode(packets, tasks, False, monkeypatch)
+    assert on == off
+    frames = [f for t in on if isinstance(t, list) for f in t]
+    assert "INVALID_DATA" in on and len(frames) >= 20
+    assert {(f[1], f[2]) for f in frames} == {(W, H), (640, 480)}
+    assert off_stats["frames_looped"] == 0 and on_stats["frames_looped"] >= len(frames) // 2
+    assert on_stats["frames_pooled"] == off_stats["frames_pooled"] >= on_stats["frames_looped"]
+    for key in ("chunks_in", "packets_in", "bytes_in", "frames_out"):
+        assert on_stats[key] == off_stats[key], key
