@@ -189,6 +189,14 @@ static void slot_free(void *opaque, uint8_t *data) {
     if (last) destroy(p);
 }
 
+/* Whether `fmt` is one of the 8-bit formats the session emits as decoded (the only ones that
+   get a slot: see fp_get_buffer2).  `formats` is fixed at fp_pool_new. */
+static int pool_format(const fp_pool *p, int fmt) {
+    for (unsigned int k = 0; k < p->nformats; k++)
+        if (fmt == p->formats[k]) return 1;
+    return 0;
+}
+
 /* The decoder calls this from its frame threads, concurrently: everything shared is under
    the pool lock.  `s` is a thread's copy of the context; libavcodec copies get_buffer2 and
    opaque from the user's context into every copy before each packet. */
@@ -198,11 +206,10 @@ static int fp_get_buffer2(void *s, void *frame, int flags) {
     int w = F_WIDTH(frame), h = F_HEIGHT(frame), fmt = F_FORMAT(frame);
     uint8_t *slot = NULL;
     unsigned int i = 0;
-    int allowed = 0;
     /* Only the 8-bit formats the session emits as decoded: every byte value is a valid
        sample there, so what the guest writes into a slot can garble its own pictures but
        never index a decoder table out of range (10-bit samples above 1023 could). */
-    for (unsigned int k = 0; k < p->nformats; k++) allowed |= fmt == p->formats[k];
+    int allowed = pool_format(p, fmt);
     pthread_mutex_lock(&p->lock);
     if (!p->closed && allowed && w > 0 && h > 0) {
         if ((w != p->w || h != p->h || fmt != p->fmt) && p->in_use == 0 && !any_lent(p)
@@ -398,11 +405,9 @@ int fp_decode(fp_pool *p, uintptr_t avctx, uintptr_t frame, uintptr_t base, cons
             ret = dec.receive_frame(ctx, f);
             if (ret == AVERR_EAGAIN || ret == AVERR_EOF) break;
             if (ret < 0) { i++; receiving = 0; rc = FD_ERROR; goto stop; }
-            int ok = p && F_WIDTH(f) == width && F_HEIGHT(f) == height;
-            int fmt_ok = 0;
-            for (unsigned int k = 0; ok && k < p->nformats; k++) fmt_ok |= F_FORMAT(f) == p->formats[k];
             int64_t lent[7];
-            int slot = ok && fmt_ok ? lend_avframe(p, f, nplanes, shape, lent) : -1;
+            int ok = p && F_WIDTH(f) == width && F_HEIGHT(f) == height && pool_format(p, F_FORMAT(f));
+            int slot = ok ? lend_avframe(p, f, nplanes, shape, lent) : -1;
             if (slot < 0) { rc = FD_HELD; goto stop; }  /* the caller takes it from `frame` */
             int64_t *e = out + ENTRY_WORDS * nout++;
             e[0] = lent[0]; e[1] = width; e[2] = height; e[3] = fmt; e[4] = nplanes; e[5] = F_PTS(f);

@@ -74,6 +74,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -527,13 +528,8 @@ class _Lent:
 
 
 @lru_cache(maxsize=64)
-def _entries_struct(count: int) -> Any:
-    import struct
-
+def _entries_struct(count: int) -> struct.Struct:
     return struct.Struct("<" + abi.FRAME_ENTRY.format.lstrip("<") * count)
-
-
-_NO_SHAPE: Final = (None, 0)
 
 
 class _Session:
@@ -850,18 +846,25 @@ class _DecoderSession(_Session):
         for pkt in packets:
             try:
                 frames = ctx.decode(pkt)
-            except av.error.InvalidDataError as exc:
-                error = error or CodecError(ErrorCode.INVALID_DATA, str(exc))
-                continue
             except av.error.FFmpegError as exc:
-                error = error or _ff_error(exc, ErrorCode.INVALID_DATA)
-                self._ctx = None
-                break
+                error = error or self._packet_failed(exc)
+                if self._ctx is None:
+                    break
+                continue
             if pkt is not None:
                 self._stats.dec_packets_in += 1
             for frame in frames:
                 error = self._queue(frame) or error
         return error
+
+    def _packet_failed(self, exc: av.error.FFmpegError) -> CodecError:
+        """The error of a packet the decoder rejected.  Invalid data fails only that packet
+        (the next is decoded as usual); any other error drops the context, which the next
+        task opens again."""
+        if isinstance(exc, av.error.InvalidDataError):
+            return CodecError(ErrorCode.INVALID_DATA, str(exc))
+        self._ctx = None
+        return _ff_error(exc, ErrorCode.INVALID_DATA)
 
     def _geometry(self, w: int, h: int) -> tuple[list[tuple[int, int]], int, Any] | None:
         """Plane shapes, unpadded size and the shapes as the frame pool takes them of a
@@ -941,8 +944,7 @@ class _DecoderSession(_Session):
         i = receiving = failed = 0
         while True:
             w, h, geom = self._geom
-            rc, i, receiving, entries, err = loop.run(self._base, arr, n, i, receiving, w, h,
-                                                      geom[2] if geom[2] is not None else _NO_SHAPE, fmt)
+            rc, i, receiving, entries, err = loop.run(self._base, arr, n, i, receiving, w, h, geom[2], fmt)
             if entries:
                 k = len(entries) // loop.ENTRY_WORDS
                 self._stats.dec_frames_looped += k
@@ -963,12 +965,10 @@ class _DecoderSession(_Session):
                     av.error.err_check(err)
                     error = error or CodecError(ErrorCode.BACKEND, f"decoder error {err}")
                     break
-                except av.error.InvalidDataError as exc:
-                    error = error or CodecError(ErrorCode.INVALID_DATA, str(exc))
                 except av.error.FFmpegError as exc:
-                    error = error or _ff_error(exc, ErrorCode.INVALID_DATA)
-                    self._ctx = None
-                    break
+                    error = error or self._packet_failed(exc)
+                    if self._ctx is None:
+                        break
             elif rc == framepool.FD_NOMEM:
                 error = error or CodecError(ErrorCode.BACKEND, "out of memory for a packet")
                 break

@@ -78,6 +78,8 @@ _CAP_DR1 = 1 << 1  # AV_CODEC_CAP_DR1
 # pointer, then the first declared attribute: CodecContext.ptr, Frame.ptr.
 _PYAV_CTX_PTR = 24
 _PYAV_FRAME_PTR = 24
+# AVFrame's width, height and format: fixed since FFmpeg 1.x (F_WIDTH etc. in the C module).
+_FRAME_WIDTH, _FRAME_HEIGHT, _FRAME_FORMAT = 104, 108, 116
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +195,7 @@ def _discover() -> Probe:
         try:
             fb = int(_ABI.cast("uintptr_t", frame))
             ints = _ABI.cast("int *", frame)
-            ints[104 // 4], ints[108 // 4], ints[116 // 4] = 64, 48, 0  # width, height, YUV420P
+            ints[_FRAME_WIDTH // 4], ints[_FRAME_HEIGHT // 4], ints[_FRAME_FORMAT // 4] = 64, 48, 0  # YUV420P
             if av_.util.av_frame_get_buffer(frame, 0) != 0:
                 return Probe(False, "AVFrame width/height/format are not where expected")
             data0, ls0 = mem.word(fb), mem.i32(fb + 64)
@@ -290,7 +292,7 @@ def _pyav_frame_checks(mem: _Mem) -> bool:
     planes = vf.planes
     return (all(mem.word(p + 8 * i) == pl.buffer_ptr and mem.i32(p + 64 + 4 * i) == pl.line_size
                 for i, pl in enumerate(planes))
-            and mem.i32(p + 104) == vf.width and mem.i32(p + 108) == vf.height)
+            and mem.i32(p + _FRAME_WIDTH) == vf.width and mem.i32(p + _FRAME_HEIGHT) == vf.height)
 
 
 def probe() -> Probe:
@@ -454,16 +456,18 @@ class DecodeLoop:
         return True
 
     def run(self, base: int, chunks: Any, n: int, start: int, receiving: int, width: int, height: int,
-            shape: Any, fmt: int) -> tuple[int, int, int, list[int], int]:
-        """One fp_decode call: (code, next chunk, receiving, entries (flat), libav error)."""
+            shape: Any | None, fmt: int) -> tuple[int, int, int, list[int], int]:
+        """One fp_decode call: (code, next chunk, receiving, entries (flat), libav error).
+        ``shape``: :meth:`FramePool.shape` of the session's geometry, None before it has one
+        (``width`` 0: no picture is lent then)."""
         ptr = self._pool._ptr
         if ptr is None:
             raise RuntimeError("the frame pool is closed")
         st = self._state
         st[0], st[1] = start, receiving
-        arr = _NATIVE.ffi.NULL if shape[0] is None else shape[0]
+        arr, nplanes = (_NATIVE.ffi.NULL, 0) if shape is None else shape
         rc = int(_NATIVE.lib.fp_decode(ptr, self._avctx, self._frame_addr, base, chunks, n, width, height,
-                                       shape[1], arr, fmt, abi.FRAME_POOLED, self._out, self.MAX_OUT, st))
+                                       nplanes, arr, fmt, abi.FRAME_POOLED, self._out, self.MAX_OUT, st))
         nout = int(st[2])
         entries = _NATIVE.ffi.unpack(self._out, self.ENTRY_WORDS * nout) if nout else []
         return rc, int(st[0]), int(st[1]), entries, int(st[3])
@@ -479,7 +483,7 @@ class DecodeLoop:
         the picture is dropped)."""
         assert _AV is not None and _NATIVE is not None
         f = _ABI.cast("int *", self._frame)
-        w, h, fmt = int(f[104 // 4]), int(f[108 // 4]), int(f[116 // 4])
+        w, h, fmt = int(f[_FRAME_WIDTH // 4]), int(f[_FRAME_HEIGHT // 4]), int(f[_FRAME_FORMAT // 4])
         name = _AV.util.av_get_pix_fmt_name(fmt)
         try:
             if name == _ABI.NULL:
