@@ -124,6 +124,28 @@ def test_combine_refuses_files_it_cannot_pool(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "not JSON" in r.output
 
 
+def test_combine_pools_a_subset_of_cases_with_full_runs(tmp_path: Path) -> None:
+    """`--case decode` pools decode-only runs with full runs; without it they differ."""
+    full = _result({"x decode": [(100, 90), (100, 94)], "y encode": [(50, 50)]})
+    part = _result({"x decode": [(100, 98), (100, 99)]})
+    with pytest.raises(CombineError, match="differ"):
+        combine([("full", full), ("part", part)])
+    (x,) = combine([("full", full), ("part", part)], only=["decode"])
+    # Rounds 0.90 0.94 0.98 0.99: median 0.96, from both files.
+    assert (x.case, x.runs, x.rounds, x.median) == ("x decode", 2, 4, 0.96)
+    with pytest.raises(CombineError, match="no case matches"):
+        combine([("full", full)], only=["av1"])
+    for name, res in (("full.json", full), ("part.json", part)):
+        (tmp_path / name).write_text(json.dumps(res))
+    out = tmp_path / "pooled.json"
+    r = CliRunner().invoke(main, ["bench", "combine", str(tmp_path / "full.json"), str(tmp_path / "part.json"),
+                                  "--case", "decode", "--json-out", str(out)])
+    assert r.exit_code == 0, r.output
+    saved = json.loads(out.read_text())
+    assert saved["only"] == ["decode"] and [c["case"] for c in saved["cases"]] == ["x decode"]
+    assert saved["cases"][0]["rounds"] == 4
+
+
 def test_layers_bench_checks_pictures_and_reports_each_layer_against_the_floor(tmp_path: Path) -> None:
     pytest.importorskip("av")
     out = tmp_path / "layers.json"

@@ -421,8 +421,11 @@ def bench_layers(codec: str, size: str, frames: int, blocks: int, layers: tuple[
 @bench.command("combine")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--target", default=0.97, show_default=True, help="ratio to check each case against")
+@click.option("--case", "only", multiple=True,
+              help='pool only cases whose name has all these words, e.g. "decode" (repeatable); '
+                   'runs of other cases besides them then pool too')
 @click.option("--json-out", type=click.Path(path_type=Path))
-def bench_combine(files: tuple[Path, ...], target: float, json_out: Path | None) -> None:
+def bench_combine(files: tuple[Path, ...], target: float, only: tuple[str, ...], json_out: Path | None) -> None:
     """Pool the paired rounds of several `bench codec --json-out` files: median and 95 % interval."""
     from dataclasses import asdict
 
@@ -436,10 +439,10 @@ def bench_combine(files: tuple[Path, ...], target: float, json_out: Path | None)
         except json.JSONDecodeError as e:
             raise click.BadParameter(f"{f}: not JSON ({e})", param_hint="FILES") from None
     try:
-        pooled = combine(loaded, target=target)
+        pooled = combine(loaded, target=target, only=only)
     except CombineError as e:
         raise click.BadParameter(str(e), param_hint="FILES") from None
-    save({"files": [str(f) for f in files], "target": target,
+    save({"files": [str(f) for f in files], "target": target, "only": list(only),
           "cases": [asdict(p) for p in pooled]}, json_out)
     t = Table(title=f"codec ratios pooled over {len(files)} runs (target {target})")
     for col in ("case", "runs", "rounds", "each run's ratio", "pooled median", "95 % interval", "runs >= target"):

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vmediad.bench.common import cpu_seconds, machine, round_ratios
+from vmediad.bench.common import cpu_seconds, machine, name_matches, round_ratios
 
 RING = 30  # distinct input pictures per case (cycled)
 # encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch):
@@ -267,7 +267,7 @@ def select(cases: list[Case], only: list[str] | None) -> list[Case]:
     """The cases whose name contains every word of one of ``only`` (all cases if none given)."""
     if not only:
         return cases
-    picked = [c for c in cases if any(all(w in c.name for w in o.split()) for o in only)]
+    picked = [c for c in cases if name_matches(c.name, only)]
     if not picked:
         raise ValueError(f"no case matches {only}; cases: {', '.join(c.name for c in cases)}")
     return picked

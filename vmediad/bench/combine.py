@@ -9,12 +9,13 @@ bootstrap interval says how steady.  Pure: takes the parsed JSON, returns values
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from vmediad.bench.common import round_ratios
+from vmediad.bench.common import name_matches, round_ratios
 
 
 class CombineError(ValueError):
@@ -51,8 +52,10 @@ def _paired(case: dict[str, Any], where: str) -> list[float]:
 
 
 def combine(results: list[tuple[str, dict[str, Any]]], target: float = 0.97, resamples: int = 10_000,
-            seed: int = 0) -> list[Pooled]:
-    """``results``: (name, parsed JSON) per run.  Every run must hold the same cases."""
+            seed: int = 0, only: Sequence[str] = ()) -> list[Pooled]:
+    """``results``: (name, parsed JSON) per run.  Every run must hold the same cases; with
+    ``only`` (``bench codec --case`` words), the same cases among those it selects, so that
+    runs of a subset (``--case decode``) pool with full runs."""
     if not results:
         raise CombineError("no result files given")
     order: list[str] | None = None
@@ -62,6 +65,9 @@ def combine(results: list[tuple[str, dict[str, Any]]], target: float = 0.97, res
         cases = res.get("cases")
         if not isinstance(cases, list) or not cases:
             raise CombineError(f"{where}: no 'cases' (not a `vmediad bench codec` result?)")
+        cases = [c for c in cases if name_matches(str(c.get("case")), only)]
+        if not cases:
+            raise CombineError(f"{where}: no case matches {list(only)}")
         names = [str(c.get("case")) for c in cases]
         if order is None:
             order = names

@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ def summary_us(samples_s: list[float]) -> dict[str, float]:
     us = [x * 1e6 for x in samples_s]
     return {"p50_us": round(pct(us, 50), 2), "p99_us": round(pct(us, 99), 2),
             "mean_us": round(statistics.fmean(us), 2) if us else 0.0, "n": len(us)}
+
+
+def name_matches(name: str, only: Sequence[str]) -> bool:
+    """Whether case ``name`` contains every word of one of ``only`` (true if ``only`` is empty)."""
+    return not only or any(all(w in name for w in o.split()) for o in only)
 
 
 def round_ratios(floor: list[float], other: list[float]) -> list[float]:
