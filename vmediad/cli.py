@@ -423,7 +423,7 @@ def bench_layers(codec: str, size: str, frames: int, blocks: int, layers: tuple[
 @click.option("--target", default=0.97, show_default=True, help="ratio to check each case against")
 @click.option("--case", "only", multiple=True,
               help='pool only cases whose name has all these words, e.g. "decode" (repeatable); '
-                   'runs of other cases besides them then pool too')
+                   'files that also hold other cases then pool with files that do not')
 @click.option("--json-out", type=click.Path(path_type=Path))
 def bench_combine(files: tuple[Path, ...], target: float, only: tuple[str, ...], json_out: Path | None) -> None:
     """Pool the paired rounds of several `bench codec --json-out` files: median and 95 % interval."""
