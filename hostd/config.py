@@ -62,6 +62,12 @@ class Config:
     # codec task while this many more files of its channel are started; 0: one per task.
     worker_irq_holdoff: int = 2
     shutdown_grace_s: float = 5.0
+    # The watchdog: a task running longer than
+    #   task_timeout_s + task_timeout_per_mpx_s * megapixels * frames in the task
+    # ends TIMEOUT and its worker is killed and respawned.
+    task_timeout_s: float = 10.0
+    task_timeout_per_mpx_s: float = 1.0
+    metrics_grace_s: float = 300.0  # a detached guest's series stay in metrics this long
     fault_injection: bool = False  # tests only: a marker buffer makes a worker SIGSEGV
 
     def channel_count(self) -> int:
@@ -74,16 +80,17 @@ class Config:
 # TOML table -> accepted keys.  A key is looked up as "table.key" in errors.
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "hostd": ("socket", "socket_mode", "allowed_uids", "allowed_gids", "channels", "max_guests",
-              "metrics", "spin_us", "poll_only", "poll_interval_us", "shutdown_grace_s",
+              "metrics", "metrics_grace_s", "spin_us", "poll_only", "poll_interval_us", "shutdown_grace_s",
               "fault_injection"),
     "limits": ("region_min", "region_max", "region_default", "ring_min", "ring_max", "ring_default",
                "named_regions", "max_inflight_per_guest", "max_sessions_per_guest", "max_width",
                "max_height", "max_pixels"),
     "scheduler": ("policy", "weights"),
-    "workers": ("recycle_tasks", "recycle_rss_mb", "irq_holdoff"),
+    "workers": ("recycle_tasks", "recycle_rss_mb", "irq_holdoff", "task_timeout_s", "task_timeout_per_mpx_s"),
 }
 _RENAMES = {"workers.recycle_tasks": "worker_recycle_tasks", "workers.recycle_rss_mb": "worker_recycle_rss_mb",
-            "workers.irq_holdoff": "worker_irq_holdoff"}
+            "workers.irq_holdoff": "worker_irq_holdoff", "workers.task_timeout_s": "task_timeout_s",
+            "workers.task_timeout_per_mpx_s": "task_timeout_per_mpx_s"}
 
 
 def _coerce(key: str, name: str, value: Any) -> Any:
@@ -146,6 +153,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.spin_us >= 0, "hostd.spin_us", "must be >= 0")
     need(cfg.poll_interval_us >= 10, "hostd.poll_interval_us", "must be >= 10")
     need(cfg.shutdown_grace_s >= 0, "hostd.shutdown_grace_s", "must be >= 0")
+    need(cfg.metrics_grace_s >= 0, "hostd.metrics_grace_s", "must be >= 0")
+    need(cfg.task_timeout_s > 0, "workers.task_timeout_s", "must be > 0")
+    need(cfg.task_timeout_per_mpx_s >= 0, "workers.task_timeout_per_mpx_s", "must be >= 0")
     for k in ("region_min", "region_max", "region_default"):
         v = getattr(cfg, k)
         need(v > 0 and v % 4096 == 0, f"limits.{k}", "must be a positive multiple of 4096")
