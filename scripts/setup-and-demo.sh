@@ -3,5 +3,7 @@
 # hostd in-process, 4 fake VMs encoding, decoding and transcoding at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
-exec vmediad demo "$@"
+python3 -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+  | { grep -v '^WARNING: Location' || true; }
+# The module, not the script: the script's directory need not be on PATH (a user site, a venv not activated).
+exec python3 -m vmediad demo "$@"

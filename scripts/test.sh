@@ -11,7 +11,8 @@ if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; 
     echo "NOTE: stock ffmpeg not installed and not root; ffmpeg-judged tests will skip"
   fi
 fi
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+python3 -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+  | { grep -v '^WARNING: Location' || true; }
 python3 -m pytest -q -p no:cacheprovider "$@"
 python3 -m ruff check .
 python3 -m mypy .  # the packages and the tests

@@ -510,7 +510,7 @@ def test_ring_state_machine(rig: Rig) -> None:
                    deadline=None, database=None, suppress_health_check=list(HealthCheck))
     from hypothesis.stateful import run_state_machine_as_test
 
-    run_state_machine_as_test(RingMachine, settings=run)  # type: ignore[no-untyped-call]
+    run_state_machine_as_test(RingMachine, settings=run)
     check_alive(rig)
     assert rig.dev.crc32(rig.dev.put(b"after the machine")).wait(timeout=BOUND_S) == zlib.crc32(b"after the machine")
 
