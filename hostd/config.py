@@ -9,11 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from vmediad import abi
-from vmediad.errors import ConfigError
+from vmediad.errors import ConfigError, VmediadError
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmediad/config.toml")
 POLICIES = ("fifo", "round-robin", "weighted")
 MiB = 1 << 20
+EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus=78 stops restart loops
+
+
+class StartupError(VmediadError):
+    """hostd cannot start as configured (socket taken, port in use, missing directory).
+
+    Not a bug and not fixed by a restart: hostd logs the message as one line and exits 78."""
+
+    exit_code = EXIT_CONFIG
 
 
 def default_socket_path() -> Path:
@@ -144,6 +153,12 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(key, msg)
 
+    # The socket mode is the first gate: world-writable, every local user reaches hostd and only
+    # the SO_PEERCRED allow-list (checked after a connection and a thread are spent) is left.
+    # A group-writable mode plus allowed_gids is the way to share hostd.
+    need(not cfg.socket_mode & 0o002, "hostd.socket_mode",
+         f"0{cfg.socket_mode:o} is world-writable (o+w): any local user could reach hostd; use a "
+         "group mode such as 0660 and list the guests' gid in hostd.allowed_gids")
     need(0 <= cfg.channels <= 64, "hostd.channels", "must be 0 (CPU count) to 64")
     need(1 <= cfg.max_guests <= 120, "hostd.max_guests", "must be 1 to 120 (one futex_waitv call)")
     if cfg.metrics:

@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from hostd.config import Config
+from hostd.config import Config, StartupError
 from hostd.control import ControlServer
 from hostd.device import Device, RunState
 from hostd.notify import Notifier
@@ -36,11 +36,21 @@ class Hostd:
         return str(self.control.path)
 
     def start(self) -> None:
-        self.device.on_loop = self._on_loop
-        self.device.start()
-        self.control.start()
-        if self.cfg.metrics:
-            self._start_metrics()
+        """Start the device, the control socket and metrics.  If one of them fails, what was
+        started is stopped again in order (no socket file, thread or worker is left) and the
+        error propagates: StartupError for a conflict a restart cannot fix."""
+        try:
+            # What can conflict with another hostd (the socket, the metrics port) first: a
+            # refused start then has no device thread to stop.
+            self.control.bind()
+            if self.cfg.metrics:
+                self._start_metrics()
+            self.device.on_loop = self._on_loop
+            self.device.start()
+            self.control.start()
+        except BaseException:
+            self._abort_start()
+            raise
         log.info("hostd ready", socket=self.socket_path, channels=self.device.channels_n,
                  policy=self.cfg.policy, epoch=self.device.epoch)
         self.notifier.ready(self._status_line())
@@ -53,9 +63,27 @@ class Hostd:
         from hostd.metrics import registry_for
 
         host, _, port = self.cfg.metrics.rpartition(":")
-        self._metrics_server, _thread = start_http_server(int(port), addr=host.strip("[]"),
-                                                          registry=registry_for(self.device.statistics))
+        try:
+            self._metrics_server, _thread = start_http_server(
+                int(port), addr=host.strip("[]"),
+                registry=registry_for(self.device.statistics))
+        except OSError as e:
+            raise StartupError(f"cannot serve metrics on {self.cfg.metrics}: {e.strerror or e}") from None
         log.info("metrics listening", address=self.cfg.metrics)
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()  # the listening socket: the port is free again
+            self._metrics_server = None
+
+    def _abort_start(self) -> None:
+        self._stop_metrics()
+        self.control.close()
+        if self.device.thread_id is not None:
+            self.device.request_stop()
+            self.device.join(self.cfg.shutdown_grace_s + 10)
+        self.device.close()
 
     @property
     def metrics_port(self) -> int | None:
@@ -82,9 +110,7 @@ class Hostd:
         self.device.request_stop()
         self.device.join(self.cfg.shutdown_grace_s + 10)
         self.control.close()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server = None
+        self._stop_metrics()
         self.device.close()
         log.info("hostd stopped")
 
@@ -97,8 +123,17 @@ class Hostd:
 
 
 def run_foreground(cfg: Config) -> int:
-    """The service entry point: SIGTERM/SIGINT stop cleanly; an internal bug exits non-zero."""
-    h = Hostd(cfg, Notifier())
+    """The service entry point; returns the exit code.
+
+    SIGTERM/SIGINT stop cleanly (0).  A start-up conflict (socket served by another hostd,
+    metrics port taken, socket directory missing) is one error line and EXIT_CONFIG (78),
+    which the unit does not restart; an internal bug is EXIT_INTERNAL (70), which it does."""
+    notifier = Notifier()
+    try:
+        h = Hostd(cfg, notifier)
+    except OSError as e:
+        log.error(f"cannot create the device: {e.strerror or e}", exit_code=EXIT_INTERNAL)
+        return EXIT_INTERNAL
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -107,7 +142,15 @@ def run_foreground(cfg: Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    h.start()
+    try:
+        h.start()
+    except StartupError as e:
+        log.error(str(e), exit_code=e.exit_code)
+        notifier.status(f"cannot start: {e}")
+        return e.exit_code
+    except Exception:
+        log.exception("internal error during start-up", exit_code=EXIT_INTERNAL)
+        return EXIT_INTERNAL
     while not stop.is_set() and not h.device.stopped.is_set():
         stop.wait(0.5)
     crashed = h.device.crashed

@@ -148,6 +148,18 @@ def test_socket_mode_accepts_an_integer() -> None:
     assert from_mapping({"hostd": {"socket_mode": 0o640}}).socket_mode == 0o640
 
 
+@pytest.mark.parametrize("mode", ["0600", "0660", "0640", "0770", "0775", "0"])
+def test_socket_modes_without_other_write_are_accepted(mode: str) -> None:
+    assert from_mapping({"hostd": {"socket_mode": mode}}).socket_mode == int(mode, 8)
+
+
+def test_world_writable_socket_mode_says_why() -> None:
+    with pytest.raises(ConfigError) as ei:
+        from_mapping({"hostd": {"socket_mode": "777"}})
+    assert ei.value.key == "hostd.socket_mode"
+    assert "0777 is world-writable" in str(ei.value) and "allowed_gids" in str(ei.value)
+
+
 def test_every_config_field_is_reachable_from_a_file() -> None:
     names = {config._RENAMES.get(f"{s}.{k}", k) for s, keys in config._SECTIONS.items() for k in keys}
     assert names == {f.name for f in fields(Config)}
@@ -191,6 +203,9 @@ BAD = [
     ("[hostd]\nsocket = \"\"", "hostd.socket"),
     ("[hostd]\nsocket_mode = \"rw-rw----\"", "hostd.socket_mode"),
     ("[hostd]\nsocket_mode = \"1777\"", "hostd.socket_mode"),
+    ("[hostd]\nsocket_mode = \"777\"", "hostd.socket_mode"),  # world-writable
+    ("[hostd]\nsocket_mode = \"0666\"", "hostd.socket_mode"),
+    ("[hostd]\nsocket_mode = 2", "hostd.socket_mode"),
     ("[hostd]\nallowed_uids = 1000", "hostd.allowed_uids"),
     ("[hostd]\nallowed_gids = [-1]", "hostd.allowed_gids"),
     ("[limits]\nring_default = true", "limits.ring_default"),
@@ -308,6 +323,7 @@ CLI_BAD = [
     ("[scheduler]\nweights = { vm0 = 0 }\n", "scheduler.weights.vm0"),
     ("[hostd]\nmetrics = \"nohost\"\n", "hostd.metrics"),
     ("[bogus]\nx = 1\n", "bogus"),
+    ("[hostd]\nsocket_mode = \"777\"\n", "hostd.socket_mode"),
 ]
 
 
@@ -319,7 +335,8 @@ def test_cli_refuses_a_bad_config(tmp_path: Path, text: str, key: str) -> None:
     r = subprocess.run(_cli("--socket", str(sock), "--config", str(bad)), env=_env(), capture_output=True,
                        text=True, timeout=30)
     elapsed = time.monotonic() - t0
-    assert r.returncode != 0, r.stderr
+    assert r.returncode == 78, r.stderr  # EX_CONFIG: the unit does not restart
+    assert "Traceback" not in r.stderr
     assert f"'{key}'" in r.stderr
     assert elapsed < 10
     assert not sock.exists()  # it never started serving

@@ -5,10 +5,22 @@ Requests are one JSON object per line with a ``cmd``:
 * ``attach``: ``name``, ``region_size``, ``ring_entries``, ``named`` (posix_ipc
   opt-in), ``adopt`` (the region fd travels with the request, SCM_RIGHTS).
   Reply: ``vm``, ``epoch``, ``caps``, ``layout``, ``shm_name``; the region fd
-  travels with the reply.
+  travels with the reply.  Adopting the region of a guest that was killed is refused
+  (kind ``killed``): the guest must attach afresh.
 * ``detach``: ends the connection's guest.  Socket EOF means the same.
 * ``status``: reply ``status`` is hostd's ``statistics()`` snapshot.
 * ``ping``: reply ``version`` and ``abi``.
+* ``list``: reply ``vms``, one object per attached guest (``vm``, ``name``, ``pid``, ``uid``,
+  ``state``, ``tasks_done``, ``tasks_failed``, ``sessions``, ...).
+* ``kill``: ``vm`` (a guest's id as digits or an integer, else its name) is detached and
+  everything it held reclaimed; its control connection is closed, its region marked GONE
+  (REG_DEVICE_STATE) and never re-adopted.  Only root or hostd's own uid may kill (kind
+  ``permission``); an unknown guest is kind ``not_found``, a name several guests share is
+  kind ``ambiguous``.  Reply ``vm``, ``name``, ``reclaimed``.
+* ``events``: reply ``events`` (the names hostd publishes); from then on the connection carries
+  one JSON line per event, QMP-style ``{"event", "data", "timestamp": {"seconds",
+  "microseconds"}}``, until the client closes it.  A client too slow to read loses the oldest
+  events and is told with an ``events_dropped`` event (``data.dropped``: the total so far).
 
 Replies carry ``ok``; a refusal is ``{"ok": false, "error": text, "kind": ...}``.
 The control plane is never used per task.
@@ -24,7 +36,8 @@ from vmediad import abi
 from vmediad.errors import ProtocolError
 
 MAX_LINE = 64 * 1024
-COMMANDS = ("attach", "detach", "status", "ping")
+COMMANDS = ("attach", "detach", "status", "ping", "list", "kill", "events")
+VM_REF_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,7 @@ class Request:
     ring_entries: int | None = None
     named: bool = False
     adopt: bool = False
+    vm: str = ""  # kill: a guest's name or id
 
 
 def parse_request(line: bytes) -> Request:
@@ -64,7 +78,14 @@ def parse_request(line: bytes) -> Request:
         if not isinstance(v, bool):
             raise ProtocolError(f"{key} must be true or false")
         flags[key] = v
-    return Request(cmd, name, ints["region_size"], ints["ring_entries"], flags["named"], flags["adopt"])
+    vm = obj.get("vm", "")
+    if isinstance(vm, int) and not isinstance(vm, bool) and vm > 0:
+        vm = str(vm)
+    if not isinstance(vm, str) or len(vm) > VM_REF_MAX or not all(c.isalnum() or c in "-_." for c in vm):
+        raise ProtocolError("vm must be a guest name or a positive id")
+    if cmd == "kill" and not vm:
+        raise ProtocolError("kill needs vm (a guest name or id)")
+    return Request(cmd, name, ints["region_size"], ints["ring_entries"], flags["named"], flags["adopt"], vm)
 
 
 @dataclass(frozen=True)
