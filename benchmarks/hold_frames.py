@@ -18,9 +18,9 @@ Blocks run every path once on the same 120-frame stream, in an order that rotate
 from block to block.  Speed is the floor's summed time over the path's, with a bootstrap 95 %
 interval over blocks; CPU is the process's (for the device: the worker process's) per frame.
 
-    python benchmarks/hold_frames.py --blocks 80 --hold 0,8,16,36 --device 3x12 \
-        --json-out benchmarks/results/hold-frames.json
-    python benchmarks/hold_frames.py --blocks 150 --paths hold0,gap300,copy,hold16,hold16+copy+gap300
+    python benchmarks/hold_frames.py --blocks 150 --paths hold0,gap300,copy,hold16,hold16+copy+gap300 \
+        --device 3x12 --json-out benchmarks/results/hold-frames.json
+    python benchmarks/hold_frames.py --blocks 80 --hold 0,8,16,36 --device 3x12
 """
 
 from __future__ import annotations

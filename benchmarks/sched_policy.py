@@ -18,8 +18,8 @@ session.  SCHED_FIFO needs CAP_SYS_NICE (root).  Blocks run every path once, in 
 rotates and reverses from block to block; speeds are ratios of summed times with bootstrap 95 %
 intervals over blocks.
 
-    python benchmarks/sched_policy.py --blocks 60 --device 3x12 \\
-        --json-out benchmarks/results/sched-policy-720p.json
+    python benchmarks/sched_policy.py --blocks 100 --device 3x12,3x24 \\
+        --json-out benchmarks/results/sched-policy.json
     python benchmarks/sched_policy.py --codec hevc --blocks 60
 """
 
