@@ -41,7 +41,8 @@ class Pooled:
 def _paired(case: dict[str, Any], where: str) -> list[float]:
     runs = case.get("runs")
     if not isinstance(runs, dict) or "direct" not in runs or "device" not in runs:
-        raise CombineError(f"{where}: case {case.get('case')!r} has no per-round 'runs' (written before session 3?)")
+        raise CombineError(f"{where}: case {case.get('case')!r} has no per-round 'runs' "
+                           "(not a bench codec --json-out file?)")
     direct, device = runs["direct"], runs["device"]
     if len(direct) != len(device) or not direct:
         raise CombineError(f"{where}: case {case.get('case')!r}: {len(device)} device rounds "
