@@ -8,6 +8,12 @@ Waiting (the submitting thread, on its own slot's status word only):
   spin briefly; then WAITERS += 1 (seq-cst), re-check status, futex_wait on
   the status word; WAITERS -= 1.  hostd flips status with a seq-cst exchange
   and then reads WAITERS, so a sleeper is never missed and nobody else is woken.
+Losing hostd (the monitor thread sees control-socket EOF):
+  with ``auto_reattach`` the monitor re-attaches for ``reattach_window_s``; tasks
+  wait meanwhile.  When the window ends (or re-attaching is refused for good, or
+  ``give_up()`` is called) ``_gone`` is set, every sleeping waiter is woken, and
+  every waiter and every later call raises DeviceGone.  A waiter that misses the
+  wake still re-checks ``_gone`` after each SLEEP_SLICE_S futex slice.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ if TYPE_CHECKING:
 SPINS = 200  # pause-spins before sleeping; longer spins lose on 2 cores (docs/benchmarks.md)
 LIVENESS_S = 3.0  # a heartbeat older than this means hostd is gone
 SLEEP_SLICE_S = 0.5
+REATTACH_WINDOW_S = 30.0  # how long the monitor keeps trying to re-attach after hostd went away
+REATTACH_RETRY_S = 0.05
+CLOSE_WAIT_S = 2 * SLEEP_SLICE_S  # close() waits this long for waiting threads to leave the region
+# Refusals of a re-adopt attach that no retry can change.
+PERMANENT_REFUSALS = frozenset({"killed", "permission"})
 
 
 class DeviceError(Exception):
@@ -153,14 +164,23 @@ class Device:
 
     def __init__(self, socket_path: str | None = None, name: str | None = None, region_size: int | None = None,
                  ring_entries: int | None = None, *, named: bool = False, poll_only: bool = False,
-                 auto_reattach: bool = True, spins: int = SPINS) -> None:
+                 auto_reattach: bool = True, spins: int = SPINS,
+                 reattach_window_s: float = REATTACH_WINDOW_S) -> None:
         self.socket_path = socket_path or default_socket()
         self.name = name or f"vm{os.getpid()}"
         self.poll_only = poll_only
         self.auto_reattach = auto_reattach
+        # Read on every re-attach attempt: lowering it (to 0 when a guest is shutting
+        # down) ends a re-attach in progress at once.
+        self.reattach_window_s = reattach_window_s
+        # None while usable; once set (by the monitor thread, or give_up() from any thread
+        # or a signal handler) it never changes back.  A plain attribute store: waiters
+        # read it after every futex slice.
+        self._gone: str | None = None
         self.spins = spins
         self._lock = threading.Lock()
-        self._slot_free = threading.Condition(self._lock)
+        self._slot_free = threading.Condition(self._lock)  # also: a waiter left _wait, for close()
+        self._in_wait = 0  # threads inside _wait (under _lock)
         self._closed = False
         self.wakeups = 0
         self.spurious_wakeups = 0
@@ -187,28 +207,36 @@ class Device:
         self._monitor.start()
 
     # -- control plane -------------------------------------------------------------------
-    def _connect(self, request: dict[str, Any],
-                 pass_fd: int | None = None) -> tuple[socket.socket, dict[str, Any], int]:
+    def _connect(self, request: dict[str, Any], pass_fd: int | None = None,
+                 timeout: float | None = None) -> tuple[socket.socket, dict[str, Any], int]:
+        """Attach handshake; ``timeout`` bounds it (a hung hostd raises TimeoutError)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
         try:
             sock.connect(self.socket_path)
         except OSError as e:
             sock.close()
             raise DeviceGone(f"cannot reach hostd at {self.socket_path}: {e}") from None
         msg = protocol.encode(request)
-        if pass_fd is None:
-            sock.sendall(msg)
-        else:
-            socket.send_fds(sock, [msg], [pass_fd])
         buf = b""
         fds: list[int] = []
-        while b"\n" not in buf:
-            data, new_fds, _f, _a = socket.recv_fds(sock, 65536, 2)
-            fds.extend(new_fds)
-            if not data:
-                sock.close()
-                raise DeviceGone("hostd closed the connection during attach")
-            buf += data
+        try:
+            if pass_fd is None:
+                sock.sendall(msg)
+            else:
+                socket.send_fds(sock, [msg], [pass_fd])
+            while b"\n" not in buf:
+                data, new_fds, _f, _a = socket.recv_fds(sock, 65536, 2)
+                fds.extend(new_fds)
+                if not data:
+                    raise DeviceGone("hostd closed the connection during attach")
+                buf += data
+        except BaseException:
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise
+        sock.settimeout(None)
         reply = json.loads(buf.partition(b"\n")[0])
         if not reply.get("ok"):
             sock.close()
@@ -223,27 +251,88 @@ class Device:
         return sock, reply, fds[0]
 
     def _watch_control(self) -> None:
-        """Socket EOF means hostd died: re-attach by passing our region fd back."""
-        while not self._closed:
+        """Socket EOF means hostd died: re-attach by passing our region fd back.
+
+        Without ``auto_reattach``, or when no hostd takes the region back within
+        ``reattach_window_s``, the device is gone (see ``_set_gone``).
+        """
+        pause = threading.Event()
+        while not self._closed and self._gone is None:
             try:
                 data = self._sock.recv(4096)
             except OSError:
                 data = b""
             if data:
                 continue
-            if self._closed or not self.auto_reattach:
+            if self._closed or self._gone is not None:
                 return
-            deadline = monotonic_ns() + int(30e9)
-            while not self._closed and monotonic_ns() < deadline:
+            if not self.auto_reattach:
+                self._set_gone("hostd closed the control connection")
+                return
+            lost = monotonic_ns()
+            while True:
+                if self._closed or self._gone is not None:
+                    return
+                window = self.reattach_window_s
+                if monotonic_ns() - lost >= window * 1e9:
+                    self._set_gone(f"hostd did not come back within {window:g}s "
+                                   f"(the re-attach window)")
+                    return
                 try:
-                    self._reattach()
+                    # A hostd that accepts but never answers must not outlast the window.
+                    self._reattach(max(REATTACH_RETRY_S, window - (monotonic_ns() - lost) / 1e9))
                     break
-                except (DeviceGone, AttachError, OSError):
-                    threading.Event().wait(0.05)
-            else:
-                return
+                except AttachError as e:
+                    if e.kind in PERMANENT_REFUSALS:
+                        self._set_gone(f"hostd refused the re-attach: {e}")
+                        return
+                except (DeviceGone, OSError):
+                    pass
+                pause.wait(REATTACH_RETRY_S)
 
-    def _reattach(self) -> None:
+    def _set_gone(self, reason: str) -> None:
+        """Monitor thread: mark the device gone and wake every sleeping waiter."""
+        # Under the producer lock: close() takes it before unmapping, so the wakes
+        # below never touch an unmapped region.
+        with self._lock:
+            if self._closed:
+                return
+            self._gone = reason
+            self._wake_waiters()
+            self._slot_free.notify_all()
+
+    def _wake_waiters(self) -> None:
+        # Waiters sleep on their slot's status word with expected == SUBMITTED; a wake
+        # without a status change makes them re-check _gone.  Only slots whose
+        # WAITERS count is non-zero have a sleeper; the count is only ever changed by
+        # this process, so a stale read merely costs a slice (they re-check anyway).
+        for slot in range(self.layout.ring_entries):
+            at = self._desc(slot)
+            if self.region.load32(at + abi.D_WAITERS):
+                self.region.futex_wake(at + abi.D_STATUS)
+
+    def give_up(self, reason: str = "the guest gave up on the device") -> None:
+        """Make the device unusable now: every waiter and every later call raises DeviceGone.
+
+        Safe from any thread and from a signal handler (it takes no lock): a waiter in
+        this thread is interrupted by the signal, others notice within SLEEP_SLICE_S.
+        The device must still be closed.
+        """
+        if self._gone is None:
+            self._gone = reason
+
+    @property
+    def gone(self) -> str | None:
+        """Why the device is gone (DeviceGone is raised for every call), else None."""
+        return self._gone
+
+    def _raise_if_gone(self) -> None:
+        if self._gone is not None:
+            raise DeviceGone(self._gone)
+        if self._closed:
+            raise DeviceGone("device closed")
+
+    def _reattach(self, timeout: float | None = None) -> None:
         # The producer lock is held while the new hostd takes over the region: it then
         # sees no slot half written, and no slot SUBMITTED whose SQ entry is not yet
         # published (it would run that slot as "in flight", and once more when the entry
@@ -253,7 +342,7 @@ class Device:
             if self._closed:
                 return
             sock, reply, fd = self._connect({"cmd": "attach", "name": self.name, "adopt": True},
-                                            pass_fd=self.fd)
+                                            pass_fd=self.fd, timeout=timeout)
             os.close(fd)  # the same memfd we already map
             old = self._sock
             self._sock = sock
@@ -268,12 +357,19 @@ class Device:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
+        """Detach.  Threads still waiting on tasks raise DeviceGone("device closed")."""
         # Under the producer lock: a re-attach in progress finishes (or sees _closed)
-        # before the region is unmapped under it.
+        # before the region is unmapped under it.  Waiters are woken and given up to
+        # CLOSE_WAIT_S to leave _wait; one that does not keeps the mapping alive.
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if self._in_wait:
+                self._wake_waiters()
+                self._slot_free.wait_for(lambda: not self._in_wait, CLOSE_WAIT_S)
+            unmap = not self._in_wait
+            self._slot_free.notify_all()  # submitters waiting for a slot see _closed
         try:
             self._sock.sendall(protocol.encode({"cmd": "detach"}))
         except OSError:
@@ -283,10 +379,11 @@ class Device:
         except OSError:
             pass
         self._sock.close()
-        try:
-            self.region.close()
-        except BufferError:
-            pass  # views handed to the caller keep the mapping alive until collected
+        if unmap:
+            try:
+                self.region.close()
+            except BufferError:
+                pass  # views handed to the caller keep the mapping alive until collected
         os.close(self.fd)
 
     def __enter__(self) -> Device:
@@ -297,6 +394,7 @@ class Device:
 
     # -- heap ------------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> Buffer:
+        self._raise_if_gone()
         with self._lock:
             off = self.heap.alloc(nbytes)
         return Buffer(self, off, nbytes)
@@ -320,15 +418,25 @@ class Device:
         return self.layout.desc(slot)
 
     def _check_alive(self) -> None:
+        self._raise_if_gone()
         st = self.region.load32(abi.REG_DEVICE_STATE)
         if st in (abi.DeviceState.STOPPING, abi.DeviceState.GONE) and not self.auto_reattach:
             raise DeviceGone("hostd is stopping")
 
     def _claim_slot(self, timeout: float | None) -> int:
-        # Caller holds _lock.
-        if not self._free_slots:
-            if not self._slot_free.wait_for(lambda: bool(self._free_slots), timeout):
-                raise TimeoutError("no free ring slot")
+        # Caller holds _lock.  Waits in slices so a give_up() (which takes no lock and so
+        # cannot notify) is seen.
+        deadline = None if timeout is None else monotonic_ns() + int(timeout * 1e9)
+        while not self._free_slots:
+            self._raise_if_gone()
+            slice_s = SLEEP_SLICE_S
+            if deadline is not None:
+                left = (deadline - monotonic_ns()) / 1e9
+                if left <= 0:
+                    raise TimeoutError("no free ring slot")
+                slice_s = min(slice_s, left)
+            self._slot_free.wait(slice_s)
+        self._raise_if_gone()
         return self._free_slots.pop()
 
     def _write(self, slot: int, d: abi.Descriptor) -> None:
@@ -354,8 +462,7 @@ class Device:
                dst: tuple[int, int] = (0, 0), args: tuple[int, int, int, int] = (0, 0, 0, 0),
                tag: int = 0, timeout: float | None = None) -> Task:
         """Submit one raw descriptor (for ops guestlib has no wrapper for)."""
-        if self._closed:
-            raise DeviceGone("device closed")
+        self._raise_if_gone()
         d = abi.Descriptor(tag, int(op), flags, session, src[0], src[1], dst[0], dst[1], *args)
         with self._lock:
             slot = self._claim_slot(timeout)
@@ -366,8 +473,7 @@ class Device:
 
     def submit_many(self, descs: list[abi.Descriptor]) -> list[Task]:
         """Submit descriptors in order, as many per SQ_TAIL store and doorbell as slots allow."""
-        if self._closed:
-            raise DeviceGone("device closed")
+        self._raise_if_gone()
         tasks: list[Task] = []
         todo = descs
         while todo:
@@ -385,6 +491,7 @@ class Device:
 
     def submit_raw(self, d: abi.Descriptor) -> Task:
         """Submit a descriptor exactly as given (fuzzing, other-language guests)."""
+        self._raise_if_gone()
         with self._lock:
             slot = self._claim_slot(None)
             self._write(slot, d)
@@ -430,6 +537,28 @@ class Device:
 
     # -- completion ------------------------------------------------------------------------------
     def _wait(self, task: Task, timeout: float | None) -> Completion:
+        # _in_wait counts the threads in here, all of which touch the region: close()
+        # unmaps it only once they have left (it wakes them and they raise DeviceGone).
+        with self._lock:
+            if self._closed:
+                raise DeviceGone("device closed")
+            self._in_wait += 1
+        freed = False
+        try:
+            c = self._wait_mapped(task, timeout)
+            freed = True
+        finally:
+            with self._lock:
+                self._in_wait -= 1
+                if freed:
+                    self._free_slots.append(task.slot)
+                if self._closed:
+                    self._slot_free.notify_all()  # close() waits for _in_wait to drop to 0
+                elif freed:
+                    self._slot_free.notify()
+        return c
+
+    def _wait_mapped(self, task: Task, timeout: float | None) -> Completion:
         reg = self.region
         at = self._desc(task.slot)
         st_off = at + abi.D_STATUS
@@ -439,6 +568,7 @@ class Device:
             reg.fadd32(at + abi.D_WAITERS, 1)
             try:
                 while (status := reg.load32(st_off)) == Status.SUBMITTED:
+                    self._raise_if_gone()
                     slice_s = SLEEP_SLICE_S
                     if deadline is not None:
                         left = (deadline - monotonic_ns()) / 1e9
@@ -459,17 +589,13 @@ class Device:
         code = ErrorCode(res[2]) if res[2] in ErrorCode._value2member_map_ else ErrorCode.BACKEND
         c = Completion(Status(status), res[0], res[1], code, res[3], res[4], res[5])
         reg.store32(st_off, Status.FREE)
-        with self._lock:
-            self._free_slots.append(task.slot)
-            self._slot_free.notify()
         return c
 
     def _liveness(self) -> None:
-        if self._closed:
-            raise DeviceGone("device closed")
-        hb = self.region.load64(abi.REG_HEARTBEAT)
+        self._raise_if_gone()
         if self.auto_reattach:
-            return  # the monitor re-attaches; the task completes then
+            return  # the monitor re-attaches (the task completes then) or sets _gone
+        hb = self.region.load64(abi.REG_HEARTBEAT)
         if self.region.load32(abi.REG_DEVICE_STATE) == abi.DeviceState.GONE:
             raise DeviceGone("hostd shut down")
         if monotonic_ns() - hb > LIVENESS_S * 1e9:

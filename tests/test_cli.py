@@ -7,8 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 from click.testing import CliRunner
@@ -54,17 +57,32 @@ def test_status_json_and_table(hostd: Hostd) -> None:
         assert len(s["channels"]) == 2
         t = CliRunner().invoke(main, ["status", "--socket", hostd.socket_path])
         assert t.exit_code == 0 and "stat-vm" in t.output
+        assert "timeouts" in t.output and "since start: 5 tasks (0 failed)" in t.output
 
 
 def test_clear_errors_for_bad_input(short_tmp: Path) -> None:
     r = CliRunner().invoke(main, ["status", "--socket", str(short_tmp / "nope.sock")])
-    assert r.exit_code != 0 and "cannot reach hostd" in r.output
+    assert r.exit_code == 1 and "cannot reach hostd" in r.output
+    # The same hint as vm spawn's, on one line.
+    assert r.stderr.endswith("(start `vmediad hostd` or pass --socket / set VMEDIAD_SOCKET)\n")
+    assert r.stderr.count("\n") == 1
     r = CliRunner().invoke(main, ["vm", "spawn", "--socket", str(short_tmp / "nope.sock"), "--size", "12x7"])
     assert r.exit_code != 0 and "even" in r.output
     r = CliRunner().invoke(main, ["vm", "spawn", "--socket", str(short_tmp / "nope.sock")])
-    assert r.exit_code != 0 and "no hostd socket" in r.output
+    assert r.exit_code == 1 and r.stderr == (f"Error: no hostd socket at {short_tmp / 'nope.sock'} "
+                                             "(start `vmediad hostd` or pass --socket / set VMEDIAD_SOCKET)\n")
     r = CliRunner().invoke(main, ["bench", "codec", "--case", "av1 decode"])  # no such case: no run
     assert r.exit_code == 2 and "no case matches" in r.output and "h264 decode 720p" in r.output
+
+
+def test_hostd_help_states_the_default_socket_rule() -> None:
+    r = CliRunner().invoke(main, ["hostd", "--help"])
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    assert "$RUNTIME_DIRECTORY/hostd.sock under systemd" in text
+    assert "/run/vmediad/hostd.sock when writable (root)" in text
+    assert "else $XDG_RUNTIME_DIR/vmediad/hostd.sock" in text
+    assert "Guests and client commands use $VMEDIAD_SOCKET, else the same rule" in text
 
 
 def test_vm_spawn_encode_decode_transcode(hostd: Hostd, tmp_path: Path) -> None:
@@ -72,7 +90,7 @@ def test_vm_spawn_encode_decode_transcode(hostd: Hostd, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["vm", "spawn", "--socket", hostd.socket_path, "--count", "2", "--workload",
                                   "encode", "--size", "320x240", "--frames", "24", "--output", str(out), "--json"])
     assert r.exit_code == 0, r.output
-    reports = json.loads(r.output[r.output.index("[\n"):])
+    reports = json.loads(r.stdout)  # progress went to stderr
     assert [(x["name"], x["state"], x["frames"]) for x in reports] == [("vm0", "done", 24), ("vm1", "done", 24)]
     assert (out / "vm0.mp4").stat().st_size > 1000
     r = CliRunner().invoke(main, ["vm", "spawn", "--socket", hostd.socket_path, "--workload", "decode",
@@ -125,7 +143,7 @@ def test_ctrl_c_stops_vms_cleanly(hostd: Hostd, tmp_path: Path) -> None:
     assert both_encoding(), "both VMs should be encoding before Ctrl-C"
     p.send_signal(signal.SIGINT)
     text, _ = p.communicate(timeout=60)
-    assert p.returncode == 0, text
+    assert p.returncode == 130, text  # 128 + SIGINT
     assert "stopping the VMs cleanly" in text and "stopped" in text
     for name in ("vm0.mp4", "vm1.mp4"):
         data = (out / name).read_bytes()
@@ -141,16 +159,93 @@ def test_ctrl_c_stops_vms_cleanly(hostd: Hostd, tmp_path: Path) -> None:
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def test_status_watch_refreshes_until_ctrl_c(hostd: Hostd) -> None:
+class LineReader(threading.Thread):
+    """Collects a subprocess's stdout lines with the time each arrived."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: list[tuple[float, dict[str, Any]]] = []
+
+    def run(self) -> None:
+        for line in self.stream:
+            self.lines.append((time.monotonic(), json.loads(line)))  # every line is one JSON object
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> float:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for at, obj in list(self.lines):
+                if pred(obj):
+                    return at
+            time.sleep(0.01)
+        raise AssertionError(f"no such line within {timeout}s: {self.lines}")
+
+
+def test_status_watch_json_streams_snapshots_and_events_until_ctrl_c(hostd: Hostd) -> None:
+    import guestlib
+
     p = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "status", "--socket", hostd.socket_path, "--watch",
                           "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3.5)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=20)
-    assert p.returncode == 0, err
-    snaps = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert p.stdout is not None
+    reader = LineReader(p.stdout)
+    reader.start()
+    try:
+        reader.wait_for(lambda o: "status" in o, 30)
+        dev = guestlib.attach(hostd.socket_path, name="watched")
+        reader.wait_for(lambda o: o.get("event") == "attach" and o["data"]["name"] == "watched")
+        r = CliRunner().invoke(main, ["vm", "kill", "--socket", hostd.socket_path, "watched"])
+        killed_at = time.monotonic()
+        assert r.exit_code == 0, r.output
+        at = reader.wait_for(lambda o: o.get("event") == "detach" and o["data"]["name"] == "watched")
+        assert at - killed_at < 0.9  # flushed on arrival, not with the next snapshot
+        dev.close()
+        time.sleep(1.2)
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+        reader.join(5)
+    assert p.returncode == 130, err  # as vm spawn: 128 + SIGINT
+    snaps = [o["status"] for _, o in reader.lines if "status" in o]
     assert len(snaps) >= 2 and all(s["state"] == "running" for s in snaps)
     assert snaps[-1]["uptime_s"] > snaps[0]["uptime_s"]
+    events = [o for _, o in reader.lines if "event" in o]
+    detach = next(e for e in events if e["event"] == "detach")
+    assert detach["data"]["reason"] == "killed"
+    assert set(detach["timestamp"]) == {"seconds", "microseconds"}
+    assert all(set(o) in ({"status"}, {"event", "data", "timestamp"}) for _, o in reader.lines)
+
+
+def test_vm_list_and_kill(hostd: Hostd, short_tmp: Path) -> None:
+    import guestlib
+
+    a = guestlib.attach(hostd.socket_path, name="ga")
+    b = guestlib.attach(hostd.socket_path, name="gb")
+    try:
+        a.nop().wait(10)
+        r = CliRunner().invoke(main, ["vm", "list", "--socket", hostd.socket_path, "--json"])
+        assert r.exit_code == 0, r.output
+        vms = json.loads(r.stdout)
+        assert [(v["vm"], v["name"], v["pid"], v["state"]) for v in vms] == [
+            (a.vm_id, "ga", os.getpid(), "running"), (b.vm_id, "gb", os.getpid(), "running")]
+        assert vms[0]["tasks_done"] == 1 and vms[0]["tasks_failed"] == 0 and vms[0]["sessions"] == 0
+        table = CliRunner().invoke(main, ["vm", "list", "--socket", hostd.socket_path])
+        assert table.exit_code == 0 and "2 guests" in table.output and "gb" in table.output
+        # By name, then by numeric id.
+        r = CliRunner().invoke(main, ["vm", "kill", "--socket", hostd.socket_path, "ga"])
+        assert (r.exit_code, r.stdout) == (0, f"killed vm {a.vm_id} (ga): reclaimed\n")
+        with pytest.raises(guestlib.DeviceGone, match="killed"):
+            a.nop().wait(10)
+        r = CliRunner().invoke(main, ["vm", "kill", "--socket", hostd.socket_path, str(b.vm_id)])
+        assert (r.exit_code, r.stdout) == (0, f"killed vm {b.vm_id} (gb): reclaimed\n")
+        assert hostd.device.statistics()["guests"] == 0
+        r = CliRunner().invoke(main, ["vm", "kill", "--socket", hostd.socket_path, "ga"])
+        assert (r.exit_code, r.stderr) == (1, "Error: no guest 'ga' is attached\n")
+        r = CliRunner().invoke(main, ["vm", "list", "--socket", str(short_tmp / "nope.sock")])
+        assert r.exit_code == 1 and r.stderr.startswith("Error: cannot reach hostd at ")
+        assert r.stderr.endswith("(start `vmediad hostd` or pass --socket / set VMEDIAD_SOCKET)\n")
+    finally:
+        a.close()
+        b.close()
 
 
 def test_soak_command_small(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -23,6 +24,13 @@ from vmediad.bench.common import LAYERS
 
 # Not a terminal (pipes, CI logs): wide enough that tables do not truncate names.
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
+# Progress and notes: stdout stays clean for results (a table, or JSON with --json).
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+NO_HOSTD_HINT = "start `vmediad hostd` or pass --socket / set VMEDIAD_SOCKET"
+SOFT_STOP_S = 5.0  # a clean stop may take this long (an encoder's flush) before the VMs get SIGTERM
+HARD_STOP_S = 2.0  # after SIGTERM, before SIGKILL
+PLAIN_PROGRESS_S = 2.0  # period of the progress lines when stderr is not a terminal
 
 
 class ConfigExit(click.ClickException):
@@ -60,7 +68,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), help="control socket path")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              help="control socket path [default: $RUNTIME_DIRECTORY/hostd.sock under systemd, else "
+                   "/run/vmediad/hostd.sock when writable (root), else $XDG_RUNTIME_DIR/vmediad/hostd.sock "
+                   "(/tmp/vmediad-UID/vmediad/hostd.sock without XDG_RUNTIME_DIR)]. Guests and client "
+                   "commands use $VMEDIAD_SOCKET, else the same rule: export VMEDIAD_SOCKET when you pass "
+                   "--socket")
 @click.option("--channels", type=int, help="hardware channels (default: CPU count)")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file "
               "(default /etc/vmediad/config.toml if present)")
@@ -71,7 +84,11 @@ def main() -> None:
 @click.option("--fault-injection", is_flag=True, default=None, hidden=True)
 def hostd(socket_path: Path | None, channels: int | None, config_path: Path | None, policy: str | None,
           metrics: str | None, log_level: str, fault_injection: bool | None) -> None:
-    """Run the host daemon in the foreground (systemd: Type=notify)."""
+    """Run the host daemon in the foreground (systemd: Type=notify).
+
+    Run as an ordinary user, the socket is $XDG_RUNTIME_DIR/vmediad/hostd.sock (see --socket); the
+    same path is what guestlib.attach() and the client commands find without VMEDIAD_SOCKET.
+    """
     from hostd import config as hconfig
     from hostd.daemon import run_foreground
     from vmediad.errors import ConfigError
@@ -88,49 +105,104 @@ def hostd(socket_path: Path | None, channels: int | None, config_path: Path | No
 
 
 # --- fake VMs ----------------------------------------------------------------------------
-def run_fleet(specs: list[Any], out: Console) -> list[Any]:
-    """Spawn the VMs, show a live row per VM, return their final reports (Ctrl-C stops them cleanly)."""
-    from vmediad.fakevm import VmReport, spawn
+class _ProgressView:
+    """Live rows on a terminal (rich), else one plain line per VM every PLAIN_PROGRESS_S seconds."""
 
-    procs, q, stop = spawn(specs)
-    reports: dict[str, VmReport] = {s.name: VmReport(s.name, s.workload, s.codec) for s in specs}
-    progress = Progress(
-        TextColumn("[bold]{task.fields[name]}"), TextColumn("{task.fields[workload]:>9} {task.fields[codec]:<5}"),
-        BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[fps]:>6.1f} fps"),
-        TextColumn("err {task.fields[errors]}"), TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
-        console=out, transient=False,
-    )
-    ids = {s.name: progress.add_task(s.name, total=s.frames, name=s.name, workload=s.workload, codec=s.codec,
-                                     fps=0.0, errors=0, state="starting") for s in specs}
-    finished: set[str] = set()
-    interrupted = False
-    with progress:
-        while len(finished) < len(specs):
-            try:
-                msg = q.get(timeout=0.5)
-            except KeyboardInterrupt:
-                if not interrupted:
-                    interrupted = True
-                    out.print("[yellow]Ctrl-C: stopping the VMs cleanly...[/]")
-                    stop.set()
-                continue
-            except Exception:  # queue.Empty
-                for s, p in zip(specs, procs, strict=True):
-                    if not p.is_alive() and s.name not in finished and p.exitcode not in (0, None):
-                        reports[s.name].state = "failed"
-                        reports[s.name].detail = f"process exited {p.exitcode}"
-                        finished.add(s.name)
-                continue
-            r = VmReport(**msg)
-            reports[r.name] = r
-            progress.update(ids[r.name], completed=r.frames, fps=r.fps, errors=r.errors, state=r.state)
-            if r.state in ("done", "failed", "stopped"):
-                finished.add(r.name)
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.terminate()
-    return [reports[s.name] for s in specs]
+    def __init__(self, reports: list[Any], out: Console) -> None:
+        self.out = out
+        self.live = out.is_terminal
+        self.next_lines = time.monotonic() + PLAIN_PROGRESS_S
+        self.t0 = time.monotonic()
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[name]}"), TextColumn("{task.fields[workload]:>9} {task.fields[codec]:<5}"),
+            BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[fps]:>6.1f} fps"),
+            TextColumn("err {task.fields[errors]}"), TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
+            console=out, transient=False, disable=not self.live,
+        )
+        self.ids = {r.name: self.progress.add_task(r.name, total=r.total, name=r.name, workload=r.workload,
+                                                   codec=r.codec, fps=0.0, errors=0, state=r.state)
+                    for r in reports}
+
+    def __enter__(self) -> _ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def note(self, text: str) -> None:
+        self.out.print(text)
+
+    def update(self, r: Any) -> None:
+        self.progress.update(self.ids[r.name], completed=r.frames, total=r.total, codec=r.codec, fps=r.fps,
+                             errors=r.errors, state=r.state)
+        if not self.live and r.state in ("done", "failed", "stopped"):
+            self.out.print(self._line(r), markup=False, highlight=False)
+
+    def tick(self, reports: list[Any]) -> None:
+        if self.live or time.monotonic() < self.next_lines:
+            return
+        self.next_lines += PLAIN_PROGRESS_S
+        for r in reports:
+            if r.state not in ("done", "failed", "stopped"):
+                self.out.print(self._line(r), markup=False, highlight=False)
+
+    def _line(self, r: Any) -> str:
+        of = f"/{r.total}" if r.total else ""
+        return (f"[{time.monotonic() - self.t0:6.1f}s] {r.name} {r.workload} {r.codec} {r.state} "
+                f"{r.frames}{of} frames {r.fps:.1f} fps {r.errors} errors")
+
+
+def run_fleet(specs: list[Any], out: Console) -> tuple[list[Any], int | None]:
+    """Spawn the VMs, show their progress on ``out``, return (final reports, stop signal or None).
+
+    SIGINT or SIGTERM stops the VMs cleanly (each finishes its frame and closes its output);
+    a second signal, or SOFT_STOP_S without an end, stops them hard (SIGTERM: their device
+    calls fail at once), and HARD_STOP_S later they are killed.  Must run in the main thread.
+    """
+    from vmediad.fakevm import FINAL_STATES, Fleet
+
+    fleet = Fleet(specs)
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        fleet.start()
+        seen = 0
+        stage = 0  # 0 running, 1 clean stop asked, 2 SIGTERM sent, 3 SIGKILL sent
+        deadline: float | None = None
+        with _ProgressView(fleet.results(), out) as view:
+            while not all(r.state in FINAL_STATES for r in fleet.results()):
+                for r in fleet.poll(0.25):
+                    view.update(r)
+                view.tick(fleet.results())
+                escalate = len(received) > seen and stage > 0
+                if len(received) > seen and stage == 0:
+                    stage, deadline = 1, time.monotonic() + SOFT_STOP_S
+                    view.note(f"[yellow]{signal.Signals(received[0]).name}: stopping the VMs cleanly... "
+                              "(again to stop them at once)[/]")
+                    fleet.signal_all(signal.SIGINT)
+                seen = len(received)
+                if escalate or (deadline is not None and time.monotonic() >= deadline):
+                    if stage == 1:
+                        stage, deadline = 2, time.monotonic() + HARD_STOP_S
+                        view.note("[yellow]stopping the VMs at once (SIGTERM)[/]")
+                        fleet.signal_all(signal.SIGTERM)
+                    elif stage == 2:
+                        stage, deadline = 3, None
+                        view.note("[red]killing the VMs (SIGKILL)[/]")
+                        fleet.signal_all(signal.SIGKILL)
+    except BaseException:
+        fleet.signal_all(signal.SIGTERM)  # a bug here: stop the VMs at once, close() reaps them
+        raise
+    finally:
+        fleet.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return fleet.results(), (received[0] if received else None)
 
 
 def summary_table(reports: list[Any], title: str = "fake VMs") -> Table:
@@ -140,7 +212,8 @@ def summary_table(reports: list[Any], title: str = "fake VMs") -> Table:
     for r in reports:
         style = {"done": "green", "failed": "red", "stopped": "yellow"}.get(r.state, "")
         t.add_row(r.name, r.workload, r.codec, f"[{style}]{r.state}[/]" if style else r.state, str(r.frames),
-                  f"{r.fps:.1f}", str(r.errors), Path(r.output).name if r.output else r.detail)
+                  f"{r.fps:.1f}", str(r.errors),
+                  Path(r.output).name if r.output and r.state != "failed" else r.detail)
     return t
 
 
@@ -151,39 +224,133 @@ def vm() -> None:
 
 @vm.command("spawn")
 @socket_option
-@click.option("--count", default=1, show_default=True, type=click.IntRange(1, 64))
-@click.option("--name-prefix", default="vm", show_default=True)
+@click.option("--count", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="number of VMs: guest processes, each with its own region, all running WORKLOAD")
+@click.option("--name-prefix", default="vm", show_default=True, help="VMs are named PREFIX0, PREFIX1, ...")
 @click.option("--workload", type=click.Choice(["encode", "decode", "transcode"]), default="encode",
-              show_default=True)
+              show_default=True, help="encode a moving test pattern; decode or transcode --input")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
-              help="input file for decode/transcode (default: built-in moving pattern)")
+              help="video file to decode or transcode (default: a built-in test clip, encoded on the device "
+                   "first); not allowed with encode")
 @click.option("--codec", default="h264", show_default=True,
-              type=click.Choice(["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"]))
-@click.option("--size", default="1280x720", show_default=True)
-@click.option("--frames", default=120, show_default=True, type=click.IntRange(1))
+              type=click.Choice(["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"]),
+              help="encode: the codec to encode; transcode: the OUTPUT codec (the input's is detected); "
+                   "decode: the codec of the built-in test clip (with --input, the input's codec is used)")
+@click.option("--size", default="1280x720", show_default=True,
+              help="WIDTHxHEIGHT (even, at least 16) of the encoded pattern and of the built-in test clip; "
+                   "an --input keeps its own size")
+@click.option("--frames", type=click.IntRange(1),
+              help="encode: frames to encode [default: 120]; decode/transcode: stop after this many frames "
+                   "[default: the whole input]")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("vmediad-out"),
-              show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+              show_default=True, help="directory for the VMs' output files")
+@click.option("--json", "as_json", is_flag=True,
+              help="print only the summary, as JSON, on stdout (progress always goes to stderr)")
 def vm_spawn(socket_path: str, count: int, name_prefix: str, workload: str, input_path: str | None, codec: str,
-             size: str, frames: int, output: Path, as_json: bool) -> None:
-    """Spawn COUNT guest processes, each with its own region, and run WORKLOAD on the device."""
-    from vmediad.fakevm import VmSpec
+             size: str, frames: int | None, output: Path, as_json: bool) -> None:
+    """Spawn COUNT guest processes, each with its own region, and run WORKLOAD on the device.
+
+    Progress goes to stderr: live rows on a terminal, else one line per VM every 2 s.
+    Ctrl-C (SIGINT) or SIGTERM stops the VMs cleanly (outputs finished); a second one stops
+    them at once.
+
+    Exit status: 0 when every VM is done (a VM that skipped damaged input packets, as ffmpeg
+    does, is done; they count as errors), 1 when a VM failed or the input cannot be used,
+    2 for a usage error, 128+N when stopped by signal N (130 Ctrl-C, 143 SIGTERM).
+    """
+    from vmediad.fakevm import ENCODE_FRAMES, VmSpec
 
     width, height = _size(size)
+    if workload == "encode" and input_path is not None:
+        raise click.UsageError("--input is for decode and transcode; encode draws its own test pattern")
     if not Path(socket_path).exists():
-        raise click.ClickException(f"no hostd socket at {socket_path} (start `vmediad hostd` or pass --socket)")
+        raise click.ClickException(f"no hostd socket at {socket_path} ({NO_HOSTD_HINT})")
+    input_codec = None
+    if input_path is not None:
+        input_codec = _probe_input(input_path)
+    if workload == "encode" and frames is None:
+        frames = ENCODE_FRAMES
     specs = [VmSpec(f"{name_prefix}{i}", socket_path, workload, codec, width, height, frames, input=input_path,
-                    output=str(output)) for i in range(count)]
-    reports = run_fleet(specs, console)
+                    output=str(output), input_codec=input_codec) for i in range(count)]
+    reports, stopped_by = run_fleet(specs, err_console)
     if as_json:
         click.echo(json.dumps([{**r.__dict__, "fps": r.fps} for r in reports], indent=2))
     else:
         console.print(summary_table(reports))
+    for r in reports:
+        if r.state == "failed":
+            err_console.print(f"{r.name}: failed: {r.detail}", style="red", markup=False, highlight=False)
+        elif r.errors and r.detail:
+            err_console.print(f"{r.name}: {r.state} with {r.errors} error(s): {r.detail}", style="yellow",
+                              markup=False, highlight=False)
+    if stopped_by is not None:
+        sys.exit(128 + stopped_by)
     if any(r.state == "failed" for r in reports):
-        for r in reports:
-            if r.state == "failed":
-                console.print(f"[red]{r.name}: {r.detail}[/]")
         sys.exit(1)
+
+
+def _probe_input(path: str) -> str:
+    """The codec of the input's video stream; a ClickException (exit 1) when it cannot be used."""
+    from guestlib.media import MediaError, open_video
+
+    try:
+        container, stream = open_video(path)
+    except MediaError as e:
+        raise click.ClickException(f"cannot use --input: {e}") from None
+    with container:
+        return str(stream.codec_context.name)
+
+
+@vm.command("list")
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="print hostd's list as JSON")
+def vm_list(socket_path: str, as_json: bool) -> None:
+    """The guests attached to hostd: id, name, pid, state, tasks, sessions.
+
+    Exit status: 0, 1 when hostd cannot be reached.
+    """
+    from guestlib.control import ControlError, list_vms
+
+    try:
+        vms = list_vms(socket_path)
+    except ControlError as e:
+        raise _control_exit(e) from None
+    if as_json:
+        click.echo(json.dumps(vms, indent=2))
+        return
+    t = Table(title=f"{len(vms)} guests")
+    cols = ("vm", "name", "pid", "state", "tasks_done", "tasks_failed", "inflight", "sessions", "timeouts",
+            "worker_pid")
+    for col in cols:
+        t.add_column(col.replace("_", " "), justify="right" if col not in ("name", "state") else "left")
+    for v in vms:
+        t.add_row(*(str(v.get(col, "-")) for col in cols))
+    console.print(t)
+
+
+@vm.command("kill")
+@socket_option
+@click.argument("vm_ref", metavar="VM")
+def vm_kill(socket_path: str, vm_ref: str) -> None:
+    """Detach guest VM (its name, or its numeric id) and reclaim its region, worker and sessions.
+
+    The guest's device calls then fail with DeviceGone; it may not re-attach with that region.
+    Exit status: 0 killed, 1 when hostd refuses (no such guest, a name several guests share,
+    no permission) or cannot be reached.
+    """
+    from guestlib.control import ControlError, kill_vm
+
+    try:
+        r = kill_vm(vm_ref, socket_path)
+    except ControlError as e:
+        raise _control_exit(e) from None
+    state = "reclaimed" if r.get("reclaimed") else "detached; reclaiming is still in progress"
+    click.echo(f"killed vm {r.get('vm')} ({r.get('name')}): {state}")
+
+
+def _control_exit(e: Exception) -> click.ClickException:
+    kind = getattr(e, "kind", "")
+    return click.ClickException(f"{e} ({NO_HOSTD_HINT})" if kind == "unreachable" else str(e))
 
 
 # --- status / caps -----------------------------------------------------------------------
@@ -195,31 +362,69 @@ def status_tables(s: dict[str, Any]) -> list[Table]:
     for c in s["channels"]:
         dev.add_row(str(c["index"]), "yes" if c["busy"] else "-", str(c["vm"] or "-"), c["op"] or "-",
                     str(c["bound_sessions"]), str(c["tasks"]), f"{c['busy_seconds']:.3f}")
+    totals = s.get("totals")
+    if isinstance(totals, dict):
+        tasks = totals.get("tasks", [])
+        failed = sum(t["count"] for t in tasks if t.get("result") != "OK")
+        dev.caption = (f"since start: {sum(t['count'] for t in tasks)} tasks ({failed} failed), "
+                       f"{totals.get('frames', 0)} frames, {totals.get('timeouts', 0)} timeouts, "
+                       f"{totals.get('worker_restarts', 0)} worker restarts")
     vms = Table(title=f"{s['guests']} guests")
-    for col in ("vm", "name", "done", "failed", "queued", "inflight", "p50 µs", "p99 µs", "MB moved", "sessions",
-                "errors"):
+    for col in ("vm", "name", "done", "failed", "timeouts", "queued", "inflight", "p50 µs", "p99 µs", "MB moved",
+                "sessions", "errors"):
         vms.add_column(col)
     for v in s["vms"]:
         errs = ", ".join(f"{k}={n}" for k, n in sorted(v["errors"].items())) or "-"
-        vms.add_row(str(v["vm"]), v["name"], str(v["tasks_done"]), str(v["tasks_failed"]), str(v["queue_depth"]),
-                    str(v["inflight"]), f"{v['latency']['p50_us']:.0f}", f"{v['latency']['p99_us']:.0f}",
-                    f"{v['bytes_moved'] / 1e6:.1f}", str(v["sessions"]), errs)
+        vms.add_row(str(v["vm"]), v["name"], str(v["tasks_done"]), str(v["tasks_failed"]), str(v.get("timeouts", 0)),
+                    str(v["queue_depth"]), str(v["inflight"]), f"{v['latency']['p50_us']:.0f}",
+                    f"{v['latency']['p99_us']:.0f}", f"{v['bytes_moved'] / 1e6:.1f}", str(v["sessions"]), errs)
     return [dev, vms]
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM ended an endless command (status --watch)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise _Stopped in the main thread (restored afterwards)."""
+
+    def raise_stopped(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    old = {sig: signal.signal(sig, raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 @main.command()
 @socket_option
-@click.option("--json", "as_json", is_flag=True, help="print the raw statistics() snapshot")
-@click.option("--watch", is_flag=True, help="refresh every second until Ctrl-C")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the raw statistics() snapshot; with --watch, a stream of JSON lines")
+@click.option("--watch", is_flag=True,
+              help="refresh every second until Ctrl-C; with --json, one {\"status\": snapshot} line a second "
+                   "and each hostd event (attach, detach, worker crash, timeout, ...) as its own line when it "
+                   "happens")
 def status(socket_path: str, as_json: bool, watch: bool) -> None:
-    """Per-VM and device status from a running hostd."""
+    """Per-VM and device status from a running hostd.
+
+    Exit status: 0, 1 when hostd cannot be reached; --watch ends with 130 on Ctrl-C (SIGINT)
+    and 143 on SIGTERM, as `vm spawn` does.
+    """
     from guestlib.device import DeviceGone, hostd_status
 
     def fetch() -> dict[str, Any]:
         try:
             return hostd_status(socket_path)
         except DeviceGone as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(f"{e} ({NO_HOSTD_HINT})") from None
 
     if as_json and not watch:
         click.echo(json.dumps(fetch(), indent=2))
@@ -228,19 +433,55 @@ def status(socket_path: str, as_json: bool, watch: bool) -> None:
         for t in status_tables(fetch()):
             console.print(t)
         return
-    from rich.console import Group
+    try:
+        with _stop_on_signals():
+            if as_json:
+                _watch_json(socket_path, fetch)
+            else:
+                from rich.console import Group
+
+                with Live(Group(*status_tables(fetch())), console=console, refresh_per_second=2) as live:
+                    while True:
+                        time.sleep(1)
+                        live.update(Group(*status_tables(fetch())))
+    except _Stopped as e:
+        sys.exit(128 + e.signum)
+
+
+def _watch_json(socket_path: str, fetch: Any) -> None:
+    """One JSON object per line on stdout: a status snapshot each second, and each event as it
+    arrives (a reader thread); every line is flushed at once."""
+    import threading
+
+    from guestlib.control import ControlError, events
 
     try:
-        with Live(Group(*status_tables(fetch())), console=console, refresh_per_second=2) as live:
-            while True:
-                time.sleep(1)
-                s = fetch()
-                if as_json:
-                    click.echo(json.dumps(s))
-                else:
-                    live.update(Group(*status_tables(s)))
-    except KeyboardInterrupt:
-        pass
+        stream = events(socket_path)  # subscribed before the first snapshot: no event falls between
+    except ControlError as e:
+        raise click.ClickException(f"{e} ({NO_HOSTD_HINT})" if e.kind == "unreachable" else str(e)) from None
+    out_lock = threading.Lock()
+
+    def emit(obj: dict[str, Any]) -> None:
+        line = json.dumps(obj, default=str) + "\n"
+        with out_lock:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def relay() -> None:
+        for ev in stream:
+            emit(ev)
+
+    reader = threading.Thread(target=relay, name="vmediad-events", daemon=True)
+    reader.start()
+    try:
+        while True:
+            emit({"status": fetch()})
+            time.sleep(1)
+    finally:
+        close = getattr(stream, "close", None)  # an EventStream: the reader then sees the end
+        if close is not None:
+            close()
+        reader.join(2)
 
 
 @main.command()
@@ -303,11 +544,13 @@ def demo(output: Path, size: str, frames: int, channels: int) -> None:
                 ("vm3", "encode", "vp9")]
         specs = [VmSpec(n, h.socket_path, w, c, width, height, frames, output=str(output), region_size=64 << 20)
                  for n, w, c in plan]
-        reports = run_fleet(specs, console)
+        reports, stopped_by = run_fleet(specs, err_console)
         stats = h.device.statistics()
     console.print(summary_table(reports, "demo summary"))
     console.print(f"device: {sum(c['tasks'] for c in stats['channels'])} tasks on {len(stats['channels'])} channels; "
                   f"outputs in {output.resolve()}")
+    if stopped_by is not None:
+        sys.exit(128 + stopped_by)
     if any(r.state != "done" for r in reports):
         for r in reports:
             if r.state != "done":
