@@ -156,7 +156,7 @@ class EventStream(Iterator[dict[str, Any]]):
         self.close()
 
 
-def events(socket_path: str | None = None) -> Iterator[dict[str, Any]]:
+def events(socket_path: str | None = None) -> EventStream:
     """Subscribe to hostd's event stream.
 
     Raises ControlError at once if hostd is unreachable or refuses; once this returns, every

@@ -478,9 +478,7 @@ def _watch_json(socket_path: str, fetch: Any) -> None:
             emit({"status": fetch()})
             time.sleep(1)
     finally:
-        close = getattr(stream, "close", None)  # an EventStream: the reader then sees the end
-        if close is not None:
-            close()
+        stream.close()  # the reader then sees the end of the stream
         reader.join(2)
 
 
