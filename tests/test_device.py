@@ -105,18 +105,29 @@ def test_eight_threads_each_woken_only_for_its_own_task(hostd: Hostd) -> None:
 
 
 def test_fifo_order_across_vms(make_hostd: Callable[..., Hostd]) -> None:
+    """Tasks of three guests run in the order their doorbells were drained.
+
+    The interleaving is forced: the first guest's worker is SIGSTOPped while its CRC32 holds
+    the only channel, and each NOP is submitted only once hostd has drained the previous
+    doorbell (REG_SQ_HEAD caught up with REG_SQ_TAIL), so arrival order is known exactly."""
     h = make_hostd(channels=1, policy="fifo", max_inflight_per_guest=64)
-    devs = [guestlib.attach(h.socket_path, name=f"f{i}", region_size=64 << 20) for i in range(3)]
+    devs = [guestlib.attach(h.socket_path, name=f"f{i}", region_size=4 << 20) for i in range(3)]
+    worker = next(v["worker_pid"] for v in h.device.statistics()["vms"] if v["vm"] == devs[0].vm_id)
     try:
-        block = devs[0].put(bytes(48 << 20))  # keeps the only channel busy while the rest queue
-        blocker = devs[0].crc32(block)
-        order = []
-        for _round in range(4):
-            for i, d in enumerate(devs):
-                order.append((i, d.nop()))
-                time.sleep(0.003)  # hostd (awake and spinning) drains each doorbell before the next
-        blocker.wait()
-        seqs = [(t.completion().seq, i) for i, t in order]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            blocker = devs[0].crc32(devs[0].put(bytes(4096)))
+            wait_until(lambda: h.device.statistics()["channels"][0]["busy"], what="the blocker on the channel")
+            order = []
+            for _round in range(4):
+                for i, d in enumerate(devs):
+                    order.append((i, d.nop()))
+                    wait_until(lambda d=d: d.region.load32(abi.REG_SQ_HEAD) == d.region.load32(abi.REG_SQ_TAIL),
+                               what="hostd drained the doorbell")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        blocker.wait(timeout=10)
+        seqs = [(t.completion(timeout=10).seq, i) for i, t in order]
         assert [i for _, i in sorted(seqs)] == [i for i, _ in order]
     finally:
         for d in devs:
