@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from vmediad import protocol
+from vmediad.errors import ClientError
 
 
-class ControlError(Exception):
+class ControlError(ClientError):
     """A control request failed; ``kind`` is a short machine-readable reason."""
 
     def __init__(self, message: str, kind: str = "") -> None:

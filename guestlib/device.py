@@ -34,6 +34,7 @@ import numpy.typing as npt
 from guestlib.heap import Heap, OutOfMemory
 from vmediad import abi, protocol
 from vmediad.abi import Doorbell, ErrorCode, Op, Status
+from vmediad.errors import ClientError
 from vmediad.shm import EAGAIN, MappedRegion, monotonic_ns
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ CLOSE_WAIT_S = 2 * SLEEP_SLICE_S  # close() waits this long for waiting threads 
 PERMANENT_REFUSALS = frozenset({"killed", "permission"})
 
 
-class DeviceError(Exception):
+class DeviceError(ClientError):
     """A task ended with an ERROR status (``code``) or the device refused a request."""
 
     def __init__(self, code: ErrorCode, message: str = "", result_len: int = 0) -> None:
@@ -68,7 +69,7 @@ class SessionLost(DeviceError):
         super().__init__(ErrorCode.SESSION_LOST, message)
 
 
-class AttachError(Exception):
+class AttachError(ClientError):
     """hostd refused the attach (``kind`` says why: permission, limit, ...)."""
 
     def __init__(self, message: str, kind: str = "") -> None:

@@ -6,10 +6,11 @@ import bisect
 
 from vmediad import abi
 from vmediad.abi import HEAP_ALIGN
+from vmediad.errors import ClientError
 
 
-class OutOfMemory(MemoryError):
-    pass
+class OutOfMemory(ClientError, MemoryError):
+    """The guest's heap has no free block that large."""
 
 
 class Heap:

@@ -15,6 +15,7 @@ from guestlib.codec import Encoder, Frame, Packet, codec_id
 from guestlib.device import DeviceError
 from vmediad import abi
 from vmediad.abi import ErrorCode
+from vmediad.errors import ClientError
 
 if TYPE_CHECKING:
     from guestlib.codec import Decoder
@@ -29,7 +30,7 @@ _TO_ANNEXB = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}
 AVCOL_RANGE_JPEG = 2  # full range: what JPEG (and the device's mjpeg encoder) uses
 
 
-class MediaError(Exception):
+class MediaError(ClientError):
     """A media file that cannot be used: unreadable, not a container, no video stream."""
 
 

@@ -9,21 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from vmediad import abi
-from vmediad.errors import ConfigError, VmediadError
+from vmediad.errors import EXIT_CONFIG, ConfigError, StartupError
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmediad/config.toml")
 POLICIES = ("fifo", "round-robin", "weighted")
 MiB = 1 << 20
-EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus=78 stops restart loops
-
-
-class StartupError(VmediadError):
-    """hostd cannot start as configured (socket taken, port in use, missing directory).
-
-    Not a bug and not fixed by a restart: hostd logs the message as one line and exits 78."""
-
-    exit_code = EXIT_CONFIG
-
+__all__ = ["EXIT_CONFIG", "ConfigError", "StartupError"]  # re-exported for hostd's callers
 
 def default_socket_path() -> Path:
     """$RUNTIME_DIRECTORY (systemd), else /run/vmediad, else $XDG_RUNTIME_DIR/vmediad."""

@@ -70,6 +70,8 @@ class ControlServer:
         # guest with auto_reattach would come straight back with the region it was killed from.
         self._killed: deque[tuple[int, int]] = deque(maxlen=KILLED_REMEMBERED)
         self._kill_pending: set[int] = set()  # killed between attach and their connection's registration
+        self.crashed: BaseException | None = None  # a bug in a control thread: hostd exits 70
+        self.crashed_event = threading.Event()
         self.refused = 0
         self.accepted = 0
         self.requests = 0
@@ -101,7 +103,8 @@ class ControlServer:
         """Listen (bind() first if not yet done) and serve connections."""
         if self._sock is None:
             self.bind()
-        threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
+        threading.Thread(target=self._guarded, args=(self._accept_loop,), name="control-accept",
+                         daemon=True).start()
         log.info("control socket listening", path=str(self.path), mode=oct(self.cfg.socket_mode))
 
     def bind(self) -> None:
@@ -190,7 +193,18 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            threading.Thread(target=self._guarded, args=(self._serve, conn), name="control-conn",
+                             daemon=True).start()
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """A control thread's boundary.  Errors a request may cause are handled inside ``fn``;
+        anything that reaches here is a bug in hostd: it is logged and hostd exits 70."""
+        try:
+            fn(*args)
+        except Exception as e:
+            log.exception("internal error in a control thread", thread=threading.current_thread().name)
+            self.crashed = e
+            self.crashed_event.set()
 
     def _serve(self, conn: socket.socket) -> None:
         pid, uid, gid = peer_credentials(conn)

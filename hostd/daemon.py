@@ -10,13 +10,13 @@ from typing import Any
 
 import structlog
 
-from hostd.config import Config, StartupError
+from hostd.config import Config
 from hostd.control import ControlServer
 from hostd.device import Device, RunState
 from hostd.notify import Notifier
+from vmediad.errors import EXIT_INTERNAL, StartupError
 
 log = structlog.get_logger("hostd")
-EXIT_INTERNAL = 70  # EX_SOFTWARE: systemd's Restart=on-failure brings hostd back
 
 
 class Hostd:
@@ -151,11 +151,11 @@ def run_foreground(cfg: Config) -> int:
     except Exception:
         log.exception("internal error during start-up", exit_code=EXIT_INTERNAL)
         return EXIT_INTERNAL
-    while not stop.is_set() and not h.device.stopped.is_set():
+    while not stop.is_set() and not h.device.stopped.is_set() and h.control.crashed is None:
         stop.wait(0.5)
-    crashed = h.device.crashed
-    if crashed is None and h.device.state == RunState.RUNNING:
-        h.stop()
+    crashed = h.device.crashed or h.control.crashed
+    if h.device.crashed is None and h.device.state == RunState.RUNNING:
+        h.stop()  # a crashed control thread still lets the device stop its workers in order
     else:
         h.control.close()
     if crashed is not None:

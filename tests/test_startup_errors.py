@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 
 import guestlib
-from hostd.config import EXIT_CONFIG, Config
-from hostd.daemon import EXIT_INTERNAL, Hostd, run_foreground
+from hostd.config import Config
+from hostd.daemon import Hostd, run_foreground
 from hostd.device import Device
+from vmediad.errors import EXIT_CONFIG, EXIT_INTERNAL
 
 
 def _env() -> dict[str, str]:
