@@ -81,9 +81,7 @@ def default_socket() -> str:
     env = os.environ.get("VMEDIAD_SOCKET")
     if env:
         return env
-    from hostd.config import default_socket_path
-
-    return str(default_socket_path())
+    return str(protocol.default_socket_path())
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,25 +10,12 @@ from typing import Any
 
 from vmediad import abi
 from vmediad.errors import EXIT_CONFIG, ConfigError, StartupError
+from vmediad.protocol import default_socket_path
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmediad/config.toml")
 POLICIES = ("fifo", "round-robin", "weighted")
 MiB = 1 << 20
-__all__ = ["EXIT_CONFIG", "ConfigError", "StartupError"]  # re-exported for hostd's callers
-
-def default_socket_path() -> Path:
-    """$RUNTIME_DIRECTORY (systemd), else /run/vmediad, else $XDG_RUNTIME_DIR/vmediad."""
-    rt = os.environ.get("RUNTIME_DIRECTORY")
-    if rt:
-        return Path(rt.split(":")[0]) / "hostd.sock"
-    run = Path("/run/vmediad")
-    if run.is_dir() and os.access(run, os.W_OK):
-        return run / "hostd.sock"
-    if os.geteuid() == 0 and os.access("/run", os.W_OK):
-        return run / "hostd.sock"
-    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vmediad-{os.getuid()}"
-    return Path(xdg) / "vmediad" / "hostd.sock"
-
+__all__ = ["EXIT_CONFIG", "ConfigError", "StartupError", "default_socket_path"]  # re-exported for hostd's callers
 
 @dataclass(frozen=True)
 class Config:

@@ -41,7 +41,7 @@ def _socket_default() -> str:
     env = os.environ.get("VMEDIAD_SOCKET")
     if env:
         return env
-    from hostd.config import default_socket_path
+    from vmediad.protocol import default_socket_path
 
     return str(default_socket_path())
 

@@ -29,7 +29,9 @@ The control plane is never used per task.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vmediad import abi
@@ -129,3 +131,20 @@ def ok(**fields: Any) -> bytes:
 
 def refuse(message: str, kind: str = "bad_request") -> bytes:
     return encode({"ok": False, "error": message, "kind": kind})
+
+
+def default_socket_path() -> Path:
+    """Where hostd listens unless told otherwise, and where guests look for it.
+
+    $RUNTIME_DIRECTORY (systemd), else /run/vmediad, else $XDG_RUNTIME_DIR/vmediad.  The one
+    place of the protocol that looks at the environment and the file system."""
+    rt = os.environ.get("RUNTIME_DIRECTORY")
+    if rt:
+        return Path(rt.split(":")[0]) / "hostd.sock"
+    run = Path("/run/vmediad")
+    if run.is_dir() and os.access(run, os.W_OK):
+        return run / "hostd.sock"
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return run / "hostd.sock"
+    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vmediad-{os.getuid()}"
+    return Path(xdg) / "vmediad" / "hostd.sock"
