@@ -28,6 +28,8 @@ int fp_decode(fp_pool *pool, uintptr_t avctx, uintptr_t frame, uintptr_t base, c
               int width, int height, unsigned int nplanes, const int64_t *shape, int64_t fmt, int64_t flags,
               int64_t *out, int max_out, int64_t *state);
 void fp_take_frame(uintptr_t frame, uintptr_t frame_obj);
+int fp_log_install(uintptr_t av_log_set_callback);
+int fp_log_take(char *out, int size);
 """
 
 SOURCE = r"""
@@ -36,6 +38,8 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
 
 typedef int (*get_buffer2_fn)(void *avctx, void *frame, int flags);
 typedef void (*align_fn)(void *avctx, int *w, int *h, int linesize_align[8]);
@@ -445,6 +449,56 @@ void fp_close(fp_pool *p) {
     int last = p->refs == 0;
     pthread_mutex_unlock(&p->lock);
     if (last) destroy(p);
+}
+
+/* libav's log, kept instead of printed (PyAV's default callback drops every line): the last
+   error-level message logged on each thread, so the thread that ran a failed libav call can say
+   why it failed (x264 "width not divisible by 2" behind "Generic error in an external
+   library").  The callback runs on any libav thread and takes no lock: each thread writes only
+   its own buffer, and no GIL is involved (PyAV's Python callback can deadlock frame threads). */
+#define AV_LOG_ERROR_LEVEL 16
+#define LOG_MAX 512
+static __thread char log_text[LOG_MAX];
+static __thread int log_len;
+static __thread int log_open;  /* the last piece had no newline: the next one continues it */
+
+typedef struct { const char *class_name; const char *(*item_name)(void *ctx); } class_head;
+typedef void (*log_cb)(void *avcl, int level, const char *fmt, va_list vl);
+typedef void (*log_set_fn)(log_cb cb);
+
+static void fp_log_cb(void *avcl, int level, const char *fmt, va_list vl) {
+    if (level > AV_LOG_ERROR_LEVEL || !fmt) return;
+    if (!log_open) {
+        log_len = 0;
+        const class_head *cls = avcl ? *(const class_head **)avcl : NULL;
+        const char *name = cls && cls->item_name ? cls->item_name(avcl) : NULL;
+        if (name) {
+            int n = snprintf(log_text, LOG_MAX, "[%s] ", name);
+            log_len = n < 0 ? 0 : n >= LOG_MAX ? LOG_MAX - 1 : n;
+        }
+    }
+    if (log_len < LOG_MAX - 1) {
+        int n = vsnprintf(log_text + log_len, LOG_MAX - log_len, fmt, vl);
+        if (n > 0) log_len = log_len + n >= LOG_MAX ? LOG_MAX - 1 : log_len + n;
+    }
+    log_open = log_len > 0 && log_text[log_len - 1] != '\n';
+}
+
+int fp_log_install(uintptr_t set_callback) {
+    ((log_set_fn)set_callback)(fp_log_cb);
+    return 0;
+}
+
+/* Copy this thread's last error line (without its newline) to out and forget it; returns
+   its length (0: none since the last take). */
+int fp_log_take(char *out, int size) {
+    int n = log_len;
+    while (n > 0 && (log_text[n - 1] == '\n' || log_text[n - 1] == ' ')) n--;
+    if (n > size) n = size;
+    memcpy(out, log_text, n);
+    log_len = 0;
+    log_open = 0;
+    return n;
 }
 
 /* out: slots, in_use, slot_size, hits, misses, relayouts */

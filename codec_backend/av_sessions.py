@@ -125,6 +125,10 @@ _I64_MAX: Final = (1 << 63) - 1
 _JPEG_RANGE: Final = 2  # AVCOL_RANGE_JPEG
 
 _NATIVE_ENCODERS: Final = frozenset({"mjpeg", "mpeg4"})
+# Encoders that refuse a 4:2:0 picture of odd width or height (their chroma planes would be
+# half a sample wide); the others pad it.  Refused at SESSION_OPEN, before avcodec_open2
+# fails with a bare "Generic error in an external library".
+_EVEN_420: Final = frozenset({"libx264", "libx265"})
 _B_FRAMES_ON: Final = {"libx264": 3, "mpeg4": 2}
 _DEFAULT_QSCALE: Final = 3
 _FF_QP2LAMBDA: Final = 118
@@ -195,6 +199,15 @@ def _ff_error(exc: av.error.FFmpegError, guest_code: ErrorCode) -> CodecError:
                         av.error.UnknownError)):
         return CodecError(ErrorCode.BACKEND, str(exc))
     return CodecError(guest_code, str(exc))
+
+
+def _with_log_reason(exc: CodecError) -> CodecError:
+    """``exc`` with the error line libav logged on this thread during the call in front of
+    its text: PyAV's message alone is often just "Generic error in an external library"."""
+    reason = framepool.take_log_error()
+    if not reason or exc.code == ErrorCode.NO_SPACE or reason in str(exc):
+        return exc
+    return CodecError(exc.code, f"{reason} ({exc})", exc.required)
 
 
 @dataclass
@@ -380,6 +393,9 @@ def _encoder_target(cfg: SessionConfig, caps: GeometryCaps) -> EncoderTarget:
     codec, impl = _codec(cfg.codec, abi.ENCODER_IMPL, "w")
     _check_geometry(cfg.width, cfg.height, caps, required=True)
     fmt = _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA))
+    if impl in _EVEN_420 and (cfg.width % 2 or cfg.height % 2):
+        raise CodecError(ErrorCode.BAD_ARG, f"{impl} encodes 4:2:0, which needs an even width and height; "
+                                            f"got {cfg.width}x{cfg.height}")
     ctx_fmt = "nv12" if fmt == PixFmt.NV12 and "nv12" in _codec_formats(impl) else "yuv420p"
     return EncoderTarget(codec, impl, fmt, ctx_fmt, _ratio(cfg.tb_num, cfg.tb_den, "time base"),
                          _ratio(cfg.fps_num, cfg.fps_den, "frame rate"))
@@ -1161,18 +1177,20 @@ class SessionManager:
         self._sessions: dict[int, _EncoderSession | _DecoderSession] = {}
         self._stats = _Stats()
         os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its config at info level
+        framepool.capture_log()
 
     def _guard(self, fn: Callable[[], _T]) -> _T:
+        framepool.take_log_error()  # a line logged before this call is not this call's reason
         try:
             return fn()
         except CodecError as exc:
             self._stats.errors[exc.code.name] += 1
-            raise
+            raise _with_log_reason(exc) from exc.__cause__
         except Exception as exc:
             # A surprise from the codec library or numpy is reported, never raised raw:
             # the worker loop must survive any guest input.
             self._stats.errors[ErrorCode.BACKEND.name] += 1
-            raise CodecError(ErrorCode.BACKEND, f"{type(exc).__name__}: {exc}") from exc
+            raise _with_log_reason(CodecError(ErrorCode.BACKEND, f"{type(exc).__name__}: {exc}")) from exc
 
     def _get(self, session_id: int) -> _EncoderSession | _DecoderSession:
         session = self._sessions.get(session_id)

@@ -9,7 +9,9 @@ guest's heap, but their contents are hostile.
 from __future__ import annotations
 
 import signal
+import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +26,13 @@ if TYPE_CHECKING:
 # With fault injection enabled (tests only), a source buffer starting with this
 # marker makes the worker die of a real SIGSEGV, as a crashing codec would.
 CRASH_MARKER = b"\xde\xadVMEDIAD-SEGV\x00"
+# ... and one starting with this marker parks the task: the worker stores HANG_RUNNING in the
+# u32 at HANG_STATE and polls it until the guest stores HANG_RELEASE there, then runs the task
+# as usual.  A test sees the task running and can stop (SIGSTOP) or hold the worker at will.
+HANG_MARKER = b"\xde\xadVMEDIAD-HANG\x00"
+HANG_STATE = 16
+HANG_RUNNING = 1
+HANG_RELEASE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +41,7 @@ class Outcome:
     result_len: int = 0
     error: int = ErrorCode.OK
     copied: int = 0
+    text: str = ""  # why the task failed (FFmpeg's message where there is one)
 
 
 class Engine:
@@ -71,6 +81,10 @@ class Engine:
                 # task dies at once and never posts a result.  (os.kill would let
                 # the kernel pick the main thread and this task finish first.)
                 signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
+            if bytes(self.mem[off : off + len(HANG_MARKER)]) == HANG_MARKER and length >= HANG_STATE + 4:
+                struct.pack_into("<I", self.mem, off + HANG_STATE, HANG_RUNNING)
+                while struct.unpack_from("<I", self.mem, off + HANG_STATE)[0] != HANG_RELEASE:
+                    time.sleep(0.001)
 
     def run(self, prog: tuple[int, ...], config: bytes) -> Outcome:
         opcode, flags, session, _cfg_len, src_off, src_len, dst_off, dst_len, a0, a1, a2, _a3 = prog
@@ -101,7 +115,13 @@ class Engine:
             if op == Op.CAPS:
                 count, used = write_caps(self.mem, dst_off, dst_len, self.geometry())
             elif op == Op.SESSION_OPEN:
-                sm.open(session, abi.SessionConfig.unpack(config), self.mem, (dst_off, dst_len))
+                cfg = abi.SessionConfig.unpack(config)
+                # Without FRAME_POOL a dst of up to ERROR_RECORD_SIZE bytes only takes an error
+                # record (hostd writes it); a larger one is a pool without the flag (BAD_ARG).
+                pool = (dst_off, dst_len)
+                if not cfg.flags & abi.SessionFlag.FRAME_POOL and dst_len <= abi.ERROR_RECORD_SIZE:
+                    pool = (0, 0)
+                sm.open(session, cfg, self.mem, pool)
                 return Outcome(result=session)
             elif op == Op.SESSION_CLOSE:
                 sm.close(session)
@@ -117,9 +137,9 @@ class Engine:
             else:  # pragma: no cover - validate.check() admits only the ops above
                 return Outcome(error=ErrorCode.BAD_OPCODE)
         except CodecError as e:
-            return Outcome(result_len=e.required, error=e.code, copied=self._copied_delta())
-        except ValueError:
-            return Outcome(error=ErrorCode.BAD_ARG)
+            return Outcome(result_len=e.required, error=e.code, copied=self._copied_delta(), text=str(e))
+        except ValueError as e:
+            return Outcome(error=ErrorCode.BAD_ARG, text=str(e))
         return Outcome(result=count, result_len=used, copied=self._copied_delta())
 
     def statistics(self) -> dict[str, object]:

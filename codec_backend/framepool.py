@@ -37,12 +37,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import av.error as av_error
+from av.codec.context import CodecContext
 from av.video.frame import VideoFrame
 from cffi import FFI
 
 from vmediad import abi
 
-__all__ = ["DecodeLoop", "FramePool", "PoolStats", "Probe", "probe"]
+__all__ = ["DecodeLoop", "FramePool", "PoolStats", "Probe", "capture_log", "probe", "take_log_error"]
 
 _ABI = FFI()
 _ABI.cdef("""
@@ -66,6 +67,7 @@ int avcodec_send_packet(void *avctx, const void *pkt);
 int avcodec_receive_frame(void *avctx, void *frame);
 void av_frame_unref(void *frame);
 void av_frame_move_ref(void *dst, void *src);
+void av_log_set_callback(void (*callback)(void *, int, const char *, ...));
 """)
 
 # AVCodecContext's first fields, unchanged since FFmpeg 1.x.
@@ -295,6 +297,38 @@ def _pyav_frame_checks(mem: _Mem) -> bool:
             and mem.i32(p + _FRAME_WIDTH) == vf.width and mem.i32(p + _FRAME_HEIGHT) == vf.height)
 
 
+_LOG: Any = None  # the native module once its log callback is installed
+_LOG_TRIED = False
+
+
+def capture_log() -> bool:
+    """Keep libav's error lines per thread (``fp_log_cb``) for :func:`take_log_error`.
+
+    Once per process, after ``import av`` (which installs PyAV's silent callback); libav then
+    prints nothing, as with PyAV's, and each thread's last error line is kept."""
+    global _LOG, _LOG_TRIED
+    if not _LOG_TRIED:
+        _LOG_TRIED = True
+        try:
+            from codec_backend import _framepool  # type: ignore[attr-defined]
+
+            av_ = _AV if _AV is not None else _Av()
+            _framepool.lib.fp_log_install(av_.addr(av_.util, "av_log_set_callback"))
+            _LOG = _framepool
+        except (ImportError, OSError, AttributeError):
+            _LOG = None
+    return _LOG is not None
+
+
+def take_log_error() -> str:
+    """The last error line libav logged on this thread since the last call ("" if none)."""
+    if _LOG is None:
+        return ""
+    buf = _LOG.ffi.new("char[]", 512)
+    n = int(_LOG.lib.fp_log_take(buf, 512))
+    return bytes(_LOG.ffi.buffer(buf, n)).decode("utf-8", "replace") if n > 0 else ""
+
+
 def probe() -> Probe:
     """Check (once per process) that pools can be used with the loaded libav."""
     global _PROBE
@@ -447,8 +481,15 @@ class DecodeLoop:
         return probe().loop and os.environ.get("VMEDIAD_DECODE_LOOP", "1") != "0"
 
     def bind(self, ctx: Any) -> bool:
-        """Use ``ctx`` (its AVCodecContext is proven once per context object)."""
-        if id(ctx) != self._ctx_id:
+        """Use ``ctx`` (its AVCodecContext is proven once per context it holds).
+
+        The pointer PyAV holds is read again on every bind: a session's context reopened
+        after FLUSH is a new object that often gets the old one's ``id`` while the old
+        AVCodecContext is freed, so a pointer cached by ``id`` alone could be a freed one."""
+        if not isinstance(ctx, CodecContext):
+            return False
+        held = int(_ABI.cast("uint64_t *", id(ctx) + _PYAV_CTX_PTR)[0])  # a live object's own field
+        if id(ctx) != self._ctx_id or held != self._avctx:
             p = _context_pointer(ctx)
             if p is None:
                 return False

@@ -93,10 +93,16 @@ class Worker:
             config = bytes(self.bank.mem[off : off + cfg_len])
         try:
             out = self.engine.run(prog, config)
-        except Exception:  # a backend bug must fail the task, not the worker
-            out = Outcome(error=ErrorCode.BACKEND)
+        except Exception as e:  # a backend bug must fail the task, not the worker
+            out = Outcome(error=ErrorCode.BACKEND, text=f"{type(e).__name__}: {e}")
+        text = abi.error_text_bytes(out.text) if out.error not in (ErrorCode.OK, ErrorCode.NO_SPACE) else b""
+        if text:
+            # The file's config page was read above and hostd writes it only while the file
+            # is IDLE: the reason goes there, published with the DONE store below.
+            off = abi.channel_config_offset(self.channels, k, f)
+            self.bank.mem[off : off + len(text)] = text
         abi.CH_RESULT_STRUCT.pack_into(
-            self.bank.mem, ch + abi.CH_RESULT, out.result, out.result_len, out.error, 0, out.copied
+            self.bank.mem, ch + abi.CH_RESULT, out.result, out.result_len, out.error, len(text), out.copied
         )
         self.bank.store32(ch + abi.CH_CTRL, Ctrl.DONE)  # release: publishes the results above
         if prog[0] not in _INLINE_OPS and (hold := self.bank.load32(abi.BANK_IRQ_HOLDOFF)):

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +38,7 @@ from vmediad import abi
 from vmediad.abi import ErrorCode, Op, PixFmt
 
 if TYPE_CHECKING:
-    from guestlib.device import Buffer, Device, Task
+    from guestlib.device import Buffer, Completion, Device, Task
 
 CODECS = {name: c for c, name in abi.CODEC_NAMES.items()}
 CODECS.update({"h265": abi.Codec.HEVC, "avc": abi.Codec.H264, "libx264": abi.Codec.H264,
@@ -150,6 +150,29 @@ class Frame:
         return f"Frame({self.width}x{self.height} {self.format} pts={self.pts})"
 
 
+def error_text(dev: Device, c: Completion, dst: tuple[int, int]) -> str | None:
+    """The reason a failed codec task left at its dst (abi.ERROR_RECORD), if it left one."""
+    if c.status != abi.Status.ERROR or c.error == ErrorCode.NO_SPACE or c.result_len < abi.OUT_HEADER.size:
+        return None
+    off, size = dst
+    if not size or c.result_len > size:
+        return None
+    return abi.unpack_error_record(dev.region.mem[off : off + c.result_len], c.error)
+
+
+def raise_failed(dev: Device, task: Task, dst: tuple[int, int]) -> NoReturn:
+    """Raise the error of ``task`` (completed, failed), with the reason hostd gave in the text."""
+    c = task.completion()
+    text = error_text(dev, c, dst)
+    try:
+        task.wait()
+    except Exception as e:
+        if text and e.args:
+            e.args = (f"{e.args[0]}: {text}", *e.args[1:])
+        raise
+    raise AssertionError(f"task {task.slot} did not fail")  # pragma: no cover - callers check first
+
+
 @dataclass(slots=True)
 class _Spec:
     """One task of a stream: what to submit and what to release when it has run."""
@@ -176,14 +199,24 @@ class _Session:
         self.config = cfg
         self._out: Buffer = dev.alloc(DEFAULT_OUT)
         blob = dev.put(cfg.pack())
+        # Without a pool, dst is only where a failure's reason goes (abi.ERROR_RECORD).
+        record = None
+        if pool is None and dev.region.load64(abi.REG_CAPS) & abi.Caps.ERROR_TEXT:
+            record = dev.alloc(abi.ERROR_RECORD_SIZE)
+        dst = (pool.offset, pool.size) if pool is not None else (
+            (record.offset, record.size) if record is not None else (0, 0))
         try:
-            c = dev.submit(Op.SESSION_OPEN, src=(blob.offset, len(cfg.pack())),
-                           dst=(pool.offset, pool.size) if pool is not None else (0, 0)).wait()
+            task = dev.submit(Op.SESSION_OPEN, src=(blob.offset, len(cfg.pack())), dst=dst)
+            c = task.completion()
+            if c.status != abi.Status.DONE:
+                raise_failed(dev, task, dst)
         except BaseException:
             dev.free(self._out)
             raise
         finally:
             dev.free(blob)
+            if record is not None:
+                dev.free(record)
         self.session: int = c.result
         self.closed = False
         self.no_space_retries = 0  # times an output buffer had to grow (tests, stats)
@@ -237,18 +270,19 @@ class _Session:
         if self.closed:
             raise ValueError("session is closed")
         dev = self.device
-        task: Task = dev.submit(op, flags=flags, session=self.session, src=src,
-                                dst=(self._out.offset, self._out.size), args=args)
+        dst = (self._out.offset, self._out.size)
+        task: Task = dev.submit(op, flags=flags, session=self.session, src=src, dst=dst, args=args)
         while True:
             c = task.completion()
             if c.error == ErrorCode.NO_SPACE and c.result_len > self._out.size:
                 dev.free(self._out)
                 self._out = dev.alloc(max(c.result_len, 2 * self._out.size))
                 self.no_space_retries += 1
-                task = dev.submit(self._drain_op(op), flags=self._drain_flags(op), session=self.session,
-                                  dst=(self._out.offset, self._out.size))
+                dst = (self._out.offset, self._out.size)
+                task = dev.submit(self._drain_op(op), flags=self._drain_flags(op), session=self.session, dst=dst)
                 continue
-            task.wait()  # raises DeviceError / SessionLost on an error status
+            if c.status != abi.Status.DONE:
+                raise_failed(dev, task, dst)  # DeviceError / SessionLost, with hostd's reason
             return c.result, c.result_len
 
     @staticmethod
@@ -397,7 +431,7 @@ class _Session:
                     continue
                 if c.status != abi.Status.DONE:
                     spare.append(buf)
-                    task.wait()  # raises the task's error
+                    raise_failed(dev, task, (buf.offset, buf.size))
                 items = self._items_at(buf.offset)
                 self._size_ahead(batch, depth, held=depth + 1)
                 if len(inflight) <= depth - group:
@@ -948,10 +982,12 @@ def caps(dev: Device) -> dict[str, Any]:
     """What this device's FFmpeg build really offers (the CAPS op)."""
     out = dev.alloc(64 << 10)
     try:
-        c = dev.submit(Op.CAPS, dst=(out.offset, out.size)).wait()
+        task = dev.submit(Op.CAPS, dst=(out.offset, out.size))
+        if task.completion().status != abi.Status.DONE:
+            raise_failed(dev, task, (out.offset, out.size))
         kind, _count, used = abi.OUT_HEADER.unpack_from(dev.region.mem, out.offset)
         doc: dict[str, Any] = json.loads(bytes(out.mem[abi.OUT_HEADER.size : used]).rstrip(b"\0"))
-        _ = (c, kind)
+        _ = kind
         return doc
     finally:
         dev.free(out)

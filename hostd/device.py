@@ -24,8 +24,10 @@ import enum
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +36,10 @@ import structlog
 
 from hostd import validate
 from hostd.config import Config
+from hostd.events import EventBus
 from hostd.regions import Region, adopt_region, create_bank, create_region
 from hostd.scheduler import Pending, Scheduler
-from hostd.stats import GuestStats
+from hostd.stats import GuestStats, Totals
 from hostd.workers import WorkerHandle, kick_channel, kick_worker, spawn_worker
 from vmediad import abi
 from vmediad.abi import Ctrl, Doorbell, ErrorCode, Op, Status
@@ -54,6 +57,33 @@ RESPAWN_BACKOFF_MAX_S = 5.0
 # and two probes, spinning workers doubled the probes' p99 (docs/reliability.md).
 WORKER_SPINS = 4000
 ACTIVE_WINDOW_NS = 50_000_000  # a guest that submitted within this window is active
+# The watchdog (Config.task_timeout_s, task_timeout_per_mpx_s): the pictures a task is sized by.
+# A FLUSH drains what the codec holds (encoder look-ahead, decoder reorder): counted as this many
+# frames.  A decode session opened without a size counts as 1080p.
+FLUSH_FRAMES = abi.MULTI_MAX
+DEFAULT_DECODE_MPX = 1920 * 1080 / 1e6
+NEVER = 1 << 63
+# Failures that are not the guest's doing: logged at warning level with their reason.
+_BACKEND_ERRORS = frozenset({ErrorCode.BACKEND, ErrorCode.TIMEOUT, ErrorCode.WORKER_CRASHED})
+
+
+def task_budget_s(cfg: Config, op: int, mpx: float, inputs: int) -> float:
+    """How long a task may run before the watchdog ends it (0: no deadline).
+
+    ``task_timeout_s + task_timeout_per_mpx_s * megapixels * frames``: frames are the task's
+    inputs for ENCODE_FRAME/DECODE (a MULTI list: each), FLUSH_FRAMES for FLUSH, one for
+    SESSION_OPEN and none for the other ops; megapixels are the session's picture size."""
+    if cfg.task_timeout_s <= 0:
+        return 0.0
+    if op in (Op.ENCODE_FRAME, Op.DECODE):
+        frames = inputs
+    elif op == Op.FLUSH:
+        frames = FLUSH_FRAMES
+    elif op == Op.SESSION_OPEN:
+        frames = 1
+    else:
+        frames = 0
+    return cfg.task_timeout_s + cfg.task_timeout_per_mpx_s * mpx * frames
 
 
 class RunState(enum.Enum):
@@ -75,6 +105,11 @@ class Running:
     submit_ns: int
     arrival: int = 0  # the scheduler's seq, to put the task back if its shadow load is revoked
     inputs: int = 1  # frames or chunks the task feeds (a MULTI list has several)
+    dst_off: int = 0  # where an error record goes if the task fails (abi.ERROR_RECORD)
+    dst_len: int = 0
+    budget_ns: int = 0  # the watchdog's allowance (0: none), counted from started_ns
+    started_ns: int = 0  # when it became its channel's oldest loaded task (0: waiting behind one)
+    timed_out: bool = False  # past its deadline: its worker is being killed
 
 
 @dataclass
@@ -160,6 +195,7 @@ class Guest:
     arrival_ns: dict[int, int] = field(default_factory=dict)
     sessions: dict[int, int] = field(default_factory=dict)  # session id -> channel
     session_codec: dict[int, str] = field(default_factory=dict)
+    session_mpx: dict[int, float] = field(default_factory=dict)  # picture size, for the watchdog
     lost_sessions: set[int] = field(default_factory=set)
     adopted: bool = False  # region served by an earlier hostd: its older session ids are lost
     staged: Staged | None = None
@@ -171,6 +207,7 @@ class Guest:
     early_deaths: int = 0  # consecutive workers that died before running any task
     last_submit_ns: int = 0
     respawn_pending: bool = False  # no worker until a backed-off respawn
+    timing_out: bool = False  # the watchdog killed the worker; no task starts until the respawn
     recycles: int = 0
     stats: GuestStats = field(default_factory=GuestStats)
 
@@ -206,8 +243,13 @@ class Device:
         self.scheduler = Scheduler(cfg.policy, cfg.max_inflight_per_guest)
         self.limits = validate.Limits(cfg.max_width, cfg.max_height, cfg.max_pixels)
         self.caps = int(abi.Caps.FUTEX | abi.Caps.POLL | abi.Caps.CODEC | abi.Caps.MULTI | abi.Caps.FRAME_POOL
+                        | abi.Caps.ERROR_TEXT
                         | (abi.Caps.NAMED_REGION if cfg.named_regions else 0))
         self.guests: dict[int, Guest] = {}
+        self.events = EventBus()
+        self._totals = Totals()  # counters of guests gone (live guests' are added per snapshot)
+        self._departed: deque[tuple[int, dict[str, Any]]] = deque()  # (monotonic ns, snapshot)
+        self._watch_next_ns = NEVER  # the nearest deadline of a running task
         self._events: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._next_vm = 1
         # Session ids start at a random point per hostd run: a guest that re-adopts its
@@ -353,6 +395,9 @@ class Device:
                 busy = True
         if self._collect_irqs():
             busy = True
+        now = monotonic_ns()
+        if now >= self._watch_next_ns:
+            self._check_deadlines(now)
         if self.state == RunState.RUNNING and self._dispatch():
             busy = True
         now = monotonic_ns()
@@ -388,7 +433,11 @@ class Device:
             words = [(self.bank.address(abi.BANK_HOST_EVENT), self._ev_seen)]
             words += [(g.region.mapped.address(abi.REG_DOORBELL), 0) for g in guests]
             self._sleeps += 1
-            futex_waitv(words, abi.HEARTBEAT_PERIOD_S / 2)
+            # A hung task raises no IRQ: wake up for the watchdog's next deadline.
+            timeout = abi.HEARTBEAT_PERIOD_S / 2
+            if self._watch_next_ns != NEVER:
+                timeout = min(timeout, max(0, self._watch_next_ns - monotonic_ns()) / 1e9)
+            futex_waitv(words, timeout)
         self.bank.store32(abi.BANK_HOST_NEED_WAKEUP, 0)
         for g in guests:
             g.region.mapped.store32(abi.REG_NEED_WAKEUP, 0)
@@ -606,6 +655,8 @@ class Device:
             channel = min(self.channels, key=lambda c: (c.bound_sessions, not c.idle)).index
             g.sessions[sid] = channel
             g.session_codec[sid] = abi.CODEC_NAMES[abi.Codec(cfg.codec)]
+            g.session_mpx[sid] = cfg.width * cfg.height / 1e6 if cfg.width and cfg.height else (
+                0.0 if cfg.direction == abi.Direction.ENCODE else DEFAULT_DECODE_MPX)
             self.channels[channel].bound_sessions += 1
             prog = validate.Program(prog.opcode, prog.flags, sid, *_tail(prog))
         elif prog.opcode in abi.SESSION_OPS:
@@ -663,10 +714,14 @@ class Device:
         bank.store64(ch + abi.CH_SEQ, self._task_seq)
         now = monotonic_ns()
         tag = 0
-        rf.running = Running(
+        inputs = len(st.config) // abi.MULTI_ENTRY.size if prog.flags & abi.F_MULTI else 1
+        budget = task_budget_s(self.cfg, prog.opcode, g.session_mpx.get(prog.session, DEFAULT_DECODE_MPX), inputs)
+        run = rf.running = Running(
             g.vm_id, st.pending.slot, tag, prog.opcode, prog.session, self._task_seq, now, st.arrival_ns,
-            st.pending.seq, len(st.config) // abi.MULTI_ENTRY.size if prog.flags & abi.F_MULTI else 1,
+            st.pending.seq, inputs, prog.dst_off, prog.dst_len, int(budget * 1e9),
         )
+        if all(o is rf or o.running is None for o in chan.files):
+            self._head_started(run, now)  # the channel was idle: the task runs at once
         # Release: the registers above are visible first.  Only worker g.slot+1 can claim it.
         bank.store32(ch + abi.CH_CTRL, abi.ctrl_start(g.slot + 1))
         others = [o.offset for o in chan.files if o is not rf and o.running is not None]
@@ -692,11 +747,18 @@ class Device:
             ch = rf.offset
             if self.bank.load32(ch + abi.CH_CTRL) != Ctrl.DONE:
                 continue
-            result, result_len, error, _, copied = abi.CH_RESULT_STRUCT.unpack_from(
+            result, result_len, error, text_len, copied = abi.CH_RESULT_STRUCT.unpack_from(
                 self.bank.mem, ch + abi.CH_RESULT
             )
+            reason = ""
+            if error and text_len:
+                # The worker's reason, on its file's config page (abi.CH_RESULT).  The worker
+                # runs hostile input: the text is bounded and decoded leniently.
+                off = abi.channel_config_offset(self.channels_n, rf.channel, rf.file)
+                raw = bytes(self.bank.mem[off : off + min(text_len, abi.ERROR_TEXT_MAX)])
+                reason = " ".join(raw.decode("utf-8", "replace").split())  # one line
             self._retire(rf, ErrorCode(error) if error in ErrorCode._value2member_map_ else ErrorCode.BACKEND,
-                         result, result_len, copied)
+                         result, result_len, copied, reason)
             done += 1
         if done:
             self._collects += 1  # with IRQ moderation one pass retires several files
@@ -704,7 +766,7 @@ class Device:
         return done > 0
 
     def _retire(self, rf: RegFile, error: ErrorCode, result: int = 0, result_len: int = 0,
-                copied: int = 0) -> None:
+                copied: int = 0, reason: str = "") -> None:
         run = rf.running
         assert run is not None
         rf.running = None
@@ -719,6 +781,13 @@ class Device:
         chan.tasks += 1
         if chan.idle:
             chan.next_file = 0  # one task at a time keeps using the same (cache-warm) file
+        else:
+            # The worker runs a channel's files in CH_SEQ order: the oldest one left runs next
+            # (or already runs), so its deadline counts from now.  (With IRQs held back it
+            # may have started earlier: the watchdog errs on the late side, never early.)
+            head = min((f.running for f in chan.files if f.running is not None), key=lambda r: r.seq)
+            if head.started_ns == 0:
+                self._head_started(head, now)
         g = self.guests.get(run.vm_id)
         if g is None:
             return
@@ -734,12 +803,55 @@ class Device:
         if error == ErrorCode.OK and run.op in (Op.COPY, Op.CRC32, Op.ENCODE_FRAME, Op.DECODE):
             g.stats.bytes_moved += result_len
         self._complete(g, run.slot, error, result, result_len, rf.channel, now - run.dispatch_ns,
-                       op=run.op, codec=codec, submit_ns=run.submit_ns)
+                       op=run.op, codec=codec, submit_ns=run.submit_ns, reason=reason,
+                       dst=(run.dst_off, run.dst_len))
         self._maybe_recycle(g)
+
+    # -- the watchdog ------------------------------------------------------------------------
+    def _head_started(self, run: Running, now: int) -> None:
+        run.started_ns = now
+        if run.budget_ns:
+            self._watch_next_ns = min(self._watch_next_ns, now + run.budget_ns)
+
+    def _check_deadlines(self, now: int) -> None:
+        """End the tasks past their deadline: the worker is killed, and its reaper's
+        _worker_exited retires them with TIMEOUT (only then: a worker still running could
+        write into their buffers after the guest saw them end)."""
+        nearest = NEVER
+        for rf in self.files:
+            run = rf.running
+            if run is None or not run.started_ns or not run.budget_ns or run.timed_out:
+                continue
+            deadline = run.started_ns + run.budget_ns
+            if now < deadline:
+                nearest = min(nearest, deadline)
+            elif self.bank.load32(rf.offset + abi.CH_CTRL) == Ctrl.DONE:
+                nearest = now  # finished after all (its IRQ is on the way or held back): look again
+            else:
+                self._time_out(rf, run, now)
+        self._watch_next_ns = nearest
+
+    def _time_out(self, rf: RegFile, run: Running, now: int) -> None:
+        g = self.guests.get(run.vm_id)
+        if g is None or g.dying or g.timing_out:
+            return  # its reclaim, or the death of the worker being killed, retires it
+        run.timed_out = True
+        seconds = round((now - run.started_ns) / 1e9, 3)
+        g.stats.timeouts += 1
+        g.log.warning("task timed out; killing its worker", task=run.slot, op=run.op.name, seconds=seconds,
+                      deadline_s=round(run.budget_ns / 1e9, 3), channel=rf.channel)
+        self.events.emit("timeout", vm=g.vm_id, name=g.name, task=run.slot, op=run.op.name, seconds=seconds)
+        # Nothing more of this guest's starts until the respawn (_spawn lifts the block); a
+        # file loaded meanwhile is still at START when the worker is reaped, and is requeued.
+        g.timing_out = True
+        self.scheduler.block(g.vm_id, True)
+        if g.worker is not None:
+            g.worker.kill()
 
     def _unbind(self, g: Guest, sid: int) -> None:
         ch = g.sessions.pop(sid, None)
         g.session_codec.pop(sid, None)
+        g.session_mpx.pop(sid, None)
         if ch is not None:
             self.channels[ch].bound_sessions -= 1
 
@@ -748,10 +860,11 @@ class Device:
         self.scheduler.finished(g.vm_id)
         self._complete(g, slot, code, 0, 0, U32, 0, op=op, submit_ns=g.arrival_ns.get(slot, 0),
                        counted=True)
-        g.log.info("task rejected", task=slot, tag=tag, error=code.name)
+        g.log.debug("task rejected", task=slot, tag=tag, error=code.name)
 
     def _complete(self, g: Guest, slot: int, error: ErrorCode, result: int, result_len: int, channel: int,
-                  device_ns: int, *, op: int, submit_ns: int, codec: str = "", counted: bool = False) -> None:
+                  device_ns: int, *, op: int, submit_ns: int, codec: str = "", counted: bool = False,
+                  reason: str = "", dst: tuple[int, int] = (0, 0)) -> None:
         reg = g.region.mapped
         desc = g.region.layout.desc(slot)
         # Bookkeeping first: whoever sees the status flip also sees the counters.
@@ -774,8 +887,18 @@ class Device:
             g.stats.tasks_failed += 1
             g.stats.errors[error.name] += 1
             reg.fadd64(abi.REG_TASKS_FAILED, 1)
-            if error not in (ErrorCode.NO_SPACE,):
-                g.log.info("task failed", task=slot, op=op_name, error=error.name)
+            if error != ErrorCode.NO_SPACE:
+                if reason and dst[1] and op in abi.ERROR_RECORD_OPS:
+                    # dst was range-checked against the heap when the task started, and the
+                    # worker that could write there is done with this task (DONE, or dead).
+                    record = abi.pack_error_record(error, reason, dst[1])
+                    reg.mem[dst[0] : dst[0] + len(record)] = record
+                    result_len = len(record)
+                if error in _BACKEND_ERRORS:
+                    g.log.warning("task failed", task=slot, op=op_name, codec=codec, error=error.name,
+                                  reason=reason)
+                else:
+                    g.log.info("task failed", task=slot, op=op_name, error=error.name, reason=reason)
         self._task_seq += 1
         abi.DESC_RESULT.pack_into(reg.mem, desc + abi.D_RESULT, result & (2**64 - 1), result_len, error,
                                   channel, device_ns, self._task_seq)
@@ -827,6 +950,7 @@ class Device:
             g.log.info("guest attached", pid=req.pid, uid=req.uid, region_size=region.layout.region_size,
                        ring=region.layout.ring_entries, named=region.name is not None,
                        adopted=req.adopt_fd is not None, requeued=len(rerun))
+            self.events.emit("attach", vm=vm_id, name=g.name, pid=req.pid)
         except Exception as e:
             req.error = e
         finally:
@@ -871,7 +995,9 @@ class Device:
         g.generation += 1
         gen = g.generation
         g.respawn_pending = False
-        if g.vm_id in self.guests:  # (not yet on attach) the queue held while there was no worker
+        g.timing_out = False
+        respawn = g.vm_id in self.guests  # (not on attach)
+        if respawn:  # the queue held while there was no worker
             self.scheduler.block(g.vm_id, g.staged is not None)
         limits = {"max_width": self.cfg.max_width, "max_height": self.cfg.max_height,
                   "max_pixels": self.cfg.max_pixels, "max_sessions": self.cfg.max_sessions_per_guest}
@@ -886,6 +1012,8 @@ class Device:
             on_exit=on_exit,
         )
         g.worker_tasks = 0
+        if respawn:
+            self.events.emit("restart", vm=g.vm_id, name=g.name, generation=gen)
 
     def _worker_exited(self, vm_id: int, generation: int, rc: int) -> None:
         g = self.guests.get(vm_id)
@@ -908,8 +1036,27 @@ class Device:
                 self._requeue(g, rf)
             else:
                 claimed.append(rf)
+        timed_out = g.timing_out
+        if timed_out:
+            crash = "the worker was killed: another task of this guest ran past its deadline"
+        elif rc < 0:
+            try:
+                crash = f"the worker died of {signal.Signals(-rc).name}"
+            except ValueError:
+                crash = f"the worker died of signal {-rc}"
+        else:
+            crash = f"the worker exited with status {rc}"
+        now = monotonic_ns()
         for rf in claimed:
-            self._retire(rf, ErrorCode.WORKER_CRASHED)
+            run = rf.running
+            assert run is not None
+            if run.timed_out:
+                self._retire(rf, ErrorCode.TIMEOUT, reason=(
+                    f"the task ran {(now - run.started_ns) / 1e9:.3g} s, past its deadline of "
+                    f"{run.budget_ns / 1e9:.3g} s: its worker was killed and respawned, and this "
+                    f"guest's sessions are lost"))
+            else:
+                self._retire(rf, ErrorCode.WORKER_CRASHED, reason=crash)
         if g.sessions:
             g.lost_sessions.update(g.sessions)
             for sid in list(g.sessions):
@@ -921,8 +1068,11 @@ class Device:
         g.recycles += recycled
         if not recycled:
             g.stats.worker_restarts += 1
-            g.log.warning("worker died; respawning", rc=rc, failed_tasks=len(claimed),
-                          requeued=len(held) - len(claimed), lost_sessions=len(g.lost_sessions))
+            g.log.warning("worker killed by the watchdog; respawning" if timed_out else "worker died; respawning",
+                          rc=rc, failed_tasks=len(claimed), requeued=len(held) - len(claimed),
+                          lost_sessions=len(g.lost_sessions))
+            if not timed_out:
+                self.events.emit("worker_crash", vm=g.vm_id, name=g.name, rc=rc)
         # A worker that dies before it ran anything (it cannot map the region, the host
         # is out of memory or fds) would die again at once: back off instead of spinning.
         # A crash on a task is respawned at once; its cost is paid per guest task.
@@ -965,7 +1115,7 @@ class Device:
 
     def _runnable(self, g: Guest) -> bool:
         """Whether ``g`` has a worker that may be given tasks now."""
-        return not (g.recycling or g.respawn_pending or g.dying)
+        return not (g.recycling or g.respawn_pending or g.dying or g.timing_out)
 
     def _maybe_recycle(self, g: Guest) -> None:
         """Recycle a worker by task count or RSS, only between tasks and with no sessions.
@@ -990,6 +1140,7 @@ class Device:
             return
         g.dying = True
         g.log.info("guest detaching", reason=reason)
+        self.events.emit("detach", vm=g.vm_id, name=g.name, reason=reason)
         dropped = self.scheduler.remove_vm(vm_id)
         if g.staged is not None:
             dropped.append(g.staged.pending)
@@ -1010,7 +1161,15 @@ class Device:
         for sid in list(g.sessions):
             self._unbind(g, sid)
         self.scheduler.remove_vm(g.vm_id)
-        self.guests.pop(g.vm_id, None)
+        if self.guests.pop(g.vm_id, None) is not None:
+            # Its counters go on in the device-wide totals, and its last snapshot stays
+            # listed (statistics()["departed"]) for cfg.metrics_grace_s.
+            now = monotonic_ns()
+            self._totals.add(g.stats)
+            entry = self._vm_stats(g, now, {})
+            entry.update(worker_pid=None, worker_rss=0, detached_at=round(time.time(), 3))
+            self._departed.append((now, entry))
+            self._prune_departed(now)
         self._free_slots.append(g.slot)
         g.region.close()
         g.log.info("guest reclaimed")
@@ -1124,32 +1283,40 @@ class Device:
                 "busy_seconds": round((c.busy_ns + (now - max(head.dispatch_ns, c.busy_until) if head else 0))
                                       / 1e9, 6)}
 
+    @staticmethod
+    def _vm_stats(g: Guest, now: int, sv: dict[str, Any]) -> dict[str, Any]:
+        w = g.worker
+        return {
+            "vm": g.vm_id,
+            "name": g.name,
+            "pid": g.pid,
+            "worker_pid": w.pid if w else None,
+            "worker_rss": w.rss_bytes() if w else 0,
+            "region_size": g.region.layout.region_size,
+            "ring_entries": g.region.layout.ring_entries,
+            # Whether, not which: a name would let any peer of hostd's uid open the region.
+            "named_region": g.region.name is not None,
+            "queue_depth": sv.get("queued", 0) + (1 if g.staged else 0),
+            "inflight": sv.get("inflight", 0),
+            "sessions": len(g.sessions),
+            "lost_sessions": len(g.lost_sessions),
+            "worker_recycles": g.recycles,
+            "uptime_s": round((now - g.attached_ns) / 1e9, 3),
+            **g.stats.snapshot(),
+        }
+
+    def _prune_departed(self, now: int) -> None:
+        grace_ns = self.cfg.metrics_grace_s * 1e9
+        while self._departed and now - self._departed[0][0] >= grace_ns:
+            self._departed.popleft()
+
     def _statistics(self) -> dict[str, Any]:
         now = monotonic_ns()
         sched = self.scheduler.statistics()
         sched_vms: dict[int, dict[str, Any]] = sched["vms"]  # type: ignore[assignment]
-        vms = []
-        for g in list(self.guests.values()):
-            sv = sched_vms.get(g.vm_id, {})
-            w = g.worker
-            vms.append({
-                "vm": g.vm_id,
-                "name": g.name,
-                "pid": g.pid,
-                "worker_pid": w.pid if w else None,
-                "worker_rss": w.rss_bytes() if w else 0,
-                "region_size": g.region.layout.region_size,
-                "ring_entries": g.region.layout.ring_entries,
-                # Whether, not which: a name would let any peer of hostd's uid open the region.
-                "named_region": g.region.name is not None,
-                "queue_depth": sv.get("queued", 0) + (1 if g.staged else 0),
-                "inflight": sv.get("inflight", 0),
-                "sessions": len(g.sessions),
-                "lost_sessions": len(g.lost_sessions),
-                "worker_recycles": g.recycles,
-                "uptime_s": round((now - g.attached_ns) / 1e9, 3),
-                **g.stats.snapshot(),
-            })
+        guests = list(self.guests.values())
+        vms = [self._vm_stats(g, now, sched_vms.get(g.vm_id, {})) for g in guests]
+        grace_ns = self.cfg.metrics_grace_s * 1e9
         return {
             "state": self.state.value,
             "epoch": self.epoch,
@@ -1159,6 +1326,9 @@ class Device:
             "channels": [self._channel_stats(c, now) for c in self.channels],
             "guests": len(vms),
             "vms": vms,
+            # Counters that only grow: the guests gone plus the guests here.
+            "totals": self._totals.snapshot(g.stats for g in guests),
+            "departed": [entry for t, entry in self._departed if now - t < grace_ns],
             "loop": {"iterations": self._loop_iterations, "sleeps": self._sleeps, "wakes_sent": self._wakes_sent,
                      "kicks_saved": self._kicks_saved, "shadow_revokes": self._shadow_revokes,
                      "worker_spins": self._worker_spins, "irq_holdoff": self.cfg.worker_irq_holdoff,

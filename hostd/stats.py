@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # Histogram bucket upper bounds in seconds (Prometheus convention).
@@ -65,6 +66,7 @@ class GuestStats:
     bytes_copied: int = 0
     frames: int = 0
     worker_restarts: int = 0
+    timeouts: int = 0  # tasks the watchdog ended (TIMEOUT)
     latency: Latency = field(default_factory=Latency)
 
     def snapshot(self) -> dict[str, object]:
@@ -84,5 +86,45 @@ class GuestStats:
             "frames": self.frames,  # frames or chunks of successful ENCODE_FRAME/DECODE tasks (MULTI: each)
             "bytes_copied_per_frame": round(self.bytes_copied / self.frames, 1) if self.frames else 0.0,
             "worker_restarts": self.worker_restarts,
+            "timeouts": self.timeouts,
             "latency": self.latency.snapshot(),
+        }
+
+
+@dataclass
+class Totals:
+    """Device-wide counters that only grow: those of the guests gone, folded in as each goes
+    (``add``), plus the live guests' at each snapshot.  Nothing is added per task."""
+
+    tasks: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (op, codec, result)
+    errors: Counter[str] = field(default_factory=Counter)
+    frames: int = 0
+    bytes_moved: int = 0
+    bytes_copied: int = 0
+    timeouts: int = 0
+    worker_restarts: int = 0
+
+    def add(self, s: GuestStats) -> None:
+        self.tasks.update(s.tasks)
+        self.errors.update(s.errors)
+        self.frames += s.frames
+        self.bytes_moved += s.bytes_moved
+        self.bytes_copied += s.bytes_copied
+        self.timeouts += s.timeouts
+        self.worker_restarts += s.worker_restarts
+
+    def snapshot(self, live: Iterable[GuestStats] = ()) -> dict[str, object]:
+        t = Totals(Counter(self.tasks), Counter(self.errors), self.frames, self.bytes_moved, self.bytes_copied,
+                   self.timeouts, self.worker_restarts)
+        for s in live:
+            t.add(s)
+        return {
+            "tasks": [{"op": op, "codec": codec, "result": result, "count": n}
+                      for (op, codec, result), n in sorted(t.tasks.items())],
+            "frames": t.frames,
+            "bytes_moved": t.bytes_moved,
+            "bytes_copied": t.bytes_copied,
+            "errors": dict(sorted(t.errors.items())),
+            "timeouts": t.timeouts,
+            "worker_restarts": t.worker_restarts,
         }

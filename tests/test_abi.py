@@ -107,8 +107,34 @@ def test_multi_input_list_layout() -> None:
         "40230100000000000010000000000000ffffffffffffffff0400000000000000")
 
 
+def test_timeout_code_and_error_record_golden() -> None:
+    """ErrorCode.TIMEOUT (20, appended), Caps.ERROR_TEXT (bit 6) and the error record a failed
+    codec task leaves at dst: OUT_HEADER(OUT_ERROR, code, 16 + text), then the UTF-8 text."""
+    assert [int(c) for c in abi.ErrorCode] == list(range(21))
+    assert (abi.ErrorCode.BAD_FLAGS, abi.ErrorCode.TIMEOUT) == (19, 20)
+    assert int(abi.Caps.ERROR_TEXT) == 0x40
+    assert (abi.OUT_ERROR, abi.ERROR_RECORD_SIZE, abi.ERROR_TEXT_MAX) == (4, 256, 240)
+    assert abi.ERROR_RECORD_OPS == {abi.Op.CAPS, abi.Op.SESSION_OPEN, abi.Op.ENCODE_FRAME, abi.Op.DECODE,
+                                    abi.Op.FLUSH}
+    rec = abi.pack_error_record(abi.ErrorCode.BACKEND, "x264: no")
+    assert rec.hex() == "04000000120000001800000000000000" + b"x264: no".hex()
+    assert abi.unpack_error_record(rec + bytes(8), abi.ErrorCode.BACKEND) == "x264: no"
+    assert abi.unpack_error_record(rec, abi.ErrorCode.TIMEOUT) is None  # the code must match
+    assert abi.unpack_error_record(abi.OUT_HEADER.pack(abi.OUT_JSON, 18, 24) + b"x264: no", 18) is None
+    assert abi.unpack_error_record(rec[:20], abi.ErrorCode.BACKEND) is None  # used past the bytes given
+    # Cut to the room given, and never inside a UTF-8 character.
+    assert abi.pack_error_record(7, "ab\u00e9cd", 19) == abi.OUT_HEADER.pack(4, 7, 18) + b"ab"
+    assert abi.pack_error_record(7, "anything", 16) == b""
+    long = abi.pack_error_record(7, "y" * 1000)
+    assert len(long) == abi.ERROR_RECORD_SIZE and long[16:] == b"y" * 240
+
+
 def test_channel_register_file_fits() -> None:
     assert abi.CH_PROGRAM_STRUCT.size == 80 and abi.CH_RESULT == 0x70
+    # result, result_len, error, text_len (the reason's bytes on the file's config page), copied
+    assert abi.CH_RESULT_STRUCT.pack(1, 2, 18, 5, 3).hex() == (
+        "0100000000000000020000000000000012000000050000000300000000000000")
+    assert abi.ERROR_TEXT_MAX <= abi.CONFIG_PAGE
     assert abi.CH_FILES == 4
     # Header page, 2 x 4 files of 256 bytes (one page), 8 config pages, 2 doorbell pages.
     assert abi.bank_size(2) == 4096 + 4096 + 8 * 4096 + 2 * 4096

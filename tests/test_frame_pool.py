@@ -558,3 +558,108 @@ def test_the_c_decode_loop_returns_what_pyav_decode_returns(dev: Device, monkeyp
     else:
         assert _unpooled(on) == _unpooled(off)
         assert on_stats["frames_pooled"] >= on_stats["frames_looped"]
+
+
+def test_bind_follows_a_context_that_reuses_the_old_ones_id() -> None:
+    """A context reopened after FLUSH may be a new PyAV object with the freed one's id: the C
+    loop must then use the new AVCodecContext, not the freed one (a use after free)."""
+    if not framepool.probe().loop:
+        pytest.skip(f"decode loop unavailable: {framepool.probe().loop_reason}")
+    from codec_backend.framepool import _ABI, _AV, DecodeLoop, _context_pointer, _free
+
+    assert _AV is not None
+    area = mmap.mmap(-1, 8 << 20)
+    pool = FramePool(int(np.frombuffer(area, np.uint8, 1).ctypes.data), 8 << 20)
+    loop = DecodeLoop(pool)
+    try:
+        for _ in range(200):  # (in practice the first try reaches the case)
+            ctx = av.CodecContext.create("h264", "r")
+            assert pool.attach(ctx)
+            ctx.open()
+            assert loop.bind(ctx)
+            old_id, old_ptr = id(ctx), loop._avctx
+            del ctx
+            # The freed AVCodecContext's memory is taken, so the next one is elsewhere.
+            hold = _AV.codec.avcodec_alloc_context3(_ABI.NULL)
+            ctx = av.CodecContext.create("h264", "r")
+            assert pool.attach(ctx)
+            ctx.open()
+            live = _context_pointer(ctx)
+            if id(ctx) == old_id and live != old_ptr:
+                assert loop.bind(ctx)
+                assert loop._avctx == live
+                _free(_AV.codec.avcodec_free_context, hold)
+                return
+            del ctx
+            _free(_AV.codec.avcodec_free_context, hold)
+        pytest.fail("no context reused a freed one's id: the case was not reached")
+    finally:
+        loop.close()
+        pool.close()
+
+
+def test_pooled_unparsed_decode_after_flush(dev: Device) -> None:
+    """Decode, FLUSH (the context is dropped), decode the stream again in the same pooled,
+    unparsed session: the C loop runs on the reopened context and the frames are exact."""
+    if not framepool.probe().loop:
+        pytest.skip(f"decode loop unavailable: {framepool.probe().loop_reason}")
+    from codec_backend.av_sessions import SessionManager, _DecoderSession
+    from codec_backend.framepool import _ABI, _AV, _context_pointer, _free
+    from codec_backend.inputs import Input
+
+    assert _AV is not None
+    packets = encode(dev, W, H, 10)
+    want = [m for _, m in pyav_decode("h264", packets)]
+    area = mmap.mmap(-1, 48 << 20)
+    mem = memoryview(area)
+    pool_off, pool_len, dst_off, dst_len, src = 16 << 20, 24 << 20, 0, 16 << 20, 40 << 20
+    cfg = dataclasses.replace(decoder_config("h264", threads=1), flags=abi.SessionFlag.FRAME_POOL)
+    sm = SessionManager()
+    sm.open(1, cfg, mem, (pool_off, pool_len))
+    session = cast(_DecoderSession, sm._sessions[1])
+    assert session._loop is not None
+    inputs = []
+    for p in packets:
+        mem[src:src + len(p.data)] = p.data
+        inputs.append(Input(src, len(p.data), p.pts, False))
+        src += len(p.data)
+
+    def frames() -> list[str]:
+        out = []
+        _kind, count, _used = abi.OUT_HEADER.unpack_from(mem, dst_off)
+        for k in range(count):
+            off, w, h, _fmt, _n, _pts, *rest = abi.FRAME_ENTRY.unpack_from(
+                mem, dst_off + abi.OUT_HEADER.size + k * abi.FRAME_ENTRY.size)
+            offs, strides, flags, slot = rest[0:3], rest[3:6], rest[6], rest[7]
+            base = (pool_off + off) if flags & abi.FRAME_POOLED else (dst_off + off)
+            planes = b"".join(np.ndarray((rows, rb), np.uint8, buffer=mem, offset=base + o, strides=(s, 1)).tobytes()
+                              for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, w, h), offs, strides,
+                                                          strict=True))
+            out.append(md5(planes))
+            if flags & abi.FRAME_POOLED:
+                np.frombuffer(mem, np.uint32, 1, pool_off + abi.pool_lent_word(slot))[0] -= 1
+        return out
+
+    def run() -> list[str]:
+        got: list[str] = []
+        for i in range(0, len(inputs), 4):
+            sm.decode(1, mem, inputs[i:i + 4], False, False, dst_off, dst_len)
+            assert session._loop is not None and session._ctx is not None
+            assert session._loop._avctx == _context_pointer(session._ctx)  # the live context
+            got += frames()
+        sm.flush(1, mem, dst_off, dst_len)
+        return got + frames()
+
+    try:
+        assert run() == want
+        looped = cast(dict[str, int], sm.statistics()["decode"])["frames_looped"]
+        assert looped > 0
+        # The flushed context is freed; its memory is taken so the reopened one lies elsewhere.
+        hold = _AV.codec.avcodec_alloc_context3(_ABI.NULL)
+        try:
+            assert run() == want
+        finally:
+            _free(_AV.codec.avcodec_free_context, hold)
+        assert cast(dict[str, int], sm.statistics()["decode"])["frames_looped"] > looped
+    finally:
+        sm.close(1)

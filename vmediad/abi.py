@@ -88,6 +88,7 @@ class Caps(enum.IntFlag):
     NAMED_REGION = 1 << 3
     MULTI = 1 << 4  # ENCODE_FRAME/DECODE accept DescFlag.MULTI (a list of inputs per task)
     FRAME_POOL = 1 << 5  # decode sessions accept SessionFlag.FRAME_POOL (decoding into guest memory)
+    ERROR_TEXT = 1 << 6  # failed codec tasks leave an error record (the reason) at dst; see ERROR_RECORD
 
 
 # --- descriptor ------------------------------------------------------------
@@ -134,6 +135,7 @@ class ErrorCode(enum.IntEnum):
     BUSY = 17  # too many sessions
     BACKEND = 18  # codec library failure that is not the guest's fault
     BAD_FLAGS = 19
+    TIMEOUT = 20  # the task ran past its deadline: its worker was killed and respawned, sessions lost
 
 
 class DescFlag(enum.IntFlag):
@@ -497,6 +499,47 @@ FRAME_POOLED = 1
 NO_PTS = -(1 << 63)
 
 
+# Error record (Caps.ERROR_TEXT): a codec task (CAPS, SESSION_OPEN, ENCODE_FRAME, DECODE, FLUSH)
+# that fails with a reason, NO_SPACE excepted, has hostd write the reason at dst:
+#   OUT_HEADER(kind OUT_ERROR, count = the ErrorCode, used = 16 + text bytes), then the text
+#   (UTF-8, no NUL, at most ERROR_TEXT_MAX bytes and never past dst_len)
+# and result_len = used; a failed task without a record has result_len 0.  SESSION_OPEN without
+# FRAME_POOL takes a dst of at most ERROR_RECORD_SIZE bytes for it (a larger one is a frame pool
+# without the flag: BAD_ARG).  With FRAME_POOL the record lands at the pool start, over the lent
+# counters the guest zeroes before every SESSION_OPEN anyway.
+OUT_ERROR = 4
+ERROR_RECORD_SIZE = 256
+ERROR_TEXT_MAX = ERROR_RECORD_SIZE - 16  # OUT_HEADER.size
+ERROR_RECORD_OPS = frozenset({Op.CAPS, Op.SESSION_OPEN, Op.ENCODE_FRAME, Op.DECODE, Op.FLUSH})
+
+
+def error_text_bytes(text: str, room: int = ERROR_TEXT_MAX) -> bytes:
+    """``text`` as UTF-8, cut to at most ``room`` bytes on a character boundary."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= room:
+        return raw
+    return raw[:max(0, room)].decode("utf-8", "ignore").encode("utf-8")
+
+
+def pack_error_record(code: int, text: str, dst_len: int = ERROR_RECORD_SIZE) -> bytes:
+    """The error record a failed task leaves in a dst of ``dst_len`` bytes (b"": no room)."""
+    room = min(ERROR_TEXT_MAX, dst_len - OUT_HEADER.size)
+    if room <= 0:
+        return b""
+    body = error_text_bytes(text, room)
+    return OUT_HEADER.pack(OUT_ERROR, code, OUT_HEADER.size + len(body)) + body
+
+
+def unpack_error_record(raw: bytes | memoryview, code: int) -> str | None:
+    """The text of an error record for ``code`` at the start of ``raw``, or None if there is none."""
+    if len(raw) < OUT_HEADER.size:
+        return None
+    kind, got, used = OUT_HEADER.unpack_from(raw)
+    if kind != OUT_ERROR or got != code or not OUT_HEADER.size <= used <= min(len(raw), ERROR_RECORD_SIZE):
+        return None
+    return bytes(raw[OUT_HEADER.size:used]).decode("utf-8", "replace")
+
+
 def out_table_size(kind: int, count: int) -> int:
     entry = PACKET_ENTRY.size if kind == OUT_PACKETS else FRAME_ENTRY.size
     return align(OUT_HEADER.size + count * entry, HEAP_ALIGN)
@@ -541,7 +584,10 @@ CH_SEQ = 0x08  # u64 task sequence number programmed (increasing per hostd run)
 CH_PROGRAM = 0x10  # program block, see CH_PROGRAM_STRUCT
 # opcode, flags, session, config_len, src_off, src_len, dst_off, dst_len, arg0..arg3
 CH_PROGRAM_STRUCT = struct.Struct("<IIIIQQQQQQQQ")
-CH_RESULT = 0x70  # result, result_len, error, reserved, bytes the engine copied
+# result, result_len, error, text_len, bytes the engine copied.  text_len > 0: the worker left the
+# failure's reason (UTF-8, at most ERROR_TEXT_MAX bytes) at the start of the file's config page;
+# it stores it before DONE (release), hostd reads it after it sees DONE.
+CH_RESULT = 0x70
 CH_RESULT_STRUCT = struct.Struct("<QQIIQ")
 CONFIG_PAGE = 4096  # per-file page holding the SESSION_OPEN config hostd copied
 assert CH_PROGRAM + CH_PROGRAM_STRUCT.size <= CH_RESULT
