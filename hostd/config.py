@@ -51,7 +51,7 @@ class Config:
     shutdown_grace_s: float = 5.0
     # The watchdog: a task running longer than
     #   task_timeout_s + task_timeout_per_mpx_s * megapixels * frames in the task
-    # ends TIMEOUT and its worker is killed and respawned.
+    # ends TIMEOUT and its worker is killed and respawned.  task_timeout_s = 0: no watchdog.
     task_timeout_s: float = 10.0
     task_timeout_per_mpx_s: float = 1.0
     metrics_grace_s: float = 300.0  # a detached guest's series stay in metrics this long
@@ -147,7 +147,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.poll_interval_us >= 10, "hostd.poll_interval_us", "must be >= 10")
     need(cfg.shutdown_grace_s >= 0, "hostd.shutdown_grace_s", "must be >= 0")
     need(cfg.metrics_grace_s >= 0, "hostd.metrics_grace_s", "must be >= 0")
-    need(cfg.task_timeout_s > 0, "workers.task_timeout_s", "must be > 0")
+    need(cfg.task_timeout_s >= 0, "workers.task_timeout_s", "must be >= 0 (0: no watchdog)")
     need(cfg.task_timeout_per_mpx_s >= 0, "workers.task_timeout_per_mpx_s", "must be >= 0")
     for k in ("region_min", "region_max", "region_default"):
         v = getattr(cfg, k)

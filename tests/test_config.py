@@ -260,6 +260,9 @@ BAD = [
     ("[workers]\nrecycle_rss_mb = -1", "workers.recycle_rss_mb"),
     ("[workers]\nirq_holdoff = 4", "workers.irq_holdoff"),
     ("[workers]\nirq_holdoff = -1", "workers.irq_holdoff"),
+    ("[workers]\ntask_timeout_s = -1", "workers.task_timeout_s"),
+    ("[workers]\ntask_timeout_per_mpx_s = -0.1", "workers.task_timeout_per_mpx_s"),
+    ("[hostd]\nmetrics_grace_s = -1", "hostd.metrics_grace_s"),
     # not TOML at all
     ("[hostd\nchannels = 2", "--config"),
 ]
@@ -271,6 +274,12 @@ def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
         load(_write(tmp_path, text + "\n"))
     assert ei.value.key == key
     assert f"'{key}'" in str(ei.value)  # the exact key, quoted, so "limits.ring" cannot match "limits.ring_min"
+
+
+def test_watchdog_keys_load_and_zero_turns_it_off(tmp_path: Path) -> None:
+    cfg = load(_write(tmp_path, "[workers]\ntask_timeout_s = 0\ntask_timeout_per_mpx_s = 2.5\n"
+                                "[hostd]\nmetrics_grace_s = 0\n"))
+    assert (cfg.task_timeout_s, cfg.task_timeout_per_mpx_s, cfg.metrics_grace_s) == (0.0, 2.5, 0.0)
 
 
 def test_config_error_is_a_vmediad_error() -> None:
