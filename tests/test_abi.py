@@ -173,3 +173,14 @@ def test_plane_shapes() -> None:
     assert abi.plane_shapes(abi.PixFmt.YUV420P, 5, 3) == [(3, 5), (2, 3), (2, 3)]
     assert abi.plane_shapes(abi.PixFmt.NV12, 4, 4) == [(4, 4), (2, 4)]
     assert abi.frame_size(abi.PixFmt.BGRA, 2, 2) == 16
+
+
+def test_worker_limits_json_golden_and_geometry_rule() -> None:
+    w = abi.WorkerLimits(abi.GeometryLimits(100, 200, 3000), 4)
+    assert w.to_json() == '{"max_width":100,"max_height":200,"max_pixels":3000,"max_sessions":4}'
+    assert abi.WorkerLimits.from_json(w.to_json()) == w
+    g = abi.GeometryLimits()
+    assert (g.max_width, g.max_height, g.max_pixels) == (8192, 8192, 35_000_000)
+    assert g.allows(8192, 4272) and not g.allows(8192, 4273)  # 35 Mpx
+    assert not g.allows(0, 16) and not g.allows(8194, 2)
+    assert abi.SHORT_OPS == {abi.Op.NOP, abi.Op.COPY, abi.Op.CRC32}

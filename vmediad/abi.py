@@ -25,6 +25,7 @@ fields once, when the task is about to run, and validates the copy.
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from dataclasses import dataclass
 
@@ -112,6 +113,43 @@ class Op(enum.IntEnum):
 
 
 SESSION_OPS = frozenset({Op.ENCODE_FRAME, Op.DECODE, Op.FLUSH, Op.SESSION_CLOSE})
+# Run by hostd's worker inline in its main loop (microseconds); every other op is a codec
+# task that runs on its channel's thread (milliseconds).
+SHORT_OPS = frozenset({Op.NOP, Op.COPY, Op.CRC32})
+
+
+@dataclass(frozen=True, slots=True)
+class GeometryLimits:
+    """The largest picture a task may describe (defaults: FFmpeg's fuzzing caps).
+
+    hostd validates descriptors and session configs against it, and hands the same values to
+    each worker, whose codec sessions enforce them again on what FFmpeg reports."""
+
+    max_width: int = 8192
+    max_height: int = 8192
+    max_pixels: int = 35_000_000
+
+    def allows(self, width: int, height: int) -> bool:
+        return 0 < width <= self.max_width and 0 < height <= self.max_height and width * height <= self.max_pixels
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    """What hostd tells a worker it may allow (crosses the process boundary as JSON on argv)."""
+
+    geometry: GeometryLimits = GeometryLimits()
+    max_sessions: int = 16
+
+    def to_json(self) -> str:
+        g = self.geometry
+        return json.dumps({"max_width": g.max_width, "max_height": g.max_height, "max_pixels": g.max_pixels,
+                           "max_sessions": self.max_sessions}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerLimits:
+        d = json.loads(text)
+        return cls(GeometryLimits(int(d["max_width"]), int(d["max_height"]), int(d["max_pixels"])),
+                   int(d["max_sessions"]))
 
 
 class ErrorCode(enum.IntEnum):
