@@ -78,7 +78,7 @@ def _tasks(stream: list[bytes], costs: Costs, batch: int, region: memoryview,
 
     from codec_backend.av_sessions import open_decoder_context
     from guestlib.codec import decoder_config
-    from vmediad.bench.codec import _padded, timed_decode
+    from vmediad.tools.bench.codec import _padded, timed_decode
 
     ctx = open_decoder_context(decoder_config("h264"))
     built = None if costs.copy else [_padded(d) for d in stream]
@@ -101,8 +101,8 @@ def _tasks(stream: list[bytes], costs: Costs, batch: int, region: memoryview,
 def _paths(stream: list[bytes], specs: list[str], batch: int, device: str | None, dev: Any, wpid: int,
            width: int, height: int) -> dict[str, Run]:
     from guestlib.codec import decoder_config
-    from vmediad.bench.codec import Case, _device_decode, _direct_decode
-    from vmediad.bench.common import cpu_seconds
+    from vmediad.tools.bench.codec import Case, _device_decode, _direct_decode
+    from vmediad.tools.bench.common import cpu_seconds
 
     # The chunks sit in a shared mapping, as they do in a guest's region.
     region = memoryview(mmap.mmap(-1, sum(abi.align(len(d)) for d in stream) or 1))
@@ -140,7 +140,7 @@ def _paths(stream: list[bytes], specs: list[str], batch: int, device: str | None
 def distinct_buffers(stream: list[bytes], k: int) -> int:
     """How many picture buffers the direct decoder cycles through while K frames are held."""
     from guestlib.codec import decoder_config
-    from vmediad.bench.codec import _direct_decode
+    from vmediad.tools.bench.codec import _direct_decode
 
     held: collections.deque[Any] = collections.deque(maxlen=k)  # maxlen 0 keeps nothing
     seen: set[int] = set()
@@ -154,9 +154,9 @@ def distinct_buffers(stream: list[bytes], k: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from guestlib.codec import encoder_config
-    from vmediad.bench.codec import _direct_encode, pictures
-    from vmediad.bench.common import machine, save
-    from vmediad.bench.layers import _device_session, block_counter, speed_interval, timed_blocks
+    from vmediad.tools.bench.codec import _direct_encode, pictures
+    from vmediad.tools.bench.common import machine, save
+    from vmediad.tools.bench.layers import _device_session, block_counter, speed_interval, timed_blocks
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=60)

@@ -59,7 +59,7 @@ def _check_allowed(policies: list[str]) -> str | None:
 
 
 def _under(policy: int, pids: list[int], run: Callable[[], tuple[float, int]], wpid: int) -> Run:
-    from vmediad.bench.common import cpu_seconds
+    from vmediad.tools.bench.common import cpu_seconds
 
     def go() -> tuple[float, int, float, float]:
         c0, w0 = cpu_seconds(), cpu_seconds(wpid)
@@ -76,9 +76,9 @@ def _under(policy: int, pids: list[int], run: Callable[[], tuple[float, int]], w
 
 def main(argv: list[str] | None = None) -> int:
     from guestlib.codec import decoder_config, encoder_config
-    from vmediad.bench.codec import Case, _device_decode, _direct_decode, _direct_encode, pictures
-    from vmediad.bench.common import machine, save
-    from vmediad.bench.layers import _device_session, block_counter, speed_interval, timed_blocks
+    from vmediad.tools.bench.codec import Case, _device_decode, _direct_decode, _direct_encode, pictures
+    from vmediad.tools.bench.common import machine, save
+    from vmediad.tools.bench.layers import _device_session, block_counter, speed_interval, timed_blocks
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=60)

@@ -45,7 +45,7 @@ def victim(sock: str, name: str, mode: str, seed: int, ready: Any) -> None:
     dec = None
     stream = b""
     if mode == "session":
-        from vmediad.soak import encode_packets
+        from vmediad.tools.soak import encode_packets
 
         stream = b"".join(encode_packets("h264", 64, 64, 24, seed))
         dec = dev.decoder("h264")

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from vmediad.bench import codec as cbench
-from vmediad.bench import layers as lbench
-from vmediad.bench.combine import CombineError, combine
-from vmediad.bench.common import cpu_seconds
-from vmediad.cli import main
+from vmediad.tools.bench import codec as cbench
+from vmediad.tools.bench import layers as lbench
+from vmediad.tools.bench.combine import CombineError, combine
+from vmediad.tools.bench.common import cpu_seconds
+from vmediad.tools.cli import main
 
 
 def test_cpu_seconds_of_one_thread() -> None:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from hostd.daemon import Hostd
 from tests.conftest import needs_ffmpeg
-from vmediad.cli import main
+from vmediad.tools.cli import main
 
 
 def ffprobe_frames(path: Path) -> int:
@@ -118,7 +118,7 @@ def _have_ffprobe() -> bool:
 @needs_ffmpeg
 def test_demo_runs_four_vms_and_leaves_valid_files(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "vmediad.cli", "demo", "--output", str(out), "--frames", "20",
+    r = subprocess.run([sys.executable, "-m", "vmediad", "demo", "--output", str(out), "--frames", "20",
                         "--size", "320x240", "--channels", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "demo summary" in r.stdout
@@ -130,7 +130,7 @@ def test_demo_runs_four_vms_and_leaves_valid_files(tmp_path: Path) -> None:
 
 def test_ctrl_c_stops_vms_cleanly(hostd: Hostd, tmp_path: Path) -> None:
     out = tmp_path / "cc"
-    p = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "vm", "spawn", "--socket", hostd.socket_path,
+    p = subprocess.Popen([sys.executable, "-m", "vmediad", "vm", "spawn", "--socket", hostd.socket_path,
                           "--count", "2", "--size", "160x120", "--frames", "100000", "--output", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     def both_encoding() -> bool:
@@ -184,7 +184,7 @@ class LineReader(threading.Thread):
 def test_status_watch_json_streams_snapshots_and_events_until_ctrl_c(hostd: Hostd) -> None:
     import guestlib
 
-    p = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "status", "--socket", hostd.socket_path, "--watch",
+    p = subprocess.Popen([sys.executable, "-m", "vmediad", "status", "--socket", hostd.socket_path, "--watch",
                           "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout is not None
     reader = LineReader(p.stdout)
@@ -250,7 +250,7 @@ def test_vm_list_and_kill(hostd: Hostd, short_tmp: Path) -> None:
 
 def test_soak_command_small(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    r = subprocess.run([sys.executable, "-m", "vmediad.cli", "soak", "--tasks", "1500", "--guests", "2",
+    r = subprocess.run([sys.executable, "-m", "vmediad", "soak", "--tasks", "1500", "--guests", "2",
                         "--restarts", "1", "--json-out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())

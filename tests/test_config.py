@@ -318,7 +318,7 @@ def test_overrides_are_validated(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vmediad.cli", "hostd", *args]
+    return [sys.executable, "-m", "vmediad", "hostd", *args]
 
 
 def _env() -> dict[str, str]:

@@ -342,7 +342,7 @@ def test_register_page_published(hostd: Hostd) -> None:
 
 def test_sigterm_ends_inflight_tasks_and_guests_see_device_go(short_tmp: Path) -> None:
     sock = short_tmp / "t.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "hostd", "--socket", str(sock),
+    proc = subprocess.Popen([sys.executable, "-m", "vmediad", "hostd", "--socket", str(sock),
                              "--channels", "1"], stderr=subprocess.PIPE)
     try:
         wait_until(sock.exists, 30, "hostd socket")

@@ -29,7 +29,7 @@ import guestlib
 from guestlib.device import Device
 from vmediad import abi
 from vmediad.abi import DescFlag, Descriptor, Doorbell, ErrorCode, Op, Status
-from vmediad.soak import HostdProcess
+from vmediad.tools.soak import HostdProcess
 
 U32 = abi.U32_MAX
 U64 = abi.U64_MAX

@@ -1,6 +1,6 @@
 """hostd goes away and does not come back: guests end with DeviceGone, never hang.
 
-hostd runs as a real subprocess (``python -m vmediad.cli hostd``).  To have tasks that
+hostd runs as a real subprocess (``python -m vmediad hostd``).  To have tasks that
 are surely still SUBMITTED when it dies, hostd is SIGSTOPped first: nothing it owns can
 run, so the tasks submitted then stay queued until the SIGKILL.
 """
@@ -21,7 +21,7 @@ import guestlib
 from guestlib.device import SLEEP_SLICE_S, Device, DeviceGone, Task
 from tests.hostile_guests import wait_until
 from vmediad.abi import Op
-from vmediad.soak import HostdProcess
+from vmediad.tools.soak import HostdProcess
 
 WINDOW_S = 2.0
 

@@ -33,7 +33,7 @@ from tests.guests import as_nobody
 from vmediad import abi
 from vmediad.abi import ErrorCode, Op, Status
 from vmediad.shm import MappedRegion
-from vmediad.soak import HostdProcess, corrupt, encode_packets, frame_md5, reference_decode, shm_entries
+from vmediad.tools.soak import HostdProcess, corrupt, encode_packets, frame_md5, reference_decode, shm_entries
 
 U64 = abi.U64_MAX
 ROOT = os.geteuid() == 0

@@ -23,7 +23,7 @@ from guestlib.device import Device
 from guestlib.media import MediaError, demux_elementary, open_video
 from hostd.daemon import Hostd
 from tests.conftest import needs_ffmpeg
-from vmediad.cli import main
+from vmediad.tools.cli import main
 
 W, H = 160, 120
 

@@ -30,7 +30,7 @@ def test_readme_example_finds_hostd_on_the_default_socket(short_tmp: Path) -> No
     default path is redirected with RUNTIME_DIRECTORY (the first rule), for both sides."""
     env = {k: v for k, v in os.environ.items() if k != "VMEDIAD_SOCKET"}
     env["RUNTIME_DIRECTORY"] = str(short_tmp)
-    proc = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "hostd", "--channels", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "vmediad", "hostd", "--channels", "1",
                              "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         sock = short_tmp / "hostd.sock"

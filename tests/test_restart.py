@@ -1,6 +1,6 @@
 """hostd SIGKILLed and restarted under load: guests re-adopt their regions, lose no work.
 
-hostd runs as a subprocess (``python -m vmediad.cli hostd``) so it can be killed
+hostd runs as a subprocess (``python -m vmediad hostd``) so it can be killed
 with SIGKILL, then a new one is started on the same socket path.  The guests are
 Devices in this process (separate from hostd) with ``auto_reattach`` on; they
 keep submitting through every restart and check every result.
@@ -23,7 +23,7 @@ from guestlib.device import Device, DeviceError, SessionLost
 from tests import hostile_guests as hg
 from vmediad import abi
 from vmediad.abi import ErrorCode, Op, Status
-from vmediad.soak import HostdProcess, encode_packets, frame_md5, reference_decode
+from vmediad.tools.soak import HostdProcess, encode_packets, frame_md5, reference_decode
 
 REATTACH_S = 5.0
 

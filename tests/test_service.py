@@ -121,7 +121,7 @@ def test_hostd_process_notify_watchdog_logs(tmp_path: Path, notify: NotifyListen
     env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(WATCHDOG_USEC))
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        p = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "hostd", "--socket", str(sock), "--channels", "2"],
+        p = subprocess.Popen([sys.executable, "-m", "vmediad", "hostd", "--socket", str(sock), "--channels", "2"],
                              env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     dev: guestlib.Device | None = None
     try:
@@ -274,7 +274,7 @@ def test_unit_has_the_required_directives() -> None:
 
 
 def test_unit_execstart_runs_hostd_with_the_default_config() -> None:
-    from vmediad.cli import main
+    from vmediad.tools.cli import main
 
     argv = shlex.split(_directives(UNIT.read_text())["ExecStart"][0])
     assert argv[0].startswith("/"), "systemd wants an absolute path"
@@ -300,7 +300,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert not other, complaints
     # Verify a copy whose ExecStart runs this interpreter's hostd: it must be entirely clean.
     copy = tmp_path / UNIT.name
-    exec_start = f"ExecStart={sys.executable} -m vmediad.cli hostd --config /etc/vmediad/config.toml"
+    exec_start = f"ExecStart={sys.executable} -m vmediad hostd --config /etc/vmediad/config.toml"
     copy.write_text(re.sub(r"(?m)^ExecStart=.*$", lambda _: exec_start, text))
     r = _verify(copy)
     assert r.returncode == 0, r.stdout + r.stderr

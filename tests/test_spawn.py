@@ -23,8 +23,8 @@ from hostd.daemon import Hostd
 from tests.conftest import needs_ffmpeg
 from tests.hostile_guests import wait_until
 from tests.test_media_inputs import ffprobe_frames, make_clip
-from vmediad.cli import main
-from vmediad.soak import HostdProcess
+from vmediad.tools.cli import main
+from vmediad.tools.soak import HostdProcess
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ class Fleet:
 
     def __init__(self, socket: str, out: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmediad.cli", "vm", "spawn", "--socket", socket, "--count", "2", "--size",
+            [sys.executable, "-m", "vmediad", "vm", "spawn", "--socket", socket, "--count", "2", "--size",
              "160x120", "--frames", "1000000", "--output", str(out), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.kids: list[int] = []

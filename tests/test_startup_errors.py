@@ -37,7 +37,7 @@ def _env() -> dict[str, str]:
 
 
 def run_hostd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmediad.cli", "hostd", "--channels", "1", *args], env=_env(),
+    return subprocess.run([sys.executable, "-m", "vmediad", "hostd", "--channels", "1", *args], env=_env(),
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -85,7 +85,7 @@ def test_a_stale_socket_file_is_replaced(short_tmp: Path) -> None:
     stale.bind(str(sock))
     stale.close()  # the file stays; nobody listens
     assert sock.exists() and not _answers(sock)
-    p = subprocess.Popen([sys.executable, "-m", "vmediad.cli", "hostd", "--channels", "1", "--socket", str(sock)],
+    p = subprocess.Popen([sys.executable, "-m", "vmediad", "hostd", "--channels", "1", "--socket", str(sock)],
                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20

@@ -1,5 +1,5 @@
 """``python -m vmediad``: the same command line as the ``vmediad`` script."""
 
-from vmediad.cli import main
+from vmediad.tools.cli import main
 
 main()

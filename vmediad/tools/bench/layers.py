@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from vmediad import abi
-from vmediad.bench.common import LAYERS, machine
+from vmediad.tools.bench.common import LAYERS, machine
 
 BOOTSTRAP = 2000
 _DST_LEN = 8 << 20  # engine layer: room for a task's output table (and copied frames)
@@ -101,7 +101,7 @@ def _fresh_packets(codec: str, s: _Scratch, pool: bool, on_frame: Callable[[Any]
     from codec_backend.av_sessions import open_decoder_context
     from codec_backend.framepool import FramePool
     from guestlib.codec import decoder_config
-    from vmediad.bench.codec import timed_decode
+    from vmediad.tools.bench.codec import timed_decode
 
     ctx = open_decoder_context(decoder_config(codec))
     fp = None
@@ -241,7 +241,7 @@ def run(codec: str = "h264", width: int = 1280, height: int = 720, frames: int =
         seed: int = 1) -> dict[str, Any]:
     from codec_backend.av_sessions import SessionManager
     from guestlib.codec import DEFAULT_POOL_FRAMES, decoder_config, encoder_config
-    from vmediad.bench.codec import STREAM, Case, _device_decode, _direct_decode, _direct_encode, pictures
+    from vmediad.tools.bench.codec import STREAM, Case, _device_decode, _direct_decode, _direct_encode, pictures
 
     unknown = [x for x in layers if x not in LAYERS]
     if unknown or not layers:

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vmediad import logs
-from vmediad.bench.common import LAYERS
+from vmediad.tools.bench.common import LAYERS
 
 # Not a terminal (pipes, CI logs): wide enough that tables do not truncate names.
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
@@ -160,7 +160,7 @@ def run_fleet(specs: list[Any], out: Console) -> tuple[list[Any], int | None]:
     a second signal, or SOFT_STOP_S without an end, stops them hard (SIGTERM: their device
     calls fail at once), and HARD_STOP_S later they are killed.  Must run in the main thread.
     """
-    from vmediad.fakevm import FINAL_STATES, Fleet
+    from vmediad.tools.fakevm import FINAL_STATES, Fleet
 
     fleet = Fleet(specs)
     received: list[int] = []
@@ -258,7 +258,7 @@ def vm_spawn(socket_path: str, count: int, name_prefix: str, workload: str, inpu
     does, is done; they count as errors), 1 when a VM failed or the input cannot be used,
     2 for a usage error, 128+N when stopped by signal N (130 Ctrl-C, 143 SIGTERM).
     """
-    from vmediad.fakevm import ENCODE_FRAMES, VmSpec
+    from vmediad.tools.fakevm import ENCODE_FRAMES, VmSpec
 
     width, height = _size(size)
     if workload == "encode" and input_path is not None:
@@ -530,7 +530,7 @@ def embedded_hostd(channels: int = 0, **overrides: Any) -> Iterator[Any]:
 @click.option("--channels", default=0, show_default=True, help="0: CPU count")
 def demo(output: Path, size: str, frames: int, channels: int) -> None:
     """Start hostd in-process, run 4 fake VMs (encode, decode, transcode) at once, print the summary."""
-    from vmediad.fakevm import VmSpec
+    from vmediad.tools.fakevm import VmSpec
 
     logs.configure("warning")
     width, height = _size(size)
@@ -570,8 +570,8 @@ def bench() -> None:
 @click.option("--json-out", type=click.Path(path_type=Path), help="write the results as JSON")
 def bench_transport(n: int, idle_s: float, json_out: Path | None) -> None:
     """nop round trip, batched nop/s, COPY vs memcpy, idle CPU."""
-    from vmediad.bench import transport
-    from vmediad.bench.common import save
+    from vmediad.tools.bench import transport
+    from vmediad.tools.bench.common import save
 
     logs.configure("warning")
     res = transport.run(n=n, idle_s=idle_s, progress=lambda m: console.print(f"[dim]{m}[/]"))
@@ -602,8 +602,8 @@ def bench_transport(n: int, idle_s: float, json_out: Path | None) -> None:
 @click.option("--json-out", type=click.Path(path_type=Path))
 def bench_codec(frames: int, quick: bool, only: tuple[str, ...], json_out: Path | None) -> None:
     """fps through the device vs direct in-process PyAV with identical options."""
-    from vmediad.bench import codec as cbench
-    from vmediad.bench.common import save
+    from vmediad.tools.bench import codec as cbench
+    from vmediad.tools.bench.common import save
 
     logs.configure("warning")
     try:
@@ -638,8 +638,8 @@ def bench_codec(frames: int, quick: bool, only: tuple[str, ...], json_out: Path 
 def bench_layers(codec: str, size: str, frames: int, blocks: int, layers: tuple[str, ...],
                  json_out: Path | None) -> None:
     """Decode speed layer by layer, from direct PyAV to the whole device, against the same floor."""
-    from vmediad.bench import layers as lbench
-    from vmediad.bench.common import save
+    from vmediad.tools.bench import layers as lbench
+    from vmediad.tools.bench.common import save
 
     logs.configure("warning")
     width, height = _size(size)
@@ -670,8 +670,8 @@ def bench_combine(files: tuple[Path, ...], target: float, only: tuple[str, ...],
     """Pool the paired rounds of several `bench codec --json-out` files: median and 95 % interval."""
     from dataclasses import asdict
 
-    from vmediad.bench.combine import CombineError, combine
-    from vmediad.bench.common import save
+    from vmediad.tools.bench.combine import CombineError, combine
+    from vmediad.tools.bench.common import save
 
     loaded = []
     for f in files:
@@ -703,8 +703,8 @@ def bench_combine(files: tuple[Path, ...], target: float, only: tuple[str, ...],
 @click.option("--json-out", type=click.Path(path_type=Path))
 def soak(tasks: int, guests: int, corrupt_ratio: float, restarts: int, json_out: Path | None) -> None:
     """Long mixed run with corrupt input: RSS, fd and shm counts must stay flat."""
-    from vmediad import soak as soak_mod
-    from vmediad.bench.common import save
+    from vmediad.tools import soak as soak_mod
+    from vmediad.tools.bench.common import save
 
     logs.configure("warning")
     with Progress(TextColumn("[bold]soak"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),

@@ -2,11 +2,11 @@
 
 Usage::
 
-    from vmediad.soak import run
+    from vmediad.tools.soak import run
     report = run(tasks=100_000, guests=4, corrupt_ratio=0.05, restarts=3,
                  progress_cb=lambda done, note: None)
 
-``run`` starts hostd as a subprocess (``python -m vmediad.cli hostd``) on a
+``run`` starts hostd as a subprocess (``python -m vmediad hostd``) on a
 private socket, with fault injection on and workers recycled by task count and
 RSS, and spawns ``guests`` guest processes that share ``tasks`` descriptors:
 NOP, CRC32, COPY and H.264 DECODE of a valid stream (checked against an
@@ -94,7 +94,7 @@ class HostdProcess:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "vmediad.cli", "hostd", "--socket", str(self.socket_path),
+        cmd = [sys.executable, "-m", "vmediad", "hostd", "--socket", str(self.socket_path),
                "--channels", str(self.channels), "--config", str(self.config_path), "--log-level", "warning"]
         if self.fault_injection:
             cmd.append("--fault-injection")

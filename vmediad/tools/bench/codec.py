@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vmediad.bench.common import cpu_seconds, machine, name_matches, round_ratios
+from vmediad.tools.bench.common import cpu_seconds, machine, name_matches, round_ratios
 
 RING = 30  # distinct input pictures per case (cycled)
 # encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vmediad.bench.common import name_matches, round_ratios
+from vmediad.tools.bench.common import name_matches, round_ratios
 
 
 class CombineError(ValueError):

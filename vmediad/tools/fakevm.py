@@ -5,7 +5,7 @@ its progress as small dicts over its own pipe; the parent (``Fleet``) collects t
 There is no multiprocessing Queue or Event: their named semaphores (/dev/shm/sem.mp-*)
 outlive a parent that is killed.
 
-How a VM stops (the parent sends the signals; see vmediad/cli.py ``run_fleet``):
+How a VM stops (the parent sends the signals; see vmediad/tools/cli.py ``run_fleet``):
 
 * SIGINT: clean stop.  The VM finishes the frame in hand, flushes its encoder, closes its
   output and detaches.  Its device stops waiting for a hostd that went away

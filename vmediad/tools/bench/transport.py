@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vmediad.bench.common import cpu_seconds, machine, summary_us
 from vmediad.shm import MappedRegion, create_memfd
+from vmediad.tools.bench.common import cpu_seconds, machine, summary_us
 
 PING, PONG = 0, 64
 SPINS = 2000
