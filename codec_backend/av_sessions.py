@@ -526,6 +526,13 @@ def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps,
         ctx.thread_type, ctx.thread_count = ThreadType.AUTO, cfg.threads
     opts = _guest_options(ctx, cfg.options)
     opts["max_pixels"] = str(caps.max_pixels)
+    if impl == "h264":
+        # A stream without VUI bitstream_restriction does not say how many pictures it
+        # reorders.  FFmpeg then guesses the depth from the pictures it has seen, outputs a
+        # picture too early and drops the one that should have come first; "strict" makes it
+        # use the DPB size the level allows (as an output-order conformant decoder does)
+        # from the first picture on.  A guest may still choose otherwise.
+        opts.setdefault("strict", "strict")
     if pool is not None and not pool.attach(ctx):  # before open: the frame threads copy the context
         raise CodecError(ErrorCode.BACKEND, "the frame pool could not be attached to the decoder")
     _open_ctx(ctx, opts)
