@@ -148,7 +148,7 @@ class EventCollector:
                 return got
 
     def close(self) -> None:
-        self.stream.close()  # type: ignore[attr-defined]
+        self.stream.close()
         self.thread.join(5)
 
 
@@ -310,7 +310,7 @@ def test_event_stream_delivers_attach_then_detach_in_order(hostd: Hostd,
                                                            spawn_guest: Callable[..., Guest]) -> None:
     watch = EventCollector(hostd.socket_path)
     try:
-        assert watch.stream.names[:2] == ["attach", "detach"]  # type: ignore[attr-defined]
+        assert watch.stream.names[:2] == ["attach", "detach"]
         st = hostd.control.statistics()
         assert st["event_streams"] == 1
         assert st["events"] == {"subscribers": 1, "published": 0}
@@ -427,7 +427,7 @@ def test_a_slow_event_reader_loses_the_oldest_and_is_told_how_many(hostd: Hostd)
             if ev["event"] == "restart" and ev["data"]["generation"] == n - 1:
                 break
     finally:
-        stream.close()  # type: ignore[attr-defined]
+        stream.close()
     gens = [e["data"]["generation"] for e in got if e["event"] == "restart"]
     drops = [e["data"]["dropped"] for e in got if e["event"] == "events_dropped"]
     assert gens == sorted(gens) and len(set(gens)) == len(gens)  # in order, none twice

@@ -12,6 +12,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,10 @@ def test_eight_threads_each_woken_only_for_its_own_task(hostd: Hostd) -> None:
         dev.close()
 
 
+def _drained(d: Device) -> bool:
+    return d.region.load32(abi.REG_SQ_HEAD) == d.region.load32(abi.REG_SQ_TAIL)
+
+
 def test_fifo_order_across_vms(make_hostd: Callable[..., Hostd]) -> None:
     """Tasks of three guests run in the order their doorbells were drained.
 
@@ -122,8 +127,7 @@ def test_fifo_order_across_vms(make_hostd: Callable[..., Hostd]) -> None:
             for _round in range(4):
                 for i, d in enumerate(devs):
                     order.append((i, d.nop()))
-                    wait_until(lambda d=d: d.region.load32(abi.REG_SQ_HEAD) == d.region.load32(abi.REG_SQ_TAIL),
-                               what="hostd drained the doorbell")
+                    wait_until(partial(_drained, d), what="hostd drained the doorbell")
         finally:
             os.kill(worker, signal.SIGCONT)
         blocker.wait(timeout=10)
