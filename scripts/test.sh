@@ -11,6 +11,8 @@ if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; 
     echo "NOTE: stock ffmpeg not installed and not root; ffmpeg-judged tests will skip"
   fi
 fi
+# QEMU, a guest kernel and igb_uio for the real-VM tests; without them those tests skip and say so.
+bash scripts/setup-vm.sh || echo "WARNING: scripts/setup-vm.sh failed; the QEMU tests will skip"
 python3 -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
   | { grep -v '^WARNING: Location' || true; }
 python3 -m pytest -q -p no:cacheprovider "$@"
