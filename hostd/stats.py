@@ -1,10 +1,15 @@
-"""Counters and latency summaries kept per guest and per channel (pure)."""
+"""Counters and latency summaries kept per guest and per channel, and the snapshots of them (pure)."""
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hostd.core.dispatch import Channel
+    from hostd.loop import Guest
 
 # Histogram bucket upper bounds in seconds (Prometheus convention).
 LATENCY_BUCKETS = (
@@ -128,3 +133,39 @@ class Totals:
             "timeouts": t.timeouts,
             "worker_restarts": t.worker_restarts,
         }
+
+
+def channel_snapshot(c: Channel, now: int) -> dict[str, Any]:
+    loaded = c.loaded()
+    head = loaded[0] if loaded else None
+    return {"index": c.index, "busy": head is not None,
+            "vm": head.vm_id if head else None,
+            "op": head.op.name if head else None,
+            "loaded": len(loaded),  # > 1: tasks wait in shadow files
+            "bound_sessions": c.bound_sessions, "tasks": c.tasks,
+            "busy_seconds": round((c.busy_ns + (now - max(head.dispatch_ns, c.busy_until) if head else 0))
+                                  / 1e9, 6)}
+
+
+def vm_snapshot(g: Guest, now: int, sv: dict[str, Any], staged: bool) -> dict[str, Any]:
+    """One guest's entry in statistics()["vms"]; ``sv``: its scheduler entry, ``staged``:
+    whether a task of it waits for a channel."""
+    w = g.worker
+    return {
+        "vm": g.vm_id,
+        "name": g.name,
+        "pid": g.pid,
+        "worker_pid": w.pid if w else None,
+        "worker_rss": w.rss_bytes() if w else 0,
+        "region_size": g.region.layout.region_size,
+        "ring_entries": g.region.layout.ring_entries,
+        # Whether, not which: a name would let any peer of hostd's uid open the region.
+        "named_region": g.region.name is not None,
+        "queue_depth": sv.get("queued", 0) + (1 if staged else 0),
+        "inflight": sv.get("inflight", 0),
+        "sessions": len(g.sessions),
+        "lost_sessions": len(g.sessions.lost),
+        "worker_recycles": g.recycles,
+        "uptime_s": round((now - g.attached_ns) / 1e9, 3),
+        **g.stats.snapshot(),
+    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -50,8 +49,8 @@ class WorkerHandle:
 # session re-faulted them page by page.  Measured in 120-frame sessions: 24 minor faults
 # per decoded frame and 23 per x264-encoded frame in the worker, against 0.6 and 0.3 for
 # the same work on a main thread.  A fixed mmap threshold (32 MiB) and trim threshold
-# (128 MiB) take the worker to 0.3 and 0.1, with the same RSS after a dozen sessions
-# (docs/benchmarks.md).  Read by glibc at exec; other libcs ignore it.
+# (128 MiB) take the worker to 0.3 and 0.1, with the same RSS after a dozen sessions.
+# Read by glibc at exec; other libcs ignore it.
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728"
 
 
@@ -63,7 +62,7 @@ def _worker_env() -> dict[str, str]:
 
 
 def spawn_worker(*, slot: int, vm_id: int, generation: int, region_fd: int, region_size: int,
-                 bank_fd: int, channels: int, limits: dict[str, int], fault_injection: bool,
+                 bank_fd: int, channels: int, limits: abi.WorkerLimits, fault_injection: bool,
                  started_ns: int, on_exit: Callable[[WorkerHandle, int], None]) -> WorkerHandle:
     """Start a worker; ``on_exit(handle, returncode)`` runs on a reaper thread when it dies.
 
@@ -75,7 +74,7 @@ def spawn_worker(*, slot: int, vm_id: int, generation: int, region_fd: int, regi
         "--slot", str(slot), "--vm", str(vm_id),
         "--region-fd", str(region_fd), "--region-size", str(region_size),
         "--bank-fd", str(bank_fd), "--channels", str(channels),
-        "--parent", str(os.getpid()), "--limits", json.dumps(limits),
+        "--parent", str(os.getpid()), "--limits", limits.to_json(),
     ]
     if fault_injection:
         cmd.append("--fault-injection")

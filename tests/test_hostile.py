@@ -195,7 +195,7 @@ def test_hostd_owned_words_are_never_trusted(hostd: Hostd) -> None:
         assert reg.load32(abi.REG_SQ_HEAD) == dev._tail  # hostd's copy, rewritten from its own head
         vm = hostd.device.statistics()["vms"][0]
         assert vm["tasks_done"] == 3 + 3 * (ring - 1) + 0 and vm["ring_errors"] == {}
-        assert hostd.device.guests[dev.vm_id].sq_head == dev._tail
+        assert hostd.device.guests[dev.vm_id].ring.head == dev._tail
     assert hostd.device.crashed is None
 
 

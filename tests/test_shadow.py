@@ -12,8 +12,8 @@ import pytest
 
 import guestlib
 from codec_backend.worker import Worker
+from hostd.core.scheduler import Pending, Scheduler
 from hostd.daemon import Hostd
-from hostd.scheduler import Pending, Scheduler
 from tests import hostile_guests as hg
 from vmediad import abi
 from vmediad.abi import Ctrl, Op

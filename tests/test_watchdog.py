@@ -26,8 +26,8 @@ from codec_backend.engine import HANG_MARKER, HANG_RELEASE, HANG_RUNNING, HANG_S
 from guestlib.codec import Encoder, Frame
 from guestlib.device import Device, DeviceError, SessionLost
 from hostd.config import Config
+from hostd.core.watchdog import DEFAULT_DECODE_MPX, FLUSH_FRAMES, task_budget_s
 from hostd.daemon import Hostd
-from hostd.device import DEFAULT_DECODE_MPX, FLUSH_FRAMES, task_budget_s
 from hostd.events import Subscription
 from vmediad.abi import ErrorCode, Op
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostd import validate
+from hostd.core import validate
 from vmediad import abi
 from vmediad.abi import Descriptor, ErrorCode, Op
 
@@ -76,7 +76,7 @@ def test_any_multi_list_is_either_in_heap_or_rejected(rows: list[tuple[int, int,
 
 
 def test_session_config_checks() -> None:
-    lim = validate.Limits(max_width=1920, max_height=1080, max_pixels=1920 * 1080)
+    lim = abi.GeometryLimits(max_width=1920, max_height=1080, max_pixels=1920 * 1080)
     ok = abi.SessionConfig(direction=1, codec=abi.Codec.H264, width=640, height=480)
     assert validate.check_session_config(ok.pack(), lim) == ok
     big = abi.SessionConfig(direction=1, codec=abi.Codec.H264, width=4096, height=480)

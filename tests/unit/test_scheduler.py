@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostd.scheduler import Scheduler
+from hostd.core.scheduler import Scheduler
 
 
 def drain(s: Scheduler) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """Descriptor validation: pure, on the single copy hostd took of a descriptor.
 
-``check(desc, layout, limits)`` returns either a ``Program`` (what hostd will
+``check(desc, layout)`` returns either a ``Program`` (what hostd will
 load into a channel's register file) or the ``ErrorCode`` the task ends with.
 Buffers must lie inside the heap, so no task can touch the register page, the
 ring or the descriptor table; all range arithmetic is overflow-proof u64.
@@ -14,13 +14,6 @@ from vmediad import abi
 from vmediad.abi import Descriptor, ErrorCode, Layout, Op
 
 MAX_CONFIG_BYTES = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_width: int = 8192
-    max_height: int = 8192
-    max_pixels: int = 35_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +105,7 @@ def check_multi(raw: bytes, op: Op, layout: Layout) -> bytes | ErrorCode:
     return raw
 
 
-def check_session_config(raw: bytes, limits: Limits) -> abi.SessionConfig | ErrorCode:
+def check_session_config(raw: bytes, limits: abi.GeometryLimits) -> abi.SessionConfig | ErrorCode:
     """Validate a SESSION_OPEN config hostd copied out of the region."""
     try:
         cfg = abi.SessionConfig.unpack(raw)
@@ -127,8 +120,7 @@ def check_session_config(raw: bytes, limits: Limits) -> abi.SessionConfig | Erro
     if cfg.direction == abi.Direction.ENCODE:
         if cfg.width == 0 or cfg.height == 0:
             return ErrorCode.BAD_ARG
-        if (cfg.width > limits.max_width or cfg.height > limits.max_height
-                or cfg.width * cfg.height > limits.max_pixels):
+        if not limits.allows(cfg.width, cfg.height):
             return ErrorCode.TOO_LARGE
         if cfg.fps_num == 0 or cfg.fps_den == 0 or cfg.tb_num == 0 or cfg.tb_den == 0:
             return ErrorCode.BAD_ARG
