@@ -8,12 +8,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from hostd.core.scheduler import POLICIES as SCHEDULER_POLICIES
 from vmediad import abi
 from vmediad.errors import EXIT_CONFIG, ConfigError, StartupError
 from vmediad.protocol import default_socket_path
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmediad/config.toml")
-POLICIES = ("fifo", "round-robin", "weighted")
+POLICIES = tuple(SCHEDULER_POLICIES)
 MiB = 1 << 20
 __all__ = ["EXIT_CONFIG", "ConfigError", "StartupError", "default_socket_path"]  # re-exported for hostd's callers
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import structlog
 
 from hostd.config import Config, StartupError, default_socket_path
+from hostd.core.lifecycle import Life
 from hostd.device import AttachRequest, Device
 from hostd.events import EVENTS, EventBus
 from vmediad import abi, protocol
@@ -332,12 +333,7 @@ class ControlServer:
             out = []
             for g in sorted(self.device.guests.values(), key=lambda g: g.vm_id):
                 v = snap.get(g.vm_id, {})
-                if g.dying:
-                    state = "detaching"
-                elif g.worker is None or g.respawn_pending or g.recycling or getattr(g, "timing_out", False):
-                    state = "restarting"
-                else:
-                    state = "running"
+                state = _LIST_STATE[g.life.state]
                 out.append({"vm": g.vm_id, "name": g.name, "pid": g.pid, "uid": g.uid, "state": state,
                             "worker_pid": v.get("worker_pid"), "tasks_done": v.get("tasks_done", 0),
                             "tasks_failed": v.get("tasks_failed", 0), "sessions": v.get("sessions", 0),
@@ -466,6 +462,12 @@ class ControlServer:
                             channels=self.device.channels_n)
         socket.send_fds(conn, [reply], [g.region.fd])
         return g.vm_id
+
+
+# What `vmediad vm list` shows for each lifecycle state.
+_LIST_STATE = {Life.NO_WORKER: "restarting", Life.SERVING: "running", Life.RECYCLING: "restarting",
+               Life.TIMING_OUT: "restarting", Life.BACKING_OFF: "restarting", Life.DYING: "detaching",
+               Life.GONE: "detaching"}
 
 
 def _drain(conn: socket.socket) -> bool:

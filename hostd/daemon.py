@@ -92,7 +92,7 @@ class Hostd:
     def _status_line(self) -> str:
         d = self.device
         busy = sum(1 for c in d.channels if not c.idle)
-        return f"{len(d.guests)} guests, {busy}/{d.channels_n} channels busy, policy {d.scheduler.policy}"
+        return f"{len(d.guests)} guests, {busy}/{d.channels_n} channels busy, policy {d.scheduler.policy.name}"
 
     def _on_loop(self) -> None:
         # Runs on the device thread: a hung scheduler loop stops the watchdog pings.

@@ -96,23 +96,6 @@ class Guest:
     def log(self) -> Any:
         return log.bind(vm=self.vm_id, name=self.name)
 
-    # Read-only views of ``life`` for the control plane (``vmediad vm list``).
-    @property
-    def dying(self) -> bool:
-        return self.life.dying
-
-    @property
-    def recycling(self) -> bool:
-        return self.life.state is Life.RECYCLING
-
-    @property
-    def respawn_pending(self) -> bool:
-        return self.life.state is Life.BACKING_OFF
-
-    @property
-    def timing_out(self) -> bool:
-        return self.life.state is Life.TIMING_OUT
-
 
 @dataclass
 class AttachRequest:
