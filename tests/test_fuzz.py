@@ -2,7 +2,7 @@
 
 Hypothesis writes random descriptors, SQ entries, ring indices and doorbell
 values straight into the region of one attached guest.  The oracle below is
-written from the ABI (vmediad/abi.py docstrings), not from hostd/validate.py:
+written from the ABI (vmediad/abi.py docstrings), not from hostd/core/validate.py:
 every task must end DONE or with the one specific error the ABI names, within
 a bound, and hostd must stay up.  One hostd and one attached guest serve every
 example of the module (a NOP round trip is ~60-100 µs; an attach is ~100 ms).
@@ -39,7 +39,7 @@ BOUND_S = 5.0  # every task ends within this
 CI_EXAMPLES = int(os.environ.get("VMEDIAD_FUZZ_EXAMPLES", "10000"))
 
 
-# --- the oracle (from the ABI, independent of hostd/validate.py) -------------------------
+# --- the oracle (from the ABI, independent of hostd/core/validate.py) -------------------------
 # Which buffers each opcode names: (reads src, writes dst).
 USES = {
     Op.NOP: (False, False), Op.COPY: (True, True), Op.CRC32: (True, False), Op.CAPS: (False, True),
