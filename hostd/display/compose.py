@@ -1,0 +1,470 @@
+"""Composition: each VM's committed picture scaled into its viewport with swscale, in z-order.
+
+``Compositor.compose(screen, items)`` fills a BGRA screen (an ``(H, W, 4)`` uint8 array): the
+background, then each item bottom to top, either its picture scaled (FFmpeg's swscale through
+PyAV, bilinear by default) and translated into its viewport, or, for a viewport with no picture
+(its VM detached, died or has not committed yet), a cleared rect with a border and a label.
+The screen is opaque: alpha is 255 everywhere.
+
+Pictures are read where they lie: a BGRA picture (any stride) and a packed NV12/YUV420P picture
+(``FrameRef.packed``) are wrapped as PyAV frames without a copy; other 4:2:0 pictures (odd
+sizes, a decoder's padded planes, a FILL crop) are first copied into a frame the compositor
+keeps per viewport.  The scaled image of a picture is kept per viewport under the item's key,
+so a picture that stays on screen is scaled once, not on every refresh; with ``workers`` > 1
+the pictures of one composition are scaled in parallel (swscale releases the GIL).  It keeps
+no view of guest memory after ``compose`` returns (a kept image is always its own memory), so a
+region can be unmapped (``mmap.close`` succeeds) as soon as no composition is running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+from numpy.typing import NDArray
+
+from hostd.display.core import FrameRef, SceneItem
+from hostd.display.layout import Aspect, Placement, Rect, place
+from vmediad import abi
+from vmediad.abi import PixFmt
+
+Screen = NDArray[np.uint8]
+Colour = tuple[int, int, int, int]  # B, G, R, A
+
+BACKGROUND: Colour = (0, 0, 0, 255)
+CLEARED: Colour = (48, 40, 40, 255)
+BORDER: Colour = (128, 128, 128, 255)
+TEXT: Colour = (235, 235, 235, 255)
+BORDER_PX = 2
+MAX_TEXT_SCALE = 4
+DEFAULT_INTERPOLATION = "BILINEAR"
+_PYAV_NAMES = {PixFmt.BGRA: "bgra", PixFmt.NV12: "nv12", PixFmt.YUV420P: "yuv420p"}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A picture: one 2-D uint8 array per plane, ``(rows, row bytes)`` of the picture itself,
+    rows possibly strided (views of a region).  ``key``: equal keys mean equal pixels (None: never
+    reuse a scaled image).  ``packed``: see ``FrameRef.packed``."""
+
+    fmt: PixFmt
+    width: int
+    height: int
+    planes: tuple[NDArray[np.uint8], ...]
+    key: Hashable | None = None
+    packed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    slot: int  # stable per viewport (the VM id): what scaled images and scalers are kept under
+    rect: Rect
+    aspect: Aspect
+    source: Source | None
+    label: str | None = None  # shown on the cleared viewport when there is no source
+
+
+@dataclass(frozen=True, slots=True)
+class ComposeStats:
+    cpu_s: float  # CPU time of the calling thread (swscale runs on it with threads=1)
+    wall_s: float
+    scaled: int  # pictures scaled by swscale in this composition
+    reused: int  # pictures whose scaled image was kept from an earlier composition
+    copied: int  # pictures copied into a PyAV frame before scaling (not packed, or cropped 4:2:0)
+    labelled: int  # cleared, labelled viewports
+
+
+# --- labels: a 5x7 bitmap font -------------------------------------------------------------
+_GLYPHS = {
+    "A": ".###.#...##...#######...##...##...#", "B": "####.#...#####.#...##...##...#####.",
+    "C": ".###.#...##....#....#....#...#.###.", "D": "####.#...##...##...##...##...#####.",
+    "E": "######....####.#....#....#....#####", "F": "######....####.#....#....#....#....",
+    "G": ".###.#...##....#.####...##...#.####", "H": "#...##...#######...##...##...##...#",
+    "I": ".###...#....#....#....#....#...###.", "J": "..###...#....#....#....##..#.##...",
+    "K": "#...##..#.###..#.#..#..#.#...##...#", "L": "#....#....#....#....#....#....#####",
+    "M": "#...###.###.#.##...##...##...##...#", "N": "#...###..##.#.##..###...##...##...#",
+    "O": ".###.#...##...##...##...##...#.###.", "P": "####.#...##...#####.#....#....#....",
+    "Q": ".###.#...##...##...##.#.##..#..##.#", "R": "####.#...##...#####.#.#..#..#.#...#",
+    "S": ".####.....#.....###.....#.....####.", "T": "#####..#....#....#....#....#....#..",
+    "U": "#...##...##...##...##...##...#.###.", "V": "#...##...##...##...##...#.#.#...#..",
+    "W": "#...##...##...##.#.##.#.##.#.#.#.#.", "X": "#...##...#.#.#...#...#.#.#...##...#",
+    "Y": "#...##...#.#.#...#....#....#....#..", "Z": "#####....#...#...#...#...#....#####",
+    "0": ".###.#...##..###.#.###..##...#.###.", "1": "..#...##....#....#....#....#...###.",
+    "2": ".###.#...#....#...#...#...#...#####", "3": "#####...#...#.....#....##...#.###.",
+    "4": "...#...##..#.#.#..#.#####...#....#.", "5": "######....####.....#....##...#.###.",
+    "6": "..##..#...#....####.#...##...#.###.", "7": "#####....#...#...#...#....#....#...",
+    "8": ".###.#...##...#.###.#...##...#.###.", "9": ".###.#...##...#.####....#...#..##..",
+    " ": "." * 35, "-": "." * 15 + "#####" + "." * 15, "_": "." * 30 + "#####",
+    ".": "." * 25 + ".##...##..", ":": ".....##...##........##...##.......",
+    "/": "....#....#...#...#...#...#....#....", "(": "...#...#...#....#....#.....#.....#.",
+    ")": ".#.....#.....#....#....#...#...#...", "#": ".#.#..#.#.#####.#.#.#####.#.#..#.#.",
+    "?": ".###.#...#....#...#...#.......#....",
+}
+_FONT = {ch: np.array([c == "#" for c in rows.ljust(35, ".")[:35]], dtype=bool).reshape(7, 5)
+         for ch, rows in _GLYPHS.items()}
+
+
+def _fill(view: Screen, colour: Colour) -> None:
+    """Fill ``(h, w, 4)`` pixels with one colour, a 32-bit store per pixel (broadcasting a
+    4-tuple is about 20 times slower)."""
+    view.view(np.uint32)[:] = np.array(colour, dtype=np.uint8).view(np.uint32)[0]
+
+
+def text_mask(text: str) -> NDArray[np.bool_]:
+    """The pixels of ``text`` (lines split at ``\\n``, upper-cased, unknown characters as ``?``)
+    at scale 1: 5x7 glyphs, 1 column and 2 rows apart, each line centred."""
+    lines = text.upper().split("\n")
+    width = max(6 * len(line) - 1 for line in lines) if any(lines) else 0
+    mask = np.zeros((9 * len(lines) - 2, max(width, 0)), dtype=bool)
+    for i, line in enumerate(lines):
+        x0 = (width - (6 * len(line) - 1)) // 2
+        for j, ch in enumerate(line):
+            glyph = _FONT.get(ch, _FONT["?"])
+            mask[9 * i:9 * i + 7, x0 + 6 * j:x0 + 6 * j + 5] = glyph
+    return mask
+
+
+def draw_cleared(screen: Screen, rect: Rect, label: str | None) -> None:
+    """A viewport with no picture: CLEARED fill, a BORDER_PX border and ``label`` centred in
+    TEXT at the largest integer scale (at most MAX_TEXT_SCALE) that fits inside the border."""
+    r = rect.intersect(Rect(0, 0, screen.shape[1], screen.shape[0]))
+    if r.empty:
+        return
+    view = screen[rect.y:rect.bottom, rect.x:rect.right] if r == rect else None
+    if view is None:  # rect partly off screen: draw on a scratch and copy the visible part
+        scratch = np.empty((rect.h, rect.w, 4), dtype=np.uint8)
+        draw_cleared(scratch, Rect(0, 0, rect.w, rect.h), label)
+        screen[r.y:r.bottom, r.x:r.right] = scratch[r.y - rect.y:r.bottom - rect.y, r.x - rect.x:r.right - rect.x]
+        return
+    _fill(view, BORDER)
+    b = min(BORDER_PX, rect.w // 2, rect.h // 2)
+    _fill(view[b:rect.h - b, b:rect.w - b], CLEARED)
+    if not label:
+        return
+    mask = text_mask(label)
+    inner_w, inner_h = rect.w - 2 * b - 2, rect.h - 2 * b - 2
+    if mask.size == 0 or inner_w <= 0 or inner_h <= 0:
+        return
+    scale = min(MAX_TEXT_SCALE, inner_w // mask.shape[1], inner_h // mask.shape[0])
+    if scale < 1:
+        mask = mask[:inner_h, :inner_w]
+        scale = 1
+    big = np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)
+    y0, x0 = (rect.h - big.shape[0]) // 2, (rect.w - big.shape[1]) // 2
+    view[y0:y0 + big.shape[0], x0:x0 + big.shape[1]][big] = TEXT
+
+
+# --- pictures in regions ---------------------------------------------------------------------
+def plane_views(region: NDArray[np.uint8], ref: FrameRef) -> tuple[NDArray[np.uint8], ...]:
+    """The planes of ``ref`` as ``(rows, row bytes)`` views of ``region`` (a 1-D uint8 array of the
+    whole region; the core validated every plane lies in it)."""
+    out = []
+    for p in ref.planes:
+        extent = (p.rows - 1) * p.stride + p.row_bytes
+        if p.offset + extent > region.shape[0]:
+            raise ValueError(f"plane at {p.offset:#x} (+{extent}) is past the region's {region.shape[0]} bytes")
+        base = region[p.offset:p.offset + extent]
+        out.append(np.lib.stride_tricks.as_strided(base, shape=(p.rows, p.row_bytes), strides=(p.stride, 1)))
+    return tuple(out)
+
+
+def items_from_scene(scene: Sequence[SceneItem], region_of: Callable[[int], NDArray[np.uint8]]) -> list[Item]:
+    """Compose items for a core's scene; ``region_of(vm)`` is that VM's region as 1-D uint8."""
+    items = []
+    for s in scene:
+        src = None
+        if s.frame is not None:
+            f = s.frame
+            src = Source(f.fmt, f.width, f.height, plane_views(region_of(s.vm), f), s.key, f.packed)
+        items.append(Item(s.vm, s.viewport.rect, s.viewport.aspect, src, s.label))
+    return items
+
+
+def _addr(a: NDArray[np.uint8]) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def _packed_array(src: Source) -> NDArray[np.uint8] | None:
+    """The planes of a packed 4:2:0 picture as the one array PyAV's from_numpy_buffer wraps
+    (rows = 3/2 height, columns = the luma stride), or None if they are not laid out so."""
+    y = src.planes[0]
+    s = int(y.strides[0])
+    if src.width % 2 or src.height % 4 or y.strides[1] != 1 or s % 2:
+        return None
+    want = (s, s) if src.fmt == PixFmt.NV12 else (s, s // 2, s // 2)
+    at = _addr(y)
+    for p, stride in zip(src.planes, want, strict=True):
+        if _addr(p) != at or p.strides != (stride, 1):
+            return None
+        at += p.shape[0] * stride
+    arr: NDArray[np.uint8] = np.lib.stride_tricks.as_strided(y, shape=(src.height * 3 // 2, s), strides=(s, 1))
+    return arr
+
+
+def _check_source(src: Source) -> None:
+    shapes = abi.plane_shapes(src.fmt, src.width, src.height)
+    if src.fmt not in _PYAV_NAMES or len(src.planes) != len(shapes):
+        raise ValueError(f"{src.fmt!r} source with {len(src.planes)} planes")
+    for p, shape in zip(src.planes, shapes, strict=True):
+        if p.dtype != np.uint8 or p.shape != shape or p.strides[1] != 1:
+            raise ValueError(f"plane {p.shape} {p.dtype} strides {p.strides} is not a {shape} uint8 plane")
+
+
+class Compositor:
+    def __init__(self, *, interpolation: str | int = DEFAULT_INTERPOLATION, threads: int = 1,
+                 workers: int = 1) -> None:
+        """``interpolation``: a swscale algorithm name of ``av.video.reformatter.Interpolation``
+        (BILINEAR, BICUBIC, AREA, LANCZOS...); ``threads``: swscale's slice threads per scale;
+        ``workers``: pictures scaled at the same time (swscale runs without the GIL).  The
+        defaults keep composition on one core, off the codec's."""
+        self.interpolation = interpolation
+        self.threads = threads
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._scalers: dict[int, tuple[VideoReformatter, VideoReformatter]] = {}
+        self._images: dict[int, tuple[Hashable, NDArray[np.uint8]]] = {}
+        self._copies: dict[int, Any] = {}  # slot -> av.VideoFrame the compositor owns
+        self.frames = 0
+        self.cpu_s = 0.0
+        self.last_cpu_s = 0.0
+        self.max_cpu_s = 0.0
+        self.scaled = 0
+        self.reused = 0
+        self.copied = 0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def compose(self, screen: Screen, items: Sequence[Item]) -> ComposeStats:
+        """Draw ``items`` (bottom to top) over the background into ``screen``; returns the cost.
+        Each item's slot must be unique (its scalers and kept image are its own)."""
+        t0, w0 = time.thread_time(), time.perf_counter()
+        if screen.dtype != np.uint8 or screen.ndim != 3 or screen.shape[2] != 4 or screen.strides[1:] != (4, 1):
+            raise ValueError(f"screen must be (H, W, 4) uint8 with whole pixels, got {screen.shape} {screen.dtype}")
+        if len({i.slot for i in items}) != len(items):
+            raise ValueError("two compose items share a slot")
+        full = Rect(0, 0, screen.shape[1], screen.shape[0])
+        plans: list[tuple[Item, Placement, Rect] | None] = []
+        jobs: dict[int, tuple[Source, Placement]] = {}
+        reused = 0
+        for item in items:
+            src = item.source
+            if src is None:
+                self._images.pop(item.slot, None)
+                plans.append(None)
+                continue
+            _check_source(src)
+            p = place(src.width, src.height, item.rect, item.aspect, crop_align=1 if src.fmt == PixFmt.BGRA else 2)
+            dst = p.dst.intersect(full)
+            if dst.empty:
+                plans.append(None)
+                continue
+            plans.append((item, p, dst))
+            kept = self._images.get(item.slot)
+            if src.key is not None and kept is not None and kept[0] == (src.key, p, self.interpolation):
+                reused += 1
+            else:
+                jobs[item.slot] = (src, p)
+        done = self._run(jobs)
+        job_cpu = sum(cpu for _, _, cpu in done.values())
+        _fill(screen, BACKGROUND)
+        labelled = 0
+        for item, plan in zip(items, plans, strict=True):
+            if plan is None:
+                if item.source is None:
+                    draw_cleared(screen, item.rect, item.label)
+                    labelled += 1
+                continue
+            _, p, dst = plan
+            src = item.source
+            assert src is not None
+            if item.slot in done:
+                img = done[item.slot][0]
+                if src.key is not None:
+                    self._images[item.slot] = ((src.key, p, self.interpolation), img)
+                else:
+                    self._images.pop(item.slot, None)
+            else:
+                img = self._images[item.slot][1]
+            sy, sx = dst.y - p.dst.y, dst.x - p.dst.x
+            out = screen[dst.y:dst.bottom, dst.x:dst.right]
+            out[:] = img[sy:sy + dst.h, sx:sx + dst.w]
+            if src.fmt == PixFmt.BGRA:
+                out[..., 3] = 255  # guest alpha is not blended: the screen is opaque
+        live = {i.slot for i in items}
+        for gone in [s for s in self._scalers if s not in live]:
+            self.forget(gone)
+        scaled, copied = len(done), sum(c for _, c, _ in done.values())
+        pooled = self.workers > 1 and len(jobs) > 1  # else the jobs ran on this thread, counted below
+        cpu = time.thread_time() - t0 + (job_cpu if pooled else 0.0)
+        wall = time.perf_counter() - w0
+        self.frames += 1
+        self.cpu_s += cpu
+        self.last_cpu_s = cpu
+        self.max_cpu_s = max(self.max_cpu_s, cpu)
+        self.scaled += scaled
+        self.reused += reused
+        self.copied += copied
+        return ComposeStats(cpu, wall, scaled, reused, copied, labelled)
+
+    def _run(self, jobs: dict[int, tuple[Source, Placement]]) -> dict[int, tuple[NDArray[np.uint8], bool, float]]:
+        def one(slot: int) -> tuple[NDArray[np.uint8], bool, float]:
+            t = time.thread_time()
+            img, copied = self._scale(slot, *jobs[slot])
+            return img, copied, time.thread_time() - t
+
+        if self.workers <= 1 or len(jobs) <= 1:
+            return {slot: one(slot) for slot in jobs}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="compose")
+        futures = {slot: self._pool.submit(one, slot) for slot in jobs}
+        return {slot: f.result() for slot, f in futures.items()}
+
+    def forget(self, slot: int) -> None:
+        """Drop what is kept for a viewport (done by compose for slots no longer in its items)."""
+        self._scalers.pop(slot, None)
+        self._images.pop(slot, None)
+        self._copies.pop(slot, None)
+
+    def statistics(self) -> dict[str, float | int]:
+        return {
+            "frames": self.frames, "cpu_s": self.cpu_s, "last_cpu_ms": self.last_cpu_s * 1e3,
+            "max_cpu_ms": self.max_cpu_s * 1e3,
+            "mean_cpu_ms": self.cpu_s / self.frames * 1e3 if self.frames else 0.0,
+            "scaled": self.scaled, "reused": self.reused, "copied": self.copied,
+        }
+
+    def _scale(self, slot: int, src: Source, p: Placement) -> tuple[NDArray[np.uint8], bool]:
+        frame, copied = self._frame(slot, src, p.crop)
+        scalers = self._scalers.get(slot)
+        if scalers is None:
+            scalers = self._scalers[slot] = (VideoReformatter(), VideoReformatter())
+        if src.fmt == PixFmt.BGRA:
+            # Scaled to planar gbrp, then packed: the same filter as one bgra->bgra call (pixels
+            # within 1, mostly equal) in about 60% of its time; its packed-output scaler is slow.
+            planar = scalers[1].reformat(frame, p.dst.w, p.dst.h, "gbrp", interpolation=self.interpolation,
+                                         threads=self.threads)
+            out = scalers[0].reformat(planar, format="bgra", interpolation=self.interpolation,
+                                      threads=self.threads)
+        else:
+            out = scalers[0].reformat(frame, p.dst.w, p.dst.h, "bgra", interpolation=self.interpolation,
+                                      threads=self.threads)
+        img = np.asarray(out.to_ndarray(), dtype=np.uint8)
+        if out is frame:
+            # swscale had nothing to do and handed back the picture itself: keep a copy, never a
+            # view of guest memory.
+            img = np.array(img)
+        return img, copied
+
+    def _frame(self, slot: int, src: Source, crop: Rect) -> tuple[Any, bool]:
+        """A PyAV frame of the ``crop`` of ``src``: wrapped in place when possible, else copied."""
+        whole = crop == Rect(0, 0, src.width, src.height)
+        if src.fmt == PixFmt.BGRA:
+            view = _bgra(src.planes[0])
+            return av.VideoFrame.from_numpy_buffer(view[crop.y:crop.bottom, crop.x:crop.right], "bgra"), False
+        if whole and src.packed:
+            arr = _packed_array(src)
+            if arr is not None:
+                return av.VideoFrame.from_numpy_buffer(arr, _PYAV_NAMES[src.fmt], width=src.width), False
+        name = _PYAV_NAMES[src.fmt]
+        frame = self._copies.get(slot)
+        if frame is None or (frame.format.name, frame.width, frame.height) != (name, crop.w, crop.h):
+            frame = self._copies[slot] = av.VideoFrame(crop.w, crop.h, name)
+        cy, cx = crop.y // 2, crop.x // 2
+        ch, cw = (crop.h + 1) // 2, (crop.w + 1) // 2
+        if src.fmt == PixFmt.NV12:
+            cuts = [(crop.y, crop.h, crop.x, crop.w), (cy, ch, 2 * cx, 2 * cw)]
+        else:
+            cuts = [(crop.y, crop.h, crop.x, crop.w), (cy, ch, cx, cw), (cy, ch, cx, cw)]
+        for plane, srcp, (y0, rows, x0, nbytes) in zip(frame.planes, src.planes, cuts, strict=True):
+            dst = np.ndarray((rows, nbytes), np.uint8, buffer=memoryview(plane), strides=(plane.line_size, 1))
+            dst[:] = srcp[y0:y0 + rows, x0:x0 + nbytes]
+        return frame, True
+
+
+def _bgra(plane: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """A ``(rows, 4 * width)`` plane as ``(rows, width, 4)``, sharing its memory and row stride."""
+    rows, nbytes = plane.shape
+    out: NDArray[np.uint8] = np.lib.stride_tricks.as_strided(
+        plane, shape=(rows, nbytes // 4, 4), strides=(plane.strides[0], 4, 1))
+    return out
+
+
+def compose(screen: Screen, items: Sequence[Item], *, interpolation: str | int = DEFAULT_INTERPOLATION) -> ComposeStats:
+    """One composition with a fresh compositor (nothing kept between calls)."""
+    return Compositor(interpolation=interpolation).compose(screen, items)
+
+
+def compose_floor_vs_core(frames: int = 30, *, vms: int = 4, width: int = 1920, height: int = 1080,
+                          fmt: PixFmt = PixFmt.BGRA, interpolation: str = DEFAULT_INTERPOLATION) -> dict[str, float]:
+    """Micro-benchmark: ``vms`` pictures of ``width`` x ``height`` into a screen of that size on a
+    grid.  Per screen frame, in ms: the floor (the swscale calls compose() makes, in-process, on
+    the same pictures: for bgra, scale to gbrp then pack), the one-call floor (straight to bgra),
+    compose() when every picture is new, compose() when none is (kept images); ratio =
+    compose / floor."""
+    from hostd.display.layout import grid_rects
+
+    rng = np.random.default_rng(1)
+    rects = grid_rects(vms, width, height)
+    sources = []
+    for i in range(vms):
+        if fmt == PixFmt.BGRA:
+            buf = rng.integers(0, 256, (height, 4 * width), dtype=np.uint8)
+            planes: tuple[NDArray[np.uint8], ...] = (buf,)
+        else:
+            buf = rng.integers(0, 256, (height * 3 // 2, width), dtype=np.uint8)
+            if fmt == PixFmt.NV12:
+                planes = (buf[:height], buf[height:])
+            else:
+                q = height // 4
+                flat = buf.reshape(-1)
+                u = flat[width * height:width * height + q * width].reshape(height // 2, width // 2)
+                v = flat[width * height + q * width:].reshape(height // 2, width // 2)
+                planes = (buf[:height], u, v)
+        sources.append((buf, planes, i))
+    screen = np.zeros((height, width, 4), dtype=np.uint8)
+    pyav = _PYAV_NAMES[fmt]
+
+    def wrap(buf: NDArray[np.uint8]) -> Any:
+        return av.VideoFrame.from_numpy_buffer(buf.reshape(height, width, 4) if fmt == PixFmt.BGRA else buf, pyav)
+
+    places = [place(width, height, r, Aspect.FIT) for r in rects]
+
+    def floor_run(planar: bool) -> float:
+        scalers = [(VideoReformatter(), VideoReformatter()) for _ in range(vms)]
+        t = time.perf_counter()
+        for _ in range(frames):
+            for (buf, _, _), (sc, pack), p in zip(sources, scalers, places, strict=True):
+                f = wrap(buf)
+                if planar:
+                    f = sc.reformat(f, p.dst.w, p.dst.h, "gbrp", interpolation=interpolation, threads=1)
+                    pack.reformat(f, format="bgra", interpolation=interpolation, threads=1).to_ndarray()
+                else:
+                    sc.reformat(f, p.dst.w, p.dst.h, "bgra", interpolation=interpolation, threads=1).to_ndarray()
+        return (time.perf_counter() - t) / frames
+
+    one_call = floor_run(False)
+    floor = floor_run(True) if fmt == PixFmt.BGRA else one_call
+    comp = Compositor(interpolation=interpolation)
+    t = time.perf_counter()
+    for n in range(frames):
+        comp.compose(screen, [Item(i, r, Aspect.FIT, Source(fmt, width, height, pl, (n, i), True))
+                              for (_, pl, i), r in zip(sources, rects, strict=True)])
+    core = (time.perf_counter() - t) / frames
+    same = [Item(i, r, Aspect.FIT, Source(fmt, width, height, pl, (-1, i), True))
+            for (_, pl, i), r in zip(sources, rects, strict=True)]
+    comp.compose(screen, same)
+    t = time.perf_counter()
+    for _ in range(frames):
+        comp.compose(screen, same)
+    kept = (time.perf_counter() - t) / frames
+    return {"floor_ms": floor * 1e3, "floor_one_call_ms": one_call * 1e3, "compose_ms": core * 1e3,
+            "compose_kept_ms": kept * 1e3, "ratio": core / floor if floor else 0.0}

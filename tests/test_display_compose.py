@@ -1,0 +1,421 @@
+"""Pixel tests of the compositor against a reference made by hand with the same swscale call.
+
+Each "guest" is a shared mapping (an anonymous mmap, page-aligned like a region) it draws into
+through the offsets and strides of its DISPLAY_OPEN reply; the display core decides what is on
+screen, and the compositor reads the pictures in place through ``items_from_scene``.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from hostd.display import compose as comp
+from hostd.display import layout as lay
+from hostd.display.core import Committed, DisplayCore, Opened, Tick
+from hostd.display.layout import Aspect, Kind, LayoutSpec, Rect, RectSpec
+from vmediad import abi
+from vmediad.abi import PixFmt
+from vmediad.abi_display import DisplayCommit, DisplayOpen, DisplayReply, FlipFlag
+
+W, H = 640, 360
+REGION = 8 << 20
+HEAP_LO = 8192
+NAMES = {PixFmt.BGRA: "bgra", PixFmt.NV12: "nv12", PixFmt.YUV420P: "yuv420p"}
+BG = (0, 0, 0, 255)
+SOLID_BGRA = (10, 200, 50, 255)
+FORMATS = [PixFmt.BGRA, PixFmt.NV12, PixFmt.YUV420P]
+
+
+class Alloc:
+    def __init__(self) -> None:
+        self.next: dict[int, int] = {}
+
+    def alloc(self, vm: int, size: int, align: int) -> int | None:
+        off = -(-self.next.get(vm, HEAP_LO) // align) * align
+        if off + size > REGION:
+            return None
+        self.next[vm] = off + size
+        return off
+
+    def free(self, vm: int, offset: int) -> None:
+        pass
+
+
+@dataclass
+class Guest:
+    vm: int
+    mm: mmap.mmap
+    region: NDArray[np.uint8]
+    reply: DisplayReply
+
+    def planes(self, index: int) -> list[NDArray[np.uint8]]:
+        """The guest's own views of buffer ``index``, from the reply table alone."""
+        b = self.reply.buffers[index]
+        out = []
+        for i, (rows, row_bytes) in enumerate(abi.plane_shapes(PixFmt(self.reply.pix_fmt), self.reply.width,
+                                                              self.reply.height)):
+            start, stride = b.offset + b.plane_offsets[i], b.strides[i]
+            out.append(self.region[start:start + rows * stride].reshape(rows, stride)[:, :row_bytes])
+        return out
+
+    def draw(self, index: int, planes: list[NDArray[np.uint8]]) -> None:
+        for dst, src in zip(self.planes(index), planes, strict=True):
+            dst[:] = src
+
+
+class Screen:
+    def __init__(self, core: DisplayCore, guests: dict[int, Guest], compositor: comp.Compositor | None = None):
+        self.core, self.guests = core, guests
+        self.compositor = compositor or comp.Compositor()
+        self.pixels = np.zeros((H, W, 4), dtype=np.uint8)
+        self.now = 0
+
+    def refresh(self) -> tuple[Tick, comp.ComposeStats]:
+        self.now += 33_000_000
+        t = self.core.tick(self.now)
+        items = comp.items_from_scene(t.scene, lambda vm: self.guests[vm].region)
+        stats = self.compositor.compose(self.pixels, items)
+        return t, stats
+
+
+def setup(fmt: PixFmt, sizes: list[tuple[int, int]], spec: LayoutSpec, nbuf: int = 2) -> tuple[Screen, list[Guest]]:
+    core = DisplayCore(W, H, Alloc(), layout=spec)
+    guests = []
+    for vm, (w, h) in enumerate(sizes):
+        mm = mmap.mmap(-1, REGION)
+        core.attach(vm, f"vm{vm}", HEAP_LO, REGION)
+        got = core.open_output(vm, DisplayOpen(w, h, fmt, nbuf).pack())
+        assert isinstance(got, Opened), got
+        guests.append(Guest(vm, mm, np.frombuffer(mm, dtype=np.uint8), DisplayReply.unpack(got.reply.pack())))
+    return Screen(core, {g.vm: g for g in guests}), guests
+
+
+def commit(screen: Screen, g: Guest, index: int) -> Committed:
+    got = screen.core.commit(g.vm, DisplayCommit(g.reply.output, index).pack(), screen.now)
+    assert isinstance(got, Committed), got
+    return got
+
+
+def pattern(fmt: PixFmt, kind: str, w: int, h: int) -> list[NDArray[np.uint8]]:
+    """Known pictures, never black (so a viewport's edge is told from the background)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(w * 1000 + h)
+    if fmt == PixFmt.BGRA:
+        img = np.empty((h, w, 4), dtype=np.uint8)
+        if kind == "solid":
+            img[:] = SOLID_BGRA
+        elif kind == "hgrad":
+            img[..., 0] = xx * 255 // max(w - 1, 1)
+            img[..., 1], img[..., 3] = 128, 255
+            img[..., 2] = 255 - img[..., 0]
+        elif kind == "vgrad":
+            img[..., 0], img[..., 2], img[..., 3] = 40, 200, 255
+            img[..., 1] = yy * 255 // max(h - 1, 1)
+        else:
+            img[:] = rng.integers(30, 256, (h, w, 4))  # alpha too: the screen ignores it
+        return [img.reshape(h, 4 * w)]
+    cw, ch = (w + 1) // 2, (h + 1) // 2
+    if kind == "solid":
+        y, u, v = np.full((h, w), 150), np.full((ch, cw), 60), np.full((ch, cw), 200)
+    elif kind == "hgrad":
+        y, u, v = 60 + xx * 150 // max(w - 1, 1), np.full((ch, cw), 128), np.full((ch, cw), 100)
+    elif kind == "vgrad":
+        cy = np.mgrid[0:ch, 0:cw][0]
+        y, u, v = 60 + yy * 150 // max(h - 1, 1), 60 + cy * 120 // max(ch - 1, 1), np.full((ch, cw), 128)
+    else:
+        y, u, v = rng.integers(60, 236, (h, w)), rng.integers(16, 241, (ch, cw)), rng.integers(16, 241, (ch, cw))
+    y8, u8, v8 = (a.astype(np.uint8) for a in (y, u, v))
+    if fmt == PixFmt.YUV420P:
+        return [y8, u8, v8]
+    uv = np.empty((ch, 2 * cw), dtype=np.uint8)
+    uv[:, 0::2], uv[:, 1::2] = u8, v8
+    return [y8, uv]
+
+
+def reference_scale(fmt: PixFmt, planes: list[NDArray[np.uint8]], w: int, h: int, crop: Rect,
+                    dst: Rect, *, one_call: bool = False) -> NDArray[np.uint8]:
+    """The crop of a picture scaled by the compositor's swscale call(s), on a frame PyAV
+    allocated and we filled (``one_call``: bgra straight to bgra, in one call)."""
+    if fmt == PixFmt.BGRA:
+        img = planes[0].reshape(h, w, 4)[crop.y:crop.bottom, crop.x:crop.right]
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), "bgra")
+    else:
+        frame = av.VideoFrame(crop.w, crop.h, NAMES[fmt])
+        cy, cx, ch, cw = crop.y // 2, crop.x // 2, (crop.h + 1) // 2, (crop.w + 1) // 2
+        cuts = [(crop.y, crop.h, crop.x, crop.w)] + (
+            [(cy, ch, 2 * cx, 2 * cw)] if fmt == PixFmt.NV12 else [(cy, ch, cx, cw)] * 2)
+        for plane, src, (y0, rows, x0, n) in zip(frame.planes, planes, cuts, strict=True):
+            view = np.ndarray((rows, n), np.uint8, buffer=memoryview(plane), strides=(plane.line_size, 1))
+            view[:] = src[y0:y0 + rows, x0:x0 + n]
+    if fmt == PixFmt.BGRA and not one_call:
+        # the compositor's calls for a bgra picture: scale to planar gbrp, then pack
+        frame = frame.reformat(dst.w, dst.h, "gbrp", interpolation="BILINEAR", threads=1)
+    out = frame.reformat(dst.w, dst.h, "bgra", interpolation="BILINEAR", threads=1).to_ndarray()
+    return np.asarray(out, dtype=np.uint8)
+
+
+def blit(screen: NDArray[np.uint8], img: NDArray[np.uint8], dst: Rect) -> None:
+    screen[dst.y:dst.bottom, dst.x:dst.right] = img
+    screen[dst.y:dst.bottom, dst.x:dst.right, 3] = 255
+
+
+# Four VMs at known viewports: (source size, pattern, rect, aspect, expected dst, expected crop y
+# for bgra / for 4:2:0 (whose crop starts on an even row)).
+CASES = [
+    ((160, 90), "solid", RectSpec(8, 8, 300, 160, aspect=Aspect.FIT), Rect(16, 8, 284, 160), 0, 0),
+    ((128, 128), "hgrad", RectSpec(320, 8, 312, 160, aspect=Aspect.FIT), Rect(396, 8, 160, 160), 0, 0),
+    ((200, 100), "vgrad", RectSpec(8, 180, 300, 172, aspect=Aspect.STRETCH), Rect(8, 180, 300, 172), 0, 0),
+    ((96, 64), "noise", RectSpec(320, 180, 312, 172, aspect=Aspect.FILL), Rect(320, 180, 312, 172), 5, 4),
+]
+SPEC4 = LayoutSpec(Kind.RECTS, rects={f"vm{i}": c[2] for i, c in enumerate(CASES)})
+
+
+def _bg(px: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    out: NDArray[np.bool_] = np.all(px == np.array(BG, dtype=np.uint8), axis=-1)
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[NAMES[f] for f in FORMATS])
+def test_four_vms_match_the_reference(fmt: PixFmt) -> None:
+    screen, guests = setup(fmt, [c[0] for c in CASES], SPEC4)
+    expected = np.zeros((H, W, 4), dtype=np.uint8)
+    expected[:] = BG
+    for g, ((w, h), kind, _, dst, crop_y_bgra, crop_y_420) in zip(guests, CASES, strict=True):
+        planes = pattern(fmt, kind, w, h)
+        g.draw(1, planes)
+        commit(screen, g, 1)
+        crop_y = crop_y_bgra if fmt == PixFmt.BGRA else crop_y_420
+        crop = Rect(0, crop_y, w, 53) if kind == "noise" else Rect(0, 0, w, h)
+        ref = reference_scale(fmt, planes, w, h, crop, dst)
+        blit(expected, ref, dst)
+        one = reference_scale(fmt, planes, w, h, crop, dst, one_call=True)
+        assert np.abs(one.astype(int) - ref.astype(int))[..., :3].max() <= 1  # the two-step path is the same filter
+    t, stats = screen.refresh()
+    assert [e.flip.flags for e in t.events] == [int(FlipFlag.PRESENTED)] * 4
+    assert np.array_equal(screen.pixels, expected)
+    # zero copy: bgra always; 4:2:0 unless the height is not a multiple of 4 (vm0) or cropped (vm3)
+    assert (stats.scaled, stats.copied) == (4, 0 if fmt == PixFmt.BGRA else 2)
+    for (_, _, _, dst, _, _) in CASES:
+        px = screen.pixels
+        ring = np.concatenate([px[dst.y - 1, dst.x - 1:dst.right + 1], px[dst.bottom, dst.x - 1:dst.right + 1],
+                               px[dst.y:dst.bottom, dst.x - 1], px[dst.y:dst.bottom, dst.right]])
+        assert _bg(ring).all(), dst  # just outside each viewport's picture: background
+        edge = np.concatenate([px[dst.y, dst.x:dst.right], px[dst.bottom - 1, dst.x:dst.right],
+                               px[dst.y:dst.bottom, dst.x], px[dst.y:dst.bottom, dst.right - 1]])
+        assert not _bg(edge).any(), dst  # just inside: the picture
+    solid = screen.pixels[8:168, 16:300].reshape(-1, 4).astype(int)
+    if fmt == PixFmt.BGRA:
+        assert (solid == SOLID_BGRA).all()  # a solid colour stays that colour through the scale
+    else:
+        assert (solid.max(axis=0) - solid.min(axis=0)).max() <= 1  # yuv->rgb rounding at the edge rows
+    # the same pictures scaled two at a time give the same screen
+    pooled = comp.Compositor(workers=2)
+    again = np.zeros_like(screen.pixels)
+    items = comp.items_from_scene(screen.core.scene(), lambda vm: screen.guests[vm].region)
+    assert pooled.compose(again, items).scaled == 4
+    pooled.close()
+    assert np.array_equal(again, expected)
+    del items
+    # no commit since: nothing is scaled again, the screen is the same
+    before = screen.pixels.copy()
+    t, stats = screen.refresh()
+    assert t.events == () and not t.changed and (stats.scaled, stats.reused) == (0, 4)
+    assert np.array_equal(screen.pixels, before)
+
+
+def _solids(n: int) -> list[tuple[int, int, int, int]]:
+    return [(40 + 50 * i, 200 - 40 * i, (90 * i) % 256, 255) for i in range(n)]
+
+
+def _draw_solid(g: Guest, index: int, colour: tuple[int, int, int, int]) -> None:
+    g.planes(index)[0].reshape(g.reply.height, g.reply.width, 4)[:] = colour
+
+
+def test_z_order_the_higher_z_wins_and_can_change() -> None:
+    a, b = RectSpec(0, 0, 200, 200, z=1, aspect=Aspect.STRETCH), RectSpec(100, 100, 200, 200, z=0,
+                                                                          aspect=Aspect.STRETCH)
+    screen, guests = setup(PixFmt.BGRA, [(32, 32), (32, 32)], LayoutSpec(Kind.RECTS, rects={"vm0": a, "vm1": b}))
+    red, blue = (0, 0, 255, 255), (255, 0, 0, 255)
+    for g, c in zip(guests, (red, blue), strict=True):
+        _draw_solid(g, 0, c)
+        commit(screen, g, 0)
+    screen.refresh()
+    px = screen.pixels
+    assert tuple(px[150, 150]) == red and tuple(px[50, 50]) == red and tuple(px[250, 250]) == blue
+    swapped = LayoutSpec(Kind.RECTS, rects={"vm0": RectSpec(0, 0, 200, 200, z=0, aspect=Aspect.STRETCH),
+                                            "vm1": RectSpec(100, 100, 200, 200, z=3, aspect=Aspect.STRETCH)})
+    screen.core.set_layout(swapped)
+    t, _ = screen.refresh()
+    assert t.changed and t.events == ()
+    assert tuple(px[150, 150]) == blue and tuple(px[50, 50]) == red and tuple(px[250, 250]) == blue
+    assert tuple(px[350, 350]) == BG
+
+
+def test_layout_change_between_two_composes() -> None:
+    colours = _solids(4)
+    screen, guests = setup(PixFmt.BGRA, [(160, 90)] * 4, LayoutSpec())
+    for g, c in zip(guests, colours, strict=True):
+        _draw_solid(g, 0, c)
+        commit(screen, g, 0)
+    screen.refresh()
+    px = screen.pixels
+    for (x, y), c in zip([(160, 90), (480, 90), (160, 270), (480, 270)], colours, strict=True):
+        assert tuple(px[y, x]) == c  # grid cells 320x180 each
+    screen.core.set_layout(lay.parse(["main", "vm3"]))
+    t, stats = screen.refresh()
+    assert t.changed and stats.scaled == 4  # new sizes: scaled again from the same commits
+    # main view (0,0,640,270): 160x90 fits as 480x270 at x=80; thumbs 160x90 at x=80, 240, 400, y=270
+    assert tuple(px[100, 79]) == BG and tuple(px[100, 80]) == colours[3] and tuple(px[100, 559]) == colours[3]
+    assert tuple(px[100, 560]) == BG
+    assert np.array_equal(px[:270, 80:560].reshape(-1, 4), np.tile(colours[3], (270 * 480, 1)))
+    for x, c in zip((80, 240, 400), colours[:3], strict=True):
+        assert (px[270:360, x:x + 160] == c).all()
+    assert _bg(px[270:360, :80]).all() and _bg(px[270:360, 560:]).all()
+
+
+def test_a_detached_vm_is_cleared_and_labelled() -> None:
+    colours = _solids(4)
+    screen, guests = setup(PixFmt.BGRA, [(160, 90)] * 4, LayoutSpec())
+    for g, c in zip(guests, colours, strict=True):
+        _draw_solid(g, 0, c)
+        commit(screen, g, 0)
+    screen.refresh()
+    cell = screen.pixels[180:360, 0:320]  # vm2's grid cell
+    assert (cell == colours[2]).all()
+    screen.core.detach(2, screen.now, died=True)
+    t, stats = screen.refresh()
+    assert t.changed and stats.labelled == 1
+    assert not (cell == colours[2]).all(axis=-1).any()  # never frozen on its last picture
+    border = np.concatenate([cell[:2].reshape(-1, 4), cell[-2:].reshape(-1, 4), cell[:, :2].reshape(-1, 4),
+                             cell[:, -2:].reshape(-1, 4)])
+    assert (border == comp.BORDER).all()
+    mask = comp.text_mask("vm2\ndied")
+    assert mask.shape == (16, 23)
+    scale = 4  # min(MAX_TEXT_SCALE, 314 // 23, 174 // 16)
+    text = (cell == comp.TEXT).all(axis=-1)
+    y0, x0 = (180 - 16 * scale) // 2, (320 - 23 * scale) // 2
+    assert text.sum() == mask.sum() * scale * scale
+    assert np.array_equal(text[y0:y0 + 64, x0:x0 + 92], np.kron(mask, np.ones((scale, scale), dtype=bool)))
+    inner = cell[2:-2, 2:-2]
+    assert ((inner == comp.CLEARED).all(axis=-1) | (inner == comp.TEXT).all(axis=-1)).all()
+    for (x, y), c in zip([(160, 90), (480, 90), (480, 270)], [colours[0], colours[1], colours[3]], strict=True):
+        assert tuple(screen.pixels[y, x]) == c  # the others are untouched
+
+
+def test_text_mask_glyphs() -> None:
+    a = comp.text_mask("a")
+    assert a.shape == (7, 5)
+    assert ["".join("#" if b else "." for b in row) for row in a] == [
+        ".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"]
+    assert np.array_equal(comp.text_mask("~"), comp.text_mask("?"))
+
+
+CORNER = 16
+
+
+def _draw_counter(g: Guest, index: int, counter: int, corners: int = 4) -> None:
+    img = g.planes(index)[0].reshape(g.reply.height, g.reply.width, 4)
+    if corners == 4:
+        img[:] = (60, 60, 60, 255)
+    c = (counter, 255 - counter, 77, 255)
+    for cy, cx in [(0, 0), (0, 1), (1, 0), (1, 1)][:corners]:
+        ys = slice(0, CORNER) if cy == 0 else slice(g.reply.height - CORNER, g.reply.height)
+        xs = slice(0, CORNER) if cx == 0 else slice(g.reply.width - CORNER, g.reply.width)
+        img[ys, xs] = c
+
+
+def test_no_tearing_while_the_guest_draws_the_next_buffer() -> None:
+    """Each commit carries its counter in its four corners.  Before every composition the guest
+    has already started the next picture (two corners of counter+1 drawn) in a buffer it holds;
+    a composed frame must show one counter in all four corners, the last one presented."""
+    screen, (g,) = setup(PixFmt.BGRA, [(128, 128)], LayoutSpec(Kind.RECTS, rects={"vm0": RectSpec(0, 0, 64, 64)}),
+                         nbuf=3)
+    out = g.reply.output
+    held = {0, 1, 2}
+    seq_counter: dict[int, int] = {}
+    shown = []
+    counter = 0
+    for step in range(30):
+        for _ in range(1 + step % 3):  # 1..3 commits per refresh: the mailbox drops the extra ones
+            counter += 1
+            b = min(held)
+            assert screen.core.buffer_states(out)[b] == "guest"  # type: ignore[index]
+            held.remove(b)
+            _draw_counter(g, b, counter)
+            c = commit(screen, g, b)
+            seq_counter[c.seq] = counter
+            if c.dropped is not None:
+                held.add(c.dropped.released_buffer)
+        screen.now += 33_000_000
+        t = screen.core.tick(screen.now)
+        nxt = min(held)  # the guest starts its next picture while the screen is composed
+        _draw_counter(g, nxt, counter + 1, corners=4)
+        _draw_counter(g, nxt, counter + 2, corners=2)
+        items = comp.items_from_scene(t.scene, lambda vm: g.region)
+        screen.compositor.compose(screen.pixels, items)
+        corners = {int(screen.pixels[y, x, 0]) for y in (4, 59) for x in (4, 59)}
+        (ev,) = t.events
+        assert corners == {seq_counter[ev.flip.front_seq]} == {counter}, (step, corners)
+        shown.append(counter)
+        for e in t.events:  # delivered after composing: the released buffer is the guest's again
+            if e.flip.flags & FlipFlag.RELEASED:
+                held.add(e.flip.released_buffer)
+    assert len(shown) == 30 and shown[-1] == counter
+
+
+def test_default_filter_is_not_nearest() -> None:
+    screen, (g,) = setup(PixFmt.BGRA, [(8, 8)], LayoutSpec(Kind.RECTS, rects={"vm0": RectSpec(0, 0, 64, 64)}))
+    img = g.planes(0)[0].reshape(8, 8, 4)
+    img[:] = 255
+    img[::2, ::2, :3] = 0  # (swscale treats a 2x2 picture as a special case: use 8x8)
+    commit(screen, g, 0)
+    t = screen.core.tick(1)
+    items = comp.items_from_scene(t.scene, lambda vm: g.region)
+    assert comp.Compositor().interpolation == "BILINEAR"
+    smooth = np.zeros((H, W, 4), np.uint8)
+    comp.Compositor().compose(smooth, items)
+    assert len(np.unique(smooth[:64, :64, 0])) > 10
+    nearest = np.zeros((H, W, 4), np.uint8)
+    comp.Compositor(interpolation="POINT").compose(nearest, items)
+    assert set(np.unique(nearest[:64, :64, 0]).tolist()) == {0, 255}
+
+
+def test_no_view_of_guest_memory_outlives_a_composition() -> None:
+    for fmt, size in ((PixFmt.BGRA, (64, 64)), (PixFmt.NV12, (64, 64)), (PixFmt.YUV420P, (63, 31))):
+        spec = LayoutSpec(Kind.RECTS, rects={"vm0": RectSpec(0, 0, 64, 64, aspect=Aspect.STRETCH)})
+        screen, (g,) = setup(fmt, [size], spec)
+        g.draw(0, pattern(fmt, "noise", *size))
+        commit(screen, g, 0)
+        _, stats = screen.refresh()
+        assert stats.scaled == 1
+        screen.core.detach(0, screen.now)
+        screen.refresh()  # the compositor drops what it kept for the viewport
+        del g.region
+        del screen.guests[0]
+        g.mm.close()  # BufferError if any numpy/PyAV view of the mapping were still alive
+        assert g.mm.closed
+
+
+def test_compose_counts_cpu_time() -> None:
+    screen, guests = setup(PixFmt.NV12, [(640, 360)] * 4, LayoutSpec())
+    for g in guests:
+        g.draw(0, pattern(PixFmt.NV12, "noise", 640, 360))
+        commit(screen, g, 0)
+    _, stats = screen.refresh()
+    assert stats.cpu_s > 0 and stats.wall_s > 0 and stats.scaled == 4
+    screen.refresh()
+    s = screen.compositor.statistics()
+    assert (s["frames"], s["scaled"], s["reused"], s["copied"]) == (2, 4, 4, 0)
+    assert s["cpu_s"] >= stats.cpu_s and s["max_cpu_ms"] == pytest.approx(max(s["max_cpu_ms"], stats.cpu_s * 1e3))
+
+
+def test_floor_benchmark_runs() -> None:
+    r = comp.compose_floor_vs_core(2, vms=4, width=64, height=36)
+    assert set(r) == {"floor_ms", "floor_one_call_ms", "compose_ms", "compose_kept_ms", "ratio"}
+    assert all(v > 0 for v in r.values())
