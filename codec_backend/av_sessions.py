@@ -10,13 +10,13 @@ their table entries say where (FRAME_POOLED, data offset from the pool start).
 
 Output layout written at ``dst_off`` (all offsets relative to ``dst_off``)::
 
-    OUT_HEADER(kind, count, used)
-    count x PACKET_ENTRY or FRAME_ENTRY, table padded to abi.out_table_size()
+    OutHeader(kind, count, used)
+    count x PacketEntry or FrameEntry, table padded to abi.out_table_size()
     payloads, each starting on a HEAP_ALIGN (64-byte) boundary
 
 ``used`` is the end of the last payload (the table size when count == 0).  A
 decoded frame's planes are packed one after another with stride = visible row
-bytes (the plane offsets and strides in FRAME_ENTRY say so explicitly), i.e.
+bytes (the plane offsets and strides in FrameEntry say so explicitly), i.e.
 exactly the unpadded layout ``abi.plane_shapes`` describes, so a decoded frame
 can be fed back to an encoder with strides (0, 0, 0).
 
@@ -74,7 +74,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,12 +93,22 @@ from codec_backend import framepool
 from codec_backend.framepool import FramePool
 from codec_backend.inputs import Input
 from vmediad import abi
-from vmediad.abi import Codec, Direction, ErrorCode, PixFmt, RateControl, SessionConfig
+from vmediad.abi import (
+    Codec,
+    Direction,
+    ErrorCode,
+    FrameEntry,
+    GeometryLimits,
+    OutHeader,
+    PacketEntry,
+    PixFmt,
+    RateControl,
+    SessionConfig,
+)
 
 __all__ = [
     "CodecError",
     "EncoderTarget",
-    "GeometryCaps",
     "SessionManager",
     "caps_document",
     "open_decoder_context",
@@ -120,6 +129,7 @@ MAX_PARSER_BACKLOG: Final = 64 << 20  # bytes a parser may buffer without cuttin
 # swscale/encoders may over-read a little past the last row.
 INPUT_SLACK: Final = 64
 
+DEFAULT_GEOMETRY: Final = GeometryLimits()
 _I64_MIN: Final = -(1 << 63)
 _I64_MAX: Final = (1 << 63) - 1
 _JPEG_RANGE: Final = 2  # AVCOL_RANGE_JPEG
@@ -179,13 +189,6 @@ class CodecError(Exception):
 
     def __repr__(self) -> str:
         return f"CodecError({self.code.name}, {str(self)!r}, required={self.required})"
-
-
-@dataclass(frozen=True)
-class GeometryCaps:
-    max_width: int = 8192
-    max_height: int = 8192
-    max_pixels: int = 35_000_000
 
 
 def _check_range(mem: memoryview, off: int, length: int, what: str) -> None:
@@ -311,7 +314,7 @@ def _check_common(cfg: SessionConfig) -> None:
         raise CodecError(ErrorCode.BAD_ARG, "bframes must be 0 or 1")
 
 
-def _check_geometry(width: int, height: int, caps: GeometryCaps, required: bool) -> None:
+def _check_geometry(width: int, height: int, caps: GeometryLimits, required: bool) -> None:
     if required and (width <= 0 or height <= 0):
         raise CodecError(ErrorCode.BAD_ARG, "width and height are required")
     if width > caps.max_width or height > caps.max_height or width * height > caps.max_pixels:
@@ -388,7 +391,7 @@ class EncoderTarget:
     fps: Fraction
 
 
-def _encoder_target(cfg: SessionConfig, caps: GeometryCaps) -> EncoderTarget:
+def _encoder_target(cfg: SessionConfig, caps: GeometryLimits) -> EncoderTarget:
     _check_common(cfg)
     codec, impl = _codec(cfg.codec, abi.ENCODER_IMPL, "w")
     _check_geometry(cfg.width, cfg.height, caps, required=True)
@@ -401,7 +404,7 @@ def _encoder_target(cfg: SessionConfig, caps: GeometryCaps) -> EncoderTarget:
                          _ratio(cfg.fps_num, cfg.fps_den, "frame rate"))
 
 
-def open_encoder_context(cfg: SessionConfig, caps: GeometryCaps = GeometryCaps()) -> VideoCodecContext:
+def open_encoder_context(cfg: SessionConfig, caps: GeometryLimits = DEFAULT_GEOMETRY) -> VideoCodecContext:
     """The opened encoder context an ENCODE session with ``cfg`` uses (same options, same defaults).
 
     Its ``pix_fmt`` is the format frames must be in (``EncoderTarget.ctx_fmt``):
@@ -504,20 +507,20 @@ def _rate_control(cfg: SessionConfig, impl: str, ctx: VideoCodecContext, opts: d
         opts["qp"] = str(value)
 
 
-def _decoder_target(cfg: SessionConfig, caps: GeometryCaps) -> tuple[Codec, str, PixFmt]:
+def _decoder_target(cfg: SessionConfig, caps: GeometryLimits) -> tuple[Codec, str, PixFmt]:
     _check_common(cfg)
     codec, impl = _codec(cfg.codec, abi.DECODER_IMPL, "r")
     _check_geometry(cfg.width, cfg.height, caps, required=False)
     return codec, impl, _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12))
 
 
-def open_decoder_context(cfg: SessionConfig, caps: GeometryCaps = GeometryCaps()) -> VideoCodecContext:
+def open_decoder_context(cfg: SessionConfig, caps: GeometryLimits = DEFAULT_GEOMETRY) -> VideoCodecContext:
     """The opened decoder context a DECODE session with ``cfg`` uses (same threading and options)."""
     _codec_id, impl, _fmt = _decoder_target(cfg, caps)
     return _build_decoder(cfg, impl, caps)
 
 
-def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps,
+def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryLimits,
                    pool: FramePool | None = None) -> VideoCodecContext:
     ctx = cast(VideoCodecContext, av.CodecContext.create(impl, "r"))
     if cfg.threads == 1:
@@ -543,16 +546,11 @@ def _build_decoder(cfg: SessionConfig, impl: str, caps: GeometryCaps,
 @dataclass(slots=True)
 class _Lent:
     """Frames the C decode loop lent (their slots' counters are up) and whose table entries it
-    wrote: abi.FRAME_ENTRY's fields, flat, ``count`` entries.  Queued like decoded frames; a
-    task that fails keeps them lent and queued for the next."""
+    wrote: ``count`` abi.FrameEntry records, as bytes.  Queued like decoded frames; a task
+    that fails keeps them lent and queued for the next."""
 
-    entries: list[int]
+    entries: bytes
     count: int
-
-
-@lru_cache(maxsize=64)
-def _entries_struct(count: int) -> struct.Struct:
-    return struct.Struct("<" + abi.FRAME_ENTRY.format.lstrip("<") * count)
 
 
 class _Session:
@@ -593,7 +591,7 @@ class _Session:
 
 
 class _EncoderSession(_Session):
-    def __init__(self, cfg: SessionConfig, caps: GeometryCaps, stats: _Stats) -> None:
+    def __init__(self, cfg: SessionConfig, caps: GeometryLimits, stats: _Stats) -> None:
         super().__init__(stats)
         target = _encoder_target(cfg, caps)
         self._codec, self._impl = target.codec, target.impl
@@ -777,12 +775,12 @@ class _EncoderSession(_Session):
             used = pos + item.size
         if used > dst_len:
             raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
-        entry_pos = dst_off + abi.OUT_HEADER.size
-        abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_PACKETS, count, used)
+        entry_pos = dst_off + OutHeader.SIZE
+        OutHeader.write(mem, dst_off, kind=abi.OUT_PACKETS, count=count, used=used)
         for item, pos in zip(pending, offsets, strict=True):
-            abi.PACKET_ENTRY.pack_into(mem, entry_pos, pos, item.size, item.pts, item.dts,
-                                       item.flags, 0)
-            entry_pos += abi.PACKET_ENTRY.size
+            PacketEntry.write(mem, entry_pos, offset=pos, size=item.size, pts=item.pts, dts=item.dts,
+                              flags=item.flags)
+            entry_pos += PacketEntry.SIZE
             mem[dst_off + pos:dst_off + pos + item.size] = memoryview(item.packet)
         mem[entry_pos:dst_off + table] = bytes(dst_off + table - entry_pos)
         copied = self.pending_bytes
@@ -796,7 +794,7 @@ class _EncoderSession(_Session):
 
 
 class _DecoderSession(_Session):
-    def __init__(self, cfg: SessionConfig, caps: GeometryCaps, stats: _Stats,
+    def __init__(self, cfg: SessionConfig, caps: GeometryLimits, stats: _Stats,
                  mem: memoryview | None = None, pool: tuple[int, int] = (0, 0)) -> None:
         super().__init__(stats)
         self._codec, self._impl, self._fmt = _decoder_target(cfg, caps)
@@ -897,8 +895,7 @@ class _DecoderSession(_Session):
         if geom[0] == w and geom[1] == h:
             return geom[2]
         caps = self._caps
-        if (not 0 < w <= caps.max_width or not 0 < h <= caps.max_height
-                or w * h > caps.max_pixels):
+        if not caps.allows(w, h):
             return None
         shapes = abi.plane_shapes(self._fmt, w, h)
         found = (shapes, sum(r * b for r, b in shapes), None if self._pool is None else FramePool.shape(shapes))
@@ -969,7 +966,7 @@ class _DecoderSession(_Session):
             w, h, geom = self._geom
             rc, i, receiving, entries, err = loop.run(self._base, arr, n, i, receiving, w, h, geom[2], fmt)
             if entries:
-                k = len(entries) // loop.ENTRY_WORDS
+                k = len(entries) // FrameEntry.SIZE
                 self._stats.dec_frames_looped += k
                 self._pending.append(_Lent(entries, k))
                 self.pending_items += k
@@ -1078,9 +1075,10 @@ class _DecoderSession(_Session):
         # counter + 1, which the decoder's get_buffer2 reads): every failure below, NO_SPACE
         # included, takes these lends back, and the guest sees them only with the completion.
         # (The C loop's _Lent frames were lent as they were decoded and stay lent and queued.)
-        # Per item: (-1, shapes, slot, pooled entry fields), (position in dst, shapes, 0, [])
-        # or (-2, [], count, the _Lent's entries).
-        layouts: list[tuple[int, list[tuple[int, int]], int, list[int]]] = []
+        # Per item: (-1, shapes, slot, (offset in the pool, plane offsets, line sizes)) for a
+        # pooled frame, (position in dst, shapes, 0, None) for a copied one, or
+        # (-2, [], count, the _Lent's entry bytes).
+        layouts: list[tuple[int, list[tuple[int, int]], int, Any]] = []
         used = table
         pooled = 0
         try:
@@ -1100,30 +1098,32 @@ class _DecoderSession(_Session):
                     except ValueError as exc:
                         raise CodecError(ErrorCode.BACKEND, str(exc)) from exc
                     if lent is not None:
-                        layouts.append((-1, shapes, *lent))
+                        layouts.append((-1, shapes, lent[0], lent[1:]))
                         pooled += 1
                         continue
                 pos = abi.align(used)
-                layouts.append((pos, shapes, 0, []))
+                layouts.append((pos, shapes, 0, None))
                 used = pos + geom[1]
             if used > dst_len:
                 raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
-            abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_FRAMES, count, used)
-            entry_pos = dst_off + abi.OUT_HEADER.size
+            OutHeader.write(mem, dst_off, kind=abi.OUT_FRAMES, count=count, used=used)
+            entry_pos = dst_off + OutHeader.SIZE
             copied = 0
             for item, (pos, shapes, slot, entry) in zip(pending, layouts, strict=True):
                 if pos == -2:
-                    _entries_struct(slot).pack_into(mem, entry_pos, *entry)
-                    entry_pos += slot * abi.FRAME_ENTRY.size
+                    mem[entry_pos:entry_pos + len(entry)] = entry  # FrameEntry bytes the C loop wrote
+                    entry_pos += len(entry)
                     continue
                 frame = cast(VideoFrame, item)
                 pts = abi.NO_PTS if frame.pts is None else frame.pts
                 if pos < 0:
-                    abi.FRAME_ENTRY.pack_into(mem, entry_pos, entry[0], frame.width, frame.height, fmt,
-                                              len(shapes), pts, *entry[1:], abi.FRAME_POOLED, slot)
+                    offset, plane_offsets, line_sizes = entry
+                    FrameEntry.write(mem, entry_pos, offset=offset, width=frame.width, height=frame.height,
+                                     pix_fmt=fmt, nplanes=len(shapes), pts=pts, plane_offsets=plane_offsets,
+                                     strides=line_sizes, flags=abi.FRAME_POOLED, slot=slot)
                 else:
                     copied += self._emit_copy(mem, entry_pos, dst_off, pos, frame, shapes, pts)
-                entry_pos += abi.FRAME_ENTRY.size
+                entry_pos += FrameEntry.SIZE
         except BaseException:
             # The task fails and its frames stay queued: the guest never sees these lends.
             for pos, _shapes, slot, _entry in layouts:
@@ -1156,8 +1156,8 @@ class _DecoderSession(_Session):
             np.copyto(dst, src)
             offs[i], strides[i] = plane_off, row_bytes
             plane_off += rows * row_bytes
-        abi.FRAME_ENTRY.pack_into(mem, entry_pos, pos, frame.width, frame.height, int(self._fmt), len(shapes),
-                                  pts, *offs, *strides, 0, 0)
+        FrameEntry.write(mem, entry_pos, offset=pos, width=frame.width, height=frame.height, pix_fmt=int(self._fmt),
+                         nplanes=len(shapes), pts=pts, plane_offsets=offs, strides=strides)
         return plane_off
 
     def close(self) -> None:
@@ -1178,7 +1178,7 @@ class _DecoderSession(_Session):
 class SessionManager:
     """All codec sessions of ONE guest (lives in that guest's worker process)."""
 
-    def __init__(self, caps: GeometryCaps = GeometryCaps(), max_sessions: int = 16) -> None:
+    def __init__(self, caps: GeometryLimits = DEFAULT_GEOMETRY, max_sessions: int = 16) -> None:
         self._caps = caps
         self._max = max_sessions
         self._sessions: dict[int, _EncoderSession | _DecoderSession] = {}
@@ -1356,7 +1356,7 @@ def _codec_caps() -> tuple[dict[str, object], ...]:
     return tuple(out)
 
 
-def caps_document(caps: GeometryCaps = GeometryCaps()) -> dict[str, object]:
+def caps_document(caps: GeometryLimits = DEFAULT_GEOMETRY) -> dict[str, object]:
     """What this FFmpeg build really offers, per abi.Codec, plus the geometry caps."""
     return {
         "abi_version": abi.ABI_VERSION,
@@ -1372,13 +1372,13 @@ def caps_document(caps: GeometryCaps = GeometryCaps()) -> dict[str, object]:
     }
 
 
-def write_caps(mem: memoryview, dst_off: int, dst_len: int, caps: GeometryCaps) -> tuple[int, int]:
-    """OUT_HEADER(OUT_JSON, 1, used) then the UTF-8 JSON, right after the header."""
+def write_caps(mem: memoryview, dst_off: int, dst_len: int, caps: GeometryLimits) -> tuple[int, int]:
+    """OutHeader(OUT_JSON, 1, used) then the UTF-8 JSON, right after the header."""
     _check_range(mem, dst_off, dst_len, "dst")
     payload = json.dumps(caps_document(caps), sort_keys=True, separators=(",", ":")).encode()
-    used = abi.OUT_HEADER.size + len(payload)
+    used = OutHeader.SIZE + len(payload)
     if used > dst_len:
         raise CodecError(ErrorCode.NO_SPACE, f"caps need {used} bytes", required=used)
-    abi.OUT_HEADER.pack_into(mem, dst_off, abi.OUT_JSON, 1, used)
-    mem[dst_off + abi.OUT_HEADER.size:dst_off + used] = payload
+    OutHeader.write(mem, dst_off, kind=abi.OUT_JSON, count=1, used=used)
+    mem[dst_off + OutHeader.SIZE:dst_off + used] = payload
     return 1, used

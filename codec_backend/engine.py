@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from codec_backend.inputs import Input
 from vmediad import abi
-from vmediad.abi import ErrorCode, Op
+from vmediad.abi import ChannelProgram, ErrorCode, GeometryLimits, MultiList, Op, WorkerLimits
 
 if TYPE_CHECKING:
-    from codec_backend.av_sessions import GeometryCaps, SessionManager
+    from codec_backend.av_sessions import SessionManager
 
 # With fault injection enabled (tests only), a source buffer starting with this
 # marker makes the worker die of a real SIGSEGV, as a crashing codec would.
@@ -44,8 +44,11 @@ class Outcome:
     text: str = ""  # why the task failed (FFmpeg's message where there is one)
 
 
+_DONE = Outcome()  # NOP's (built once: the short ops' path is per task)
+
+
 class Engine:
-    def __init__(self, mem: memoryview, limits: dict[str, int], *, fault_injection: bool = False) -> None:
+    def __init__(self, mem: memoryview, limits: WorkerLimits, *, fault_injection: bool = False) -> None:
         self.mem = mem
         self.limits = limits
         self.fault_injection = fault_injection
@@ -58,13 +61,11 @@ class Engine:
             # PyAV is imported on first codec use so a worker respawns fast.
             from codec_backend.av_sessions import SessionManager
 
-            self._sessions = SessionManager(self.geometry(), max_sessions=self.limits["max_sessions"])
+            self._sessions = SessionManager(self.limits.geometry, max_sessions=self.limits.max_sessions)
         return self._sessions
 
-    def geometry(self) -> GeometryCaps:
-        from codec_backend.av_sessions import GeometryCaps
-
-        return GeometryCaps(self.limits["max_width"], self.limits["max_height"], self.limits["max_pixels"])
+    def geometry(self) -> GeometryLimits:
+        return self.limits.geometry
 
     def _copied_delta(self) -> int:
         """Bytes the codec sessions copied since the last call (per-task accounting)."""
@@ -86,30 +87,35 @@ class Engine:
                 while struct.unpack_from("<I", self.mem, off + HANG_STATE)[0] != HANG_RELEASE:
                     time.sleep(0.001)
 
-    def run(self, prog: tuple[int, ...], config: bytes) -> Outcome:
-        opcode, flags, session, _cfg_len, src_off, src_len, dst_off, dst_len, a0, a1, a2, _a3 = prog
-        op = Op(opcode)
-        if op == Op.NOP:
-            return Outcome()
-        pts = abi.as_i64(a0) if flags & abi.F_PTS_VALID else None
+    def run(self, prog: ChannelProgram, config: bytes) -> Outcome:
+        """Run the program of one register file; ``config``: the file's config page (the
+        SESSION_OPEN config or the MULTI list hostd copied), else empty."""
+        opcode = prog.opcode
+        if opcode == Op.NOP:
+            return _DONE
+        src_off, src_len = prog.src_off, prog.src_len
+        if opcode == Op.COPY or opcode == Op.CRC32:
+            if self.fault_injection:
+                self._maybe_crash(src_off, src_len)
+            if opcode == Op.CRC32:
+                return Outcome(result=zlib.crc32(self.mem[src_off : src_off + src_len]), result_len=src_len)
+            # memoryview slice assignment is a memmove; hostd rejected overlap anyway.
+            self.mem[prog.dst_off : prog.dst_off + src_len] = self.mem[src_off : src_off + src_len]
+            return Outcome(result_len=src_len, copied=src_len)
+        flags = prog.flags
+        pts = abi.as_i64(prog.arg0) if flags & abi.F_PTS_VALID else None
         inputs = _inputs(flags, config, src_off, src_len, pts)
-        if op in (Op.CRC32, Op.ENCODE_FRAME, Op.DECODE, Op.COPY):
+        if self.fault_injection and (opcode == Op.ENCODE_FRAME or opcode == Op.DECODE):
             for inp in inputs:
                 self._maybe_crash(inp.offset, inp.length)
-        if op == Op.COPY:
-            # memoryview slice assignment is a memmove; hostd rejected overlap anyway.
-            self.mem[dst_off : dst_off + src_len] = self.mem[src_off : src_off + src_len]
-            return Outcome(result_len=src_len, copied=src_len)
-        if op == Op.CRC32:
-            return Outcome(result=zlib.crc32(self.mem[src_off : src_off + src_len]), result_len=src_len)
-        return self._codec(op, flags, session, config, inputs, dst_off, dst_len, a1, a2)
+        return self._codec(Op(opcode), prog, config, inputs)
 
-    def _codec(self, op: Op, flags: int, session: int, config: bytes, inputs: list[Input],
-               dst_off: int, dst_len: int, a1: int, a2: int) -> Outcome:
+    def _codec(self, op: Op, prog: ChannelProgram, config: bytes, inputs: list[Input]) -> Outcome:
         from codec_backend.av_sessions import CodecError, write_caps
 
         sm = self.sessions
         self._copied_delta()
+        flags, session, dst_off, dst_len = prog.flags, prog.session, prog.dst_off, prog.dst_len
         drain = bool(flags & abi.F_DRAIN_PENDING)
         try:
             if op == Op.CAPS:
@@ -127,7 +133,7 @@ class Engine:
                 sm.close(session)
                 return Outcome(result=session)
             elif op == Op.ENCODE_FRAME:
-                strides = (a1 & 0xFFFFFFFF, a1 >> 32, a2 & 0xFFFFFFFF)
+                strides = (prog.arg1 & 0xFFFFFFFF, prog.arg1 >> 32, prog.arg2 & 0xFFFFFFFF)
                 count, used = sm.encode(session, self.mem, inputs, strides, drain, dst_off, dst_len)
             elif op == Op.DECODE:
                 count, used = sm.decode(session, self.mem, inputs, bool(flags & abi.F_PARSE), drain,
@@ -153,7 +159,9 @@ class Engine:
 def _inputs(flags: int, config: bytes, src_off: int, src_len: int, pts: int | None) -> list[Input]:
     """The task's inputs: the MULTI list hostd checked (from the config page), or its one src."""
     if flags & abi.F_MULTI:
-        return [Input(off, length, p if f & abi.F_PTS_VALID else None, bool(f & abi.F_FORCE_KEYFRAME))
-                for off, length, p, f, _ in abi.MULTI_ENTRY.iter_unpack(config)]
+        lst = MultiList.unpack(config)
+        valid, key = abi.F_PTS_VALID, abi.F_FORCE_KEYFRAME
+        return [Input(off, length, p if f & valid else None, bool(f & key))
+                for off, length, p, f in zip(lst.offset, lst.length, lst.pts, lst.flags, strict=True)]
     return [Input(src_off, src_len, pts, bool(flags & abi.F_FORCE_KEYFRAME))]
 

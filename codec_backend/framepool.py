@@ -2,10 +2,11 @@
 
 A :class:`FramePool` owns a range of the guest's region and is attached to one PyAV decoder
 context.  The decoder then allocates its pictures (output and reference frames alike) in that
-range through ``get_buffer2`` (``_framepool_build.py``), so a decoded frame is already in guest
-memory and the worker only reports where.  When a picture does not fit (pool full, geometry
-changed while slots are in use, a decoder that does not use ``get_buffer2``), libav's default
-allocator takes over and the worker copies that frame the old way: nothing is lost.
+range through ``get_buffer2`` (``fp_get_buffer2`` in ``framepool.c``), so a decoded frame is
+already in guest memory and the worker only reports where.  When a picture does not fit (pool
+full, geometry changed while slots are in use, a decoder that does not use ``get_buffer2``),
+libav's default allocator takes over and the worker copies that frame the old way: nothing is
+lost.
 
 PyAV exposes neither the ``AVCodecContext`` pointer nor ``get_buffer2``, and its wheels ship
 no FFmpeg headers, so :func:`probe` establishes what it needs at run time and checks every
@@ -24,8 +25,11 @@ assumption before the first pool is made:
   real frame's planes, line sizes and size: the worker lends each decoded picture by reading
   it there (:meth:`FramePool.lend_frame`) instead of building PyAV's plane objects per frame.
 
+* the native module was built for this ABI's layouts (``abi.c_macros()``' checksum).
+
 If any check fails, :func:`probe` says why and no pool is ever attached: decode falls back to
-copying, which is slower but correct.
+copying, which is slower but correct.  ``VMEDIAD_FRAME_POOL=0`` in a worker's environment makes
+the probe fail the same way (the A/B switch of the benchmarks, and the fallback's test).
 """
 
 from __future__ import annotations
@@ -162,14 +166,25 @@ def _free(fn: Any, ptr: Any) -> None:
     fn(_ABI.new("void **", ptr))
 
 
+def _layout_crc() -> int:
+    """The ABI layout checksum a module built from this ``abi`` reports (``fp_abi_layout``)."""
+    name, value = abi.c_macros()[-1]
+    assert name == "ABI_LAYOUT_CRC"
+    return int(value.rstrip("u"))
+
+
 def _discover() -> Probe:
     global _AV, _NATIVE
+    if os.environ.get("VMEDIAD_FRAME_POOL", "1") == "0":
+        return Probe(False, "frame pools are turned off (VMEDIAD_FRAME_POOL=0)")
     if sys.byteorder != "little" or struct.calcsize("P") != 8:
         return Probe(False, "only 64-bit little-endian layouts are known")
     try:
         from codec_backend import _framepool  # type: ignore[attr-defined]
     except ImportError as e:
         return Probe(False, f"native frame pool not built: {e}")
+    if int(_framepool.lib.fp_abi_layout()) != _layout_crc():
+        return Probe(False, "the native frame pool was built for other ABI layouts: rebuild it (pip install)")
     try:
         av_ = _Av()
     except OSError as e:
@@ -365,7 +380,7 @@ def _context_pointer(ctx: Any) -> int | None:
 
 class FramePool:
     """The picture slots of one decoder, in the frame pool at ``[addr, addr + size)`` (see
-    ``abi.POOL_HEADER``): lent counters first, then the slots.  The mapping must stay until
+    ``abi.FramePoolHeader``): lent counters first, then the slots.  The mapping must stay until
     :meth:`close` has run and every frame the decoder handed out is gone.
 
     All slots are laid out for one geometry; the layout follows the stream when no slot is
@@ -385,8 +400,7 @@ class FramePool:
         assert _AV is not None
         ids = [int(_AV.util.av_get_pix_fmt(name.encode())) for name in formats]
         fmts = _NATIVE.ffi.new("int[]", [i for i in ids if i >= 0][:4] or [-1])
-        self._ptr: Any = _NATIVE.lib.fp_pool_new(addr, addr + abi.POOL_HEADER, size - abi.POOL_HEADER,
-                                                 min(max_slots, abi.POOL_MAX_SLOTS), fmts, len(fmts))
+        self._ptr: Any = _NATIVE.lib.fp_pool_new(addr, size, min(max_slots, abi.POOL_MAX_SLOTS), fmts, len(fmts))
         if self._ptr == _NATIVE.ffi.NULL:
             raise MemoryError("frame pool")
         self._out = _NATIVE.ffi.new("int64_t[7]")
@@ -409,12 +423,12 @@ class FramePool:
     def owns(self, ptr: int) -> bool:
         return self.addr <= ptr < self.addr + self.size
 
-    def lend_frame(self, frame: VideoFrame, shape: Any) -> tuple[int, list[int]] | None:
+    def lend_frame(self, frame: VideoFrame, shape: Any) -> tuple[int, int, list[int], list[int]] | None:
         """Count a decoded picture the decoder wrote into a slot as lent to the guest, read
-        from its AVFrame (no PyAV plane objects): (slot, [slot offset in the pool, plane
-        offsets in the slot x 3, line sizes x 3]), or None if it is not in a slot.
-        ``shape`` is from :meth:`shape`.  Raises ValueError if a plane is narrower than its
-        rows or does not lie inside its slot."""
+        from its AVFrame (no PyAV plane objects): (slot, the slot's offset in the pool, plane
+        offsets in the slot x 3, line sizes x 3), or None if it is not in a slot.  ``shape``
+        is from :meth:`shape`.  Raises ValueError if a plane is narrower than its rows or does
+        not lie inside its slot."""
         if self._ptr is None:
             return None
         if type(frame) is not VideoFrame:  # the pointer is read at a fixed offset
@@ -424,7 +438,8 @@ class FramePool:
             return None
         if slot < 0:
             raise ValueError("decoded plane narrower than its format or outside its pool slot")
-        return slot, _NATIVE.ffi.unpack(self._out, 7)
+        out = _NATIVE.ffi.unpack(self._out, 7)  # fp_lend_frame's order
+        return slot, out[0], out[1:4], out[4:7]
 
     @staticmethod
     def shape(shapes: list[tuple[int, int]]) -> tuple[Any, int]:
@@ -457,10 +472,10 @@ class DecodeLoop:
 
     A picture the loop cannot lend (not in a slot, another geometry or format) stops it and
     is handed over as a PyAV frame (:meth:`take`), so the session treats it exactly as one
-    ``decode()`` returned.  ``VMEDIAD_DECODE_LOOP=0`` in a worker's environment turns the
-    loop off (the A/B switch of the benchmarks)."""
+    ``decode()`` returned.  The loop writes the frame-table entries of the pictures it lends
+    itself (``abi.FrameEntry``'s bytes).  ``VMEDIAD_DECODE_LOOP=0`` in a worker's environment
+    turns the loop off (the A/B switch of the benchmarks)."""
 
-    ENTRY_WORDS = 14  # abi.FRAME_ENTRY's fields
     MAX_OUT = 64  # entries per call; a task with more calls again
 
     def __init__(self, pool: FramePool) -> None:
@@ -471,7 +486,7 @@ class DecodeLoop:
             raise MemoryError("av_frame_alloc")
         self._frame: Any = frame
         self._frame_addr = int(_ABI.cast("uintptr_t", frame))
-        self._out: Any = _NATIVE.ffi.new("int64_t[]", self.ENTRY_WORDS * self.MAX_OUT)
+        self._out: Any = _NATIVE.ffi.new("uint8_t[]", abi.FrameEntry.SIZE * self.MAX_OUT)
         self._state: Any = _NATIVE.ffi.new("int64_t[4]")
         self._ctx_id = 0
         self._avctx = 0
@@ -497,10 +512,11 @@ class DecodeLoop:
         return True
 
     def run(self, base: int, chunks: Any, n: int, start: int, receiving: int, width: int, height: int,
-            shape: Any | None, fmt: int) -> tuple[int, int, int, list[int], int]:
-        """One fp_decode call: (code, next chunk, receiving, entries (flat), libav error).
-        ``shape``: :meth:`FramePool.shape` of the session's geometry, None before it has one
-        (``width`` 0: no picture is lent then)."""
+            shape: Any | None, fmt: int) -> tuple[int, int, int, bytes, int]:
+        """One fp_decode call: (code, next chunk, receiving, the lent pictures' frame-table
+        entries (abi.FrameEntry bytes, back to back), libav error).  ``shape``:
+        :meth:`FramePool.shape` of the session's geometry, None before it has one (``width``
+        0: no picture is lent then)."""
         ptr = self._pool._ptr
         if ptr is None:
             raise RuntimeError("the frame pool is closed")
@@ -508,9 +524,9 @@ class DecodeLoop:
         st[0], st[1] = start, receiving
         arr, nplanes = (_NATIVE.ffi.NULL, 0) if shape is None else shape
         rc = int(_NATIVE.lib.fp_decode(ptr, self._avctx, self._frame_addr, base, chunks, n, width, height,
-                                       nplanes, arr, fmt, abi.FRAME_POOLED, self._out, self.MAX_OUT, st))
+                                       nplanes, arr, fmt, self._out, self.MAX_OUT, st))
         nout = int(st[2])
-        entries = _NATIVE.ffi.unpack(self._out, self.ENTRY_WORDS * nout) if nout else []
+        entries = _NATIVE.ffi.buffer(self._out, abi.FrameEntry.SIZE * nout)[:] if nout else b""
         return rc, int(st[0]), int(st[1]), entries, int(st[3])
 
     @staticmethod
@@ -542,5 +558,5 @@ class DecodeLoop:
             self._frame = None
 
 
-# fp_decode's return codes (_framepool_build.py).
+# fp_decode's return codes (framepool.c).
 FD_DONE, FD_HELD, FD_FULL, FD_ERROR, FD_NOMEM = range(5)

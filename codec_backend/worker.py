@@ -27,26 +27,35 @@ codec task runs on the channel's thread before that thread claims anything else
 (the main loop hands one it claimed over, and kicks the thread like hostd does).
 Both sleep sides use "store flag; seq-cst fence; re-check; futex_wait".  Before it
 sleeps, an idle worker spins BANK_WORKER_SPIN pause iterations (hostd's word).
+
+At start the worker checks the bank's BANK_VERSION word (abi.BANK_ABI_VERSION): on a
+mismatch it prints one line and exits EXIT_BANK_MISMATCH, and runs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
 from vmediad._native._core import lib
 
 from codec_backend.engine import Engine, Outcome
 from vmediad import abi
-from vmediad.abi import Ctrl, ErrorCode, Op
+from vmediad.abi import ChannelProgram, ChannelResult, Ctrl, ErrorCode, Op, WorkerLimits
+from vmediad.errors import EXIT_CONFIG
 from vmediad.shm import MappedRegion, fence
 
 SLEEP_S = 1.0
-_INLINE_OPS = frozenset({Op.NOP, Op.COPY, Op.CRC32})
+EXIT_BANK_MISMATCH = EXIT_CONFIG  # hostd and this worker are from different releases: a restart cannot help
+_INLINE_OPS = abi.SHORT_OPS
+_CTRL_DONE = int(Ctrl.DONE)
+_NO_TEXT = frozenset({int(ErrorCode.OK), int(ErrorCode.NO_SPACE)})  # outcomes that leave no reason
+_SESSION_OPEN = int(Op.SESSION_OPEN)
+_F_MULTI = abi.F_MULTI
 
 
 class _Channel:
@@ -61,7 +70,8 @@ class _Channel:
 
 class Worker:
     def __init__(self, slot: int, channels: int, region: MappedRegion, bank: MappedRegion,
-                 limits: dict[str, int], fault_injection: bool, parent: int) -> None:
+                 limits: WorkerLimits | Mapping[str, int], fault_injection: bool, parent: int) -> None:
+        """``limits``: a WorkerLimits, or a mapping with ``WorkerLimits.to_json``'s keys."""
         self.slot = slot
         self.owner = slot + 1
         self._start_value = abi.ctrl_start(self.owner)
@@ -69,6 +79,8 @@ class Worker:
         self.region = region
         self.bank = bank
         self.parent = parent
+        if not isinstance(limits, WorkerLimits):
+            limits = WorkerLimits.from_mapping(limits)
         self.engine = Engine(region.mem, limits, fault_injection=fault_injection)
         self._kick = abi.worker_kick_offset(slot)
         self._need_wakeup = abi.worker_need_wakeup_offset(slot)
@@ -76,6 +88,10 @@ class Worker:
                                 abi.channel_need_wakeup_offset(channels, k, slot)) for k in range(channels)]
         self._ctrl = [tuple(abi.channel_offset(k, f) + abi.CH_CTRL for f in range(abi.CH_FILES))
                       for k in range(channels)]
+        # Per register file: (program, result, CTRL, config page) bank offsets.
+        self._files = [[(abi.channel_offset(k, f) + abi.CH_PROGRAM, abi.channel_offset(k, f) + abi.CH_RESULT,
+                         abi.channel_offset(k, f) + abi.CH_CTRL, abi.channel_config_offset(channels, k, f))
+                        for f in range(abi.CH_FILES)] for k in range(channels)]
         # Channel threads serving codec tasks.  While one does, the main loop does not
         # spin for the next kick: it could not come before the task ends, and on a
         # small machine spinning takes CPU from the codec.
@@ -84,28 +100,26 @@ class Worker:
         self.irqs_held = 0  # codec tasks whose IRQ a later task's raised (BANK_IRQ_HOLDOFF)
 
     def run_file(self, k: int, f: int) -> None:
-        ch = abi.channel_offset(k, f)
-        prog = abi.CH_PROGRAM_STRUCT.unpack_from(self.bank.mem, ch + abi.CH_PROGRAM)
+        bank = self.bank
+        mem = bank.mem
+        prog_off, result_off, ctrl_off, config_off = self._files[k][f]
+        prog = ChannelProgram.unpack_from(mem, prog_off)
         config = b""
-        if prog[0] == Op.SESSION_OPEN or prog[1] & abi.F_MULTI:  # the page hostd filled
-            cfg_len = min(prog[3], abi.CONFIG_PAGE)
-            off = abi.channel_config_offset(self.channels, k, f)
-            config = bytes(self.bank.mem[off : off + cfg_len])
+        if prog.opcode == _SESSION_OPEN or prog.flags & _F_MULTI:  # the page hostd filled
+            config = bytes(mem[config_off : config_off + min(prog.config_len, abi.CONFIG_PAGE)])
         try:
             out = self.engine.run(prog, config)
         except Exception as e:  # a backend bug must fail the task, not the worker
             out = Outcome(error=ErrorCode.BACKEND, text=f"{type(e).__name__}: {e}")
-        text = abi.error_text_bytes(out.text) if out.error not in (ErrorCode.OK, ErrorCode.NO_SPACE) else b""
+        text = b"" if out.error in _NO_TEXT else abi.error_text_bytes(out.text)
         if text:
             # The file's config page was read above and hostd writes it only while the file
             # is IDLE: the reason goes there, published with the DONE store below.
-            off = abi.channel_config_offset(self.channels, k, f)
-            self.bank.mem[off : off + len(text)] = text
-        abi.CH_RESULT_STRUCT.pack_into(
-            self.bank.mem, ch + abi.CH_RESULT, out.result, out.result_len, out.error, len(text), out.copied
-        )
-        self.bank.store32(ch + abi.CH_CTRL, Ctrl.DONE)  # release: publishes the results above
-        if prog[0] not in _INLINE_OPS and (hold := self.bank.load32(abi.BANK_IRQ_HOLDOFF)):
+            mem[config_off : config_off + len(text)] = text
+        ChannelResult.write(mem, result_off, result=out.result, result_len=out.result_len, error=out.error,
+                            text_len=len(text), copied=out.copied)
+        bank.store32(ctrl_off, _CTRL_DONE)  # release: publishes the results above
+        if prog.opcode not in _INLINE_OPS and (hold := bank.load32(abi.BANK_IRQ_HOLDOFF)):
             # Dekker with hostd's revocation "CAS START->IDLE; (next pass) load CTRLs": a
             # file seen started here is run by this thread before it sleeps, or was revoked
             # by a hostd that then sees this DONE.  Either way the result is not stranded.
@@ -227,6 +241,16 @@ class Worker:
                 return  # hostd is gone; PDEATHSIG normally got here first
 
 
+def bank_mismatch(bank: MappedRegion) -> str | None:
+    """Why this worker must not run on ``bank`` (another host-internal ABI), or None."""
+    found = bank.load32(abi.BANK_VERSION)
+    # 0: a hostd that does not write the word yet (the same release, so the same layout).
+    if found in (0, abi.BANK_ABI_VERSION):
+        return None
+    return (f"vmediad-worker: register bank version {found}, this worker speaks {abi.BANK_ABI_VERSION} "
+            "(hostd and codec_backend are from different releases)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vmediad-worker")
     p.add_argument("--slot", type=int, required=True)
@@ -247,8 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     bank = MappedRegion(a.bank_fd, abi.bank_size(a.channels))
     os.close(a.region_fd)
     os.close(a.bank_fd)
-    limits = {"max_width": 8192, "max_height": 8192, "max_pixels": 35_000_000, "max_sessions": 16}
-    limits.update(json.loads(a.limits))
+    if (why := bank_mismatch(bank)) is not None:
+        print(why, file=sys.stderr)
+        return EXIT_BANK_MISMATCH
+    try:
+        limits = WorkerLimits.from_json(a.limits)
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        print(f"vmediad-worker: bad --limits {a.limits!r}: {e}", file=sys.stderr)
+        return 2
     w = Worker(a.slot, a.channels, region, bank, limits, a.fault_injection, a.parent)
     w.start_channel_threads()
     w.loop()

@@ -18,24 +18,28 @@ instead of waiting for the guest's round trip: use them for throughput.  They
 wait and submit ``depth // 2`` tasks at a time: at depth 8 the guest sleeps
 and rings the doorbell once per 4 tasks.  ``batch=k`` puts k frames or chunks in
 one task (``vmediad bench codec`` streams encode at depth 4 x batch 8, decode at 3 x 12).
+
+Output tables are read, and MULTI lists and the frame pool header written, through the ABI's
+records (``abi.OutHeader``, ``PacketEntry``, ``FrameEntry``, ``MultiEntry``, ``FramePoolHeader``).
+This module imports ``guestlib.device`` only for type checking: ``device`` imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from vmediad import abi
-from vmediad.abi import ErrorCode, Op, PixFmt
+from vmediad.abi import ErrorCode, FrameEntry, FramePoolHeader, MultiEntry, Op, OutHeader, PacketEntry, PixFmt
+from vmediad.errors import ClientError
 
 if TYPE_CHECKING:
     from guestlib.device import Buffer, Completion, Device, Task
@@ -152,7 +156,7 @@ class Frame:
 
 def error_text(dev: Device, c: Completion, dst: tuple[int, int]) -> str | None:
     """The reason a failed codec task left at its dst (abi.ERROR_RECORD), if it left one."""
-    if c.status != abi.Status.ERROR or c.error == ErrorCode.NO_SPACE or c.result_len < abi.OUT_HEADER.size:
+    if c.status != abi.Status.ERROR or c.error == ErrorCode.NO_SPACE or c.result_len < OutHeader.SIZE:
         return None
     off, size = dst
     if not size or c.result_len > size:
@@ -184,15 +188,26 @@ class _Spec:
     done: Callable[[], None] | None = None
 
 
+_Entry = TypeVar("_Entry", PacketEntry, FrameEntry)
+
+
 class _Session:
-    def _table(self, base: int, kind: int, entry: struct.Struct) -> list[tuple[Any, ...]]:
+    def _table(self, base: int, kind: int, entry: type[_Entry]) -> list[_Entry]:
         """The entries of the output table at ``base`` (written by the device, checked for its kind)."""
         mem = self.device.region.mem
-        got, count, _used = abi.OUT_HEADER.unpack_from(mem, base)
-        if got != kind:
-            raise ValueError(f"unexpected output table kind {got}")
-        first = base + abi.OUT_HEADER.size
-        return [entry.unpack_from(mem, first + i * entry.size) for i in range(count)]
+        head = OutHeader.unpack_from(mem, base)
+        if head.kind != kind:
+            raise ValueError(f"unexpected output table kind {head.kind}")
+        first, size = base + OutHeader.SIZE, entry.SIZE
+        return [entry.unpack_from(mem, first + i * size) for i in range(head.count)]
+
+    def _region_block(self, data: object) -> tuple[int, int] | None:
+        """(offset, size) of ``data`` if it is a block of this device's heap (a
+        ``guestlib.device.Buffer``, known by its owner), else None: bytes-like data."""
+        if getattr(data, "device", None) is not self.device:
+            return None
+        block = cast("Buffer", data)
+        return block.offset, block.size
 
     def __init__(self, dev: Device, cfg: abi.SessionConfig, pool: Buffer | None = None) -> None:
         self.device = dev
@@ -319,10 +334,10 @@ class _Session:
             run, held[:] = held[:], []
             if len(run) == 1:
                 return run[0]
-            buf = pool.pop() if pool else dev.alloc(abi.MULTI_MAX * abi.MULTI_ENTRY.size)
+            buf = pool.pop() if pool else dev.alloc(abi.MULTI_MAX * MultiEntry.SIZE)
             for i, sp in enumerate(run):
-                abi.MULTI_ENTRY.pack_into(buf.mem, i * abi.MULTI_ENTRY.size, sp.src[0], sp.src[1],
-                                          abi.as_i64(sp.args[0]), sp.flags & abi.MULTI_ENTRY_FLAGS, 0)
+                MultiEntry(offset=sp.src[0], length=sp.src[1], pts=abi.as_i64(sp.args[0]),
+                           flags=sp.flags & abi.MULTI_ENTRY_FLAGS).pack_into(buf.mem, i * MultiEntry.SIZE)
 
             def done() -> None:
                 pool.append(buf)
@@ -331,7 +346,7 @@ class _Session:
                         sp.done()
             first = run[0]
             return _Spec(first.op, abi.F_MULTI | (first.flags & abi.F_PARSE),
-                         (buf.offset, len(run) * abi.MULTI_ENTRY.size), (0, first.args[1], first.args[2], 0), done)
+                         (buf.offset, len(run) * MultiEntry.SIZE), (0, first.args[1], first.args[2], 0), done)
 
         for spec in specs:
             if not mergeable(spec):
@@ -669,10 +684,10 @@ class Encoder(_Session):
         mem = self.device.region.mem
         base = self._out.offset if base is None else base
         out = []
-        for off, size, pts, dts, flags, _ in self._table(base, abi.OUT_PACKETS, abi.PACKET_ENTRY):
-            out.append(Packet(bytes(mem[base + off : base + off + size]),
-                              None if pts == abi.NO_PTS else pts, None if dts == abi.NO_PTS else dts,
-                              bool(flags & abi.PACKET_KEY)))
+        for e in self._table(base, abi.OUT_PACKETS, PacketEntry):
+            start = base + e.offset
+            out.append(Packet(bytes(mem[start : start + e.size]), None if e.pts == abi.NO_PTS else e.pts,
+                              None if e.dts == abi.NO_PTS else e.dts, bool(e.flags & abi.PACKET_KEY)))
         return out
 
     def close(self) -> None:
@@ -718,8 +733,6 @@ class Decoder(_Session):
         self._lent: list[Frame] = []  # pooled frames handed out by the last decode()/flush()
         self._geom: tuple[Any, ...] = ((),)  # see _geometry
         self._givers: dict[int, Callable[[], None]] = {}  # see _lender
-        from guestlib.device import DeviceError
-
         self._pool: Buffer | None = None
         pool = self._make_pool(dev, width, height, DEFAULT_POOL_FRAMES if pool_frames is None else pool_frames)
         if pool is not None:
@@ -730,7 +743,9 @@ class Decoder(_Session):
                 dev.free(pool)
                 # This decoder cannot use a pool (BAD_FLAGS: no direct rendering, e.g.
                 # libdav1d) or the worker's libav cannot (BACKEND): decode with copies.
-                if not (isinstance(e, DeviceError) and e.code in (ErrorCode.BAD_FLAGS, ErrorCode.BACKEND)):
+                # (A DeviceError, the ClientError with a ``code``.)
+                if not (isinstance(e, ClientError)
+                        and getattr(e, "code", None) in (ErrorCode.BAD_FLAGS, ErrorCode.BACKEND)):
                     raise
         if self._pool is None:
             super().__init__(dev, cfg)
@@ -746,9 +761,9 @@ class Decoder(_Session):
         frames = min(frames, abi.POOL_MAX_SLOTS, (dev.heap.available() // 2 - abi.POOL_HEADER) // slot)
         if frames < MIN_POOL_FRAMES:
             return None
-        pool = dev.alloc(abi.POOL_HEADER + frames * slot)
+        pool = dev.alloc(FramePoolHeader.SIZE + frames * slot)
         # Every slot starts with no frame lent (the heap memory may hold old bytes).
-        pool.mem[: 4 * abi.POOL_MAX_SLOTS] = bytes(4 * abi.POOL_MAX_SLOTS)
+        FramePoolHeader().pack_into(pool.mem)
         return pool
 
     def _lender(self, slot: int) -> Callable[[], None]:
@@ -781,11 +796,10 @@ class Decoder(_Session):
             f.release()
 
     def _stage(self, data: bytes | bytearray | memoryview | Buffer) -> tuple[int, int]:
-        from guestlib.device import Buffer
-
-        if isinstance(data, Buffer):
-            return data.offset, data.size
-        mv = memoryview(data).cast("B")
+        block = self._region_block(data)
+        if block is not None:
+            return block
+        mv = memoryview(cast("bytes | bytearray | memoryview", data)).cast("B")
         if self._in is None or self._in.size < mv.nbytes:
             if self._in is not None:
                 self.device.free(self._in)
@@ -832,8 +846,6 @@ class Decoder(_Session):
         yield from self._stream(self._decode_specs(chunks, flush, parse), depth, Op.DECODE, batch)
 
     def _decode_specs(self, chunks: Iterable[Chunk], flush: bool, parse: bool) -> Iterator[_Spec]:
-        from guestlib.device import Buffer
-
         dev = self.device
         free = self._staging  # staging buffers whose task has run; freed by close()
         for chunk in chunks:
@@ -845,8 +857,9 @@ class Decoder(_Session):
             else:
                 data, pts = chunk, getattr(chunk, "pts", None)
             done: Callable[[], None] | None = None
-            if isinstance(data, Buffer):
-                src = (data.offset, data.size)
+            block = self._region_block(data)
+            if block is not None:
+                src = block
             else:
                 mv = memoryview(data).cast("B")
                 if mv.nbytes == 0:
@@ -893,7 +906,7 @@ class Decoder(_Session):
 
     def _frames(self, base: int | None = None) -> list[Frame]:
         base = self._out.offset if base is None else base
-        entries = self._table(base, abi.OUT_FRAMES, abi.FRAME_ENTRY)
+        entries = self._table(base, abi.OUT_FRAMES, FrameEntry)
         frames: list[Frame] = []
         try:
             for entry in entries:
@@ -904,9 +917,8 @@ class Decoder(_Session):
             for f in frames:
                 f.release()
             for entry in entries[len(frames):]:
-                flags, slot = entry[12], entry[13]
-                if flags & abi.FRAME_POOLED and self._pool is not None and slot < abi.POOL_MAX_SLOTS:
-                    self._lender(slot)()
+                if entry.flags & abi.FRAME_POOLED and self._pool is not None and entry.slot < abi.POOL_MAX_SLOTS:
+                    self._lender(entry.slot)()
             raise
         return frames
 
@@ -927,19 +939,18 @@ class Decoder(_Session):
                               [(r - 1) * s + rb for (r, rb), s in zip(shapes, strides, strict=True)])
         return g[1], g[2], g[3], g[4], g[5]
 
-    def _frame(self, entry: tuple[Any, ...], base: int) -> Frame:
+    def _frame(self, entry: FrameEntry, base: int) -> Frame:
         mem = self.device.region.mem
-        off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot = entry
-        pf, shapes, strides, nbytes, extents = self._geometry((fmt, w, h, nplanes, s0, s1, s2))
-        offs = (o0, o1, o2)[:nplanes]
-        if pts == abi.NO_PTS:
-            pts = None
-        if flags & abi.FRAME_POOLED:
+        w, h, nplanes, slot, off = entry.width, entry.height, entry.nplanes, entry.slot, entry.offset
+        pf, shapes, strides, nbytes, extents = self._geometry((entry.pix_fmt, w, h, nplanes, *entry.strides))
+        offs = entry.plane_offsets[:nplanes]
+        pts = None if entry.pts == abi.NO_PTS else entry.pts
+        if entry.flags & abi.FRAME_POOLED:
             pool = self._pool
             if pool is None or slot >= abi.POOL_MAX_SLOTS:
                 raise ValueError(f"pooled frame in slot {slot} without a frame pool")
             start = pool.offset + off
-            lo, hi = pool.offset + abi.POOL_HEADER, pool.offset + pool.size
+            lo, hi = pool.offset + FramePoolHeader.SIZE, pool.offset + pool.size
             for o, ext in zip(offs, extents, strict=True):
                 if not lo <= start + o or start + o + ext > hi:
                     raise ValueError("pooled frame outside the frame pool")
@@ -985,9 +996,8 @@ def caps(dev: Device) -> dict[str, Any]:
         task = dev.submit(Op.CAPS, dst=(out.offset, out.size))
         if task.completion().status != abi.Status.DONE:
             raise_failed(dev, task, (out.offset, out.size))
-        kind, _count, used = abi.OUT_HEADER.unpack_from(dev.region.mem, out.offset)
-        doc: dict[str, Any] = json.loads(bytes(out.mem[abi.OUT_HEADER.size : used]).rstrip(b"\0"))
-        _ = kind
+        head = OutHeader.unpack_from(dev.region.mem, out.offset)
+        doc: dict[str, Any] = json.loads(bytes(out.mem[OutHeader.SIZE : head.used]).rstrip(b"\0"))
         return doc
     finally:
         dev.free(out)

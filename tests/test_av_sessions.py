@@ -19,7 +19,6 @@ from av.video.frame import VideoFrame
 
 from codec_backend.av_sessions import (
     CodecError,
-    GeometryCaps,
     SessionManager,
     caps_document,
     open_decoder_context,
@@ -28,7 +27,18 @@ from codec_backend.av_sessions import (
 )
 from codec_backend.inputs import Input
 from vmediad import abi
-from vmediad.abi import Codec, Direction, ErrorCode, PixFmt, RateControl, SessionConfig
+from vmediad.abi import (
+    Codec,
+    Direction,
+    ErrorCode,
+    FrameEntry,
+    GeometryLimits,
+    OutHeader,
+    PacketEntry,
+    PixFmt,
+    RateControl,
+    SessionConfig,
+)
 
 W, H, N = 320, 240, 24
 REGION = 48 << 20
@@ -126,47 +136,45 @@ def psnr(a: Planes, b: Planes) -> float:
 
 
 def read_packets(mem: memoryview, off: int = DST) -> list[Pkt]:
-    kind, count, used = abi.OUT_HEADER.unpack_from(mem, off)
-    assert kind == abi.OUT_PACKETS
-    table = abi.out_table_size(abi.OUT_PACKETS, count)
-    end = table
+    head = OutHeader.unpack_from(mem, off)
+    assert head.kind == abi.OUT_PACKETS
+    end = abi.out_table_size(abi.OUT_PACKETS, head.count)
     out = []
-    for k in range(count):
-        data_off, size, pts, dts, flags, reserved = abi.PACKET_ENTRY.unpack_from(
-            mem, off + abi.OUT_HEADER.size + k * abi.PACKET_ENTRY.size)
-        assert reserved == 0 and flags & ~abi.PACKET_KEY == 0
-        assert data_off % abi.HEAP_ALIGN == 0 and data_off >= end and size > 0
-        end = data_off + size
-        out.append(Pkt(bytes(mem[off + data_off:off + end]), pts, dts, flags))
-    assert used == end
+    for k in range(head.count):
+        e = PacketEntry.unpack_from(mem, off + OutHeader.SIZE + k * PacketEntry.SIZE)
+        assert e.reserved == 0 and e.flags & ~abi.PACKET_KEY == 0
+        assert e.offset % abi.HEAP_ALIGN == 0 and e.offset >= end and e.size > 0
+        end = e.offset + e.size
+        out.append(Pkt(bytes(mem[off + e.offset:off + end]), e.pts, e.dts, e.flags))
+    assert head.used == end
     return out
 
 
 def read_frames(mem: memoryview, off: int = DST) -> list[Frm]:
-    kind, count, used = abi.OUT_HEADER.unpack_from(mem, off)
-    assert kind == abi.OUT_FRAMES
-    end = abi.out_table_size(abi.OUT_FRAMES, count)
+    head = OutHeader.unpack_from(mem, off)
+    assert head.kind == abi.OUT_FRAMES
+    end = abi.out_table_size(abi.OUT_FRAMES, head.count)
     out = []
-    for k in range(count):
-        (data_off, w, h, fmt, nplanes, pts, o0, o1, o2, s0, s1, s2, flags, slot) = \
-            abi.FRAME_ENTRY.unpack_from(mem, off + abi.OUT_HEADER.size + k * abi.FRAME_ENTRY.size)
-        assert flags == slot == 0 and data_off % abi.HEAP_ALIGN == 0 and data_off >= end
-        shapes = abi.plane_shapes(PixFmt(fmt), w, h)
-        assert nplanes == len(shapes)
-        offs, strides = [o0, o1, o2][:nplanes], [s0, s1, s2][:nplanes]
-        assert [o0, o1, o2][nplanes:] == [0] * (3 - nplanes)
+    for k in range(head.count):
+        e = FrameEntry.unpack_from(mem, off + OutHeader.SIZE + k * FrameEntry.SIZE)
+        assert e.flags == e.slot == 0 and e.offset % abi.HEAP_ALIGN == 0 and e.offset >= end
+        shapes = abi.plane_shapes(PixFmt(e.pix_fmt), e.width, e.height)
+        n = e.nplanes
+        assert n == len(shapes)
+        offs, strides = list(e.plane_offsets[:n]), list(e.strides[:n])
+        assert list(e.plane_offsets[n:]) == [0] * (3 - n)
         assert strides == [b for _, b in shapes]
         pos = 0
         planes = []
         for (rows, row_bytes), p_off in zip(shapes, offs, strict=True):
             assert p_off == pos
-            start = off + data_off + p_off
+            start = off + e.offset + p_off
             planes.append(np.frombuffer(bytes(mem[start:start + rows * row_bytes]),
                                         np.uint8).reshape(rows, row_bytes))
             pos += rows * row_bytes
-        end = data_off + pos
-        out.append(Frm(w, h, fmt, pts, planes))
-    assert used == end
+        end = e.offset + pos
+        out.append(Frm(e.width, e.height, e.pix_fmt, e.pts, planes))
+    assert head.used == end
     return out
 
 
@@ -319,16 +327,16 @@ def test_packet_table_matches_direct_pyav(mgr: SessionManager, mem: memoryview) 
     mem[DST:DST + 4096] = b"\xaa" * 4096
     mgr.encode(1, mem, [Input(SRC, put(mem, SRC, frames[0]), 100, True)], (0, 0, 0), False, DST, DST_LEN)
     mgr.flush(1, mem, DST, DST_LEN)
-    kind, count, used = abi.OUT_HEADER.unpack_from(mem, DST)
-    assert (kind, count) == (abi.OUT_PACKETS, 1)
+    head = OutHeader.unpack_from(mem, DST)
+    assert (head.kind, head.count) == (abi.OUT_PACKETS, 1)
     table = abi.out_table_size(abi.OUT_PACKETS, 1)
     assert table == 64
     assert bytes(mem[DST + 16 + 40:DST + table]) == bytes(table - 56)
-    data_off, size, pts, _dts, flags, _ = abi.PACKET_ENTRY.unpack_from(mem, DST + 16)
-    assert (data_off, pts, flags) == (64, 100, abi.PACKET_KEY) and used == 64 + size
+    e = PacketEntry.unpack_from(mem, DST + 16)
+    assert (e.offset, e.pts, e.flags) == (64, 100, abi.PACKET_KEY) and head.used == 64 + e.size
     # Nothing pending: an empty table.
     assert mgr.flush(1, mem, DST, DST_LEN) == (0, 64)
-    assert abi.OUT_HEADER.unpack_from(mem, DST) == (abi.OUT_PACKETS, 0, 64)
+    assert OutHeader.unpack_from(mem, DST) == OutHeader(abi.OUT_PACKETS, 0, 64)
 
 
 def test_frame_table_layout_and_nv12_output(mgr: SessionManager, mem: memoryview) -> None:
@@ -358,13 +366,12 @@ def test_frame_table_layout_and_nv12_output(mgr: SessionManager, mem: memoryview
     mem[SRC:SRC + len(stream)] = stream
     count, used = mgr.decode(4, mem, [Input(SRC, len(stream), None)], True, False, DST, DST_LEN)
     assert count >= 2
-    entries = [abi.FRAME_ENTRY.unpack_from(mem, DST + 16 + k * abi.FRAME_ENTRY.size)
-               for k in range(count)]
+    entries = [FrameEntry.unpack_from(mem, DST + 16 + k * FrameEntry.SIZE) for k in range(count)]
     frame_size = abi.frame_size(PixFmt.YUV420P, 322, 182)
     for a, b in itertools.pairwise(entries):
-        assert b[0] == (a[0] + frame_size + 63) // 64 * 64
-    assert entries[0][0] == abi.out_table_size(abi.OUT_FRAMES, count)
-    assert used == entries[-1][0] + frame_size
+        assert b.offset == (a.offset + frame_size + 63) // 64 * 64
+    assert entries[0].offset == abi.out_table_size(abi.OUT_FRAMES, count)
+    assert used == entries[-1].offset + frame_size
     assert count + mgr.flush(4, mem, DST, DST_LEN)[0] == 6
     dec = cast(dict[str, float], mgr.statistics()["decode"])
     assert dec["output_bytes_copied"] >= 18 * frame_size
@@ -549,7 +556,7 @@ def test_corrupt_h264_never_crashes(mgr: SessionManager, mem: memoryview) -> Non
 
 
 def test_open_validation(mem: memoryview) -> None:
-    mgr = SessionManager(GeometryCaps(max_width=1920, max_height=1088, max_pixels=1920 * 1088),
+    mgr = SessionManager(GeometryLimits(max_width=1920, max_height=1088, max_pixels=1920 * 1088),
                          max_sessions=3)
     try:
         expect(ErrorCode.UNSUPPORTED_CODEC, mgr.open, 1, enc_cfg(cast(Codec, 99)))
@@ -596,11 +603,11 @@ def test_open_validation(mem: memoryview) -> None:
 
 
 def test_write_caps(mem: memoryview) -> None:
-    caps = GeometryCaps(max_width=4096, max_height=2304, max_pixels=4096 * 2304)
+    caps = GeometryLimits(max_width=4096, max_height=2304, max_pixels=4096 * 2304)
     count, used = write_caps(mem, DST, DST_LEN, caps)
-    kind, n, hdr_used = abi.OUT_HEADER.unpack_from(mem, DST)
-    assert (kind, n, count, hdr_used) == (abi.OUT_JSON, 1, 1, used)
-    doc = json.loads(bytes(mem[DST + abi.OUT_HEADER.size:DST + used]).decode())
+    head = OutHeader.unpack_from(mem, DST)
+    assert (head.kind, head.count, count, head.used) == (abi.OUT_JSON, 1, 1, used)
+    doc = json.loads(bytes(mem[DST + OutHeader.SIZE:DST + used]).decode())
     assert [c["name"] for c in doc["codecs"]] == ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"]
     for entry in doc["codecs"]:
         codec = Codec(entry["id"])

@@ -1,5 +1,5 @@
 """Zero-copy decode: decoders allocate their pictures in a frame pool in guest memory
-(``get_buffer2`` in ``codec_backend/_framepool_build.py``), frames are reported by slot and
+(``fp_get_buffer2`` in ``codec_backend/framepool.c``), frames are reported by slot and
 lent to the guest, and frames that find no free slot are copied as without a pool."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from guestlib.device import Device
 from hostd.daemon import Hostd
 from tests.test_codec_device import FPS, H, W, fill, md5, padded, pattern, pyav_decode, vm_stats
 from vmediad import abi
-from vmediad.abi import ErrorCode, Op
+from vmediad.abi import ErrorCode, FrameEntry, Op, OutHeader
 
 N = 24
 
@@ -89,10 +89,9 @@ def test_lend_frame_reads_the_avframe_behind_a_pyav_frame(dev: Device) -> None:
         for f in frames:
             got = pool.lend_frame(f, shape)
             assert got is not None
-            slot, (slot_off, *rest) = got
+            slot, slot_off, offs, lines = got
             slots.add(slot)
             assert lent_words[slot] == 1
-            offs, lines = rest[:3], rest[3:]
             assert [base + slot_off + o for o in offs] == [p.buffer_ptr for p in f.planes]
             assert lines == [p.line_size for p in f.planes]
             pool.unlend(slot)
@@ -350,16 +349,17 @@ def test_worker_reports_pooled_frames_by_slot_and_counts_no_plane_bytes(dev: Dev
             count, used = mgr.decode(1, mem, [Input(src, len(p.data), p.pts)], False, False, dst, 1 << 20)
         assert used == abi.out_table_size(abi.OUT_FRAMES, count)  # no plane bytes in dst
         for k in range(count):
-            (off, w, h, fmt, nplanes, _pts, o0, o1, o2, s0, s1, s2, flags, slot) = abi.FRAME_ENTRY.unpack_from(
-                mem, dst + abi.OUT_HEADER.size + k * abi.FRAME_ENTRY.size)
-            assert (w, h, fmt, nplanes, flags) == (W, H, abi.PixFmt.YUV420P, 3, abi.FRAME_POOLED)
-            assert off >= abi.POOL_HEADER and off % 64 == 0 and s0 >= W and s1 >= W // 2 and s2 >= W // 2
-            lent_at = pool + abi.pool_lent_word(slot)
+            e = FrameEntry.unpack_from(mem, dst + OutHeader.SIZE + k * FrameEntry.SIZE)
+            s0, s1, s2 = e.strides
+            assert (e.width, e.height, e.pix_fmt, e.nplanes, e.flags) == (W, H, abi.PixFmt.YUV420P, 3,
+                                                                          abi.FRAME_POOLED)
+            assert e.offset >= abi.POOL_HEADER and e.offset % 64 == 0 and s0 >= W and s1 >= W // 2 and s2 >= W // 2
+            lent_at = pool + abi.pool_lent_word(e.slot)
             assert int.from_bytes(mem[lent_at:lent_at + 4], "little") == 1
             mem[lent_at:lent_at + 4] = bytes(4)  # the guest gives it back
-            planes = [np.ndarray((rows, rb), np.uint8, buffer=mem, offset=pool + off + o, strides=(s, 1))
-                      for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, W, H), (o0, o1, o2),
-                                                  (s0, s1, s2), strict=True)]
+            planes = [np.ndarray((rows, rb), np.uint8, buffer=mem, offset=pool + e.offset + o, strides=(s, 1))
+                      for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, W, H), e.plane_offsets,
+                                                  e.strides, strict=True)]
             got.append(md5(np.concatenate([p_.reshape(-1) for p_ in planes])))
     assert got == ref
     st = mgr.statistics()
@@ -431,16 +431,18 @@ def test_guest_checks_every_pooled_entry_before_it_makes_views(dev: Device) -> N
         out = cast(Any, dec)._out
         mem = dev.region.mem
 
-        def entry(slot: int, o2: int = 64 * 48 + 32 * 24, nplanes: int = 3) -> tuple[int, ...]:
-            return (abi.POOL_HEADER + slot * step, w, h, int(abi.PixFmt.YUV420P), nplanes, 7 + slot,
-                    0, 64 * 48, o2, 64, 32, 32, abi.FRAME_POOLED, slot)
+        def entry(slot: int, o2: int = 64 * 48 + 32 * 24, nplanes: int = 3) -> FrameEntry:
+            return FrameEntry(offset=abi.POOL_HEADER + slot * step, width=w, height=h,
+                              pix_fmt=int(abi.PixFmt.YUV420P), nplanes=nplanes, pts=7 + slot,
+                              plane_offsets=(0, 64 * 48, o2), strides=(64, 32, 32), flags=abi.FRAME_POOLED,
+                              slot=slot)
 
-        def table(*entries: tuple[int, ...]) -> None:
+        def table(*entries: FrameEntry) -> None:
             for slot in range(len(entries)):
                 dev.region.store32(pool.offset + abi.pool_lent_word(slot), 1)  # as the worker lends
-            abi.OUT_HEADER.pack_into(mem, out.offset, abi.OUT_FRAMES, len(entries), 0)
+            OutHeader(abi.OUT_FRAMES, len(entries), 0).pack_into(mem, out.offset)
             for i, e in enumerate(entries):
-                abi.FRAME_ENTRY.pack_into(mem, out.offset + abi.OUT_HEADER.size + i * abi.FRAME_ENTRY.size, *e)
+                e.pack_into(mem, out.offset + OutHeader.SIZE + i * FrameEntry.SIZE)
 
         for slot in range(3):
             start = pool.offset + abi.POOL_HEADER + slot * step
@@ -468,7 +470,8 @@ def _session_decode(packets: list[Packet], tasks: list[list[int]], loop: bool,
                     monkeypatch: pytest.MonkeyPatch, threads: int = 0) -> tuple[list[Any], dict[str, Any]]:
     """Decode ``packets`` in a worker's SessionManager (in process) with a frame pool, in tasks
     of the given packet indexes, then flush.  Per task: the error name, or per frame (pts,
-    width, height, pooled, MD5 of its visible planes read through its table entry); every
+    width, height, pooled, MD5 of its visible planes read through its table entry, planes,
+    pixel format); every
     slot is given back after the task, as a guest does."""
     from codec_backend.av_sessions import CodecError, SessionManager
     from codec_backend.inputs import Input
@@ -488,19 +491,18 @@ def _session_decode(packets: list[Packet], tasks: list[list[int]], loop: bool,
     out: list[Any] = []
 
     def table() -> list[Any]:
-        _kind, count, _used = abi.OUT_HEADER.unpack_from(mem, dst_off)
         frames = []
-        for k in range(count):
-            e = abi.FRAME_ENTRY.unpack_from(mem, dst_off + abi.OUT_HEADER.size + k * abi.FRAME_ENTRY.size)
-            off, w, h, _fmt, nplanes, pts, *rest = e
-            offs, strides, flags, slot = rest[0:3], rest[3:6], rest[6], rest[7]
-            base = (pool_off + off) if flags & abi.FRAME_POOLED else (dst_off + off)
+        for k in range(OutHeader.unpack_from(mem, dst_off).count):
+            e = FrameEntry.unpack_from(mem, dst_off + OutHeader.SIZE + k * FrameEntry.SIZE)
+            w, h, pooled = e.width, e.height, bool(e.flags & abi.FRAME_POOLED)
+            base = (pool_off if pooled else dst_off) + e.offset
             planes = b"".join(
                 bytes(np.ndarray((rows, rb), np.uint8, buffer=mem, offset=base + o, strides=(s, 1)).tobytes())
-                for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, w, h), offs, strides, strict=True))
-            frames.append((pts, w, h, bool(flags & abi.FRAME_POOLED), md5(planes), nplanes))
-            if flags & abi.FRAME_POOLED:  # the guest gives the slot back
-                word = np.frombuffer(mem, np.uint32, 1, pool_off + abi.pool_lent_word(slot))
+                for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, w, h), e.plane_offsets, e.strides,
+                                            strict=True))
+            frames.append((e.pts, w, h, pooled, md5(planes), e.nplanes, e.pix_fmt))
+            if pooled:  # the guest gives the slot back
+                word = np.frombuffer(mem, np.uint32, 1, pool_off + abi.pool_lent_word(e.slot))
                 word[0] -= 1
         return frames
 
@@ -546,6 +548,7 @@ def test_the_c_decode_loop_returns_what_pyav_decode_returns(dev: Device, monkeyp
     frames = [f for t in on if isinstance(t, list) for f in t]
     assert "INVALID_DATA" in on and len(frames) >= 20
     assert {(f[1], f[2]) for f in frames} == {(W, H), (640, 480)}
+    assert {f[5:] for f in frames} == {(3, abi.PixFmt.YUV420P)}  # entries the C wrote, too
     assert off_stats["frames_looped"] == 0 and on_stats["frames_looped"] >= len(frames) // 2
     for key in ("chunks_in", "packets_in", "bytes_in", "frames_out"):
         assert on_stats[key] == off_stats[key], key
@@ -626,18 +629,16 @@ def test_pooled_unparsed_decode_after_flush(dev: Device) -> None:
 
     def frames() -> list[str]:
         out = []
-        _kind, count, _used = abi.OUT_HEADER.unpack_from(mem, dst_off)
-        for k in range(count):
-            off, w, h, _fmt, _n, _pts, *rest = abi.FRAME_ENTRY.unpack_from(
-                mem, dst_off + abi.OUT_HEADER.size + k * abi.FRAME_ENTRY.size)
-            offs, strides, flags, slot = rest[0:3], rest[3:6], rest[6], rest[7]
-            base = (pool_off + off) if flags & abi.FRAME_POOLED else (dst_off + off)
+        for k in range(OutHeader.unpack_from(mem, dst_off).count):
+            e = FrameEntry.unpack_from(mem, dst_off + OutHeader.SIZE + k * FrameEntry.SIZE)
+            pooled = bool(e.flags & abi.FRAME_POOLED)
+            base = (pool_off if pooled else dst_off) + e.offset
             planes = b"".join(np.ndarray((rows, rb), np.uint8, buffer=mem, offset=base + o, strides=(s, 1)).tobytes()
-                              for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, w, h), offs, strides,
-                                                          strict=True))
+                              for (rows, rb), o, s in zip(abi.plane_shapes(abi.PixFmt.YUV420P, e.width, e.height),
+                                                          e.plane_offsets, e.strides, strict=True))
             out.append(md5(planes))
-            if flags & abi.FRAME_POOLED:
-                np.frombuffer(mem, np.uint32, 1, pool_off + abi.pool_lent_word(slot))[0] -= 1
+            if pooled:
+                np.frombuffer(mem, np.uint32, 1, pool_off + abi.pool_lent_word(e.slot))[0] -= 1
         return out
 
     def run() -> list[str]:

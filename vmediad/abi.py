@@ -20,14 +20,34 @@ Ownership of words (who may store to them):
 
 hostd never trusts a guest-owned word twice: it copies a descriptor's input
 fields once, when the task is about to run, and validates the copy.
+
+Every record that crosses a process or language boundary is a frozen dataclass here with
+``SIZE``, ``pack_into(buf, off)`` and ``unpack_from(buf, off)``; its ``STRUCT`` is the one
+definition of its bytes (the module-level struct names are the same objects):
+
+    guest ABI (ABI_VERSION)         Descriptor, DescResult, SessionConfig, MultiEntry (and
+                                    MultiList, a whole list), OutHeader, PacketEntry,
+                                    FrameEntry, FramePoolHeader
+    host-internal (BANK_ABI_VERSION) ChannelProgram, ChannelResult, the BANK_* / CH_* words
+
+Records written per task or per frame also have a static ``write(buf, off, *, field=...)``
+that packs by field name without building the record.  ``c_macros()`` exports the layouts
+the frame pool's C writes (``codec_backend/framepool.c``).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
+import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 ABI_VERSION = 1
 MAGIC = 0x44454D56  # b"VMED" little-endian
@@ -36,6 +56,31 @@ DESC_SIZE = 128
 HEAP_ALIGN = 64
 U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def struct_items(s: struct.Struct) -> list[tuple[int, int]]:
+    """(byte offset, size) of every item of a little-endian, unpadded struct, counts expanded
+    ("<Q3I": 4 items).  What ``c_macros`` hands the C, so it writes the bytes this module packs."""
+    fmt = s.format
+    if not fmt.startswith("<"):
+        raise ValueError(f"{fmt!r} is not little-endian and unpadded")
+    items: list[tuple[int, int]] = []
+    off = 0
+    for count, code in re.findall(r"(\d*)([a-zA-Z?])", fmt[1:]):
+        size = struct.calcsize("<" + code)
+        n = int(count or 1)
+        if code in "sp":  # one item of n bytes
+            items.append((off, n))
+            off += n
+        elif code == "x":  # padding: no item
+            off += n
+        else:
+            items.extend((off + k * size, size) for k in range(n))
+            off += n * size
+    if off != s.size:  # pragma: no cover - the regex covers every struct code
+        raise ValueError(f"cannot lay out {fmt!r}")
+    return items
+
 
 # --- register page -------------------------------------------------------
 # Host-written, read-only for the guest (layout and identity).
@@ -148,8 +193,17 @@ class WorkerLimits:
     @classmethod
     def from_json(cls, text: str) -> WorkerLimits:
         d = json.loads(text)
-        return cls(GeometryLimits(int(d["max_width"]), int(d["max_height"]), int(d["max_pixels"])),
-                   int(d["max_sessions"]))
+        if not isinstance(d, dict):
+            raise ValueError(f"worker limits must be a JSON object, got {type(d).__name__}")
+        return cls.from_mapping(d)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, int]) -> WorkerLimits:
+        """The limits named by ``to_json``'s keys; a key left out keeps its default."""
+        g, dflt = GeometryLimits(), cls()
+        return cls(GeometryLimits(int(d.get("max_width", g.max_width)), int(d.get("max_height", g.max_height)),
+                                  int(d.get("max_pixels", g.max_pixels))),
+                   int(d.get("max_sessions", dflt.max_sessions)))
 
 
 class ErrorCode(enum.IntEnum):
@@ -208,6 +262,57 @@ MULTI_ENTRY = struct.Struct("<QQqII")
 MULTI_MAX = 16
 MULTI_ENTRY_FLAGS = int(DescFlag.PTS_VALID | DescFlag.FORCE_KEYFRAME)
 
+
+@dataclass(frozen=True, slots=True)
+class MultiEntry:
+    """One input of a MULTI list (written by the guest; hostd copies and checks the list once,
+    and the worker reads hostd's copy from the register file's config page)."""
+
+    STRUCT: ClassVar[struct.Struct] = MULTI_ENTRY
+    SIZE: ClassVar[int] = MULTI_ENTRY.size
+
+    offset: int
+    length: int
+    pts: int = 0
+    flags: int = 0  # PTS_VALID, FORCE_KEYFRAME (MULTI_ENTRY_FLAGS)
+    reserved: int = 0  # must be 0
+
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        MULTI_ENTRY.pack_into(buf, off, self.offset, self.length, self.pts, self.flags, self.reserved)
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> MultiEntry:
+        return cls(*MULTI_ENTRY.unpack_from(buf, off))
+
+    @classmethod
+    def iter_unpack(cls, buf: ReadableBuffer) -> Iterator[MultiEntry]:
+        """The entries of a whole list (its length a multiple of SIZE)."""
+        return (cls(*v) for v in MULTI_ENTRY.iter_unpack(buf))
+
+
+@dataclass(frozen=True, slots=True)
+class MultiList:
+    """A whole MULTI list, field by field: entry ``i`` is ``offset[i]``, ``length[i]``, ...
+    One record per list, so the per-input paths build no record per input."""
+
+    offset: tuple[int, ...]
+    length: tuple[int, ...]
+    pts: tuple[int, ...]
+    flags: tuple[int, ...]
+    reserved: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    @classmethod
+    def unpack(cls, buf: ReadableBuffer) -> MultiList:
+        """The list in ``buf`` (its length a multiple of MultiEntry.SIZE)."""
+        rows = list(MULTI_ENTRY.iter_unpack(buf))
+        if not rows:
+            return cls((), (), (), (), ())
+        return cls(*zip(*rows, strict=True))
+
+
 # Offsets inside a 128-byte descriptor slot.
 D_STATUS = 0x00  # u32 Status; futex word the submitting thread waits on
 D_WAITERS = 0x04  # u32 guest threads asleep on D_STATUS; hostd wakes only if non-zero
@@ -243,15 +348,52 @@ class Descriptor:
     arg2: int = 0
     arg3: int = 0
 
+    STRUCT: ClassVar[struct.Struct] = DESC_INPUT
+    SIZE: ClassVar[int] = DESC_INPUT.size
+
     def pack(self) -> bytes:
         return DESC_INPUT.pack(
             self.tag, self.opcode, self.flags, self.session, self.src_off, self.src_len,
             self.dst_off, self.dst_len, self.arg0, self.arg1, self.arg2, self.arg3,
         )
 
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        DESC_INPUT.pack_into(
+            buf, off, self.tag, self.opcode, self.flags, self.session, self.src_off, self.src_len,
+            self.dst_off, self.dst_len, self.arg0, self.arg1, self.arg2, self.arg3,
+        )
+
     @classmethod
     def unpack(cls, raw: bytes | bytearray | memoryview) -> Descriptor:
         return cls(*DESC_INPUT.unpack(raw))
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> Descriptor:
+        return cls(*DESC_INPUT.unpack_from(buf, off))
+
+
+@dataclass(frozen=True, slots=True)
+class DescResult:
+    """A descriptor's result fields (D_RESULT..): hostd writes them before it flips ``status``
+    (seq-cst); the guest reads them after it sees DONE or ERROR."""
+
+    STRUCT: ClassVar[struct.Struct] = DESC_RESULT
+    SIZE: ClassVar[int] = DESC_RESULT.size
+
+    result: int = 0
+    result_len: int = 0
+    error: int = 0
+    channel: int = 0
+    device_ns: int = 0
+    seq: int = 0
+
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        DESC_RESULT.pack_into(buf, off, self.result, self.result_len, self.error, self.channel, self.device_ns,
+                              self.seq)
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> DescResult:
+        return cls(*DESC_RESULT.unpack_from(buf, off))
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,11 +655,32 @@ SESSION_FLAGS_MASK = int(SessionFlag.FRAME_POOL)
 POOL_MAX_SLOTS = 256
 POOL_HEADER = 4096
 POOL_MIN = POOL_HEADER + PAGE_SIZE
+# The header: the lent counters, then zero padding up to POOL_HEADER.
+POOL_HEADER_STRUCT = struct.Struct(f"<{POOL_MAX_SLOTS}I{POOL_HEADER - 4 * POOL_MAX_SLOTS}x")
 
 
 def pool_lent_word(slot: int) -> int:
     """Offset of slot ``slot``'s lent counter from the pool start."""
     return 4 * slot
+
+
+@dataclass(frozen=True, slots=True)
+class FramePoolHeader:
+    """The first POOL_HEADER bytes of a frame pool: slot ``i``'s lent counter at
+    ``pool_lent_word(i)``.  The guest zeroes it before SESSION_OPEN; afterwards the worker
+    adds and the guest subtracts, each with an atomic on one counter (never this record)."""
+
+    STRUCT: ClassVar[struct.Struct] = POOL_HEADER_STRUCT
+    SIZE: ClassVar[int] = POOL_HEADER
+
+    lent: tuple[int, ...] = (0,) * POOL_MAX_SLOTS
+
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        POOL_HEADER_STRUCT.pack_into(buf, off, *self.lent)
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> FramePoolHeader:
+        return cls(POOL_HEADER_STRUCT.unpack_from(buf, off))
 
 
 # Output tables written at dst by ENCODE_FRAME / DECODE / FLUSH / CAPS.
@@ -535,6 +698,101 @@ PACKET_KEY = 1
 FRAME_ENTRY = struct.Struct("<QIIIIq3I3III")
 FRAME_POOLED = 1
 NO_PTS = -(1 << 63)
+
+
+@dataclass(frozen=True, slots=True)
+class OutHeader:
+    """The header of an output table at dst (and of an error record): written by the worker
+    (by hostd for an error record), read by the guest after the task completes."""
+
+    STRUCT: ClassVar[struct.Struct] = OUT_HEADER
+    SIZE: ClassVar[int] = OUT_HEADER.size
+
+    kind: int  # OUT_PACKETS, OUT_FRAMES, OUT_JSON, OUT_ERROR
+    count: int  # entries (OUT_ERROR: the ErrorCode)
+    used: int  # bytes of dst used, header included
+
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        OUT_HEADER.pack_into(buf, off, self.kind, self.count, self.used)
+
+    @staticmethod
+    def write(buf: WriteableBuffer, off: int, *, kind: int, count: int, used: int) -> None:
+        OUT_HEADER.pack_into(buf, off, kind, count, used)
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> OutHeader:
+        return cls(*OUT_HEADER.unpack_from(buf, off))
+
+
+@dataclass(frozen=True, slots=True)
+class PacketEntry:
+    """One encoded packet in an OUT_PACKETS table; its bytes are at dst + ``offset``."""
+
+    STRUCT: ClassVar[struct.Struct] = PACKET_ENTRY
+    SIZE: ClassVar[int] = PACKET_ENTRY.size
+
+    offset: int
+    size: int
+    pts: int = NO_PTS
+    dts: int = NO_PTS
+    flags: int = 0  # PACKET_KEY
+    reserved: int = 0
+
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        PACKET_ENTRY.pack_into(buf, off, self.offset, self.size, self.pts, self.dts, self.flags, self.reserved)
+
+    @staticmethod
+    def write(buf: WriteableBuffer, off: int, *, offset: int, size: int, pts: int, dts: int, flags: int) -> None:
+        PACKET_ENTRY.pack_into(buf, off, offset, size, pts, dts, flags, 0)
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> PacketEntry:
+        return cls(*PACKET_ENTRY.unpack_from(buf, off))
+
+
+# FRAME_ENTRY's items in order, the tuples flattened: the names c_macros() exports.
+FRAME_ENTRY_ITEMS = ("offset", "width", "height", "pix_fmt", "nplanes", "pts",
+                     "plane_offset0", "plane_offset1", "plane_offset2", "stride0", "stride1", "stride2",
+                     "flags", "slot")
+
+
+@dataclass(frozen=True, slots=True)
+class FrameEntry:
+    """One decoded picture in an OUT_FRAMES table.  ``offset`` is from dst, or with
+    FRAME_POOLED in ``flags`` from the frame pool's start (and ``slot`` is its pool slot);
+    ``plane_offsets`` are from ``offset``.  Written by the worker (Python, or the C decode
+    loop from c_macros()' offsets), read by the guest."""
+
+    STRUCT: ClassVar[struct.Struct] = FRAME_ENTRY
+    SIZE: ClassVar[int] = FRAME_ENTRY.size
+
+    offset: int
+    width: int
+    height: int
+    pix_fmt: int
+    nplanes: int
+    pts: int
+    plane_offsets: tuple[int, int, int]
+    strides: tuple[int, int, int]
+    flags: int = 0  # FRAME_POOLED
+    slot: int = 0
+
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        FRAME_ENTRY.pack_into(buf, off, self.offset, self.width, self.height, self.pix_fmt, self.nplanes, self.pts,
+                              *self.plane_offsets, *self.strides, self.flags, self.slot)
+
+    @staticmethod
+    def write(buf: WriteableBuffer, off: int, *, offset: int, width: int, height: int, pix_fmt: int,
+              nplanes: int, pts: int, plane_offsets: tuple[int, ...] | list[int],
+              strides: tuple[int, ...] | list[int], flags: int = 0, slot: int = 0) -> None:
+        """pack_into without building the record (per-frame paths); three of each list."""
+        FRAME_ENTRY.pack_into(buf, off, offset, width, height, pix_fmt, nplanes, pts, *plane_offsets, *strides,
+                              flags, slot)
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> FrameEntry:
+        v = FRAME_ENTRY.unpack_from(buf, off)
+        return cls(v[0], v[1], v[2], v[3], v[4], v[5], (v[6], v[7], v[8]), (v[9], v[10], v[11]), v[12], v[13])
 
 
 # Error record (Caps.ERROR_TEXT): a codec task (CAPS, SESSION_OPEN, ENCODE_FRAME, DECODE, FLUSH)
@@ -584,6 +842,11 @@ def out_table_size(kind: int, count: int) -> int:
 
 
 # --- channel register files (host <-> codec worker; never guest-visible) ----
+# The register bank is host-internal: hostd and its workers, never a guest.  It is versioned
+# apart from the guest ABI: hostd stores BANK_ABI_VERSION at BANK_VERSION before it starts a
+# worker, and a worker refuses to run on a bank of another version.  Bump it on any change to
+# the BANK_* / CH_* words, the register file, ChannelProgram or ChannelResult.
+BANK_ABI_VERSION = 1
 # Each hardware channel has CH_FILES 256-byte register files that hostd programs in
 # ring order (file 0, 1, 2, 3, 0, ...): while the codec unit runs the program in one
 # file, hostd loads the next tasks of the same worker into the others (the shadows),
@@ -627,9 +890,72 @@ CH_PROGRAM_STRUCT = struct.Struct("<IIIIQQQQQQQQ")
 # it stores it before DONE (release), hostd reads it after it sees DONE.
 CH_RESULT = 0x70
 CH_RESULT_STRUCT = struct.Struct("<QQIIQ")
-CONFIG_PAGE = 4096  # per-file page holding the SESSION_OPEN config hostd copied
+CONFIG_PAGE = 4096  # per-file page holding the SESSION_OPEN config (or MULTI list) hostd copied
 assert CH_PROGRAM + CH_PROGRAM_STRUCT.size <= CH_RESULT
 assert CH_RESULT + CH_RESULT_STRUCT.size <= CH_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelProgram:
+    """A register file's program block (CH_PROGRAM): the task hostd hands a worker.  hostd
+    writes it while the file is IDLE, then release-stores CTRL = ctrl_start(owner); the worker
+    reads it once, after its CAS claimed the file.  ``config_len``: bytes of the file's config
+    page that hold the SESSION_OPEN config or the MULTI list hostd copied."""
+
+    STRUCT: ClassVar[struct.Struct] = CH_PROGRAM_STRUCT
+    SIZE: ClassVar[int] = CH_PROGRAM_STRUCT.size
+
+    opcode: int
+    flags: int = 0
+    session: int = 0
+    config_len: int = 0
+    src_off: int = 0
+    src_len: int = 0
+    dst_off: int = 0
+    dst_len: int = 0
+    arg0: int = 0
+    arg1: int = 0
+    arg2: int = 0
+    arg3: int = 0
+
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        CH_PROGRAM_STRUCT.pack_into(
+            buf, off, self.opcode, self.flags, self.session, self.config_len, self.src_off, self.src_len,
+            self.dst_off, self.dst_len, self.arg0, self.arg1, self.arg2, self.arg3,
+        )
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> ChannelProgram:
+        return cls(*CH_PROGRAM_STRUCT.unpack_from(buf, off))
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelResult:
+    """A register file's result block (CH_RESULT): the worker writes it (and ``text_len``
+    bytes of reason at the start of the file's config page) before it release-stores
+    CTRL = DONE; hostd reads it after it sees DONE."""
+
+    STRUCT: ClassVar[struct.Struct] = CH_RESULT_STRUCT
+    SIZE: ClassVar[int] = CH_RESULT_STRUCT.size
+
+    result: int = 0
+    result_len: int = 0
+    error: int = 0
+    text_len: int = 0
+    copied: int = 0  # bytes the engine copied for the task
+
+    def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:
+        CH_RESULT_STRUCT.pack_into(buf, off, self.result, self.result_len, self.error, self.text_len, self.copied)
+
+    @staticmethod
+    def write(buf: WriteableBuffer, off: int, *, result: int, result_len: int, error: int, text_len: int,
+              copied: int) -> None:
+        """pack_into without building the record (the worker's per-task path)."""
+        CH_RESULT_STRUCT.pack_into(buf, off, result, result_len, error, text_len, copied)
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> ChannelResult:
+        return cls(*CH_RESULT_STRUCT.unpack_from(buf, off))
 
 # Register bank: header page, K * CH_FILES register files, one config page per file, then one
 # page of channel doorbells per channel.
@@ -644,6 +970,9 @@ BANK_WORKER_SPIN = 0x08
 # it: it runs those next, and the IRQ of the last of them reports them all (hostd reads
 # every file's CTRL on each pass).  0: an IRQ per task.  NOP/COPY/CRC32 always raise one.
 BANK_IRQ_HOLDOFF = 0x0C
+# u32, hostd writes once (BANK_ABI_VERSION) before it starts any worker; a worker checks it at
+# start.  0 is accepted too, as "hostd predates the word" (same release, so same layout).
+BANK_VERSION = 0x10
 BANK_WORKER_BASE = 0x40  # per worker slot: kick u32, need_wakeup u32
 BANK_WORKER_STRIDE = 8
 BANK_MAX_WORKERS = (PAGE_SIZE - BANK_WORKER_BASE) // BANK_WORKER_STRIDE
@@ -691,3 +1020,30 @@ def channel_kick_offset(channels: int, index: int, slot: int) -> int:
 
 def channel_need_wakeup_offset(channels: int, index: int, slot: int) -> int:
     return channel_kick_offset(channels, index, slot) + 4
+
+
+# --- layouts exported to C ------------------------------------------------------
+def c_macros() -> list[tuple[str, str]]:
+    """The ABI layouts the frame pool's C writes (``codec_backend/framepool.c``), as
+    ``(name, value)`` pairs for the compiler's ``-D``: FrameEntry's size and each item's
+    offset and size (``ABI_FE_<ITEM>_AT`` / ``_SIZE``, items as in FRAME_ENTRY_ITEMS), the
+    frame pool header's layout, FRAME_POOLED and NO_PTS."""
+    items = struct_items(FRAME_ENTRY)
+    assert len(items) == len(FRAME_ENTRY_ITEMS)
+    out = [("ABI_FE_SIZE", str(FRAME_ENTRY.size))]
+    for name, (at, size) in zip(FRAME_ENTRY_ITEMS, items, strict=True):
+        out += [(f"ABI_FE_{name.upper()}_AT", str(at)), (f"ABI_FE_{name.upper()}_SIZE", str(size))]
+    lent_at, lent_size = struct_items(POOL_HEADER_STRUCT)[0]
+    assert pool_lent_word(1) - pool_lent_word(0) == lent_size and pool_lent_word(0) == lent_at
+    out += [
+        ("ABI_FRAME_POOLED", str(FRAME_POOLED)),
+        ("ABI_NO_PTS", f"({NO_PTS + 1}LL - 1)"),
+        ("ABI_POOL_HEADER", str(POOL_HEADER)),
+        ("ABI_POOL_MAX_SLOTS", str(POOL_MAX_SLOTS)),
+        ("ABI_POOL_LENT_AT", str(lent_at)),
+        ("ABI_POOL_LENT_SIZE", str(lent_size)),
+    ]
+    # A checksum of all of the above, which the built module reports back: a module built
+    # for another layout is refused at run time instead of writing wrong bytes.
+    crc = zlib.crc32(";".join(f"{k}={v}" for k, v in out).encode())
+    return [*out, ("ABI_LAYOUT_CRC", f"{crc}u")]
