@@ -244,8 +244,7 @@ class Worker:
 def bank_mismatch(bank: MappedRegion) -> str | None:
     """Why this worker must not run on ``bank`` (another host-internal ABI), or None."""
     found = bank.load32(abi.BANK_VERSION)
-    # 0: a hostd that does not write the word yet (the same release, so the same layout).
-    if found in (0, abi.BANK_ABI_VERSION):
+    if found == abi.BANK_ABI_VERSION:
         return None
     return (f"vmediad-worker: register bank version {found}, this worker speaks {abi.BANK_ABI_VERSION} "
             "(hostd and codec_backend are from different releases)")

@@ -127,4 +127,7 @@ def create_bank(channels: int) -> tuple[int, MappedRegion]:
     size = abi.bank_size(channels)
     fd = create_memfd("vmediad-bank", size)
     _private(fd)
-    return fd, MappedRegion(fd, size, populate=True)
+    bank = MappedRegion(fd, size, populate=True)
+    # Before any worker exists: a worker refuses a bank of another host-internal version.
+    bank.store32(abi.BANK_VERSION, abi.BANK_ABI_VERSION)
+    return fd, bank
