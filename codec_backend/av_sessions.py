@@ -105,6 +105,7 @@ from vmediad.abi import (
     RateControl,
     SessionConfig,
 )
+from vmediad.errors import VmediadError
 
 __all__ = [
     "CodecError",
@@ -179,8 +180,10 @@ _PARAM_DENIED: Final = frozenset({
 _FRACTION_RE: Final = re.compile(r"\d+/\d+")
 
 
-class CodecError(Exception):
-    """A task failure with its ABI error code (``required``: dst bytes for NO_SPACE)."""
+class CodecError(VmediadError):
+    """The backend's verdict on one task: its ABI error code, which is the guest's fault (BAD_ARG,
+    BAD_FLAGS, NO_SPACE ...) or a backend failure (BACKEND, INVALID_DATA, TOO_LARGE ...), and the
+    reason.  ``required``: dst bytes for NO_SPACE."""
 
     def __init__(self, code: ErrorCode, message: str, required: int = 0) -> None:
         super().__init__(message)

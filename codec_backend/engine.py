@@ -143,9 +143,10 @@ class Engine:
             else:  # pragma: no cover - validate.check() admits only the ops above
                 return Outcome(error=ErrorCode.BAD_OPCODE)
         except CodecError as e:
+            # The backend's verdict names its code: a guest's fault (BAD_ARG, NO_SPACE, ...) or a
+            # backend failure.  Anything else raised here is a bug: the worker's boundary turns it
+            # into BACKEND with its reason, never into the guest's fault.
             return Outcome(result_len=e.required, error=e.code, copied=self._copied_delta(), text=str(e))
-        except ValueError as e:
-            return Outcome(error=ErrorCode.BAD_ARG, text=str(e))
         return Outcome(result=count, result_len=used, copied=self._copied_delta())
 
     def statistics(self) -> dict[str, object]:

@@ -26,7 +26,9 @@ def test_every_public_error_has_the_one_root() -> None:
               guestlib.OutOfMemory, guestlib.control.ControlError, guestlib.media.MediaError]
     for cls in client:
         assert issubclass(cls, ClientError), cls
-    host = [errors.GuestFault, errors.BackendFailure, errors.InternalError, errors.ConfigError,
+    from codec_backend.av_sessions import CodecError
+
+    host = [CodecError, errors.GuestFault, errors.BackendFailure, errors.InternalError, errors.ConfigError,
             errors.StartupError, errors.ProtocolError, ClientError]
     for cls in host:
         assert issubclass(cls, VmediadError) and cls is not VmediadError, cls

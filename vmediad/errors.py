@@ -14,6 +14,10 @@ by its branch::
     ├── StartupError      hostd cannot start as configured (socket taken, port in use, missing
     │                     directory): one line, exit EXIT_CONFIG (78); a restart cannot fix it.
     ├── ProtocolError     a control-plane request hostd refuses: the text goes back to the peer.
+    ├── CodecError        (codec_backend.av_sessions) the backend's verdict on one task: its code,
+    │                     a guest's fault or a backend failure, and the reason go into the task
+    │                     status.  Any other exception in a worker is a bug there: the worker's
+    │                     boundary fails the task BACKEND with the exception's text.
     └── ClientError       raised to a guest program by guestlib:
         ├── DeviceError       a task ended in ERROR (``code``, and the backend's ``reason``)
         │   ├── DeviceGone    hostd went away and did not come back
