@@ -20,8 +20,7 @@ from hostd.display import layout as lay
 from hostd.display.core import Committed, DisplayCore, Opened, Tick
 from hostd.display.layout import Aspect, Kind, LayoutSpec, Rect, RectSpec
 from vmediad import abi
-from vmediad.abi import PixFmt
-from vmediad.abi_display import DisplayCommit, DisplayOpen, DisplayReply, FlipFlag
+from vmediad.abi import DisplayCommit, DisplayOpen, DisplayReply, FlipFlag, PixFmt
 
 W, H = 640, 360
 REGION = 8 << 20

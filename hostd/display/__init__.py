@@ -2,5 +2,5 @@
 
 ``core`` holds the state without I/O (outputs, buffers, mailbox commits, flips, layout state),
 ``layout`` the viewport presets and aspect math, ``compose`` the composition with swscale.
-Records exchanged with guests are in ``vmediad.abi_display``.
+Records exchanged with guests are in ``vmediad.abi``.
 """

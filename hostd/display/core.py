@@ -5,7 +5,7 @@ out of guest memory) and the clock; the core answers with records to write back 
 scene to compose.  Nothing here touches guest memory, sleeps or raises on guest input: every
 hostile record gets an ``abi.ErrorCode``.
 
-Per output the core tracks the page-flip state of each buffer (see ``vmediad.abi_display``):
+Per output the core tracks the page-flip state of each buffer (see ``vmediad.abi``):
 
     held by the guest --commit--> pending --tick--> front --(next commit's tick)--> held
                                      \\--(a newer commit)--> held, flip DROPPED at once
@@ -30,8 +30,7 @@ from typing import Protocol
 
 from hostd.display import layout as lay
 from vmediad import abi
-from vmediad.abi import ErrorCode, PixFmt
-from vmediad.abi_display import (
+from vmediad.abi import (
     BUFFER_EXTERNAL,
     BUFFER_NONE,
     DISPLAY_FORMATS,
@@ -44,8 +43,10 @@ from vmediad.abi_display import (
     DisplayFlip,
     DisplayOpen,
     DisplayReply,
+    ErrorCode,
     ExternalBuffer,
     FlipFlag,
+    PixFmt,
 )
 
 NS = 1_000_000_000

@@ -8,8 +8,7 @@ import pytest
 from hostd.display import layout as lay
 from hostd.display.core import Committed, DisplayCore, Opened, Tick, buffer_layout
 from vmediad import abi
-from vmediad.abi import ErrorCode, PixFmt
-from vmediad.abi_display import (
+from vmediad.abi import (
     BUFFER_EXTERNAL,
     BUFFER_NONE,
     DISPLAY_COMMIT_MAX,
@@ -22,8 +21,10 @@ from vmediad.abi_display import (
     DisplayFlip,
     DisplayOpen,
     DisplayReply,
+    ErrorCode,
     ExternalBuffer,
     FlipFlag,
+    PixFmt,
 )
 
 OPEN_GOLDEN = "800700003804000002000000030000000000000000000000"
