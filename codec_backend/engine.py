@@ -1,6 +1,6 @@
 """Execute one channel's register file against one guest region.
 
-The engine reads only its registers (seed 000): the program block hostd wrote,
+The engine reads only its registers (design D1, docs/architecture.md): the program block hostd wrote,
 and for SESSION_OPEN the config page hostd filled with the copy it validated.
 Buffers named by the registers were range-checked by hostd against this
 guest's heap, but their contents are hostile.

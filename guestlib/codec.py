@@ -1,6 +1,6 @@
 """Codec sessions through the device: ``Device.encoder()`` / ``Device.decoder()``.
 
-Frames and bitstreams live in the guest's region and move by offset (seed 001):
+Frames and bitstreams live in the guest's region and move by offset (design D2, docs/architecture.md):
 ``Encoder.new_frame()`` hands out planes that are numpy views of region memory,
 and decoded ``Frame.planes`` are views of region memory too.  A decoder given the
 picture size (``width=``, ``height=``) gets a frame pool (``abi.POOL_HEADER``): the

@@ -1,4 +1,4 @@
-"""Helpers of the conformance suite (tests/test_conformance.py): where the public material
+"""Helpers of the conformance suite (tests/integration/test_conformance.py): where the public material
 lives, per-frame MD5s as stock ffmpeg's framemd5 computes them, IVF demuxing, and an H.264
 SPS rewriter that removes the VUI reorder hint from a stream."""
 

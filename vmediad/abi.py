@@ -1,7 +1,7 @@
 """The vmediad device ABI: region layout, descriptors, codes and codec tables.
 
 This module is pure: it does no I/O and imports nothing that does.  Every
-byte a guest and hostd exchange is defined here, and ``tests/test_abi.py``
+byte a guest and hostd exchange is defined here, and ``tests/unit/test_abi.py``
 pins it with golden bytes.  Bump ``ABI_VERSION`` on any incompatible change.
 
 Region layout (all integers little-endian)::
@@ -116,7 +116,7 @@ HEARTBEAT_PERIOD_S = 0.5
 
 class Doorbell(enum.IntEnum):
     IDLE = 0
-    KICK = 0x4B49434B  # "KICK": the only value that makes hostd read the ring (seed 000 claim 4)
+    KICK = 0x4B49434B  # "KICK": the only value that makes hostd read the ring; any other value is counted and ignored
     RESET = 0x52455345  # "RESE": clear a ring error, resynchronise SQ_HEAD to SQ_TAIL
 
 

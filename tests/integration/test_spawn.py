@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from hostd.daemon import Hostd
 from tests.conftest import needs_ffmpeg
 from tests.hostile_guests import wait_until
-from tests.test_media_inputs import ffprobe_frames, make_clip
+from tests.integration.test_media_inputs import ffprobe_frames, make_clip
 from vmediad.tools.cli import main
 from vmediad.tools.soak import HostdProcess
 

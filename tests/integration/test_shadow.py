@@ -329,7 +329,7 @@ def test_pipelined_streams_match_direct_decode_frame_for_frame(make_hostd: Calla
     import hashlib
     import threading
 
-    from tests.test_codec_device import padded
+    from tests.integration.test_codec_device import padded
 
     w, hgt, n = 320, 240, 90
     h = make_hostd(channels=2, region_default=96 << 20)

@@ -17,7 +17,7 @@ import guestlib
 from codec_backend import framepool
 from guestlib.codec import Packet, decoder_config
 from hostd.daemon import Hostd
-from tests.test_codec_device import FPS, H, W, fill, md5, pattern, pyav_decode, vm_stats
+from tests.integration.test_codec_device import FPS, H, W, fill, md5, pattern, pyav_decode, vm_stats
 from vmediad import abi
 from vmediad.abi import ErrorCode, FrameEntry, OutHeader
 

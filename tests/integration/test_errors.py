@@ -60,7 +60,7 @@ def test_a_bug_in_a_control_thread_makes_hostd_exit_70(tmp_path: Path) -> None:
     sock = tmp_path / "h.sock"
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "VMEDIAD_SOCKET")}
     p = subprocess.Popen([sys.executable, "-c", BUGGY_HOSTD, str(sock)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+                         stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     try:
         end = time.monotonic() + 20
         while not sock.exists() and time.monotonic() < end:

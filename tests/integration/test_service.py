@@ -32,7 +32,7 @@ from hostd.config import Config
 from hostd.daemon import Hostd
 from vmediad import abi
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "systemd"
 UNIT = SYSTEMD / "vmediad-hostd.service"
 WATCHDOG_USEC = 400_000
@@ -362,7 +362,7 @@ def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def test_metrics_endpoint(tmp_path: Path) -> None:
-    # metrics_grace_s=0: a detached guest's series go at once (tests/test_metrics.py keeps them).
+    # metrics_grace_s=0: a detached guest's series go at once (tests/integration/test_metrics.py keeps them).
     cfg = Config(socket=_short(tmp_path) / "m.sock", channels=2, metrics="127.0.0.1:0", metrics_grace_s=0)
     n_nop, payloads = 7, [b"abc" * 100, os.urandom(10000), b"x"]
     with Hostd(cfg) as h:

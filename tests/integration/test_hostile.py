@@ -87,7 +87,7 @@ def test_toctou_descriptor_rewritten_while_hostd_copies_it(hostd_proc: Callable[
             [sys.executable, "-c", "import sys; from tests.hostile_guests import flipper_main; "
              "flipper_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
              str(dev.fd), str(lay.region_size), str(ring), json.dumps(variants)],
-            pass_fds=(dev.fd,), cwd=Path(__file__).parent.parent)
+            pass_fds=(dev.fd,), cwd=Path(__file__).resolve().parents[2])
         outcomes: Counter[str] = Counter()
         try:
             time.sleep(0.3)  # the flipper is running
@@ -477,7 +477,7 @@ h.device.detach(dev.vm_id, "late")
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       cwd=Path(__file__).parent.parent)
+                       cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == ["ok"], (r.returncode, r.stderr[-2000:])
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hostd.daemon import Hostd
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def example() -> str:

@@ -20,7 +20,7 @@ from codec_backend.framepool import FramePool
 from guestlib.codec import Decoder, Packet, decoder_config, pool_slot_bytes
 from guestlib.device import Device
 from hostd.daemon import Hostd
-from tests.test_codec_device import FPS, H, W, fill, md5, padded, pattern, pyav_decode, vm_stats
+from tests.integration.test_codec_device import FPS, H, W, fill, md5, padded, pattern, pyav_decode, vm_stats
 from vmediad import abi
 from vmediad.abi import ErrorCode, FrameEntry, Op, OutHeader
 

@@ -228,7 +228,7 @@ def _fifo_allowed() -> bool:
 
 def test_sched_policy_bench_reports_the_device_against_the_floor_of_each_policy(tmp_path: Path) -> None:
     pytest.importorskip("av")
-    script = Path(__file__).parent.parent / "benchmarks" / "sched_policy.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "sched_policy.py"
     policies = ["other", "fifo"] if _fifo_allowed() else ["other"]
     out = tmp_path / "sched.json"
     r = subprocess.run([sys.executable, str(script), "--blocks", "2", "--policies", ",".join(policies),

@@ -368,7 +368,7 @@ def test_event_stream_refused_on_a_guest_connection(hostd: Hostd) -> None:
 
 
 def test_event_stream_reports_timeout_crash_and_restarts(make_hostd: Callable[..., Hostd]) -> None:
-    from tests.test_metrics import hang_a_task
+    from tests.integration.test_metrics import hang_a_task
 
     h = make_hostd(task_timeout_s=0.3, region_default=160 << 20)
     watch = EventCollector(h.socket_path)

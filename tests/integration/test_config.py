@@ -18,7 +18,7 @@ from hostd import config
 from hostd.config import Config, from_mapping, load
 from vmediad.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "systemd" / "config.toml.example"
 MiB = 1 << 20
 
