@@ -642,7 +642,21 @@ class Batch:
 
 def attach(socket: str | None = None, name: str | None = None, region_size: int | None = None,
            ring_entries: int | None = None, **kw: Any) -> Device:
-    """Attach to hostd; the returned Device is also a context manager."""
+    """Attach to hostd; the returned Device is also a context manager.
+
+    The transport is picked here: inside a VM with the ivshmem device (1af4:1110) and no
+    control socket at the default path, the region is the device's BAR2 (guestlib.ivshmem;
+    hostd then sets name, size and ring); otherwise the process transport over the control
+    socket.  ``VMEDIAD_TRANSPORT=ivshmem`` or ``=process`` forces one."""
+    forced = os.environ.get("VMEDIAD_TRANSPORT", "")
+    if forced == "ivshmem" or (not forced and socket is None and not os.path.exists(default_socket())):
+        from guestlib import ivshmem
+
+        pci = ivshmem.find_device()
+        if pci is not None:
+            return ivshmem.IvshmemDevice(pci, name, **kw)
+        if forced:
+            raise AttachError("VMEDIAD_TRANSPORT=ivshmem, but there is no ivshmem device (1af4:1110)", "no_device")
     return Device(socket, name, region_size, ring_entries, **kw)
 
 

@@ -57,6 +57,9 @@ class Config:
     task_timeout_per_mpx_s: float = 1.0
     metrics_grace_s: float = 300.0  # a detached guest's series stay in metrics this long
     fault_injection: bool = False  # tests only: a marker buffer makes a worker SIGSEGV
+    # hostd is the ivshmem server of QEMU VMs, one socket per VM in this directory ("": off);
+    # see hostd/ivshmem.py and docs/vms.md.
+    ivshmem_dir: str = ""
 
     def channel_count(self) -> int:
         return self.channels or (os.cpu_count() or 1)
@@ -69,7 +72,7 @@ class Config:
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "hostd": ("socket", "socket_mode", "allowed_uids", "allowed_gids", "channels", "max_guests",
               "metrics", "metrics_grace_s", "spin_us", "poll_only", "poll_interval_us", "shutdown_grace_s",
-              "fault_injection"),
+              "fault_injection", "ivshmem_dir"),
     "limits": ("region_min", "region_max", "region_default", "ring_min", "ring_max", "ring_default",
                "named_regions", "max_inflight_per_guest", "max_sessions_per_guest", "max_width",
                "max_height", "max_pixels"),
@@ -144,6 +147,8 @@ def validate(cfg: Config) -> Config:
         host, sep, port = cfg.metrics.rpartition(":")
         need(bool(sep and host and port.isdigit() and 0 <= int(port) < 65536), "hostd.metrics",
              f"must be host:port, got {cfg.metrics!r}")
+    need(not cfg.ivshmem_dir or os.path.isabs(cfg.ivshmem_dir), "hostd.ivshmem_dir",
+         f"must be an absolute directory path, got {cfg.ivshmem_dir!r}")
     need(cfg.spin_us >= 0, "hostd.spin_us", "must be >= 0")
     need(cfg.poll_interval_us >= 10, "hostd.poll_interval_us", "must be >= 10")
     need(cfg.shutdown_grace_s >= 0, "hostd.shutdown_grace_s", "must be >= 0")

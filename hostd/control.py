@@ -8,6 +8,7 @@ that reaches EOF is a dead guest: everything it held is reclaimed.  An
 from __future__ import annotations
 
 import errno
+import json
 import os
 import select
 import socket
@@ -26,6 +27,7 @@ from hostd.config import Config, StartupError, default_socket_path
 from hostd.core.lifecycle import Life
 from hostd.device import AttachRequest, Device
 from hostd.events import EVENTS, EventBus
+from hostd.ivshmem import IvshmemError, IvshmemHost
 from vmediad import abi, protocol
 from vmediad.errors import GuestFault, ProtocolError
 
@@ -79,6 +81,7 @@ class ControlServer:
         self.bad_requests = 0
         self.kills = 0
         self.streams = 0  # event streams open now
+        self.ivshmem: IvshmemHost | None = None  # set by the daemon with hostd.ivshmem_dir
 
     @property
     def events(self) -> EventBus | None:
@@ -242,6 +245,10 @@ class ControlServer:
                 line, _, buf = buf.partition(b"\n")
                 self.requests += 1
                 try:
+                    vm_name = _vm_socket_request(line)
+                    if vm_name is not None:
+                        conn.sendall(protocol.ok(**self._vm_socket(vm_name, uid)))
+                        continue
                     req = protocol.parse_request(line)
                     if req.cmd == "attach":
                         if vm_id is not None:
@@ -263,7 +270,10 @@ class ControlServer:
                             vm_id = None
                         conn.sendall(protocol.ok())
                     elif req.cmd == "status":
-                        conn.sendall(protocol.ok(status={**self.device.statistics(), "control": self.statistics()}))
+                        status = {**self.device.statistics(), "control": self.statistics()}
+                        if self.ivshmem is not None:
+                            status["ivshmem"] = self.ivshmem.statistics()
+                        conn.sendall(protocol.ok(status=status))
                     elif req.cmd == "list":
                         conn.sendall(protocol.ok(vms=self.list_vms()))
                     elif req.cmd == "kill":
@@ -335,6 +345,7 @@ class ControlServer:
                 v = snap.get(g.vm_id, {})
                 state = _LIST_STATE[g.life.state]
                 out.append({"vm": g.vm_id, "name": g.name, "pid": g.pid, "uid": g.uid, "state": state,
+                            "kind": g.kind, "transport": g.transport,
                             "worker_pid": v.get("worker_pid"), "tasks_done": v.get("tasks_done", 0),
                             "tasks_failed": v.get("tasks_failed", 0), "sessions": v.get("sessions", 0),
                             "inflight": v.get("inflight", 0), "queue_depth": v.get("queue_depth", 0),
@@ -397,6 +408,20 @@ class ControlServer:
         while vm_id in self.device.guests and time.monotonic() < deadline:
             time.sleep(0.01)
         return {"vm": vm_id, "name": name, "reclaimed": vm_id not in self.device.guests}
+
+    def _vm_socket(self, name: str, uid: int) -> dict[str, Any]:
+        """``{"cmd": "vm_socket", "name": N}``: hostd listens for the QEMU of VM N and replies
+        the ivshmem socket's path (hostd.ivshmem_dir/N.sock)."""
+        if uid not in (0, os.getuid()):
+            raise ProtocolError(f"uid {uid} may not create VM sockets (only root or hostd's uid {os.getuid()})",
+                                "permission")
+        if self.ivshmem is None:
+            raise ProtocolError("this hostd serves no VMs (start it with --ivshmem-dir)", "unsupported")
+        try:
+            path = self.ivshmem.listen(name)
+        except IvshmemError as e:
+            raise ProtocolError(str(e), "vm_socket") from None
+        return {"name": name, "path": str(path), "region_size": self.ivshmem.size}
 
     def _stream_events(self, conn: socket.socket, clog: Any) -> None:
         """The connection becomes a one-way stream of events until the client closes it."""
@@ -468,6 +493,23 @@ class ControlServer:
 _LIST_STATE = {Life.NO_WORKER: "restarting", Life.SERVING: "running", Life.RECYCLING: "restarting",
                Life.TIMING_OUT: "restarting", Life.BACKING_OFF: "restarting", Life.DYING: "detaching",
                Life.GONE: "detaching"}
+
+
+def _vm_socket_request(line: bytes) -> str | None:
+    """The VM name of a ``vm_socket`` request, else None (every other request goes to
+    protocol.parse_request).  A vm_socket request without a string name is a ProtocolError."""
+    if b'"vm_socket"' not in line:
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("cmd") != "vm_socket":
+        return None
+    name = obj.get("name")
+    if not isinstance(name, str):
+        raise ProtocolError("vm_socket needs a string name")
+    return name
 
 
 def _drain(conn: socket.socket) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -13,6 +14,7 @@ import structlog
 from hostd.config import Config
 from hostd.control import ControlServer
 from hostd.device import Device, RunState
+from hostd.ivshmem import IvshmemError, IvshmemHost
 from hostd.notify import Notifier
 from vmediad.errors import EXIT_INTERNAL, StartupError
 
@@ -27,6 +29,7 @@ class Hostd:
         self.notifier = notifier or Notifier("")
         self.device = Device(cfg)
         self.control = ControlServer(cfg, self.device)
+        self.ivshmem: IvshmemHost | None = None
         self._metrics_server: Any = None
         self._status_tick = 0.0
         self._ready = False  # no WATCHDOG/STATUS before READY=1
@@ -47,6 +50,8 @@ class Hostd:
                 self._start_metrics()
             self.device.on_loop = self._on_loop
             self.device.start()
+            if self.cfg.ivshmem_dir:
+                self._start_ivshmem()
             self.control.start()
         except BaseException:
             self._abort_start()
@@ -56,6 +61,17 @@ class Hostd:
         self.notifier.ready(self._status_line())
         self._status_tick = time.monotonic()
         self._ready = True
+
+    def _start_ivshmem(self) -> None:
+        directory = Path(self.cfg.ivshmem_dir)
+        if not directory.is_dir():
+            raise StartupError(f"the ivshmem directory {directory} does not exist (create it first)")
+        try:
+            self.ivshmem = IvshmemHost(self.device, directory, self.cfg)
+        except IvshmemError as e:
+            raise StartupError(f"hostd.ivshmem_dir: {e}") from None
+        self.control.ivshmem = self.ivshmem
+        self.ivshmem.start()
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
@@ -77,9 +93,16 @@ class Hostd:
             self._metrics_server.server_close()  # the listening socket: the port is free again
             self._metrics_server = None
 
+    def _close_ivshmem(self) -> None:
+        if self.ivshmem is not None:
+            self.ivshmem.close()
+            self.ivshmem = None
+            self.control.ivshmem = None
+
     def _abort_start(self) -> None:
         self._stop_metrics()
         self.control.close()
+        self._close_ivshmem()
         if self.device.thread_id is not None:
             self.device.request_stop()
             self.device.join(self.cfg.shutdown_grace_s + 10)
@@ -110,6 +133,7 @@ class Hostd:
         self.device.request_stop()
         self.device.join(self.cfg.shutdown_grace_s + 10)
         self.control.close()
+        self._close_ivshmem()
         self._stop_metrics()
         self.device.close()
         log.info("hostd stopped")

@@ -26,7 +26,7 @@ from hostd.loop import U32, AttachRequest, Guest, Loop, RunState, log
 from hostd.regions import adopt_region, create_region
 from hostd.stats import Totals
 from hostd.workers import WorkerHandle, spawn_worker
-from vmediad import abi
+from vmediad import abi, ivshmem
 from vmediad.abi import Ctrl, ErrorCode, Status
 from vmediad.errors import GuestFault, InternalError
 from vmediad.shm import monotonic_ns
@@ -141,6 +141,10 @@ class Device(Loop):
                 # fresh attach apply (a forged 2^31-slot ring would stall this thread).
                 region = adopt_region(req.adopt_fd, vm_id, self.caps, self.epoch,
                                       sizes=(cfg.region_min, cfg.region_max), rings=(cfg.ring_min, cfg.ring_max))
+            elif req.transport == "ivshmem":
+                # No futex reaches into a VM: the guest polls, hostd is woken by its eventfd.
+                caps = self.caps & ~int(abi.Caps.FUTEX | abi.Caps.NAMED_REGION) | ivshmem.CAP_IVSHMEM
+                region = create_region(vm_id, req.region_size, req.ring_entries, caps, self.epoch)
             else:
                 region = create_region(vm_id, req.region_size, req.ring_entries, self.caps, self.epoch,
                                        named=req.named)
@@ -149,12 +153,23 @@ class Device(Loop):
                       Ring(region.layout.ring_entries),
                       Sessions(self.session_ids, cfg.max_sessions_per_guest, adopted),
                       adopted=adopted, weight=cfg.weight_of(req.name), attached_ns=monotonic_ns())
+            if req.transport == "ivshmem":
+                g.kind, g.transport = "qemu", "ivshmem"
+                # Duplicated here, on the thread that owns the region: a kill posted right
+                # after this attach may close region.fd before the caller sends it to QEMU.
+                req.region_fd = os.dup(region.fd)
+                g.irq_fd, req.irq_fd = req.irq_fd, -1  # now the guest's: closed at its reclaim
             try:
                 region.mapped.store64(abi.REG_HEARTBEAT, monotonic_ns())
                 rerun = self._readopt(g) if adopted else []
                 self._spawn(g)
             except BaseException:
                 self._free_slots.append(g.slot)
+                if g.irq_fd >= 0:
+                    os.close(g.irq_fd)
+                if req.region_fd is not None:
+                    os.close(req.region_fd)
+                    req.region_fd = None
                 if adopted:
                     region.fd = -1  # the control connection still owns (and closes) the adopted fd
                 region.close()
@@ -166,7 +181,7 @@ class Device(Loop):
             req.guest = g
             g.log.info("guest attached", pid=req.pid, uid=req.uid, region_size=region.layout.region_size,
                        ring=region.layout.ring_entries, named=region.name is not None,
-                       adopted=adopted, requeued=len(rerun))
+                       adopted=adopted, requeued=len(rerun), transport=g.transport)
             self.events.emit("attach", vm=vm_id, name=g.name, pid=req.pid)
         except Exception as e:
             req.error = e
@@ -350,6 +365,9 @@ class Device(Loop):
             self._prune_departed(now)
         self._free_slots.append(g.slot)
         g.region.close()
+        if g.irq_fd >= 0:
+            os.close(g.irq_fd)
+            g.irq_fd = -1
         g.log.info("guest reclaimed")
 
     # -- stop ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Per task, in order:
 from __future__ import annotations
 
 import enum
+import os
 import queue
 import secrets
 import threading
@@ -91,6 +92,9 @@ class Guest:
     last_submit_ns: int = 0
     recycles: int = 0
     stats: GuestStats = field(default_factory=GuestStats)
+    kind: str = "process"  # "process" (a host process) or "qemu" (a VM behind ivshmem)
+    transport: str = "memfd"  # "memfd" (fd over the control socket, futex wake-ups) or "ivshmem"
+    irq_fd: int = -1  # ivshmem: the eventfd of the VM's completion vector (the device thread's)
 
     @property
     def log(self) -> Any:
@@ -106,6 +110,10 @@ class AttachRequest:
     ring_entries: int
     named: bool
     adopt_fd: int | None = None
+    # "ivshmem": a QEMU VM (hostd/ivshmem.py); its region's caps say no futex crosses to it.
+    transport: str = "memfd"
+    region_fd: int | None = None  # ivshmem: a dup of the region's fd, the caller's to close
+    irq_fd: int = -1  # ivshmem: the completion vector's eventfd; the guest's once attached
     done: threading.Event = field(default_factory=threading.Event)
     guest: Guest | None = None
     error: Exception | None = None
@@ -159,6 +167,14 @@ class Loop:
             if self._closed:
                 return  # the device is gone: nobody would run fn
             self._events.put(fn)
+            self.bank.kick(abi.BANK_HOST_EVENT, abi.BANK_HOST_NEED_WAKEUP)
+
+    def wake(self) -> None:
+        """Wake a sleeping device thread (thread-safe): an ivshmem Doorbell fired.  The
+        doorbell word itself (REG_DOORBELL) is read by the next pass, as for any guest."""
+        with self._post_lock:
+            if self._closed:
+                return
             self.bank.kick(abi.BANK_HOST_EVENT, abi.BANK_HOST_NEED_WAKEUP)
 
     # -- one pass -----------------------------------------------------------------------------
@@ -509,7 +525,13 @@ class Loop:
         reg.fadd64(abi.REG_IRQ_COUNT, 1)
         if reg.load32(desc + abi.D_WAITERS):
             self._wakes_sent += 1
-            reg.futex_wake(desc + abi.D_STATUS)
+            if g.irq_fd < 0:
+                reg.futex_wake(desc + abi.D_STATUS)
+            else:
+                # A VM: no futex reaches it.  Its completion vector's eventfd, which QEMU turns
+                # into MSI-X vector GUEST_VECTOR_COMPLETION (only interrupt-mode waiters, which
+                # bound a driver and enabled MSI-X first, ever raise D_WAITERS).
+                os.eventfd_write(g.irq_fd, 1)
 
     # -- the watchdog and recycling -----------------------------------------------------------
     def _check_deadlines(self, now: int) -> None:

@@ -155,6 +155,8 @@ def vm_snapshot(g: Guest, now: int, sv: dict[str, Any], staged: bool) -> dict[st
         "vm": g.vm_id,
         "name": g.name,
         "pid": g.pid,
+        "kind": g.kind,
+        "transport": g.transport,
         "worker_pid": w.pid if w else None,
         "worker_rss": w.rss_bytes() if w else 0,
         "region_size": g.region.layout.region_size,

@@ -55,6 +55,22 @@ REG_INTR_STATUS = 4
 REG_IV_POSITION = 8  # read-only: the guest's own peer id
 REG_DOORBELL = 12  # write-only: (peer id << 16) | vector rings that peer's eventfd for that vector
 
+# ---- vmediad's ivshmem transport: ABI constants (to move into vmediad/abi.py) -------------------
+# hostd is peer SERVER_PEER_ID of every VM's device; the VM (QEMU) is always CLIENT_PEER_ID, alone on
+# its own socket.  Both sides agree on VECTORS (QEMU's ``vectors=``).
+SERVER_PEER_ID = 0
+CLIENT_PEER_ID = 1
+VECTORS = 2
+# Host vectors (the guest rings them through BAR0's Doorbell): KICK wakes hostd's device loop,
+# which then reads REG_DOORBELL in the region exactly as for a process guest.
+HOST_VECTOR_KICK = 0
+# Guest vectors (MSI-X, when a driver such as igb_uio enabled them): vector 0 = a task completed
+# for a waiter of this VM.  Vector 1 is reserved.
+GUEST_VECTOR_COMPLETION = 0
+# REG_CAPS bit of a region served through ivshmem (Caps.FUTEX is clear there: no futex crosses
+# the VM boundary; guests poll their status words).
+CAP_IVSHMEM = 1 << 15
+
 
 def encode(value: int) -> bytes:
     """One message's 8 bytes."""

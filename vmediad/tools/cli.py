@@ -82,8 +82,10 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--fault-injection", is_flag=True, default=None, hidden=True)
+@click.option("--ivshmem-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="serve QEMU VMs: one ivshmem-server socket per VM in this directory (docs/vms.md)")
 def hostd(socket_path: Path | None, channels: int | None, config_path: Path | None, policy: str | None,
-          metrics: str | None, log_level: str, fault_injection: bool | None) -> None:
+          metrics: str | None, log_level: str, fault_injection: bool | None, ivshmem_dir: Path | None) -> None:
     """Run the host daemon in the foreground (systemd: Type=notify).
 
     Run as an ordinary user, the socket is $XDG_RUNTIME_DIR/vmediad/hostd.sock (see --socket); the
@@ -98,6 +100,7 @@ def hostd(socket_path: Path | None, channels: int | None, config_path: Path | No
         cfg = hconfig.load(config_path or hconfig.DEFAULT_CONFIG_PATH, {
             "socket": socket_path, "channels": channels, "policy": policy, "metrics": metrics,
             "fault_injection": fault_injection,
+            "ivshmem_dir": str(ivshmem_dir.absolute()) if ivshmem_dir is not None else None,
         })
     except ConfigError as e:
         raise ConfigExit(str(e)) from None
@@ -153,7 +156,7 @@ class _ProgressView:
                 f"{r.frames}{of} frames {r.fps:.1f} fps {r.errors} errors")
 
 
-def run_fleet(specs: list[Any], out: Console) -> tuple[list[Any], int | None]:
+def run_fleet(specs: list[Any], out: Console, fleet: Any = None) -> tuple[list[Any], int | None]:
     """Spawn the VMs, show their progress on ``out``, return (final reports, stop signal or None).
 
     SIGINT or SIGTERM stops the VMs cleanly (each finishes its frame and closes its output);
@@ -162,7 +165,7 @@ def run_fleet(specs: list[Any], out: Console) -> tuple[list[Any], int | None]:
     """
     from vmediad.tools.fakevm import FINAL_STATES, Fleet
 
-    fleet = Fleet(specs)
+    fleet = fleet if fleet is not None else Fleet(specs)
     received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -246,8 +249,11 @@ def vm() -> None:
               show_default=True, help="directory for the VMs' output files")
 @click.option("--json", "as_json", is_flag=True,
               help="print only the summary, as JSON, on stdout (progress always goes to stderr)")
+@click.option("--kind", type=click.Choice(["process", "qemu"]), default="process", show_default=True,
+              help="process: each VM a host process; qemu: each VM a real QEMU guest reaching hostd through "
+                   "ivshmem (hostd needs --ivshmem-dir; TCG unless KVM is real; docs/vms.md)")
 def vm_spawn(socket_path: str, count: int, name_prefix: str, workload: str, input_path: str | None, codec: str,
-             size: str, frames: int | None, output: Path, as_json: bool) -> None:
+             size: str, frames: int | None, output: Path, as_json: bool, kind: str) -> None:
     """Spawn COUNT guest processes, each with its own region, and run WORKLOAD on the device.
 
     Progress goes to stderr: live rows on a terminal, else one line per VM every 2 s.
@@ -272,11 +278,13 @@ def vm_spawn(socket_path: str, count: int, name_prefix: str, workload: str, inpu
         frames = ENCODE_FRAMES
     specs = [VmSpec(f"{name_prefix}{i}", socket_path, workload, codec, width, height, frames, input=input_path,
                     output=str(output), input_codec=input_codec) for i in range(count)]
-    reports, stopped_by = run_fleet(specs, err_console)
+    fleet = _qemu_fleet(specs, socket_path) if kind == "qemu" else None
+    reports, stopped_by = run_fleet(specs, err_console, fleet)
+    title = "fake VMs" if fleet is None else f"QEMU VMs ({fleet.accel.name.upper()}: {fleet.accel.reason})"
     if as_json:
-        click.echo(json.dumps([{**r.__dict__, "fps": r.fps} for r in reports], indent=2))
+        click.echo(json.dumps([{**r.__dict__, "fps": r.fps, "kind": kind} for r in reports], indent=2))
     else:
-        console.print(summary_table(reports))
+        console.print(summary_table(reports, title))
     for r in reports:
         if r.state == "failed":
             err_console.print(f"{r.name}: failed: {r.detail}", style="red", markup=False, highlight=False)
@@ -287,6 +295,30 @@ def vm_spawn(socket_path: str, count: int, name_prefix: str, workload: str, inpu
         sys.exit(128 + stopped_by)
     if any(r.state == "failed" for r in reports):
         sys.exit(1)
+
+
+def _qemu_fleet(specs: list[Any], socket_path: str) -> Any:
+    """The QEMU fleet of ``vm spawn --kind qemu``; a ClickException (exit 1) when it cannot run."""
+    from guestlib.device import AttachError, DeviceGone
+    from vmediad.tools import vmimage
+    from vmediad.tools.fakevm import QemuFleet, vm_socket
+
+    if vmimage.qemu_binary() is None:
+        raise click.ClickException("qemu-system-x86_64 is not installed (run scripts/setup-vm.sh as root)")
+    try:
+        vm_socket(socket_path, specs[0].name)
+    except AttachError as e:
+        raise click.ClickException(f"hostd refused the VM socket: {e}") from None
+    except DeviceGone as e:
+        raise click.ClickException(f"{e} ({NO_HOSTD_HINT})") from None
+    try:
+        image = vmimage.build_image()
+    except vmimage.VmImageError as e:
+        raise click.ClickException(f"cannot build the VM image: {e}") from None
+    accel = vmimage.detect_accel()
+    err_console.print(f"booting {len(specs)} QEMU VM(s) with {accel.name.upper()}: {accel.reason}",
+                      markup=False, highlight=False)
+    return QemuFleet(specs, socket_path, image, accel)
 
 
 def _probe_input(path: str) -> str:
@@ -319,10 +351,11 @@ def vm_list(socket_path: str, as_json: bool) -> None:
         click.echo(json.dumps(vms, indent=2))
         return
     t = Table(title=f"{len(vms)} guests")
-    cols = ("vm", "name", "pid", "state", "tasks_done", "tasks_failed", "inflight", "sessions", "timeouts",
-            "worker_pid")
+    cols = ("vm", "name", "kind", "transport", "pid", "state", "tasks_done", "tasks_failed", "inflight",
+            "sessions", "timeouts", "worker_pid")
     for col in cols:
-        t.add_column(col.replace("_", " "), justify="right" if col not in ("name", "state") else "left")
+        t.add_column(col.replace("_", " "), justify="right" if col not in ("name", "state", "kind", "transport")
+                     else "left")
     for v in vms:
         t.add_row(*(str(v.get(col, "-")) for col in cols))
     console.print(t)
@@ -370,12 +403,13 @@ def status_tables(s: dict[str, Any]) -> list[Table]:
                        f"{totals.get('frames', 0)} frames, {totals.get('timeouts', 0)} timeouts, "
                        f"{totals.get('worker_restarts', 0)} worker restarts")
     vms = Table(title=f"{s['guests']} guests")
-    for col in ("vm", "name", "done", "failed", "timeouts", "queued", "inflight", "p50 µs", "p99 µs", "MB moved",
-                "sessions", "errors"):
+    for col in ("vm", "name", "kind", "transport", "done", "failed", "timeouts", "queued", "inflight", "p50 µs",
+                "p99 µs", "MB moved", "sessions", "errors"):
         vms.add_column(col)
     for v in s["vms"]:
         errs = ", ".join(f"{k}={n}" for k, n in sorted(v["errors"].items())) or "-"
-        vms.add_row(str(v["vm"]), v["name"], str(v["tasks_done"]), str(v["tasks_failed"]), str(v.get("timeouts", 0)),
+        vms.add_row(str(v["vm"]), v["name"], v.get("kind", "process"), v.get("transport", "memfd"),
+                    str(v["tasks_done"]), str(v["tasks_failed"]), str(v.get("timeouts", 0)),
                     str(v["queue_depth"]), str(v["inflight"]), f"{v['latency']['p50_us']:.0f}",
                     f"{v['latency']['p99_us']:.0f}", f"{v['bytes_moved'] / 1e6:.1f}", str(v["sessions"]), errs)
     return [dev, vms]
@@ -568,12 +602,18 @@ def bench() -> None:
 @click.option("--n", default=5000, show_default=True, help="nop round trips")
 @click.option("--idle", "idle_s", default=30.0, show_default=True, help="seconds of idle CPU measurement")
 @click.option("--json-out", type=click.Path(path_type=Path), help="write the results as JSON")
-def bench_transport(n: int, idle_s: float, json_out: Path | None) -> None:
-    """nop round trip, batched nop/s, COPY vs memcpy, idle CPU."""
+@click.option("--kind", type=click.Choice(["process", "qemu"]), default="process", show_default=True,
+              help="qemu: NOP round trips from a QEMU VM over ivshmem (poll and interrupt) against the raw "
+                   "ivshmem ping-pong floors, in one VM booted for it (TCG unless KVM is real)")
+def bench_transport(n: int, idle_s: float, json_out: Path | None, kind: str) -> None:
+    """nop round trip, batched nop/s, COPY vs memcpy, idle CPU (--kind qemu: VM <-> hostd)."""
     from vmediad.tools.bench import transport
     from vmediad.tools.bench.common import save
 
     logs.configure("warning")
+    if kind == "qemu":
+        _bench_transport_qemu(n, json_out)
+        return
     res = transport.run(n=n, idle_s=idle_s, progress=lambda m: console.print(f"[dim]{m}[/]"))
     save(res, json_out)
     t = Table(title="transport (µs; ratios against floors from this run)")
@@ -591,6 +631,33 @@ def bench_transport(n: int, idle_s: float, json_out: Path | None) -> None:
     if "idle" in res:
         t.add_row(f"idle CPU over {res['idle']['seconds']} s: hostd / worker",
                   f"{res['idle']['hostd_cpu_percent']}% / {res['idle']['worker_cpu_percent']}%")
+    console.print(t)
+
+
+def _bench_transport_qemu(n: int, json_out: Path | None) -> None:
+    from vmediad.tools import vmimage
+    from vmediad.tools.bench.common import save
+    from vmediad.tools.qemu import QemuError, bench_transport
+
+    if vmimage.qemu_binary() is None:
+        raise click.ClickException("qemu-system-x86_64 is not installed (run scripts/setup-vm.sh as root)")
+    try:
+        res = bench_transport(min(n, 2000), progress=lambda m: console.print(f"[dim]{m}[/]"))
+    except (QemuError, TimeoutError, vmimage.VmImageError) as e:
+        raise click.ClickException(f"the benchmark VM failed: {str(e).splitlines()[0]}") from None
+    save(res, json_out)
+    accel = res["accel"].upper()
+    t = Table(title=f"transport VM <-> hostd over ivshmem (µs, {accel} figures: {res['accel_reason']})")
+    for col in ("measure", "p50", "p99"):
+        t.add_column(col)
+    rows = [("floor: shared memory, both sides spinning", "floor_spin"),
+            ("floor: Doorbell to a host eventfd, guest spinning", "floor_doorbell"),
+            ("NOP round trip, guest polling", "nop_poll"), ("NOP round trip, MSI-X interrupt", "nop_interrupt")]
+    for label, key in rows:
+        if key in res:
+            t.add_row(label, str(res[key]["p50_us"]), str(res[key]["p99_us"]))
+    t.caption = (f"{res['n']} round trips each; poll p50 = {res['poll_vs_floor']}x the Doorbell floor"
+                 + ("" if "nop_interrupt" in res else "; no igb_uio in the guest: no interrupt mode"))
     console.print(t)
 
 
