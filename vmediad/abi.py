@@ -135,6 +135,9 @@ class Caps(enum.IntFlag):
     MULTI = 1 << 4  # ENCODE_FRAME/DECODE accept DescFlag.MULTI (a list of inputs per task)
     FRAME_POOL = 1 << 5  # decode sessions accept SessionFlag.FRAME_POOL (decoding into guest memory)
     ERROR_TEXT = 1 << 6  # failed codec tasks leave an error record (the reason) at dst; see ERROR_RECORD
+    # The region is served to a QEMU guest over ivshmem (docs/vms.md); FUTEX is clear there, since
+    # no futex crosses the VM boundary: the guest polls or takes MSI-X (vmediad/ivshmem.py).
+    IVSHMEM = 1 << 15
 
 
 # --- descriptor ------------------------------------------------------------

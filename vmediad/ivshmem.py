@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmediad import abi
+
 PROTOCOL_VERSION = 0
 SHM_MESSAGE = -1  # the value that comes with the shared-memory fd
 MAX_PEER_ID = 0xFFFF  # the Doorbell register has 16 bits for the peer id
@@ -55,7 +57,7 @@ REG_INTR_STATUS = 4
 REG_IV_POSITION = 8  # read-only: the guest's own peer id
 REG_DOORBELL = 12  # write-only: (peer id << 16) | vector rings that peer's eventfd for that vector
 
-# ---- vmediad's ivshmem transport: ABI constants (to move into vmediad/abi.py) -------------------
+# ---- vmediad's ivshmem transport: the peers and vectors both sides use ---------------------------
 # hostd is peer SERVER_PEER_ID of every VM's device; the VM (QEMU) is always CLIENT_PEER_ID, alone on
 # its own socket.  Both sides agree on VECTORS (QEMU's ``vectors=``).
 SERVER_PEER_ID = 0
@@ -67,9 +69,8 @@ HOST_VECTOR_KICK = 0
 # Guest vectors (MSI-X, when a driver such as igb_uio enabled them): vector 0 = a task completed
 # for a waiter of this VM.  Vector 1 is reserved.
 GUEST_VECTOR_COMPLETION = 0
-# REG_CAPS bit of a region served through ivshmem (Caps.FUTEX is clear there: no futex crosses
-# the VM boundary; guests poll their status words).
-CAP_IVSHMEM = 1 << 15
+# REG_CAPS bit of a region served through ivshmem (defined in the ABI).
+CAP_IVSHMEM = int(abi.Caps.IVSHMEM)
 
 
 def encode(value: int) -> bytes:
