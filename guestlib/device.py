@@ -95,6 +95,14 @@ class Completion:
     seq: int
 
 
+def read_completion(mem: memoryview, at: int, status: int) -> Completion:
+    """The result fields of the descriptor at ``at`` (abi.DescResult), read once ``status``
+    left SUBMITTED: hostd wrote them before its seq-cst flip of the status word."""
+    r = abi.DescResult.unpack_from(mem, at + abi.D_RESULT)
+    code = ErrorCode(r.error) if r.error in ErrorCode._value2member_map_ else ErrorCode.BACKEND
+    return Completion(Status(status), r.result, r.result_len, code, r.channel, r.device_ns, r.seq)
+
+
 class Buffer:
     """A block of the region's heap: ``mem`` writes go straight to shared memory."""
 
@@ -584,9 +592,7 @@ class Device:
                         self._liveness()
             finally:
                 reg.fadd32(at + abi.D_WAITERS, -1)
-        res = abi.DESC_RESULT.unpack_from(reg.mem, at + abi.D_RESULT)
-        code = ErrorCode(res[2]) if res[2] in ErrorCode._value2member_map_ else ErrorCode.BACKEND
-        c = Completion(Status(status), res[0], res[1], code, res[3], res[4], res[5])
+        c = read_completion(reg.mem, at, status)
         reg.store32(st_off, Status.FREE)
         return c
 

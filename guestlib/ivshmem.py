@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guestlib.device import SLEEP_SLICE_S, AttachError, Completion, Device, DeviceGone, Task
+from guestlib.device import SLEEP_SLICE_S, AttachError, Completion, Device, DeviceGone, Task, read_completion
 from guestlib.heap import Heap
 from vmediad import abi, ivshmem
-from vmediad.abi import Doorbell, ErrorCode, Status
+from vmediad.abi import Doorbell, Status
 from vmediad.shm import MappedRegion, monotonic_ns
 
 PCI_DEVICES = Path("/sys/bus/pci/devices")
@@ -211,9 +211,7 @@ class IvshmemDevice(Device):
                 if deadline is not None and monotonic_ns() >= deadline:
                     raise TimeoutError(f"task in slot {task.slot} not done within {timeout}s")
             status = reg.load32(st_off)
-        res = abi.DESC_RESULT.unpack_from(reg.mem, at + abi.D_RESULT)
-        code = ErrorCode(res[2]) if res[2] in ErrorCode._value2member_map_ else ErrorCode.BACKEND
-        c = Completion(Status(status), res[0], res[1], code, res[3], res[4], res[5])
+        c = read_completion(reg.mem, at, status)
         reg.store32(st_off, Status.FREE)
         return c
 

@@ -388,7 +388,7 @@ class Loop:
         prog = st.prog
         bank = self.bank
         self._task_seq += 1
-        inputs = len(st.config) // abi.MULTI_ENTRY.size if prog.flags & abi.F_MULTI else 1
+        inputs = len(st.config) // abi.MultiEntry.SIZE if prog.flags & abi.F_MULTI else 1
         s = g.sessions.open.get(prog.session)
         budget = task_budget_s(self.cfg, prog.opcode, DEFAULT_DECODE_MPX if s is None else s.mpx, inputs)
         run = Running(g.vm_id, st.pending.slot, 0, prog.opcode, prog.session, self._task_seq, monotonic_ns(),
@@ -398,9 +398,10 @@ class Loop:
         if st.config:
             off = abi.channel_config_offset(self.channels_n, k, rf.file)
             bank.mem[off : off + len(st.config)] = st.config
-        abi.CH_PROGRAM_STRUCT.pack_into(
-            bank.mem, ch + abi.CH_PROGRAM, prog.opcode, prog.flags, prog.session, len(st.config),
-            prog.src_off, prog.src_len, prog.dst_off, prog.dst_len, prog.arg0, prog.arg1, prog.arg2, prog.arg3,
+        abi.ChannelProgram.write(
+            bank.mem, ch + abi.CH_PROGRAM, opcode=prog.opcode, flags=prog.flags, session=prog.session,
+            config_len=len(st.config), src_off=prog.src_off, src_len=prog.src_len, dst_off=prog.dst_off,
+            dst_len=prog.dst_len, arg0=prog.arg0, arg1=prog.arg1, arg2=prog.arg2, arg3=prog.arg3,
         )
         bank.store32(ch + abi.CH_OWNER, g.slot + 1)
         bank.store64(ch + abi.CH_SEQ, run.seq)
@@ -430,7 +431,9 @@ class Loop:
             ch = rf.offset
             if bank.load32(ch + abi.CH_CTRL) != Ctrl.DONE:
                 continue
-            result, result_len, error, text_len, copied = abi.CH_RESULT_STRUCT.unpack_from(bank.mem, ch + abi.CH_RESULT)
+            res = abi.ChannelResult.unpack_from(bank.mem, ch + abi.CH_RESULT)
+            result, result_len, error, text_len, copied = (res.result, res.result_len, res.error, res.text_len,
+                                                           res.copied)
             reason = ""
             if error and text_len:
                 # The worker's reason, on its file's config page (abi.CH_RESULT).  The worker
@@ -516,8 +519,8 @@ class Loop:
                 else:
                     g.log.info("task failed", task=slot, op=op_name, error=error.name, reason=reason)
         self._task_seq += 1
-        abi.DESC_RESULT.pack_into(reg.mem, desc + abi.D_RESULT, result & (2**64 - 1), result_len, error,
-                                  channel, device_ns, self._task_seq)
+        abi.DescResult.write(reg.mem, desc + abi.D_RESULT, result=result & (2**64 - 1), result_len=result_len,
+                             error=error, channel=channel, device_ns=device_ns, seq=self._task_seq)
         # Exchange (seq-cst) orders the result fields before the flip and the
         # WAITERS load after it; the guest increments WAITERS before it re-reads
         # the status and sleeps, so one side always sees the other.

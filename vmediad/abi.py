@@ -394,6 +394,12 @@ class DescResult:
         DESC_RESULT.pack_into(buf, off, self.result, self.result_len, self.error, self.channel, self.device_ns,
                               self.seq)
 
+    @staticmethod
+    def write(buf: WriteableBuffer, off: int, *, result: int, result_len: int, error: int, channel: int,
+              device_ns: int, seq: int) -> None:
+        """pack_into without building the record (hostd's per-task completion)."""
+        DESC_RESULT.pack_into(buf, off, result, result_len, error, channel, device_ns, seq)
+
     @classmethod
     def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> DescResult:
         return cls(*DESC_RESULT.unpack_from(buf, off))
@@ -512,6 +518,7 @@ class Codec(enum.IntEnum):
     AV1 = 4
     MJPEG = 5
     MPEG4 = 6
+    VP8 = 7
 
 
 class PixFmt(enum.IntEnum):
@@ -524,16 +531,16 @@ class PixFmt(enum.IntEnum):
 PIX_FMT_NAMES = {PixFmt.YUV420P: "yuv420p", PixFmt.NV12: "nv12", PixFmt.RGB24: "rgb24", PixFmt.BGRA: "bgra"}
 CODEC_NAMES = {
     Codec.H264: "h264", Codec.HEVC: "hevc", Codec.VP9: "vp9",
-    Codec.AV1: "av1", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4",
+    Codec.AV1: "av1", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4", Codec.VP8: "vp8",
 }
 # FFmpeg implementation behind each codec, per direction.
 ENCODER_IMPL = {
     Codec.H264: "libx264", Codec.HEVC: "libx265", Codec.VP9: "libvpx-vp9",
-    Codec.AV1: "libsvtav1", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4",
+    Codec.AV1: "libsvtav1", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4", Codec.VP8: "libvpx",
 }
 DECODER_IMPL = {
     Codec.H264: "h264", Codec.HEVC: "hevc", Codec.VP9: "vp9",
-    Codec.AV1: "libdav1d", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4",
+    Codec.AV1: "libdav1d", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4", Codec.VP8: "vp8",
 }
 
 
@@ -926,6 +933,14 @@ class ChannelProgram:
             buf, off, self.opcode, self.flags, self.session, self.config_len, self.src_off, self.src_len,
             self.dst_off, self.dst_len, self.arg0, self.arg1, self.arg2, self.arg3,
         )
+
+    @staticmethod
+    def write(buf: WriteableBuffer, off: int, *, opcode: int, flags: int, session: int, config_len: int,
+              src_off: int, src_len: int, dst_off: int, dst_len: int, arg0: int, arg1: int, arg2: int,
+              arg3: int) -> None:
+        """pack_into without building the record (hostd's per-task programming)."""
+        CH_PROGRAM_STRUCT.pack_into(buf, off, opcode, flags, session, config_len, src_off, src_len, dst_off,
+                                    dst_len, arg0, arg1, arg2, arg3)
 
     @classmethod
     def unpack_from(cls, buf: ReadableBuffer, off: int = 0) -> ChannelProgram:
