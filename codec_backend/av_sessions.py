@@ -40,6 +40,11 @@ Encoder defaults (only where the config leaves the choice open):
 * libvpx-vp9: deadline realtime, cpu-used 8, constant quality crf 30 (b=0);
   ``bframes=0`` sets lag-in-frames 0 (no alt-ref look-ahead).  A numeric preset is
   cpu-used, "realtime"/"good"/"best" is the deadline.
+* libvpx (VP8): deadline realtime, cpu-used 8, lag-in-frames 0 unless ``bframes=1``
+  and presets as for libvpx-vp9 (numeric: cpu-used -16..16).  VP8's crf is constrained
+  quality, so CRF (default 30) sets crf, qmin 0, qmax 63 and a 1000 Mbit/s cap that
+  never binds (b=0 would cap it at libvpx's 256 kbit/s); QP sets qmin = qmax = crf.
+  VP8 has no B-frames: ``bframes=1`` leaves lag-in-frames to libvpx (0 for VP8).
 * libsvtav1: preset 10, CRF 35 (SVT default); ``bframes=0`` selects the low-delay
   prediction structure (``pred-struct=1``), ``bframes=1`` SVT's random access.
   Presets 11+ (rtc or not) drop frames below 30 dB on moving content here.
@@ -59,7 +64,7 @@ Decoders use thread_type AUTO (frame + slice threads) unless ``threads == 1``,
 and ``max_pixels`` from the geometry caps.  A zero-length DECODE chunk consumes
 nothing (it would be an end-of-stream packet to FFmpeg).  With ``parse`` the
 chunk's pts goes to the first packet the parser cuts that starts inside the
-chunk (FFmpeg's av_parser_parse2 rule); the vp9 and av1 parsers do not split
+chunk (FFmpeg's av_parser_parse2 rule); the vp8, vp9 and av1 parsers do not split
 streams, so their chunks must hold whole frames.  Decoding errors raise
 INVALID_DATA after the frames decoded before the error were queued (they come
 back with the next call); the session stays usable.
@@ -140,6 +145,9 @@ _NATIVE_ENCODERS: Final = frozenset({"mjpeg", "mpeg4"})
 # half a sample wide); the others pad it.  Refused at SESSION_OPEN, before avcodec_open2
 # fails with a bare "Generic error in an external library".
 _EVEN_420: Final = frozenset({"libx264", "libx265"})
+# libvpx encoders (VP8, VP9) and the numeric presets (cpu-used) each takes.
+_LIBVPX: Final = {"libvpx": r"-?\d{1,2}", "libvpx-vp9": r"-?\d"}
+_VP8_CQ_CAP: Final = "1000M"  # bit/s: out of reach, so crf alone sets the quality
 _B_FRAMES_ON: Final = {"libx264": 3, "mpeg4": 2}
 _DEFAULT_QSCALE: Final = 3
 _FF_QP2LAMBDA: Final = 118
@@ -464,16 +472,16 @@ def _preset(cfg: SessionConfig, impl: str, opts: dict[str, str]) -> None:
         if preset and not re.fullmatch(r"-?\d{1,2}", preset):
             raise CodecError(ErrorCode.BAD_ARG, "libsvtav1 preset must be a number")
         opts["preset"] = preset or "10"
-    elif impl == "libvpx-vp9":
+    elif impl in _LIBVPX:
         if not preset:
             opts.update({"deadline": "realtime", "cpu-used": "8"})
         elif preset in ("realtime", "good", "best"):
             opts["deadline"] = preset
-        elif re.fullmatch(r"-?\d", preset):
+        elif re.fullmatch(_LIBVPX[impl], preset):
             opts.update({"deadline": "realtime" if int(preset) >= 5 else "good",
                          "cpu-used": preset})
         else:
-            raise CodecError(ErrorCode.BAD_ARG, f"bad libvpx-vp9 preset {preset!r}")
+            raise CodecError(ErrorCode.BAD_ARG, f"bad {impl} preset {preset!r}")
         if not cfg.bframes:
             opts["lag-in-frames"] = "0"
     elif preset:
@@ -498,11 +506,15 @@ def _rate_control(cfg: SessionConfig, impl: str, ctx: VideoCodecContext, opts: d
             raise CodecError(ErrorCode.BAD_ARG, "qscale must be 1..31")
         ctx.qscale = True
         ctx.global_quality = q * _FF_QP2LAMBDA
-    elif impl == "libvpx-vp9":
+    elif impl in _LIBVPX:
         opts["b"] = "0"
         if mode == RateControl.QP:
             opts.update({"qmin": str(value), "qmax": str(value), "crf": str(value)})
         else:
+            if impl == "libvpx":
+                # VP8's crf is constrained quality: b=0 would leave libvpx's default
+                # 256 kbit/s cap in charge and every crf would look the same.
+                opts.update({"b": _VP8_CQ_CAP, "qmin": "0", "qmax": "63"})
             opts["crf"] = str(value) if mode == RateControl.CRF else "30"
     elif mode == RateControl.CRF:
         opts["crf"] = str(value)
@@ -1351,9 +1363,9 @@ def _codec_caps() -> tuple[dict[str, object], ...]:
                 "available": dec_ok,
                 "pix_fmts": ["yuv420p", "nv12"] if dec_ok else [],
                 "parser": parser,
-                # FFmpeg's vp9 and av1 parsers do not split a byte stream into
+                # FFmpeg's vp8, vp9 and av1 parsers do not split a byte stream into
                 # frames: with PARSE every chunk must still hold whole frames.
-                "parser_splits": parser and codec not in (Codec.VP9, Codec.AV1),
+                "parser_splits": parser and codec not in (Codec.VP8, Codec.VP9, Codec.AV1),
             },
         })
     return tuple(out)

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 CODECS = {name: c for c, name in abi.CODEC_NAMES.items()}
 CODECS.update({"h265": abi.Codec.HEVC, "avc": abi.Codec.H264, "libx264": abi.Codec.H264,
                "libx265": abi.Codec.HEVC, "libvpx-vp9": abi.Codec.VP9, "libdav1d": abi.Codec.AV1,
-               "libaom-av1": abi.Codec.AV1, "libsvtav1": abi.Codec.AV1})
+               "libaom-av1": abi.Codec.AV1, "libsvtav1": abi.Codec.AV1, "libvpx": abi.Codec.VP8,
+               "libvpx-vp8": abi.Codec.VP8})
 PIX_FMTS = {name: f for f, name in abi.PIX_FMT_NAMES.items()}
 DEFAULT_OUT = 1 << 20
 DEFAULT_POOL_FRAMES = 48  # a decoder's references and threads, plus a 4 x 6 stream's frames in flight

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Encoder name PyAV's muxer should label each device codec with.
 MUX_NAME = {abi.Codec.H264: "h264", abi.Codec.HEVC: "hevc", abi.Codec.VP9: "vp9", abi.Codec.AV1: "av1",
-            abi.Codec.MJPEG: "mjpeg", abi.Codec.MPEG4: "mpeg4"}
+            abi.Codec.MJPEG: "mjpeg", abi.Codec.MPEG4: "mpeg4", abi.Codec.VP8: "vp8"}
 
 
 _TO_ANNEXB = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}

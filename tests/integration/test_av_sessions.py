@@ -608,7 +608,7 @@ def test_write_caps(mem: memoryview) -> None:
     head = OutHeader.unpack_from(mem, DST)
     assert (head.kind, head.count, count, head.used) == (abi.OUT_JSON, 1, 1, used)
     doc = json.loads(bytes(mem[DST + OutHeader.SIZE:DST + used]).decode())
-    assert [c["name"] for c in doc["codecs"]] == ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"]
+    assert [c["name"] for c in doc["codecs"]] == ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4", "vp8"]
     for entry in doc["codecs"]:
         codec = Codec(entry["id"])
         assert entry["encoder"]["impl"] == abi.ENCODER_IMPL[codec] and entry["encoder"]["available"]

@@ -34,7 +34,7 @@ def test_caps_lists_every_codec(hostd: Hostd) -> None:
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     names = {c["name"]: c for c in doc["codecs"]}
-    assert set(names) == {"h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"}
+    assert set(names) == {"h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4", "vp8"}
     assert names["av1"]["decoder"]["impl"] == "libdav1d" and names["av1"]["encoder"]["impl"] == "libsvtav1"
     table = CliRunner().invoke(main, ["caps", "--socket", hostd.socket_path])
     assert table.exit_code == 0 and "libx265" in table.output

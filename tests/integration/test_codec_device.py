@@ -29,7 +29,7 @@ from vmediad.abi import DescFlag, ErrorCode, Op
 
 W, H, N, FPS = 320, 240, 20, 25
 FRAME_BYTES = W * H * 3 // 2
-ALL_CODECS = ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"]
+ALL_CODECS = ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4", "vp8"]
 Planes = list[npt.NDArray[np.uint8]]
 
 

@@ -302,9 +302,9 @@ def test_frame_pool_requests_are_checked(dev: Device) -> None:
         assert big.pool_size <= free // 2
 
 
-@pytest.mark.parametrize("codec", ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"])
+@pytest.mark.parametrize("codec", ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4", "vp8"])
 def test_every_decoder_is_bit_identical_with_a_pool(dev: Device, codec: str) -> None:
-    """Five of the six decoders allocate through get_buffer2 and decode in place; libdav1d
+    """Six of the seven decoders allocate through get_buffer2 and decode in place; libdav1d
     (av1) has no AV_CODEC_CAP_DR1 (it allocates its own pictures), so the pool is not
     attached and its frames are copied, equal all the same."""
     packets: list[Packet] = []

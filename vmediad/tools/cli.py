@@ -236,7 +236,7 @@ def vm() -> None:
               help="video file to decode or transcode (default: a built-in test clip, encoded on the device "
                    "first); not allowed with encode")
 @click.option("--codec", default="h264", show_default=True,
-              type=click.Choice(["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4"]),
+              type=click.Choice(["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4", "vp8"]),
               help="encode: the codec to encode; transcode: the OUTPUT codec (the input's is detected); "
                    "decode: the codec of the built-in test clip (with --input, the input's codec is used)")
 @click.option("--size", default="1280x720", show_default=True,

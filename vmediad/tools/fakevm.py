@@ -44,7 +44,8 @@ import numpy as np
 import numpy.typing as npt
 
 WORKLOADS = ("encode", "decode", "transcode")
-EXTENSION = {"h264": ".mp4", "hevc": ".mp4", "av1": ".mp4", "mpeg4": ".mp4", "vp9": ".webm", "mjpeg": ".mkv"}
+EXTENSION = {"h264": ".mp4", "hevc": ".mp4", "av1": ".mp4", "mpeg4": ".mp4", "vp9": ".webm", "vp8": ".webm",
+             "mjpeg": ".mkv"}
 ENCODE_FRAMES = 120  # frames an encode runs, and the length of the built-in test clip, by default
 TRANSCODE_PATTERN_CODEC = "mpeg4"  # codec of the built-in clip a transcode reads
 FINAL_STATES = ("done", "failed", "stopped")
