@@ -95,6 +95,17 @@ class Completion:
     seq: int
 
 
+def sleep_slice(deadline: int | None, slot: int) -> float:
+    """How long a waiter may sleep next: SLEEP_SLICE_S, or less before ``deadline`` (monotonic
+    ns); TimeoutError once it has passed."""
+    if deadline is None:
+        return SLEEP_SLICE_S
+    left = (deadline - monotonic_ns()) / 1e9
+    if left <= 0:
+        raise TimeoutError(f"task in slot {slot} not done in time")
+    return min(SLEEP_SLICE_S, left)
+
+
 def read_completion(mem: memoryview, at: int, status: int) -> Completion:
     """The result fields of the descriptor at ``at`` (abi.DescResult), read once ``status``
     left SUBMITTED: hostd wrote them before its seq-cst flip of the status word."""
@@ -576,12 +587,7 @@ class Device:
             try:
                 while (status := reg.load32(st_off)) == Status.SUBMITTED:
                     self._raise_if_gone()
-                    slice_s = SLEEP_SLICE_S
-                    if deadline is not None:
-                        left = (deadline - monotonic_ns()) / 1e9
-                        if left <= 0:
-                            raise TimeoutError(f"task in slot {task.slot} not done within {timeout}s")
-                        slice_s = min(slice_s, left)
+                    slice_s = sleep_slice(deadline, task.slot)
                     r = reg.futex_wait(st_off, Status.SUBMITTED, slice_s)
                     if r == 0:
                         task.wakeups += 1

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guestlib.device import SLEEP_SLICE_S, AttachError, Completion, Device, DeviceGone, Task, read_completion
+from guestlib.device import AttachError, Completion, Device, DeviceGone, Task, read_completion, sleep_slice
 from guestlib.heap import Heap
 from vmediad import abi, ivshmem
 from vmediad.abi import Doorbell, Status
@@ -171,12 +171,7 @@ class IvshmemDevice(Device):
         try:
             while (status := reg.load32(st_off)) == Status.SUBMITTED:
                 self._raise_if_gone()
-                slice_s = SLEEP_SLICE_S
-                if deadline is not None:
-                    left = (deadline - monotonic_ns()) / 1e9
-                    if left <= 0:
-                        raise TimeoutError(f"task in slot {task.slot} not done in time")
-                    slice_s = min(slice_s, left)
+                slice_s = sleep_slice(deadline, task.slot)
                 if select.select([fd], [], [], slice_s)[0]:
                     os.read(fd, 4)
                     task.wakeups += 1
