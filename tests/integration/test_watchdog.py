@@ -96,7 +96,8 @@ def test_budget_is_sized_to_the_work() -> None:
 
 
 def test_stopped_worker_times_out_and_only_its_guest_notices(make_hostd: Callable[..., Hostd]) -> None:
-    h = make_hostd(fault_injection=True, task_timeout_s=2.0, task_timeout_per_mpx_s=0.0)
+    # A deadline well above what the other guest's five tasks take on a loaded two-core box.
+    h = make_hostd(fault_injection=True, task_timeout_s=5.0, task_timeout_per_mpx_s=0.0)
     sub = h.device.events.subscribe()
     with structlog.testing.capture_logs() as logs, \
             guestlib.attach(h.socket_path, name="hung", region_size=16 << 20) as dev, \
@@ -125,8 +126,8 @@ def test_stopped_worker_times_out_and_only_its_guest_notices(make_hostd: Callabl
         assert not call.is_alive()
         took = call.ended - t0
         assert isinstance(call.error, DeviceError) and call.error.code == ErrorCode.TIMEOUT
-        assert 2.0 <= took < 2.0 + 2.0, took
-        assert "past its deadline of 2 s: its worker was killed and respawned" in str(call.error)
+        assert 5.0 <= took < 5.0 + 3.0, took
+        assert "past its deadline of 5 s: its worker was killed and respawned" in str(call.error)
 
         # Killed (reaped: no such process) and respawned; its sessions are lost.
         with pytest.raises(ProcessLookupError):
@@ -150,7 +151,7 @@ def test_stopped_worker_times_out_and_only_its_guest_notices(make_hostd: Callabl
     events = [(e["event"], e["data"]) for e in drain(sub) if e["event"] in ("timeout", "restart", "worker_crash")]
     vm = hung["vm"]
     assert [e for e, _ in events] == ["timeout", "restart"]  # a watchdog kill is no crash
-    assert events[0][1]["vm"] == vm and events[0][1]["op"] == "ENCODE_FRAME" and events[0][1]["seconds"] >= 2.0
+    assert events[0][1]["vm"] == vm and events[0][1]["op"] == "ENCODE_FRAME" and events[0][1]["seconds"] >= 5.0
     assert events[1][1] == {"vm": vm, "name": "hung", "generation": 2}
     warned = [e for e in logs if e["log_level"] == "warning" and e.get("vm") == vm]
     assert [e["event"] for e in warned][:3] == ["task timed out; killing its worker", "task failed",
