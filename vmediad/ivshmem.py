@@ -29,7 +29,6 @@ The guest side (BAR0 registers, BAR2 memory) is described in docs/vms.md.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import select
 import socket
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmediad import abi
+from vmediad.shm import create_memfd
 
 PROTOCOL_VERSION = 0
 SHM_MESSAGE = -1  # the value that comes with the shared-memory fd
@@ -184,14 +184,7 @@ def create_region(size: int, name: str = "vmediad-ivshmem") -> int:
     Sealed against growing and shrinking, so neither side can truncate the other's mapping away."""
     if size < 4096 or size & (size - 1):
         raise ValueError(f"region size {size} must be a power of two of at least 4096")
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return create_memfd(name, size)
 
 
 def _eventfds(n: int) -> list[int]:
