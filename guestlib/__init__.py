@@ -23,6 +23,7 @@ from guestlib.device import (
     attach,
     hostd_status,
 )
+from guestlib.display import Display
 from vmediad.abi import ErrorCode, Op
 
 
@@ -38,6 +39,6 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path,
     return _transcode(dev, input_path, output_path, codec, **options)
 
 __all__ = [
-    "AttachError", "Batch", "Buffer", "Completion", "Device", "DeviceError", "DeviceGone", "ErrorCode",
+    "AttachError", "Batch", "Buffer", "Completion", "Device", "DeviceError", "DeviceGone", "Display", "ErrorCode",
     "Op", "OutOfMemory", "SessionLost", "Task", "attach", "hostd_status", "transcode",
 ]

@@ -124,6 +124,21 @@ class Decoder(_Session):
         self._givers[slot] = give_back
         return give_back
 
+    def _retainer(self, slot: int) -> Callable[[], Callable[[], None]]:
+        """One more lend of pool slot ``slot`` (the decoder does not write a slot whose lent
+        counter is above zero), and its give-back."""
+        pool = self._pool
+        assert pool is not None
+        word = pool.offset + abi.pool_lent_word(slot)
+        region = self.device.region
+        give_back = self._lender(slot)
+
+        def retain() -> Callable[[], None]:
+            region.fadd32(word, 1)
+            return give_back
+
+        return retain
+
     @property
     def pool_size(self) -> int:
         """Bytes of the session's frame pool (0: none)."""
@@ -299,13 +314,15 @@ class Decoder(_Session):
                 for p in planes:
                     p.flags.writeable = False  # the decoder may still predict from it
                 return planes
-            return Frame(w, h, pf, pts, views, strides=strides, nbytes=nbytes, release=self._lender(slot))
+            return Frame(w, h, pf, pts, views, strides=strides, nbytes=nbytes, release=self._lender(slot),
+                         plane_offsets=tuple(start + o for o in offs), retain=self._retainer(slot))
         planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
         packed, acc = True, 0
         for (rows, _), o, s in zip(shapes, offs, strides, strict=True):
             packed, acc = packed and o == acc, acc + rows * s
         self._frame_bytes = max(self._frame_bytes, nbytes)
-        return Frame(w, h, pf, pts, planes, offset=base + off if packed else -1, strides=strides, nbytes=nbytes)
+        return Frame(w, h, pf, pts, planes, offset=base + off if packed else -1, strides=strides, nbytes=nbytes,
+                     plane_offsets=tuple(base + off + o for o in offs))
 
     def close(self) -> None:
         if not self.closed:

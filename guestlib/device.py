@@ -39,6 +39,7 @@ from vmediad.shm import EAGAIN, MappedRegion, monotonic_ns
 
 if TYPE_CHECKING:
     from guestlib.codec import Decoder, Encoder
+    from guestlib.display import Display
 
 SPINS = 200  # pause-spins before sleeping; longer spins lose on 2 cores (docs/benchmarks.md)
 LIVENESS_S = 3.0  # a heartbeat older than this means hostd is gone
@@ -540,6 +541,12 @@ class Device:
         from guestlib.codec import Decoder
 
         return Decoder(self, codec, **options)
+
+    def display(self, width: int, height: int, fmt: str = "bgra", buffers: int = 2) -> Display:
+        """Open a display output on the shared screen; see guestlib.display.Display."""
+        from guestlib.display import Display
+
+        return Display(self, width, height, fmt, buffers)
 
     def caps(self) -> dict[str, Any]:
         from guestlib.codec import caps

@@ -77,9 +77,12 @@ class Frame:
     def __init__(self, width: int, height: int, fmt: PixFmt, pts: int | None,
                  planes: Planes | Callable[[], Planes],
                  *, offset: int = -1, strides: tuple[int, ...] = (), nbytes: int = 0,
-                 buffer: Buffer | None = None, release: Callable[[], None] | None = None) -> None:
+                 buffer: Buffer | None = None, release: Callable[[], None] | None = None,
+                 plane_offsets: tuple[int, ...] = (), retain: Callable[[], Callable[[], None]] | None = None) -> None:
         """``planes``: the views, or a function that makes them on first access (a decoder's
-        pooled frames: most are passed on or counted, never looked at)."""
+        pooled frames: most are passed on or counted, never looked at).  ``plane_offsets``:
+        each plane's region offset, when the frame lies in the region; ``retain``: for a pooled
+        frame, takes one more lend of its slot and returns that lend's give-back."""
         self.width = width
         self.height = height
         self.pix_fmt = fmt
@@ -90,6 +93,8 @@ class Frame:
         self.nbytes = nbytes
         self._buffer = buffer
         self._release = release
+        self.plane_offsets = plane_offsets
+        self._retain = retain
 
     @property
     def planes(self) -> Planes:
@@ -118,6 +123,14 @@ class Frame:
         release, self._release = self._release, None
         if release is not None:
             release()
+
+    def retain(self) -> Callable[[], None]:
+        """Keep a pooled frame's slot lent past ``release()`` (and past the decoder's next call)
+        until the returned function is called (a display shows it meanwhile).  ValueError for a
+        frame that is not pooled or was already released."""
+        if self._retain is None or self._release is None:
+            raise ValueError("only a pooled frame that is still lent can be retained")
+        return self._retain()
 
     def copy(self) -> Frame:
         return Frame(self.width, self.height, self.pix_fmt, self.pts, [p.copy() for p in self.planes])

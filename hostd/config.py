@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hostd.core.scheduler import POLICIES as SCHEDULER_POLICIES
+from hostd.display import layout
 from vmediad import abi
 from vmediad.errors import EXIT_CONFIG, ConfigError, StartupError
 from vmediad.protocol import default_socket_path
@@ -16,6 +17,8 @@ from vmediad.protocol import default_socket_path
 DEFAULT_CONFIG_PATH = Path("/etc/vmediad/config.toml")
 POLICIES = tuple(SCHEDULER_POLICIES)
 MiB = 1 << 20
+# swscale's filters by PyAV's names ("point" is nearest-neighbour: allowed, never the default).
+_INTERPOLATIONS = frozenset({"FAST_BILINEAR", "BILINEAR", "BICUBIC", "POINT", "AREA", "GAUSS", "LANCZOS", "SPLINE"})
 __all__ = ["EXIT_CONFIG", "ConfigError", "StartupError", "default_socket_path"]  # re-exported for hostd's callers
 
 @dataclass(frozen=True)
@@ -60,6 +63,15 @@ class Config:
     # hostd is the ivshmem server of QEMU VMs, one socket per VM in this directory ("": off);
     # see hostd/ivshmem.py and docs/vms.md.
     ivshmem_dir: str = ""
+    # The shared screen (hostd/display/): its size, the compositor's refresh, the layout at start
+    # (`vmediad display layout` words), the scaler, and the live page's address ("": no page).
+    display_width: int = 1280
+    display_height: int = 720
+    display_refresh_hz: float = 30.0
+    display_layout: str = "grid"
+    display_interpolation: str = "bilinear"
+    display_threads: int = 1
+    display_http: str = ""
 
     def channel_count(self) -> int:
         return self.channels or (os.cpu_count() or 1)
@@ -78,10 +90,12 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
                "max_height", "max_pixels"),
     "scheduler": ("policy", "weights"),
     "workers": ("recycle_tasks", "recycle_rss_mb", "irq_holdoff", "task_timeout_s", "task_timeout_per_mpx_s"),
+    "display": ("width", "height", "refresh_hz", "layout", "interpolation", "threads", "http"),
 }
 _RENAMES = {"workers.recycle_tasks": "worker_recycle_tasks", "workers.recycle_rss_mb": "worker_recycle_rss_mb",
             "workers.irq_holdoff": "worker_irq_holdoff", "workers.task_timeout_s": "task_timeout_s",
-            "workers.task_timeout_per_mpx_s": "task_timeout_per_mpx_s"}
+            "workers.task_timeout_per_mpx_s": "task_timeout_per_mpx_s",
+            **{f"display.{k}": f"display_{k}" for k in _SECTIONS["display"]}}
 
 
 def _coerce(key: str, name: str, value: Any) -> Any:
@@ -169,6 +183,20 @@ def validate(cfg: Config) -> Config:
     need(cfg.max_sessions_per_guest >= 1, "limits.max_sessions_per_guest", "must be >= 1")
     for k in ("max_width", "max_height", "max_pixels"):
         need(getattr(cfg, k) >= 16, f"limits.{k}", "must be >= 16")
+    need(16 <= cfg.display_width <= 8192 and 16 <= cfg.display_height <= 8192, "display.width",
+         f"the screen must be 16x16 to 8192x8192, got {cfg.display_width}x{cfg.display_height}")
+    need(1 <= cfg.display_refresh_hz <= 240, "display.refresh_hz", "must be 1 to 240")
+    need(1 <= cfg.display_threads <= 16, "display.threads", "must be 1 to 16")
+    need(cfg.display_interpolation.upper() in _INTERPOLATIONS, "display.interpolation",
+         f"must be one of {', '.join(sorted(i.lower() for i in _INTERPOLATIONS))}")
+    try:
+        layout.validate(layout.parse(cfg.display_layout.split()), cfg.display_width, cfg.display_height)
+    except layout.LayoutError as e:
+        raise ConfigError("display.layout", str(e)) from None
+    if cfg.display_http:
+        host, sep, port = cfg.display_http.rpartition(":")
+        need(bool(sep and host and port.isdigit() and 0 <= int(port) < 65536), "display.http",
+             f"must be host:port, got {cfg.display_http!r}")
     need(cfg.policy in POLICIES, "scheduler.policy", f"must be one of {', '.join(POLICIES)}")
     need(cfg.worker_recycle_tasks >= 0, "workers.recycle_tasks", "must be >= 0")
     need(cfg.worker_recycle_rss_mb >= 0, "workers.recycle_rss_mb", "must be >= 0")

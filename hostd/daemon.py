@@ -7,16 +7,20 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from hostd.config import Config
 from hostd.control import ControlServer
 from hostd.device import Device, RunState
+from hostd.display.service import DisplayService
 from hostd.ivshmem import IvshmemError, IvshmemHost
 from hostd.notify import Notifier
 from vmediad.errors import EXIT_INTERNAL, StartupError
+
+if TYPE_CHECKING:
+    from hostd.display.http import DisplayHttp
 
 log = structlog.get_logger("hostd")
 
@@ -30,6 +34,9 @@ class Hostd:
         self.device = Device(cfg)
         self.control = ControlServer(cfg, self.device)
         self.ivshmem: IvshmemHost | None = None
+        self.display = DisplayService(self.device, self.device.display, refresh_hz=cfg.display_refresh_hz,
+                                      interpolation=cfg.display_interpolation, workers=cfg.display_threads)
+        self.display_http: DisplayHttp | None = None
         self._metrics_server: Any = None
         self._status_tick = 0.0
         self._ready = False  # no WATCHDOG/STATUS before READY=1
@@ -50,6 +57,9 @@ class Hostd:
                 self._start_metrics()
             self.device.on_loop = self._on_loop
             self.device.start()
+            self.display.start()
+            if self.cfg.display_http:
+                self._start_display_http()
             if self.cfg.ivshmem_dir:
                 self._start_ivshmem()
             self.control.start()
@@ -72,6 +82,20 @@ class Hostd:
             raise StartupError(f"hostd.ivshmem_dir: {e}") from None
         self.control.ivshmem = self.ivshmem
         self.ivshmem.start()
+
+    def _start_display_http(self) -> None:
+        from hostd.display.http import DisplayHttp  # aiohttp is loaded only when the page is served
+
+        host, _, port = self.cfg.display_http.rpartition(":")
+        self.display_http = DisplayHttp(self.display, host.strip("[]"), int(port))
+        self.display_http.start()  # StartupError if the address is taken
+        log.info("display page", url=self.display_http.url)
+
+    def _stop_display(self) -> None:
+        if self.display_http is not None:
+            self.display_http.stop()
+            self.display_http = None
+        self.display.stop()
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
@@ -100,6 +124,7 @@ class Hostd:
             self.control.ivshmem = None
 
     def _abort_start(self) -> None:
+        self._stop_display()
         self._stop_metrics()
         self.control.close()
         self._close_ivshmem()
@@ -130,6 +155,7 @@ class Hostd:
 
     def stop(self) -> None:
         self.notifier.stopping()
+        self._stop_display()  # before the device: its last deliver() runs on the device thread
         self.device.request_stop()
         self.device.join(self.cfg.shutdown_grace_s + 10)
         self.control.close()
@@ -175,9 +201,10 @@ def run_foreground(cfg: Config) -> int:
     except Exception:
         log.exception("internal error during start-up", exit_code=EXIT_INTERNAL)
         return EXIT_INTERNAL
-    while not stop.is_set() and not h.device.stopped.is_set() and h.control.crashed is None:
+    while not stop.is_set() and not h.device.stopped.is_set() and h.control.crashed is None \
+            and h.display.crashed is None:
         stop.wait(0.5)
-    crashed = h.device.crashed or h.control.crashed
+    crashed = h.device.crashed or h.control.crashed or h.display.crashed
     if h.device.crashed is None and h.device.state == RunState.RUNNING:
         h.stop()  # a crashed control thread still lets the device stop its workers in order
     else:

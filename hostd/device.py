@@ -10,6 +10,7 @@ callers reach it through ``post()``.
 from __future__ import annotations
 
 import os
+import queue
 import secrets
 import signal
 import threading
@@ -176,6 +177,8 @@ class Device(Loop):
                 raise
             self.guests[vm_id] = g
             self.scheduler.add_vm(vm_id, g.weight)
+            self.display.attach(vm_id, g.name, region.mapped.mem, region.layout.heap_offset,
+                                region.layout.region_size)
             for slot in rerun:
                 self.scheduler.arrive(vm_id, slot)
             req.guest = g
@@ -211,7 +214,7 @@ class Device(Loop):
                 continue
             at = layout.desc(slot) + abi.D_INPUT
             desc = abi.Descriptor.unpack(bytes(reg.mem[at : at + abi.DESC_INPUT.size]))
-            if desc.opcode in abi.SESSION_OPS:
+            if desc.opcode in abi.SESSION_OPS or desc.opcode == abi.Op.DISPLAY_COMMIT:  # outputs died too
                 self._complete(g, slot, ErrorCode.SESSION_LOST, 0, 0, U32, 0, op=desc.opcode,
                                submit_ns=0, counted=True)
             else:
@@ -333,6 +336,9 @@ class Device(Loop):
         g.life.fire(LifeEvent.DETACH)
         g.log.info("guest detaching", reason=reason)
         self.events.emit("detach", vm=g.vm_id, name=g.name, reason=reason)
+        # Its viewport is labelled from the next composition ("detach" is the guest's own
+        # request; any other reason means it died or was killed).
+        self.display.detach(g.vm_id, monotonic_ns(), died=reason != "detach")
         self._drop_queued(g)
         if g.worker is not None and not g.worker.exited.is_set():
             g.worker.kill()  # its reaper posts _worker_exited, which reclaims
@@ -364,7 +370,8 @@ class Device(Loop):
             self._departed.append((now, entry))
             self._prune_departed(now)
         self._free_slots.append(g.slot)
-        g.region.close()
+        self.display.detach(g.vm_id, monotonic_ns(), died=True)  # a no-op after _do_detach's
+        self.display.close_region(g.vm_id, g.region.close)  # later, if a composition reads it
         if g.irq_fd >= 0:
             os.close(g.irq_fd)
             g.irq_fd = -1
@@ -386,6 +393,7 @@ class Device(Loop):
             return False
         for rf in running:
             self._retire(rf, ErrorCode.DEVICE_GONE)
+        self.display.fail_all(ErrorCode.DEVICE_GONE)
         for g in list(self.guests.values()):
             self._drop_queued(g)
             self._fail_unread(g)
@@ -414,6 +422,11 @@ class Device(Loop):
             # Wedged: unmapping under it would crash the process; leak instead.
             log.error("device thread still running at close; regions and bank left mapped")
             return
+        while True:  # posts never run (a compositor's deliver) may hold views of regions
+            try:
+                self._events.get_nowait()
+            except queue.Empty:
+                break
         for g in list(self.guests.values()):
             if g.worker is not None:
                 g.worker.kill()

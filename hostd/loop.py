@@ -40,6 +40,8 @@ from hostd.core.ring import Ring
 from hostd.core.scheduler import Pending, Scheduler
 from hostd.core.sessions import SessionIds, Sessions
 from hostd.core.watchdog import DEFAULT_DECODE_MPX, NEVER, session_mpx, task_budget_s
+from hostd.display import layout as display_layout
+from hostd.display.port import DisplayPort
 from hostd.events import EventBus
 from hostd.regions import Region, create_bank
 from hostd.stats import GuestStats
@@ -132,6 +134,10 @@ class Loop:
         self.channels = self.core.channels
         self.files = self.core.files
         self.limits = abi.GeometryLimits(cfg.max_width, cfg.max_height, cfg.max_pixels)
+        # The shared screen's device-thread half: display tasks run here, never on a worker.
+        self.display = DisplayPort.create(cfg.display_width, cfg.display_height,
+                                          display_layout.parse(cfg.display_layout.split()), self.limits,
+                                          self._display_complete)
         self.guests: dict[int, Guest] = {}
         self.events = EventBus()
         # Session ids start at a random point per hostd run: a guest that re-adopts its
@@ -168,6 +174,22 @@ class Loop:
                 return  # the device is gone: nobody would run fn
             self._events.put(fn)
             self.bank.kick(abi.BANK_HOST_EVENT, abi.BANK_HOST_NEED_WAKEUP)
+
+    def call(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run ``fn`` on the device thread and return its result (None if it did not run within
+        ``timeout``: the device is stopping or gone).  An exception in ``fn`` is a bug of ours
+        and ends the device thread (hostd exits non-zero)."""
+        box: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box.append(fn())
+            finally:
+                done.set()
+
+        self.post(run)
+        return box[0] if done.wait(timeout) and box else None
 
     def wake(self) -> None:
         """Wake a sleeping device thread (thread-safe): an ivshmem Doorbell fired.  The
@@ -352,6 +374,12 @@ class Loop:
             self._fail(g, p.slot, desc.tag, prog, op=desc.opcode)
             return None
         op = prog.opcode
+        if op in abi.DISPLAY_OPS:
+            # Run here, now: the task holds its slot (a commit until its flip) but no longer
+            # counts against the guest's in-flight cap.
+            self.scheduler.finished(g.vm_id)
+            self.display.run(g.vm_id, p.slot, prog, monotonic_ns())
+            return None
         config = b""
         channel: int | None = None
         if op == Op.SESSION_OPEN:
@@ -474,6 +502,13 @@ class Loop:
                        op=run.op, codec=codec, submit_ns=run.submit_ns, reason=reason,
                        dst=(run.dst_off, run.dst_len))
         self._maybe_recycle(g)
+
+    def _display_complete(self, vm: int, slot: int, op: Op, error: ErrorCode, result: int, result_len: int) -> None:
+        g = self.guests.get(vm)
+        if g is None or slot not in g.held_slots:
+            return
+        self._complete(g, slot, error, result, result_len, U32, 0, op=op, submit_ns=g.arrival_ns.get(slot, 0),
+                       counted=True)
 
     def _fail(self, g: Guest, slot: int, tag: int, code: ErrorCode, op: int = 0) -> None:
         """A task that never reached a channel ends with ``code``."""

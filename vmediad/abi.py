@@ -158,12 +158,18 @@ class Op(enum.IntEnum):
     DECODE = 18
     FLUSH = 19
     SESSION_CLOSE = 20
+    # The shared screen (records below, "The shared screen"): hostd's device thread runs them
+    # itself; they never reach a worker.
+    DISPLAY_OPEN = 32  # src: DISPLAY_OPEN; dst: the arena (reply table, then the buffers)
+    DISPLAY_COMMIT = 33  # src: DISPLAY_COMMIT (+ damage); dst: its DISPLAY_FLIP (completes at the flip)
+    DISPLAY_CLOSE = 34  # arg0: output id
 
 
 SESSION_OPS = frozenset({Op.ENCODE_FRAME, Op.DECODE, Op.FLUSH, Op.SESSION_CLOSE})
 # Run by hostd's worker inline in its main loop (microseconds); every other op is a codec
 # task that runs on its channel's thread (milliseconds).
 SHORT_OPS = frozenset({Op.NOP, Op.COPY, Op.CRC32})
+DISPLAY_OPS = frozenset({Op.DISPLAY_OPEN, Op.DISPLAY_COMMIT, Op.DISPLAY_CLOSE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -1073,9 +1079,12 @@ def c_macros() -> list[tuple[str, str]]:
 # Pure like ``vmediad.abi`` (stdlib and ``abi`` only); its golden bytes are pinned in
 # ``tests/unit/test_display_core.py``.  All integers are little-endian.
 #
-# A guest opens a display output (DISPLAY_OPEN) with a size, a format and 2 or 3 buffers; hostd
-# carves the buffers out of that guest's heap and answers with a reply table (offsets from the
-# region start, so both sides address the same bytes, and per-plane offsets and strides).  The
+# A guest opens a display output (Op.DISPLAY_OPEN) with a size, a format and 2 or 3 buffers.  The
+# task's dst is an arena of the guest's heap lent to hostd for as long as the output is open (at
+# least ``display_arena_size`` bytes; the guest's heap allocator is the guest's own, so hostd
+# allocates inside what it was lent).  hostd writes the reply table at the arena's start, places
+# the buffers after it (page-aligned, strides and plane offsets its choice) and answers with
+# their offsets from the region start, so both sides address the same bytes.  The
 # guest draws into a buffer it holds and commits it (DISPLAY_COMMIT); a commit may name instead an
 # "external" picture in its heap, e.g. a decoder's frame-pool slot, described by offset, planes and
 # format.
@@ -1101,14 +1110,6 @@ DISPLAY_MAX_DAMAGE = 16
 DISPLAY_STRIDE_ALIGN = 64
 BUFFER_EXTERNAL = 0xFFFF_FFFE  # DISPLAY_COMMIT.buffer: the picture is described in the commit
 BUFFER_NONE = 0xFFFF_FFFF  # DISPLAY_FLIP: no buffer in this field
-
-
-class DisplayOp(enum.IntEnum):
-    """Opcodes proposed for ``Op`` (src = the record below, dst = where the reply goes)."""
-
-    DISPLAY_OPEN = 32  # src: DISPLAY_OPEN; dst: DISPLAY_REPLY table (at most DISPLAY_REPLY_MAX)
-    DISPLAY_COMMIT = 33  # src: DISPLAY_COMMIT (+ damage); completes with its DISPLAY_FLIP at dst
-    DISPLAY_CLOSE = 34  # arg0: output id
 
 
 class FlipFlag(enum.IntFlag):
@@ -1158,6 +1159,33 @@ class DisplayOpen:
 DISPLAY_REPLY_HEAD = struct.Struct("<IIIIII")
 DISPLAY_BUFFER = struct.Struct("<QQ3I3I")
 DISPLAY_REPLY_MAX = DISPLAY_REPLY_HEAD.size + DISPLAY_MAX_BUFFERS * DISPLAY_BUFFER.size
+
+
+def display_buffer_layout(fmt: PixFmt, width: int, height: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Plane offsets, strides and size of one buffer hostd allocates: planes back to back as
+    FFmpeg fills pointers, every stride a multiple of DISPLAY_STRIDE_ALIGN, the size a multiple
+    of PAGE_SIZE.  ValueError if ``fmt`` is not a display format."""
+    a = DISPLAY_STRIDE_ALIGN
+    if fmt == PixFmt.BGRA:
+        strides: tuple[int, ...] = (align(4 * width, a),)
+    elif fmt == PixFmt.NV12:
+        strides = (align(width, a), align(width, a))
+    elif fmt == PixFmt.YUV420P:
+        s = align(width, 2 * a)
+        strides = (s, s // 2, s // 2)
+    else:
+        raise ValueError(f"not a display format: {fmt}")
+    offsets, off = [], 0
+    for (rows, _), stride in zip(plane_shapes(fmt, width, height), strides, strict=True):
+        offsets.append(off)
+        off += rows * stride
+    return tuple(offsets), strides, align(off, PAGE_SIZE)
+
+
+def display_arena_size(fmt: PixFmt, width: int, height: int, buffers: int) -> int:
+    """Bytes a DISPLAY_OPEN's dst must lend: the reply table, the buffers, and one page for
+    aligning an arena that starts anywhere in the heap."""
+    return align(DISPLAY_REPLY_MAX, PAGE_SIZE) + buffers * display_buffer_layout(fmt, width, height)[2] + PAGE_SIZE
 
 
 @dataclass(frozen=True, slots=True)

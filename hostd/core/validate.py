@@ -42,6 +42,9 @@ _USES: dict[Op, tuple[bool, bool]] = {
     Op.DECODE: (True, True),
     Op.FLUSH: (False, True),
     Op.SESSION_CLOSE: (False, False),
+    Op.DISPLAY_OPEN: (True, True),  # dst: the arena lent for the output's buffers
+    Op.DISPLAY_COMMIT: (True, True),  # dst: the flip record
+    Op.DISPLAY_CLOSE: (False, False),
 }
 # Ops whose src may be empty (DRAIN_PENDING retries consume no input).
 _EMPTY_SRC_OK = frozenset({Op.ENCODE_FRAME, Op.DECODE, Op.COPY, Op.CRC32})
@@ -75,6 +78,13 @@ def check(desc: Descriptor, layout: Layout) -> Program | ErrorCode:
         desc.flags & abi.F_DRAIN_PENDING
     ):
         return ErrorCode.BAD_ARG
+    if op == Op.DISPLAY_OPEN and (desc.src_len != abi.DISPLAY_OPEN.size or desc.dst_len < abi.DISPLAY_REPLY_MAX):
+        return ErrorCode.BAD_ARG
+    if op == Op.DISPLAY_COMMIT:
+        if not abi.DISPLAY_COMMIT_FIXED <= desc.src_len <= abi.DISPLAY_COMMIT_MAX:
+            return ErrorCode.BAD_ARG
+        if desc.dst_len < abi.DISPLAY_FLIP.size:
+            return ErrorCode.NO_SPACE
     if desc.flags & abi.F_MULTI:
         if op not in (Op.ENCODE_FRAME, Op.DECODE) or desc.flags & abi.F_DRAIN_PENDING:
             return ErrorCode.BAD_FLAGS

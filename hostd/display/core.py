@@ -36,7 +36,6 @@ from vmediad.abi import (
     DISPLAY_FORMATS,
     DISPLAY_MAX_BUFFERS,
     DISPLAY_MIN_BUFFERS,
-    DISPLAY_STRIDE_ALIGN,
     DamageRect,
     DisplayBuffer,
     DisplayCommit,
@@ -177,29 +176,7 @@ def _pad3(values: tuple[int, ...]) -> tuple[int, int, int]:
     return v[0], v[1], v[2]
 
 
-def _align(v: int, to: int) -> int:
-    return -(-v // to) * to
-
-
-def buffer_layout(fmt: PixFmt, width: int, height: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """Plane offsets, strides and size of one buffer hostd allocates (packed, as FFmpeg fills
-    pointers: planes back to back, every stride a multiple of DISPLAY_STRIDE_ALIGN)."""
-    a = DISPLAY_STRIDE_ALIGN
-    if fmt == PixFmt.BGRA:
-        strides: tuple[int, ...] = (_align(4 * width, a),)
-    elif fmt == PixFmt.NV12:
-        s = _align(width, a)
-        strides = (s, s)
-    elif fmt == PixFmt.YUV420P:
-        s = _align(width, 2 * a)
-        strides = (s, s // 2, s // 2)
-    else:
-        raise ValueError(f"not a display format: {fmt}")
-    offsets, off = [], 0
-    for (rows, _), stride in zip(abi.plane_shapes(fmt, width, height), strides, strict=True):
-        offsets.append(off)
-        off += rows * stride
-    return tuple(offsets), strides, _align(off, BUFFER_ALIGN)
+buffer_layout = abi.display_buffer_layout  # the ABI's rule: the guest sizes its arena by it
 
 
 def _packed(fmt: PixFmt, width: int, height: int, planes: tuple[Plane, ...], heap_hi: int) -> bool:

@@ -31,7 +31,7 @@ def test_constants() -> None:
     assert [s.value for s in abi.Status] == [0, 1, 2, 3]
     assert {o.name: o.value for o in abi.Op} == {
         "NOP": 1, "COPY": 2, "CRC32": 3, "CAPS": 4, "SESSION_OPEN": 16, "ENCODE_FRAME": 17, "DECODE": 18,
-        "FLUSH": 19, "SESSION_CLOSE": 20,
+        "FLUSH": 19, "SESSION_CLOSE": 20, "DISPLAY_OPEN": 32, "DISPLAY_COMMIT": 33, "DISPLAY_CLOSE": 34,
     }
     codes = (abi.ErrorCode.WORKER_CRASHED, abi.ErrorCode.NO_SPACE, abi.ErrorCode.SESSION_LOST)
     assert [int(c) for c in codes] == [9, 13, 15]

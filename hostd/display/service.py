@@ -1,0 +1,207 @@
+"""The compositor thread: at the refresh rate, latch the commits and compose the shared screen.
+
+Each refresh: ``tick`` on the device thread (``DisplayPort.tick``: the pending commits become the
+front ones, their regions are pinned), compose the scene here (swscale releases the GIL; this
+thread is off the codec's path), publish a new screen array, then ``deliver`` on the device thread
+(the flips complete, the regions are unpinned).  The flips that release buffers are therefore
+written only after the composition that read them: no guest draws into a buffer being composed.
+
+Readers (the live page, the control socket's snapshot and record commands) get immutable screen
+arrays: a new array per composed frame, never written after it is published.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypedDict
+
+import numpy as np
+import structlog
+from numpy.typing import NDArray
+
+from hostd.display import layout as lay
+from hostd.display.compose import Compositor, items_from_scene
+from hostd.display.port import DisplayPort, Frame
+from vmediad.shm import monotonic_ns
+
+log = structlog.get_logger("hostd.display")
+
+Screen = NDArray[np.uint8]
+_SAMPLES = 512
+
+
+class DeviceThread(Protocol):
+    """What the service needs of the device loop (hostd.loop.Loop)."""
+
+    def call(self, fn: Callable[[], Any], timeout: float) -> Any: ...
+
+    def post(self, fn: Callable[[], None]) -> None: ...
+
+
+class DisplayStats(TypedDict):
+    width: int
+    height: int
+    refresh_hz: float
+    interpolation: str
+    screen_seq: int
+    compositions: int
+    skipped: int  # refreshes with nothing changed (no composition)
+    late: int  # refreshes that started more than one period late
+    screen_fps: float  # compositions over the last second
+    compose_ms_p50: float
+    compose_ms_p99: float
+    compose_cpu_s: float  # CPU time of the compositor thread's compositions, in total
+    scaled: int
+    reused: int
+    copied: int
+
+
+class DisplayService:
+    """The compositor thread and the published screen (a ``hostd.display.http.ScreenSource``)."""
+
+    def __init__(self, device: DeviceThread, port: DisplayPort, *, refresh_hz: float = 30.0,
+                 interpolation: str = "bilinear", workers: int = 1) -> None:
+        self._device = device
+        self._port = port
+        self._hz = refresh_hz
+        self._interp = interpolation.upper()
+        self.compositor = Compositor(interpolation=self._interp, workers=workers)
+        core = port.core
+        self.width, self.height = core.width, core.height
+        self._screen: Screen = np.zeros((self.height, self.width, 4), np.uint8)
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._latest: Screen = self._screen.copy()
+        self._latest.flags.writeable = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.crashed: BaseException | None = None
+        self._times: deque[int] = deque(maxlen=_SAMPLES)  # monotonic ns of compositions
+        self._costs: deque[float] = deque(maxlen=_SAMPLES)  # wall seconds per composition
+        self._skipped = 0
+        self._late = 0
+
+    # --- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="compositor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self.compositor.close()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # an internal bug: hostd exits non-zero (daemon.py)
+            self.crashed = e
+            log.exception("compositor crashed")
+
+    def _run(self) -> None:
+        period = 1.0 / self._hz
+        next_t = time.monotonic()
+        first = True
+        while not self._stop.is_set():
+            frame: Frame | None = self._device.call(lambda: self._port.tick(monotonic_ns()), timeout=5.0)
+            if frame is None:
+                if self._stop.is_set():
+                    break
+                continue  # the device thread was busy for 5 s (or stopping): try again
+            try:
+                if frame.tick.changed or first:
+                    self._compose(frame)
+                    first = False
+                else:
+                    self._skipped += 1
+            finally:
+                self._device.post(lambda f=frame: self._port.deliver(f))  # type: ignore[misc]
+                del frame
+            next_t += period
+            now = time.monotonic()
+            if now - next_t > period:
+                self._late += 1
+                next_t = now  # behind by more than a refresh: start again from now, no burst
+            self._stop.wait(max(0.0, next_t - now))
+
+    def _compose(self, frame: Frame) -> None:
+        items = items_from_scene(frame.tick.scene, frame.region_of)
+        t0 = time.perf_counter()
+        self.compositor.compose(self._screen, items)
+        del items  # the views of guest regions: deliver() unmaps departed ones
+        screen = self._screen.copy()
+        screen.flags.writeable = False
+        self._costs.append(time.perf_counter() - t0)
+        with self._cond:
+            self._seq += 1
+            self._latest = screen
+            self._times.append(monotonic_ns())
+            self._cond.notify_all()
+
+    # --- readers (any thread) -----------------------------------------------------------------
+    @property
+    def refresh_hz(self) -> float:
+        return self._hz
+
+    def latest(self) -> tuple[int, Screen]:
+        with self._cond:
+            return self._seq, self._latest
+
+    def wait_newer(self, seq: int, timeout: float) -> tuple[int, Screen] | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._seq <= seq:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return None
+                self._cond.wait(left)
+            return self._seq, self._latest
+
+    def set_layout(self, words: Sequence[str]) -> dict[str, object]:
+        spec = lay.parse(list(words))
+        self.set_layout_spec(spec)
+        return self.display_statistics()
+
+    def set_layout_spec(self, spec: lay.LayoutSpec) -> None:
+        """Apply ``spec`` on the device thread; LayoutError (state unchanged) if it does not fit."""
+        box: list[BaseException] = []
+
+        def apply() -> None:
+            try:
+                self._port.core.set_layout(spec)
+            except lay.LayoutError as e:
+                box.append(e)
+
+        self._device.call(apply, timeout=5.0)
+        if box:
+            raise box[0]
+        log.info("display layout changed", layout=spec.to_dict())
+
+    def display_statistics(self) -> dict[str, object]:
+        core = self._device.call(lambda: self._port.core.statistics(monotonic_ns()), timeout=5.0)
+        out: dict[str, object] = dict(core) if isinstance(core, dict) else {"vms": []}
+        out.update(self.statistics())
+        return out
+
+    def statistics(self) -> DisplayStats:
+        now = monotonic_ns()
+        costs = sorted(self._costs)
+        c = self.compositor
+        with self._cond:
+            recent = sum(1 for t in self._times if now - t < 1_000_000_000)
+            seq = self._seq
+        return DisplayStats(
+            width=self.width, height=self.height, refresh_hz=self._hz, interpolation=self._interp.lower(),
+            screen_seq=seq, compositions=c.frames, skipped=self._skipped, late=self._late,
+            screen_fps=float(recent), compose_ms_p50=_pct(costs, 0.5) * 1e3, compose_ms_p99=_pct(costs, 0.99) * 1e3,
+            compose_cpu_s=round(c.cpu_s, 6), scaled=c.scaled, reused=c.reused, copied=c.copied)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
