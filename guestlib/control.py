@@ -1,6 +1,7 @@
-"""Per-guest control of a running hostd over its control socket: list, kill, the event stream.
+"""Control of a running hostd over its control socket: list, kill, the event stream, the screen.
 
-This is the client side of the ``list``, ``kill`` and ``events`` commands (vmediad/protocol.py).
+This is the client side of the ``list``, ``kill``, ``events`` and ``display_*`` commands
+(vmediad/protocol.py).
 Every failure is a :class:`ControlError` whose ``kind`` says why:
 
 * ``unreachable``: nothing answers on the socket (hostd is not running, wrong path, no access);
@@ -13,9 +14,14 @@ Every failure is a :class:`ControlError` whose ``kind`` says why:
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from vmediad import protocol
 from vmediad.errors import ClientError
@@ -113,6 +119,72 @@ def kill_vm(vm: str, socket_path: str | None = None, timeout: float = 5.0) -> di
     return {k: v for k, v in reply.items() if k != "ok"}
 
 
+def display_list(socket_path: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """The shared screen: size, refresh, layout, and per VM its state, viewport and rates."""
+    state = _request(socket_path, {"cmd": "display_list"}, timeout).get("display")
+    if not isinstance(state, dict):
+        raise ControlError("hostd's display_list reply has no display", "protocol")
+    return state
+
+
+def display_layout(words: list[str], socket_path: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """Change the screen's layout (``grid``, ``main [VM]``, ``rects VM=X,Y,W,H[,Z] ...``);
+    ControlError kind ``layout`` if it is malformed or does not fit.  Returns the new state."""
+    state = _request(socket_path, {"cmd": "display_layout", "words": words}, timeout).get("display")
+    if not isinstance(state, dict):
+        raise ControlError("hostd's display_layout reply has no display", "protocol")
+    return state
+
+
+class ScreenReader:
+    """Composed screens from one control connection: ``next(after, wait_s)`` returns the first
+    screen newer than ``after`` as ``(seq, (H, W, 4) bgra array)``; the array is a private copy."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float = 10.0) -> None:
+        self._sock = _connect(_socket_path(socket_path), timeout)
+
+    def next(self, after: int = 0, wait_s: float = 0.0) -> tuple[int, npt.NDArray[np.uint8]]:
+        try:
+            self._sock.sendall(protocol.encode({"cmd": "display_snapshot", "after": after, "wait_s": wait_s}))
+            data, fds, _flags, _addr = socket.recv_fds(self._sock, 1 << 16, 1)
+        except TimeoutError:
+            raise ControlError("hostd did not reply in time", "timeout") from None
+        except OSError as e:
+            raise ControlError(f"control connection failed: {e.strerror or e}", "closed") from None
+        try:
+            lines = _Lines(self._sock)
+            lines._buf = data
+            reply = _reply(lines) if data else None
+            if reply is None:
+                raise ControlError("hostd closed the connection before replying", "closed")
+            if not fds:
+                raise ControlError("hostd's screen came without its memfd", "protocol")
+            w, h, size = int(reply["width"]), int(reply["height"]), int(reply["size"])
+            if size != w * h * 4:
+                raise ControlError(f"screen of {size} bytes is not {w}x{h} bgra", "protocol")
+            with mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+                screen = np.frombuffer(mm, np.uint8).reshape(h, w, 4).copy()
+            return int(reply["seq"]), screen
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> ScreenReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def display_snapshot(socket_path: str | None = None, timeout: float = 10.0) -> tuple[int, npt.NDArray[np.uint8]]:
+    """The screen hostd composed last, as ``(seq, (H, W, 4) bgra array)``."""
+    with ScreenReader(socket_path, timeout) as r:
+        return r.next(0, 0.0)
+
+
 class EventStream(Iterator[dict[str, Any]]):
     """hostd's events as they happen; iteration ends when hostd closes the connection.
 
@@ -179,4 +251,5 @@ def events(socket_path: str | None = None) -> EventStream:
     return EventStream(s, lines, [str(n) for n in names] if isinstance(names, list) else [])
 
 
-__all__ = ["ControlError", "EventStream", "events", "kill_vm", "list_vms"]
+__all__ = ["ControlError", "EventStream", "ScreenReader", "display_layout", "display_list", "display_snapshot",
+           "events", "kill_vm", "list_vms"]

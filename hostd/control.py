@@ -1,4 +1,5 @@
-"""The control socket: attach, detach, status, list, kill, events (JSON lines, SCM_RIGHTS).
+"""The control socket: attach, detach, status, list, kill, events, vm_socket and the display
+commands (JSON lines, SCM_RIGHTS).
 
 One thread accepts; one thread serves each connection.  A guest connection
 that reaches EOF is a dead guest: everything it held is reclaimed.  An
@@ -8,7 +9,7 @@ that reaches EOF is a dead guest: everything it held is reclaimed.  An
 from __future__ import annotations
 
 import errno
-import json
+import fcntl
 import os
 import select
 import socket
@@ -21,11 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import structlog
+from numpy.typing import NDArray
 
 from hostd.config import Config, StartupError, default_socket_path
 from hostd.core.lifecycle import Life
 from hostd.device import AttachRequest, Device
+from hostd.display.layout import LayoutError
+from hostd.display.service import DisplayService
 from hostd.events import EVENTS, EventBus
 from hostd.ivshmem import IvshmemError, IvshmemHost
 from vmediad import abi, protocol
@@ -74,6 +79,7 @@ class ControlServer:
         self._killed: deque[tuple[int, int]] = deque(maxlen=KILLED_REMEMBERED)
         self._kill_pending: set[int] = set()  # killed between attach and their connection's registration
         self.crashed: BaseException | None = None  # a bug in a control thread: hostd exits 70
+        self.display: DisplayService | None = None  # set by hostd.daemon
         self.crashed_event = threading.Event()
         self.refused = 0
         self.accepted = 0
@@ -245,10 +251,6 @@ class ControlServer:
                 line, _, buf = buf.partition(b"\n")
                 self.requests += 1
                 try:
-                    vm_name = _vm_socket_request(line)
-                    if vm_name is not None:
-                        conn.sendall(protocol.ok(**self._vm_socket(vm_name, uid)))
-                        continue
                     req = protocol.parse_request(line)
                     if req.cmd == "attach":
                         if vm_id is not None:
@@ -278,6 +280,10 @@ class ControlServer:
                         conn.sendall(protocol.ok(vms=self.list_vms()))
                     elif req.cmd == "kill":
                         conn.sendall(protocol.ok(**self._kill(req.vm, pid, uid)))
+                    elif req.cmd == "vm_socket":
+                        conn.sendall(protocol.ok(**self._vm_socket(req.name, uid)))
+                    elif req.cmd.startswith("display_"):
+                        self._display(conn, req)
                     elif req.cmd == "events":
                         if vm_id is not None:
                             raise ProtocolError("a guest's connection cannot become an event stream")
@@ -423,6 +429,32 @@ class ControlServer:
             raise ProtocolError(str(e), "vm_socket") from None
         return {"name": name, "path": str(path), "region_size": self.ivshmem.size}
 
+    def _display(self, conn: socket.socket, req: protocol.Request) -> None:
+        """The shared screen's commands (vmediad/protocol.py)."""
+        disp = self.display
+        if disp is None:
+            raise ProtocolError("this hostd has no display", "unsupported")
+        if req.cmd == "display_list":
+            conn.sendall(protocol.ok(display=disp.display_statistics()))
+        elif req.cmd == "display_layout":
+            try:
+                state = disp.set_layout(req.words)
+            except LayoutError as e:
+                raise ProtocolError(str(e), "layout") from None
+            conn.sendall(protocol.ok(display=state))
+        else:
+            got = disp.wait_newer(req.after, req.wait_s) if req.wait_s else None
+            seq, screen = got if got is not None else disp.latest()
+            if seq <= req.after:
+                raise ProtocolError(f"no screen newer than {req.after} within {req.wait_s:g} s", "timeout")
+            fd = screen_memfd(screen)
+            try:
+                h, w = screen.shape[:2]
+                socket.send_fds(conn, [protocol.ok(seq=seq, width=w, height=h, format="bgra", size=screen.nbytes)],
+                                [fd])
+            finally:
+                os.close(fd)
+
     def _stream_events(self, conn: socket.socket, clog: Any) -> None:
         """The connection becomes a one-way stream of events until the client closes it."""
         bus = self.events
@@ -495,21 +527,19 @@ _LIST_STATE = {Life.NO_WORKER: "restarting", Life.SERVING: "running", Life.RECYC
                Life.GONE: "detaching"}
 
 
-def _vm_socket_request(line: bytes) -> str | None:
-    """The VM name of a ``vm_socket`` request, else None (every other request goes to
-    protocol.parse_request).  A vm_socket request without a string name is a ProtocolError."""
-    if b'"vm_socket"' not in line:
-        return None
+def screen_memfd(screen: NDArray[np.uint8]) -> int:
+    """A sealed memfd holding ``screen``'s bytes: the reader can map it, nobody can change it."""
+    fd = os.memfd_create("vmediad-screen", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or obj.get("cmd") != "vm_socket":
-        return None
-    name = obj.get("name")
-    if not isinstance(name, str):
-        raise ProtocolError("vm_socket needs a string name")
-    return name
+        data = np.ascontiguousarray(screen).data.cast("B")
+        os.ftruncate(fd, data.nbytes)
+        os.pwrite(fd, data, 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+                    | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _drain(conn: socket.socket) -> bool:

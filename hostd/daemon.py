@@ -37,6 +37,7 @@ class Hostd:
         self.display = DisplayService(self.device, self.device.display, refresh_hz=cfg.display_refresh_hz,
                                       interpolation=cfg.display_interpolation, workers=cfg.display_threads)
         self.display_http: DisplayHttp | None = None
+        self.control.display = self.display
         self._metrics_server: Any = None
         self._status_tick = 0.0
         self._ready = False  # no WATCHDOG/STATUS before READY=1

@@ -22,6 +22,19 @@ Requests are one JSON object per line with a ``cmd``:
   "microseconds"}}``, until the client closes it.  A client too slow to read loses the oldest
   events and is told with an ``events_dropped`` event (``data.dropped``: the total so far).
 
+* ``vm_socket``: ``name`` (a QEMU VM's): hostd listens for that VM's QEMU on an ivshmem-server
+  socket; reply ``name``, ``path``, ``region_size`` (only root or hostd's own uid; kind
+  ``unsupported`` without --ivshmem-dir).
+* ``display_list``: reply ``display``: the shared screen's snapshot (size, refresh, layout, and
+  per VM its state, viewport, commit rate, presented, dropped, latency).
+* ``display_layout``: ``words`` (``vmediad display layout`` words: ``grid``, ``main [VM]``,
+  ``rects VM=X,Y,W,H[,Z] ...``, ``aspect=``, ``hide=``); reply ``display`` after the change.
+  A layout that is malformed or does not fit is kind ``layout``.
+* ``display_snapshot``: ``after`` (a screen seq, default 0) and ``wait_s`` (at most 5): the first
+  composed screen with a seq above ``after``, waiting up to ``wait_s``; reply ``seq``, ``width``,
+  ``height``, ``format`` ("bgra"), ``size``, and a sealed memfd with the pixels (rows of
+  width * 4 bytes) travels with the reply (SCM_RIGHTS).  Kind ``timeout`` if none came.
+
 Replies carry ``ok``; a refusal is ``{"ok": false, "error": text, "kind": ...}``.
 The control plane is never used per task.
 """
@@ -38,8 +51,11 @@ from vmediad import abi
 from vmediad.errors import ProtocolError
 
 MAX_LINE = 64 * 1024
-COMMANDS = ("attach", "detach", "status", "ping", "list", "kill", "events")
+COMMANDS = ("attach", "detach", "status", "ping", "list", "kill", "events", "vm_socket", "display_list",
+            "display_layout", "display_snapshot")
 VM_REF_MAX = 64
+LAYOUT_WORDS_MAX = 64
+SNAPSHOT_WAIT_MAX_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,9 @@ class Request:
     named: bool = False
     adopt: bool = False
     vm: str = ""  # kill: a guest's name or id
+    words: tuple[str, ...] = ()  # display_layout
+    after: int = 0  # display_snapshot
+    wait_s: float = 0.0  # display_snapshot
 
 
 def parse_request(line: bytes) -> Request:
@@ -87,7 +106,22 @@ def parse_request(line: bytes) -> Request:
         raise ProtocolError("vm must be a guest name or a positive id")
     if cmd == "kill" and not vm:
         raise ProtocolError("kill needs vm (a guest name or id)")
-    return Request(cmd, name, ints["region_size"], ints["ring_entries"], flags["named"], flags["adopt"], vm)
+    if cmd == "vm_socket" and not name:
+        raise ProtocolError("vm_socket needs a name")
+    words = obj.get("words", [])
+    if not isinstance(words, list) or len(words) > LAYOUT_WORDS_MAX \
+            or not all(isinstance(w, str) and len(w) <= 256 for w in words):
+        raise ProtocolError(f"words must be a list of at most {LAYOUT_WORDS_MAX} strings")
+    if cmd == "display_layout" and not words:
+        raise ProtocolError("display_layout needs words (grid, main [VM] or rects VM=X,Y,W,H ...)")
+    after = obj.get("after", 0)
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise ProtocolError("after must be a non-negative integer")
+    wait_s = obj.get("wait_s", 0)
+    if not isinstance(wait_s, int | float) or isinstance(wait_s, bool) or not 0 <= wait_s <= SNAPSHOT_WAIT_MAX_S:
+        raise ProtocolError(f"wait_s must be a number from 0 to {SNAPSHOT_WAIT_MAX_S:g}")
+    return Request(cmd, name, ints["region_size"], ints["ring_entries"], flags["named"], flags["adopt"], vm,
+                   tuple(words), after, float(wait_s))
 
 
 @dataclass(frozen=True)

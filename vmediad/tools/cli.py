@@ -34,6 +34,7 @@ from vmediad.tools.cli_common import (
     err_console,
     socket_option,
 )
+from vmediad.tools.cli_display import display
 from vmediad.tools.cli_vm import run_fleet, summary_table, vm, vm_kill, vm_list, vm_spawn
 
 __all__ = [
@@ -67,8 +68,15 @@ def main() -> None:
 @click.option("--fault-injection", is_flag=True, default=None, hidden=True)
 @click.option("--ivshmem-dir", type=click.Path(path_type=Path, file_okay=False),
               help="serve QEMU VMs: one ivshmem-server socket per VM in this directory (docs/vms.md)")
+@click.option("--display-http", metavar="HOST:PORT",
+              help="serve the shared screen's live page (e.g. 127.0.0.1:8080; loopback unless you say otherwise)")
+@click.option("--display-size", metavar="WxH", help="the shared screen's size [default: 1280x720]")
+@click.option("--display-refresh", type=float, metavar="HZ", help="the compositor's refresh [default: 30]")
+@click.option("--display-layout", metavar="WORDS", help="the layout at start, e.g. \"main vm0\" [default: grid]")
 def hostd(socket_path: Path | None, channels: int | None, config_path: Path | None, policy: str | None,
-          metrics: str | None, log_level: str, fault_injection: bool | None, ivshmem_dir: Path | None) -> None:
+          metrics: str | None, log_level: str, fault_injection: bool | None, ivshmem_dir: Path | None,
+          display_http: str | None, display_size: str | None, display_refresh: float | None,
+          display_layout: str | None) -> None:
     """Run the host daemon in the foreground (systemd: Type=notify).
 
     Run as an ordinary user, the socket is $XDG_RUNTIME_DIR/vmediad/hostd.sock (see --socket); the
@@ -84,11 +92,20 @@ def hostd(socket_path: Path | None, channels: int | None, config_path: Path | No
             "socket": socket_path, "channels": channels, "policy": policy, "metrics": metrics,
             "fault_injection": fault_injection,
             "ivshmem_dir": str(ivshmem_dir.absolute()) if ivshmem_dir is not None else None,
+            "display_http": display_http, "display_refresh_hz": display_refresh, "display_layout": display_layout,
+            **_display_size(display_size),
         })
     except ConfigError as e:
         raise ConfigExit(str(e)) from None
     sys.exit(run_foreground(cfg))
 
+
+
+def _display_size(value: str | None) -> dict[str, int]:
+    if value is None:
+        return {}
+    w, h = _size(value)
+    return {"display_width": w, "display_height": h}
 
 
 # --- status / caps -----------------------------------------------------------------------
@@ -324,6 +341,7 @@ def soak(tasks: int, guests: int, corrupt_ratio: float, restarts: int, json_out:
     click.echo(json.dumps(res, indent=2, default=str))
 
 main.add_command(vm)
+main.add_command(display)
 main.add_command(bench)
 
 
