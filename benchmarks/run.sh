@@ -26,6 +26,7 @@ else
 fi
 
 vmediad bench layers --blocks 100 --json-out "$out/layers.json"
+vmediad bench display --json-out "$out/display.json"
 "$py" benchmarks/hold_frames.py --blocks 150 --paths hold0,gap300,copy,hold16,hold16+copy+gap300 \
   --device 3x12 --json-out "$out/hold-frames.json"
 if [ "$(id -u)" -eq 0 ]; then

@@ -427,6 +427,7 @@ class Device(Loop):
                 self._events.get_nowait()
             except queue.Empty:
                 break
+        self.display.release_all()
         for g in list(self.guests.values()):
             if g.worker is not None:
                 g.worker.kill()

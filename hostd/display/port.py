@@ -112,6 +112,13 @@ class DisplayPort:
         else:
             close()
 
+    def release_all(self) -> None:
+        """The compositor has stopped (hostd is closing): unmap every deferred region now."""
+        self._pins.clear()
+        deferred, self._deferred = self._deferred, {}
+        for close in deferred.values():
+            close()
+
     def fail_all(self, error: ErrorCode) -> None:
         """hostd is stopping: every commit in flight ends with ``error``."""
         commits, self._commits = self._commits, {}

@@ -1,4 +1,4 @@
-"""The ``vmediad bench`` group: transport, codec, layers, combine (ratios against a same-run floor)."""
+"""The ``vmediad bench`` group: transport, codec, layers, combine, display (ratios against a same-run floor)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.table import Table
 
 from vmediad import logs
 from vmediad.tools.bench.common import LAYERS
-from vmediad.tools.cli_common import _size, console
+from vmediad.tools.cli_common import _size, console, err_console
 
 
 # --- benchmarks -----------------------------------------------------------------------------
@@ -180,4 +180,67 @@ def bench_combine(files: tuple[Path, ...], target: float, only: tuple[str, ...],
         style = "green" if p.meets else "red"
         t.add_row(p.case, str(p.runs), str(p.rounds), " ".join(f"{x:.3f}" for x in p.run_ratios),
                   f"[{style}]{p.median:.3f}[/]", f"{p.ci95[0]:.3f}-{p.ci95[1]:.3f}", f"{p.runs_meeting}/{p.runs}")
+    console.print(t)
+
+
+@bench.command("display")
+@click.option("--quick", is_flag=True, help="tiny screen and pictures, a few frames (a smoke run, not figures)")
+@click.option("--seconds", type=click.FloatRange(1.0, 600.0), default=None,
+              help="length of each end-to-end run  [default: 20, 1.5 with --quick]")
+@click.option("--json-out", type=click.Path(path_type=Path))
+def bench_display(quick: bool, seconds: float | None, json_out: Path | None) -> None:
+    """The shared screen: composition cost, 4 guests end to end, the codec beside it."""
+    from vmediad.tools.bench import display as dbench
+    from vmediad.tools.bench.common import save
+
+    logs.configure("warning")
+    try:
+        res = dbench.run(quick=quick, seconds=seconds, progress=lambda m: err_console.print(f"[dim]{m}[/]"))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    save(res, json_out)
+    t = Table(title="display: composition per screen frame (ms; floor = the same swscale calls, same run)")
+    for col in ("pictures", "floor", "compose (all new)", "kept (none new)", "ratio", "max screen fps"):
+        t.add_column(col)
+    for c in res["compose"]:
+        t.add_row(f"{c['vms']} x {c['picture']} {c['format']}", f"{c['floor_ms']:.2f}", f"{c['compose_ms']:.2f}",
+                  f"{c['kept_ms']:.2f}", f"{c['ratio']:.3f}", f"{c['max_fps']:.1f}")
+    console.print(t)
+    e2e = res["end_to_end"]
+    t = Table(title=f"display end to end: {e2e['vms']} guests x {e2e['guest']} at {e2e['guest_fps']:g} fps, "
+                    f"screen {e2e['screen']} @ {e2e['refresh_hz']:g} Hz, {e2e['display_threads']} scaling threads, "
+                    f"{e2e['seconds']} s")
+    for col in ("measure", "value", "goal", "met"):
+        t.add_column(col)
+    g = e2e["goals"]
+
+    def met(ok: bool) -> str:
+        return "[green]yes[/]" if ok else "[red]no[/]"
+
+    lc, ll = e2e["latency_complete"], e2e["latency_latch"]
+    t.add_row("screen fps (compositions/s)", f"{e2e['screen_fps']:.2f}", g["screen_fps"]["goal"],
+              met(g["screen_fps"]["met"]))
+    t.add_row("commit -> composed (task done) p50 / p99", f"{lc['p50_ms']:.2f} / {lc['p99_ms']:.2f} ms",
+              g["latency_p99"]["goal"] + " (p99)", met(g["latency_p99"]["met"]))
+    t.add_row("commit -> latched (tick) p50 / p99", f"{ll['p50_ms']:.2f} / {ll['p99_ms']:.2f} ms", "", "")
+    t.add_row("compose wall p50 / p99", f"{e2e['compose_wall_ms_p50']:.2f} / {e2e['compose_wall_ms_p99']:.2f} ms",
+              "", "")
+    t.add_row("compositor CPU per screen frame", f"{e2e['compose_cpu_ms_per_frame']:.2f} ms", "", "")
+    t.add_row("late refreshes / skipped", f"{e2e['late']} / {e2e['skipped']}", "", "")
+    t.add_row("commits: presented + dropped", f"{e2e['commits']}: {e2e['presented']} + {e2e['dropped']}", "", "")
+    t.add_row("hostd process CPU", f"{e2e['hostd_process_cpu_percent']:.1f} %", "", "")
+    cmp = res["end_to_end_compare"]
+    t.add_row(f"with {cmp['display_threads']} scaling thread(s): screen fps, p99, late",
+              f"{cmp['screen_fps']:.2f}, {cmp['latency_complete']['p99_ms']:.2f} ms, {cmp['late']}", "", "")
+    console.print(t)
+    c = res["codec"]
+    t = Table(title=f"codec beside the display: {c['case']}, device fps / direct fps ({c['rounds']} paired rounds "
+                    f"per condition; loaded = {c['display_guests']} guests x {c['guest']} at {c['guest_fps']:g} fps, "
+                    f"screen @ {c['refresh_hz']:g} Hz)")
+    for col in ("display", "direct fps", "device fps", "ratio"):
+        t.add_column(col)
+    for cond in ("idle", "loaded"):
+        t.add_row(cond, f"{c[cond]['direct_fps']:.1f}", f"{c[cond]['device_fps']:.1f}", f"{c[cond]['ratio']:.3f}")
+    t.caption = (f"loaded ratio / idle ratio = {c['loaded_vs_idle_ratio']:.3f}; "
+                 f"device fps loaded / idle = {c['device_fps_loaded_vs_idle']:.3f}")
     console.print(t)
