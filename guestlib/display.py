@@ -220,6 +220,7 @@ class Display:
                 dev.submit(Op.DISPLAY_CLOSE, args=(self.output, 0, 0, 0)).wait(timeout)
                 for c in self._inflight:
                     c.task.completion(timeout)  # a pending commit ends DROPPED at the close
+                self._reap()  # the last flips count in presented/dropped
         finally:
             for c in [*self._inflight, *self._front.values()]:
                 self._give_back(c)

@@ -181,7 +181,7 @@ class Muxer:
 def transcode(dev: Device, input_path: str | Path, output_path: str | Path, codec: str = "h264",
               *, max_frames: int | None = None, on_frame: Callable[[int], None] | None = None,
               stop: Callable[[], bool] | None = None, problems: list[str] | None = None,
-              **options: Any) -> dict[str, int]:
+              on_picture: Callable[[Frame], None] | None = None, **options: Any) -> dict[str, int]:
     """Decode ``input_path`` and re-encode it as ``codec`` into ``output_path``, all codec work on the device.
 
     The whole input unless ``max_frames``; ``stop()`` returning true ends it early (the
@@ -207,6 +207,8 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
                         enc = Encoder(dev, codec, f.width, f.height, fps, pix_fmt=f.format, **options)
                         mux = Muxer(output_path, codec, f.width, f.height, enc.time_base, fps)
                     assert mux is not None
+                    if on_picture is not None:
+                        on_picture(f)  # e.g. shown on the VM's display before it is encoded
                     mux.write(enc.encode(f, pts=frames))  # a pooled frame is copied in once
                     frames += 1
                     if on_frame is not None:

@@ -314,6 +314,8 @@ class DisplayCore:
         out = self._outputs.get(output)
         if out is None or out.vm != vm:
             return self._reject(v, ErrorCode.BAD_SESSION)
+        if out.pending is not None:
+            v.dropped += 1  # never shown: its commit ends DROPPED (the device loop writes that flip)
         self._close(out, free=True)
         return ErrorCode.OK
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import av
 import pytest
 from click.testing import CliRunner
 
@@ -121,11 +122,16 @@ def test_demo_runs_four_vms_and_leaves_valid_files(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "vmediad", "demo", "--output", str(out), "--frames", "20",
                         "--size", "320x240", "--channels", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "demo summary" in r.stdout
+    assert "demo summary" in r.stdout and "the shared screen, live: http://127.0.0.1:" in r.stdout
+    assert "screen.png saved; screen.mp4: " in r.stdout
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["vm0.mp4", "vm1.y4m", "vm2.mp4", "vm3.webm"]
-    for f in files:
+    assert files == ["screen.mp4", "screen.png", "vm0.mp4", "vm1.y4m", "vm2.mp4"]
+    for f in files[2:]:
         assert ffprobe_frames(out / f) == 20
+    assert ffprobe_frames(out / "screen.mp4") >= 10  # 3 s of the screen, encoded on the device
+    with av.open(str(out / "screen.png")) as c:
+        png = next(c.decode(video=0))
+    assert (png.width, png.height) == (1280, 720)
 
 
 def test_ctrl_c_stops_vms_cleanly(hostd: Hostd, tmp_path: Path) -> None:

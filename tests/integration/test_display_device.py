@@ -340,3 +340,24 @@ def test_present_shows_pooled_decoder_frames_without_a_copy(make_hostd: Callable
             assert disp.held == {0, 1} and n >= 4 and disp.presented + disp.dropped == n and st["scaled"] >= 1
             disp.close()
             assert lent() == 0
+
+
+def test_vm_spawn_play_presents_every_frame_on_the_screen(make_hostd: Callable[..., Hostd], tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    h = _hostd(make_hostd)
+    r = subprocess.run([sys.executable, "-m", "vmediad", "vm", "spawn", "--socket", h.socket_path, "--count", "2",
+                        "--workload", "play", "--size", "160x96", "--frames", "15", "--output", str(tmp_path),
+                        "--json"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    reports = json.loads(r.stdout)
+    assert [(x["name"], x["workload"], x["state"], x["frames"]) for x in reports] == [
+        ("vm0", "play", "done", 15), ("vm1", "play", "done", 15)]
+    for x in reports:
+        assert x["extra"]["presented"] + x["extra"]["dropped"] == 15 and x["extra"]["presented"] >= 1
+    vms = {v["name"]: v for v in display_list(h.socket_path)["vms"]}
+    assert {n: (v["state"], v["presented"] + v["dropped"]) for n, v in vms.items()} == {
+        "vm0": ("detached", 15), "vm1": ("detached", 15)}

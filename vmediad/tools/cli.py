@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -265,7 +266,42 @@ def caps(socket_path: str, as_json: bool) -> None:
     console.print(f"geometry caps: {g.get('max_width')}x{g.get('max_height')}, {g.get('max_pixels')} pixels")
 
 
-# --- demo ----------------------------------------------------------------------------------
+# --- demo -------------------------------------------------------------------------------------
+class _ScreenCapture(threading.Thread):
+    """While the demo's VMs run: a PNG of the screen once they all show something, then an MP4."""
+
+    def __init__(self, socket_path: str, output: Path, seconds: float = 3.0) -> None:
+        super().__init__(name="screen-capture", daemon=True)
+        self.socket_path, self.output, self.seconds = socket_path, output, seconds
+        self.saved: list[str] = []
+        self.error = ""
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        from guestlib.control import display_list
+        from vmediad.tools.screen import record, snapshot
+
+        try:
+            deadline = time.monotonic() + 30
+            while not self._stop_event.is_set() and time.monotonic() < deadline:
+                vms = display_list(self.socket_path)["vms"]
+                if len(vms) >= 4 and all(v["presented"] for v in vms):
+                    break
+                self._stop_event.wait(0.1)
+            png = self.output / "screen.png"
+            snapshot(self.socket_path, png)
+            self.saved.append(f"{png.name} saved")
+            mp4 = self.output / "screen.mp4"
+            got = record(self.socket_path, mp4, self.seconds)
+            self.saved.append(f"{mp4.name}: {got['frames']} frames")
+        except Exception as e:  # the demo goes on without its screen files, and says why
+            self.error = f"{type(e).__name__}: {e}"
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(self.seconds + 10)
+
+
 @contextmanager
 def embedded_hostd(channels: int = 0, **overrides: Any) -> Iterator[Any]:
     """hostd in-process in a private temporary runtime directory (no root, no service)."""
@@ -285,24 +321,36 @@ def embedded_hostd(channels: int = 0, **overrides: Any) -> Iterator[Any]:
 @click.option("--frames", default=90, show_default=True, type=click.IntRange(1))
 @click.option("--channels", default=0, show_default=True, help="0: CPU count")
 def demo(output: Path, size: str, frames: int, channels: int) -> None:
-    """Start hostd in-process, run 4 fake VMs (encode, decode, transcode) at once, print the summary."""
+    """Start hostd in-process, run 4 fake VMs (encode, decode, transcode, play) at once, each showing
+    its pictures on the shared screen; print the live page's URL and the summary, and leave the
+    VMs' outputs plus screen.png and screen.mp4 (the screen, encoded through the device) in OUTPUT."""
     from vmediad.tools.fakevm import VmSpec
 
     logs.configure("warning")
     width, height = _size(size)
     output.mkdir(parents=True, exist_ok=True)
-    with embedded_hostd(channels) as h:
+    with embedded_hostd(channels, display_http="127.0.0.1:0", display_layout="grid aspect=fit") as h:
+        url = h.display_http.url if h.display_http is not None else "-"
         console.print(f"[bold]vmediad demo[/]: hostd in-process at {h.socket_path}, "
                       f"{h.device.channels_n} channels, 4 fake VMs, {frames} frames at {width}x{height}")
+        console.print(f"the shared screen, live: [bold]{url}[/]")
         plan = [("vm0", "encode", "h264"), ("vm1", "decode", "h264"), ("vm2", "transcode", "h264"),
-                ("vm3", "encode", "vp9")]
-        specs = [VmSpec(n, h.socket_path, w, c, width, height, frames, output=str(output), region_size=64 << 20)
-                 for n, w, c in plan]
-        reports, stopped_by = run_fleet(specs, err_console)
+                ("vm3", "play", "h264")]
+        specs = [VmSpec(n, h.socket_path, w, c, width, height, frames, output=str(output), region_size=64 << 20,
+                        display=True) for n, w, c in plan]
+        screen = _ScreenCapture(h.socket_path, output)
+        screen.start()
+        try:
+            reports, stopped_by = run_fleet(specs, err_console)
+        finally:
+            screen.stop()
         stats = h.device.statistics()
+        shown = h.display.statistics()
     console.print(summary_table(reports, "demo summary"))
     console.print(f"device: {sum(c['tasks'] for c in stats['channels'])} tasks on {len(stats['channels'])} channels; "
                   f"outputs in {output.resolve()}")
+    console.print(f"screen: {shown['compositions']} compositions ({shown['compose_ms_p50']:.1f} ms p50); "
+                  + "; ".join(screen.saved or ["no screen saved: " + (screen.error or "the VMs ended first")]))
     if stopped_by is not None:
         sys.exit(128 + stopped_by)
     if any(r.state != "done" for r in reports):

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from functools import lru_cache
+from functools import lru_cache, partial
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import FrameType
@@ -43,7 +43,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-WORKLOADS = ("encode", "decode", "transcode")
+from vmediad.tools.play import Shower, play
+
+WORKLOADS = ("encode", "decode", "transcode", "play")
 EXTENSION = {"h264": ".mp4", "hevc": ".mp4", "av1": ".mp4", "mpeg4": ".mp4", "vp9": ".webm", "vp8": ".webm",
              "mjpeg": ".mkv"}
 ENCODE_FRAMES = 120  # frames an encode runs, and the length of the built-in test clip, by default
@@ -67,6 +69,7 @@ class VmSpec:
     output: str = "."
     region_size: int = 128 << 20
     input_codec: str | None = None  # the input's codec when the parent probed it (for the codec column)
+    display: bool = False  # show the pictures it works on on the shared screen (play always does)
 
 
 @dataclass
@@ -93,7 +96,7 @@ def codec_label(spec: VmSpec) -> str:
     if spec.workload == "encode":
         return spec.codec
     source = spec.input_codec or ("?" if spec.input else _pattern_codec(spec))
-    return source if spec.workload == "decode" else f"{source}->{spec.codec}"
+    return source if spec.workload in ("decode", "play") else f"{source}->{spec.codec}"
 
 
 def _planned(spec: VmSpec) -> int | None:
@@ -104,7 +107,7 @@ def _planned(spec: VmSpec) -> int | None:
 
 
 def _pattern_codec(spec: VmSpec) -> str:
-    return spec.codec if spec.workload == "decode" else TRANSCODE_PATTERN_CODEC
+    return spec.codec if spec.workload in ("decode", "play") else TRANSCODE_PATTERN_CODEC
 
 
 @lru_cache(maxsize=4)
@@ -164,7 +167,7 @@ class _Progress:
                 self.conn = None  # the parent is gone; PR_SET_PDEATHSIG ends this process
 
 
-def _encode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, out: Path) -> None:
+def _encode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, out: Path, show: Shower | None = None) -> None:
     from guestlib.media import Muxer
 
     frames = ENCODE_FRAMES if spec.frames is None else spec.frames
@@ -177,7 +180,11 @@ def _encode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, out: Path) 
                     prog.report.state = "stopped"
                     break
                 f = enc.new_frame()
-                _fill(f, pattern(spec.width, spec.height, i), spec.width, spec.height)
+                picture = pattern(spec.width, spec.height, i)
+                _fill(f, picture, spec.width, spec.height)
+                if show is not None:
+                    show.draw(spec.width, spec.height, partial(_fill, data=picture, width=spec.width,
+                                                               height=spec.height))
                 mux.write(enc.encode(f, pts=i))
                 prog.report.frames += 1
                 prog.send()
@@ -199,7 +206,8 @@ def _expected(stream_frames: int, limit: int | None) -> int | None:
     return limit if known is None else min(limit, known)
 
 
-def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, out: Path) -> None:
+def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, out: Path,
+            show: Shower | None = None) -> None:
     import av
 
     from guestlib.media import DecodeAll, open_video
@@ -231,6 +239,8 @@ def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, 
                     np.ndarray((data.shape[0], data.shape[1]), np.uint8, buffer=memoryview(plane),
                                strides=(plane.line_size, 1))[:] = data
                 vf.pts = prog.report.frames
+                if show is not None:
+                    show.present(f)
                 for pkt in stream.encode(vf):
                     y4m.mux(pkt)
                 prog.report.frames += 1
@@ -241,7 +251,8 @@ def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, 
                 y4m.mux(pkt)
 
 
-def _transcode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, out: Path) -> None:
+def _transcode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, out: Path,
+               show: Shower | None = None) -> None:
     from guestlib.media import open_video, transcode
 
     container, vs = open_video(src)
@@ -255,9 +266,20 @@ def _transcode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Pat
         prog.send()
 
     transcode(dev, src, out, spec.codec, max_frames=spec.frames, on_frame=tick, stop=stop.is_set,
-              problems=prog.report.extra.setdefault("problems", []))
+              problems=prog.report.extra.setdefault("problems", []),
+              on_picture=None if show is None else show.present)
     if stop.is_set():
         prog.report.state = "stopped"
+
+
+def _play(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path) -> None:
+    def tick(n: int) -> None:
+        prog.report.frames = n
+        prog.send()
+
+    got = play(dev, str(src), limit=spec.frames, stop=stop.is_set, on_frame=tick,
+               problems=prog.report.extra.setdefault("problems", []), fps=spec.fps)
+    prog.report.extra.update(presented=got.get("presented", 0), dropped=got.get("dropped", 0))
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -330,11 +352,14 @@ def run_vm(spec: VmSpec, conn: Connection, parent_pid: int) -> None:
             prog.send(force=True)
             if spec.workload == "decode":
                 out = outdir / f"{spec.name}.y4m"
+            elif spec.workload == "play":
+                out = outdir / f"{spec.name}.screen"  # nothing is written: the output is the screen
             else:
                 out = outdir / f"{spec.name}{EXTENSION.get(spec.codec, '.mkv')}"
-            report.output = str(out)
+            report.output = "" if spec.workload == "play" else str(out)
+            show = Shower(dev) if spec.display and spec.workload != "play" else None
             if spec.workload == "encode":
-                _encode(dev, spec, prog, stop, out)
+                _encode(dev, spec, prog, stop, out, show)
             else:
                 with tempfile.TemporaryDirectory(prefix=f"vmediad-{spec.name}-") as tmp:
                     if spec.input:
@@ -343,9 +368,13 @@ def run_vm(spec: VmSpec, conn: Connection, parent_pid: int) -> None:
                         src = Path(tmp) / f"pattern{EXTENSION.get(_pattern_codec(spec), '.mkv')}"
                         _pattern_clip(dev, spec, stop, src)
                     if spec.workload == "decode":
-                        _decode(dev, spec, prog, stop, src, out)
+                        _decode(dev, spec, prog, stop, src, out, show)
+                    elif spec.workload == "play":
+                        _play(dev, spec, prog, stop, src)
                     else:
-                        _transcode(dev, spec, prog, stop, src, out)
+                        _transcode(dev, spec, prog, stop, src, out, show)
+            if show is not None:
+                show.close()
             stats = dev.statistics()
             report.extra.update(vm=stats["vm"], wakeups=stats["wakeups"])
         if stop.is_set():
