@@ -430,6 +430,14 @@ class DisplayCore:
         self._dirty = False
         return Tick(now_ns, self.scene(), tuple(events), changed)
 
+    def next_expiry(self) -> int | None:
+        """When the first lingering (detached or dead) VM leaves the layout, in ns (None: none
+        lingers): the one change of the scene that no guest or user request brings."""
+        if self.linger_ns is None:
+            return None
+        gone = [v.gone_ns + self.linger_ns for v in self._vms.values() if v.state is not VmState.ATTACHED]
+        return min(gone, default=None)
+
     def scene(self) -> tuple[SceneItem, ...]:
         items = []
         for vp in lay.z_sorted(self._viewports[vm] for vm in self._vms):

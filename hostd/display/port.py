@@ -19,6 +19,7 @@ Who may touch which memory:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ class Frame:
 
     tick: Tick
     regions: dict[int, NDArray[np.uint8]]
+    next_ns: int | None = None  # when the scene changes by itself next (a lingering VM leaves)
 
     def region_of(self, vm: int) -> NDArray[np.uint8]:
         return self.regions[vm]
@@ -85,6 +87,12 @@ class DisplayPort:
         self._deferred: dict[int, Callable[[], None]] = {}  # vm -> its region's unmap
         self.tasks = 0
         self.flips = 0
+        # Set (any thread may read it) whenever the scene may have changed: a commit, an open or
+        # close, a guest coming or going, a layout.  The compositor clears it before it posts
+        # tick(), so a change made after that tick sets it again: none is missed, and an idle
+        # screen costs the device thread no wake-up at all.
+        self.changed = threading.Event()
+        self.changed.set()
 
     @classmethod
     def create(cls, width: int, height: int, spec: lay.LayoutSpec, limits: abi.GeometryLimits,
@@ -96,12 +104,14 @@ class DisplayPort:
     def attach(self, vm: int, name: str, mem: memoryview, heap_lo: int, heap_hi: int) -> None:
         self._mem[vm] = mem
         self.core.attach(vm, name, heap_lo, heap_hi)
+        self.changed.set()
 
     def detach(self, vm: int, now_ns: int, *, died: bool) -> None:
         """The guest left: its viewport is cleared and labelled from the next composition.  Its
         commits in flight need no completion (their region goes away with the guest)."""
         self.core.detach(vm, now_ns, died=died)
         self._mem.pop(vm, None)
+        self.changed.set()
         for key in [k for k in self._commits if k[0] == vm]:
             del self._commits[key]
 
@@ -129,6 +139,7 @@ class DisplayPort:
     def run(self, vm: int, slot: int, prog: Program, now_ns: int) -> None:
         """Run a validated display task of guest ``vm`` (its buffers lie in its heap)."""
         self.tasks += 1
+        self.changed.set()
         mem = self._mem.get(vm)
         if mem is None:
             self._complete(vm, slot, prog.opcode, ErrorCode.DEVICE_GONE, 0, 0)
@@ -189,7 +200,7 @@ class DisplayPort:
             if item.frame is not None and item.vm in self._mem:
                 regions[item.vm] = np.frombuffer(self._mem[item.vm], np.uint8)
                 self._pins[item.vm] = self._pins.get(item.vm, 0) + 1
-        return Frame(t, regions)
+        return Frame(t, regions, self.core.next_expiry())
 
     def deliver(self, frame: Frame) -> None:
         """The composition of ``frame`` is finished (and dropped its views): complete its flips
@@ -208,6 +219,11 @@ class DisplayPort:
             close = self._deferred.pop(vm, None)
             if close is not None:
                 close()
+
+    def set_layout(self, spec: lay.LayoutSpec) -> None:
+        """LayoutError (nothing changed) if ``spec`` does not fit the screen."""
+        self.core.set_layout(spec)
+        self.changed.set()
 
     def scene(self) -> tuple[SceneItem, ...]:
         return self.core.scene()

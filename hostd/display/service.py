@@ -31,6 +31,7 @@ log = structlog.get_logger("hostd.display")
 
 Screen = NDArray[np.uint8]
 _SAMPLES = 512
+_IDLE_POLL_S = 0.5  # how often an idle compositor looks at stop()
 
 
 class DeviceThread(Protocol):
@@ -48,8 +49,8 @@ class DisplayStats(TypedDict):
     interpolation: str
     screen_seq: int
     compositions: int
-    skipped: int  # refreshes with nothing changed (no composition)
-    late: int  # refreshes that started more than one period late
+    skipped: int  # ticks that found nothing to compose (e.g. a rejected commit)
+    late: int  # ticks that started more than a period after they were due (CPU starved)
     screen_fps: float  # compositions over the last second
     compose_ms_p50: float
     compose_ms_p99: float
@@ -105,30 +106,39 @@ class DisplayService:
             log.exception("compositor crashed")
 
     def _run(self) -> None:
+        """Compose when the scene may have changed, at most ``refresh_hz`` times a second.  A
+        commit that arrives after a quiet spell is composed at once; under a stream of commits
+        compositions are one period apart and each latches the newest commit of every VM."""
         period = 1.0 / self._hz
-        next_t = time.monotonic()
-        first = True
+        changed = self._port.changed
+        last = time.monotonic() - period
+        next_ns: int | None = None
         while not self._stop.is_set():
+            wait = _IDLE_POLL_S if next_ns is None else max(0.0, min(_IDLE_POLL_S, (next_ns - monotonic_ns()) / 1e9))
+            if not changed.wait(wait) and (next_ns is None or monotonic_ns() < next_ns):
+                continue  # nothing changed (the wait is bounded only to notice stop())
+            seen = time.monotonic()
+            slot = last + period
+            if seen < slot:
+                self._stop.wait(slot - seen)  # the rate cap: commits meanwhile replace each other
+            now = time.monotonic()
+            if now - max(seen, slot) > period:
+                self._late += 1  # this thread got the CPU more than a period after it was due
+            last = now
+            changed.clear()  # before the tick: a change the tick misses sets it again
             frame: Frame | None = self._device.call(lambda: self._port.tick(monotonic_ns()), timeout=5.0)
             if frame is None:
-                if self._stop.is_set():
-                    break
+                changed.set()
                 continue  # the device thread was busy for 5 s (or stopping): try again
+            next_ns = frame.next_ns
             try:
-                if frame.tick.changed or first:
+                if frame.tick.changed:
                     self._compose(frame)
-                    first = False
                 else:
                     self._skipped += 1
             finally:
                 self._device.post(lambda f=frame: self._port.deliver(f))  # type: ignore[misc]
                 del frame
-            next_t += period
-            now = time.monotonic()
-            if now - next_t > period:
-                self._late += 1
-                next_t = now  # behind by more than a refresh: start again from now, no burst
-            self._stop.wait(max(0.0, next_t - now))
 
     def _compose(self, frame: Frame) -> None:
         items = items_from_scene(frame.tick.scene, frame.region_of)
@@ -174,7 +184,7 @@ class DisplayService:
 
         def apply() -> None:
             try:
-                self._port.core.set_layout(spec)
+                self._port.set_layout(spec)
             except lay.LayoutError as e:
                 box.append(e)
 

@@ -146,7 +146,7 @@ def test_vm_socket_request_creates_the_socket_and_refuses_bad_names(vm_hostd: Ho
     again = _request(vm_hostd.socket_path, {"cmd": "vm_socket", "name": "vm-a"})
     assert again["path"] == r["path"]
     bad = _request(vm_hostd.socket_path, {"cmd": "vm_socket", "name": "../x"})
-    assert bad["ok"] is False and bad["kind"] == "vm_socket" and "VM name" in bad["error"]
+    assert bad["ok"] is False and bad["kind"] == "bad_request" and "name must be" in bad["error"]
     assert _request(vm_hostd.socket_path, {"cmd": "vm_socket"})["ok"] is False
 
 
