@@ -275,6 +275,8 @@ class ControlServer:
                         status = {**self.device.statistics(), "control": self.statistics()}
                         if self.ivshmem is not None:
                             status["ivshmem"] = self.ivshmem.statistics()
+                        if self.display is not None:
+                            status["display"] = self.display.display_statistics()
                         conn.sendall(protocol.ok(status=status))
                     elif req.cmd == "list":
                         conn.sendall(protocol.ok(vms=self.list_vms()))

@@ -107,7 +107,7 @@ class Hostd:
         try:
             self._metrics_server, _thread = start_http_server(
                 int(port), addr=host.strip("[]"),
-                registry=registry_for(self.device.statistics))
+                registry=registry_for(self.statistics))
         except OSError as e:
             raise StartupError(f"cannot serve metrics on {self.cfg.metrics}: {e.strerror or e}") from None
         log.info("metrics listening", address=self.cfg.metrics)
@@ -133,6 +133,10 @@ class Hostd:
             self.device.request_stop()
             self.device.join(self.cfg.shutdown_grace_s + 10)
         self.device.close()
+
+    def statistics(self) -> dict[str, Any]:
+        """The device's snapshot plus the shared screen's (what the metrics read)."""
+        return {**self.device.statistics(), "display": self.display.display_statistics()}
 
     @property
     def metrics_port(self) -> int | None:

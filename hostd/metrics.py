@@ -84,6 +84,9 @@ class DeviceCollector(Collector):
         departed = _bounded(s, "departed")
         yield from self._per_vm(live, departed)
         yield from self._device(s, len(departed))
+        display = s.get("display")
+        if isinstance(display, dict):
+            yield from self._display(display)
 
     @staticmethod
     def _per_vm(live: list[dict[str, Any]], departed: list[dict[str, Any]]) -> Iterator[Any]:
@@ -128,6 +131,11 @@ class DeviceCollector(Collector):
         yield from (depth, inflight, sessions)
 
     @staticmethod
+    def _display(d: dict[str, Any]) -> Iterator[Any]:
+        """The shared screen (per VM on it, and the compositor)."""
+        yield from _display_families(d)
+
+    @staticmethod
     def _device(s: dict[str, Any], departed: int) -> Iterator[Any]:
         t = s.get("totals", {})
         tasks = CounterMetricFamily("vmediad_device_tasks", "Tasks of every guest that ended, by result",
@@ -162,6 +170,37 @@ class DeviceCollector(Collector):
                                  "Detached guests whose series are kept for hostd.metrics_grace_s")
         gone.add_metric([], departed)
         yield from (busy, up, guests, gone)
+
+
+def _display_families(d: dict[str, Any]) -> Iterator[Any]:
+    commits = CounterMetricFamily("vmediad_display_commits", "Display commits by what became of them",
+                                  labels=["vm", "result"])
+    fps = GaugeMetricFamily("vmediad_display_commit_fps", "Display commits in the last second", labels=["vm"])
+    lat = GaugeMetricFamily("vmediad_display_latch_latency_p99_seconds",
+                            "Commit-to-latch latency, p99 of the recent commits", labels=["vm"])
+    per: dict[str, list[float]] = {}
+    for vm in d.get("vms", ()):
+        if not vm.get("commits") and vm.get("output") is None:
+            continue  # a guest that never showed anything (a codec-only guest) has no display series
+        p = per.setdefault(str(vm["name"]), [0, 0, 0, 0.0, 0.0])
+        p[0] += vm.get("presented", 0)
+        p[1] += vm.get("dropped", 0)
+        p[2] += vm.get("rejected", 0)
+        p[3] += vm.get("commit_fps", 0.0)
+        p[4] = max(p[4], vm.get("latency_p99_ms", 0.0) / 1e3)
+    for name, (presented, dropped, rejected, rate, p99) in sorted(per.items()):
+        for result, n in (("presented", presented), ("dropped", dropped), ("rejected", rejected)):
+            commits.add_metric([name, result], n)
+        fps.add_metric([name], rate)
+        lat.add_metric([name], p99)
+    yield from (commits, fps, lat)
+    comps = CounterMetricFamily("vmediad_display_compositions", "Screens the compositor composed")
+    comps.add_metric([], d.get("compositions", 0))
+    cpu = CounterMetricFamily("vmediad_display_compose_cpu_seconds", "CPU time of the compositions")
+    cpu.add_metric([], d.get("compose_cpu_s", 0.0))
+    screen = GaugeMetricFamily("vmediad_display_screen_fps", "Screens composed in the last second")
+    screen.add_metric([], d.get("screen_fps", 0.0))
+    yield from (comps, cpu, screen)
 
 
 def registry_for(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:

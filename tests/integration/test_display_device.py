@@ -365,3 +365,28 @@ def test_vm_spawn_play_presents_every_frame_on_the_screen(make_hostd: Callable[.
     vms = {v["name"]: v for v in display_list(h.socket_path)["vms"]}
     assert {n: (v["state"], v["presented"] + v["dropped"]) for n, v in vms.items()} == {
         "vm0": ("detached", 15), "vm1": ("detached", 15)}
+
+
+def test_display_statistics_reach_status_and_metrics(make_hostd: Callable[..., Hostd]) -> None:
+    import re
+    import urllib.request
+
+    from guestlib.device import hostd_status
+
+    h = make_hostd(display_width=W, display_height=H, metrics="127.0.0.1:0")
+    with guestlib.attach(h.socket_path, name="shown") as dev, guestlib.attach(h.socket_path, name="codec"):
+        disp = dev.display(64, 64, "bgra", 2)
+        for _ in range(3):
+            disp.commit(disp.back()).wait(3)
+        status = hostd_status(h.socket_path)["display"]
+        assert (status["width"], status["height"]) == (W, H) and status["compositions"] >= 3
+        assert {v["name"]: v["presented"] for v in status["vms"]} == {"shown": 3, "codec": 0}
+        with urllib.request.urlopen(f"http://127.0.0.1:{h.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert re.search(r'(?m)^vmediad_display_commits_total\{result="presented",vm="shown"\} 3\.0$', text)
+        assert 'vm="codec"' not in "".join(ln for ln in text.splitlines() if ln.startswith("vmediad_display"))
+        m = re.search(r"(?m)^vmediad_display_compositions_total (\S+)$", text)
+        assert m is not None and float(m.group(1)) >= 3
+        m = re.search(r"(?m)^vmediad_display_compose_cpu_seconds_total (\S+)$", text)
+        assert m is not None and float(m.group(1)) > 0
+        disp.close()

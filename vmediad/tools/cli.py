@@ -135,7 +135,19 @@ def status_tables(s: dict[str, Any]) -> list[Table]:
                     str(v["tasks_done"]), str(v["tasks_failed"]), str(v.get("timeouts", 0)),
                     str(v["queue_depth"]), str(v["inflight"]), f"{v['latency']['p50_us']:.0f}",
                     f"{v['latency']['p99_us']:.0f}", f"{v['bytes_moved'] / 1e6:.1f}", str(v["sessions"]), errs)
-    return [dev, vms]
+    d = s.get("display")
+    if not isinstance(d, dict):
+        return [dev, vms]
+    shown = [v for v in d.get("vms", []) if v.get("commits") or v.get("output")]
+    screen = Table(title=f"shared screen {d['width']}x{d['height']} at {d['refresh_hz']:g} Hz: "
+                         f"{d['compositions']} compositions, {d['screen_fps']:.0f} fps now, compose p50 "
+                         f"{d['compose_ms_p50']:.1f} ms, {d['compose_cpu_s']:.1f} s CPU")
+    for col in ("vm", "name", "state", "commit fps", "presented", "dropped", "rejected", "latch p99 ms"):
+        screen.add_column(col)
+    for v in shown:
+        screen.add_row(str(v["vm"]), v["name"], v["state"], f"{v['commit_fps']:.1f}", str(v["presented"]),
+                       str(v["dropped"]), str(v["rejected"]), f"{v['latency_p99_ms']:.1f}")
+    return [dev, vms, screen]
 
 
 class _Stopped(Exception):
