@@ -27,8 +27,7 @@ from codec_backend.session_base import (
     MAX_CHUNK,
     MAX_PARSER_BACKLOG,
     CodecError,
-    _check_common,
-    _check_geometry,
+    _check_config,
     _check_range,
     _codec,
     _ff_error,
@@ -56,9 +55,8 @@ _SAME_LAYOUT: Final = {
 
 
 def _decoder_target(cfg: SessionConfig, caps: GeometryLimits) -> tuple[Codec, str, PixFmt]:
-    _check_common(cfg)
+    _check_config(cfg, caps)
     codec, impl = _codec(cfg.codec, abi.DECODER_IMPL, "r")
-    _check_geometry(cfg.width, cfg.height, caps, required=False)
     return codec, impl, _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12))
 
 

@@ -28,8 +28,7 @@ from codec_backend.session_base import (
     INPUT_SLACK,
     MAX_STRIDE,
     CodecError,
-    _check_common,
-    _check_geometry,
+    _check_config,
     _check_range,
     _codec,
     _codec_formats,
@@ -37,7 +36,6 @@ from codec_backend.session_base import (
     _InLayout,
     _PendingPacket,
     _pix_fmt,
-    _ratio,
     _Session,
     _Stats,
 )
@@ -96,16 +94,15 @@ class EncoderTarget:
 
 
 def _encoder_target(cfg: SessionConfig, caps: GeometryLimits) -> EncoderTarget:
-    _check_common(cfg)
+    _check_config(cfg, caps)
     codec, impl = _codec(cfg.codec, abi.ENCODER_IMPL, "w")
-    _check_geometry(cfg.width, cfg.height, caps, required=True)
     fmt = _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA))
     if impl in _EVEN_420 and (cfg.width % 2 or cfg.height % 2):
         raise CodecError(ErrorCode.BAD_ARG, f"{impl} encodes 4:2:0, which needs an even width and height; "
                                             f"got {cfg.width}x{cfg.height}")
     ctx_fmt = "nv12" if fmt == PixFmt.NV12 and "nv12" in _codec_formats(impl) else "yuv420p"
-    return EncoderTarget(codec, impl, fmt, ctx_fmt, _ratio(cfg.tb_num, cfg.tb_den, "time base"),
-                         _ratio(cfg.fps_num, cfg.fps_den, "frame rate"))
+    return EncoderTarget(codec, impl, fmt, ctx_fmt, Fraction(cfg.tb_num, cfg.tb_den),
+                         Fraction(cfg.fps_num, cfg.fps_den))
 
 
 def open_encoder_context(cfg: SessionConfig, caps: GeometryLimits = DEFAULT_GEOMETRY) -> VideoCodecContext:

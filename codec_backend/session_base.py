@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from fractions import Fraction
 from functools import cache
 from typing import Any, Final, Literal
 
@@ -19,7 +18,6 @@ from codec_backend import framepool
 from vmediad import abi
 from vmediad.abi import (
     Codec,
-    Direction,
     ErrorCode,
     GeometryLimits,
     PixFmt,
@@ -29,7 +27,7 @@ from vmediad.errors import VmediadError
 
 MAX_PENDING_ITEMS: Final = 256
 MAX_PENDING_BYTES: Final = 512 << 20
-MAX_THREADS: Final = 64
+MAX_THREADS: Final = abi.SESSION_MAX_THREADS
 MAX_OPTIONS: Final = 64
 MAX_CHUNK: Final = (1 << 31) - 4096  # FFmpeg packet sizes are C ints
 MAX_STRIDE: Final = 1 << 30
@@ -114,22 +112,11 @@ class _PendingPacket:
     flags: int
 
 
-def _check_common(cfg: SessionConfig) -> None:
-    if cfg.flags & ~abi.SESSION_FLAGS_MASK:
-        raise CodecError(ErrorCode.BAD_FLAGS, f"unknown session flags {cfg.flags:#x}")
-    if cfg.flags & abi.SessionFlag.FRAME_POOL and cfg.direction != Direction.DECODE:
-        raise CodecError(ErrorCode.BAD_FLAGS, "FRAME_POOL is for decode sessions")
-    if not 0 <= cfg.threads <= MAX_THREADS:
-        raise CodecError(ErrorCode.BAD_ARG, f"threads must be 0..{MAX_THREADS}")
-    if cfg.bframes not in (0, 1):
-        raise CodecError(ErrorCode.BAD_ARG, "bframes must be 0 or 1")
-
-
-def _check_geometry(width: int, height: int, caps: GeometryLimits, required: bool) -> None:
-    if required and (width <= 0 or height <= 0):
-        raise CodecError(ErrorCode.BAD_ARG, "width and height are required")
-    if width > caps.max_width or height > caps.max_height or width * height > caps.max_pixels:
-        raise CodecError(ErrorCode.TOO_LARGE, f"{width}x{height} exceeds the geometry caps")
+def _check_config(cfg: SessionConfig, caps: GeometryLimits) -> None:
+    """The ABI's rule for a session config (hostd checked it too; a worker trusts no input)."""
+    problem = abi.session_config_problem(cfg, caps)
+    if problem is not None:
+        raise CodecError(*problem)
 
 
 def _pix_fmt(value: int, allowed: tuple[PixFmt, ...]) -> PixFmt:
@@ -166,12 +153,6 @@ def _available(impl: str, mode: Literal["r", "w"]) -> bool:
 def _codec_formats(impl: str) -> frozenset[str]:
     formats = av.Codec(impl, "w").video_formats or ()
     return frozenset(f.name for f in formats)
-
-
-def _ratio(num: int, den: int, what: str) -> Fraction:
-    if not (0 < num <= 0x7FFF_FFFF and 0 < den <= 0x7FFF_FFFF):
-        raise CodecError(ErrorCode.BAD_ARG, f"bad {what} {num}/{den}")
-    return Fraction(num, den)
 
 
 class _Session:

@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guestlib.device import AttachError, Completion, Device, DeviceGone, Task, read_completion, sleep_slice
+from guestlib.device import AttachError, Completion, Device, DeviceGone, Task
 from guestlib.heap import Heap
+from guestlib.tasks import read_completion, sleep_slice
 from vmediad import abi, ivshmem
 from vmediad.abi import Doorbell, Status
 from vmediad.shm import MappedRegion, monotonic_ns

@@ -23,7 +23,8 @@ from hostd.config import Config
 from hostd.core.lifecycle import Life, LifeEvent, respawn_delay
 from hostd.core.ring import Ring
 from hostd.core.sessions import Sessions
-from hostd.loop import U32, AttachRequest, Guest, Loop, RunState, log
+from hostd.guest import AttachRequest, Guest, RunState, log
+from hostd.loop import U32, Loop
 from hostd.regions import adopt_region, create_region
 from hostd.stats import Totals
 from hostd.workers import WorkerHandle, spawn_worker

@@ -21,36 +21,32 @@ Per task, in order:
 
 from __future__ import annotations
 
-import enum
 import os
 import queue
 import secrets
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
-
-import structlog
 
 from hostd.config import Config
 from hostd.core import validate
 from hostd.core.dispatch import ACTIVE_WINDOW_NS, Dispatcher, RegFile, Running, Staged
-from hostd.core.lifecycle import Life, Lifecycle, LifeEvent
-from hostd.core.ring import Ring
+from hostd.core.lifecycle import Life, LifeEvent
 from hostd.core.scheduler import Pending, Scheduler
-from hostd.core.sessions import SessionIds, Sessions
+from hostd.core.sessions import SessionIds
 from hostd.core.watchdog import DEFAULT_DECODE_MPX, NEVER, session_mpx, task_budget_s
 from hostd.display import layout as display_layout
 from hostd.display.port import DisplayPort
 from hostd.events import EventBus
-from hostd.regions import Region, create_bank
-from hostd.stats import GuestStats
-from hostd.workers import WorkerHandle, kick_channel, kick_worker
+from hostd.guest import AttachRequest, Guest, RunState, log
+from hostd.regions import create_bank
+from hostd.workers import kick_channel, kick_worker
 from vmediad import abi
 from vmediad.abi import Ctrl, Doorbell, ErrorCode, Op, Status
 from vmediad.shm import fence, futex_waitv, monotonic_ns
 
-log = structlog.get_logger("hostd.device")
+__all__ = ["AttachRequest", "Guest", "Loop", "RunState", "log"]
 
 U32 = 0xFFFFFFFF
 _DYING = Life.DYING
@@ -62,63 +58,6 @@ _SERVING = Life.SERVING
 WORKER_SPINS = 4000
 # Failures that are not the guest's doing: logged at warning level with their reason.
 _BACKEND_ERRORS = frozenset({ErrorCode.BACKEND, ErrorCode.TIMEOUT, ErrorCode.WORKER_CRASHED})
-
-
-class RunState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-@dataclass(slots=True)
-class Guest:
-    vm_id: int
-    name: str
-    pid: int
-    uid: int
-    region: Region
-    slot: int  # worker mailbox slot; its worker owns register files as slot + 1
-    ring: Ring
-    sessions: Sessions
-    adopted: bool = False  # region served by an earlier hostd: its older session ids are lost
-    weight: int = 1
-    worker: WorkerHandle | None = None
-    generation: int = 0  # of the current worker: a reaper's report about an older one is stale
-    life: Lifecycle = field(default_factory=Lifecycle)
-    held_slots: set[int] = field(default_factory=set)  # queued, staged or running
-    arrival_ns: dict[int, int] = field(default_factory=dict)
-    attached_ns: int = 0
-    worker_tasks: int = 0
-    early_deaths: int = 0  # consecutive workers that died before running any task
-    last_submit_ns: int = 0
-    recycles: int = 0
-    stats: GuestStats = field(default_factory=GuestStats)
-    kind: str = "process"  # "process" (a host process) or "qemu" (a VM behind ivshmem)
-    transport: str = "memfd"  # "memfd" (fd over the control socket, futex wake-ups) or "ivshmem"
-    irq_fd: int = -1  # ivshmem: the eventfd of the VM's completion vector (the device thread's)
-
-    @property
-    def log(self) -> Any:
-        return log.bind(vm=self.vm_id, name=self.name)
-
-
-@dataclass
-class AttachRequest:
-    name: str
-    pid: int
-    uid: int
-    region_size: int
-    ring_entries: int
-    named: bool
-    adopt_fd: int | None = None
-    # "ivshmem": a QEMU VM (hostd/ivshmem.py); its region's caps say no futex crosses to it.
-    transport: str = "memfd"
-    region_fd: int | None = None  # ivshmem: a dup of the region's fd, the caller's to close
-    irq_fd: int = -1  # ivshmem: the completion vector's eventfd; the guest's once attached
-    done: threading.Event = field(default_factory=threading.Event)
-    guest: Guest | None = None
-    error: Exception | None = None
 
 
 class Loop:

@@ -652,6 +652,44 @@ class SessionFlag(enum.IntFlag):
 
 
 SESSION_FLAGS_MASK = int(SessionFlag.FRAME_POOL)
+SESSION_MAX_THREADS = 64  # SessionConfig.threads: 0 (the codec's choice) to this
+_RATIO_MAX = 0x7FFF_FFFF  # a time base or frame rate term (FFmpeg's AVRational is int/int)
+
+
+def session_config_problem(cfg: SessionConfig, limits: GeometryLimits) -> tuple[ErrorCode, str] | None:
+    """Why a SESSION_OPEN config is not valid, whatever the codec library; None if it is.
+
+    The one rule for it: hostd checks the copy it took before a session is bound, and the
+    worker checks what it was handed again (it trusts no input).  What a codec library offers
+    (the codecs of an FFmpeg build, the pixel formats a codec takes) is the backend's to check."""
+    if cfg.direction not in (Direction.ENCODE, Direction.DECODE):
+        return ErrorCode.BAD_ARG, f"unknown direction {cfg.direction}"
+    if cfg.codec not in Codec._value2member_map_:
+        return ErrorCode.UNSUPPORTED_CODEC, f"unknown codec {cfg.codec}"
+    if cfg.pix_fmt not in PixFmt._value2member_map_:
+        return ErrorCode.BAD_ARG, f"unknown pix_fmt {cfg.pix_fmt}"
+    if cfg.rc_mode not in RateControl._value2member_map_:
+        return ErrorCode.BAD_ARG, f"unknown rate control {cfg.rc_mode}"
+    if cfg.flags & ~SESSION_FLAGS_MASK:
+        return ErrorCode.BAD_FLAGS, f"unknown session flags {cfg.flags:#x}"
+    if cfg.flags & SessionFlag.FRAME_POOL and cfg.direction != Direction.DECODE:
+        return ErrorCode.BAD_FLAGS, "FRAME_POOL is for decode sessions"
+    if not 0 <= cfg.threads <= SESSION_MAX_THREADS:
+        return ErrorCode.BAD_ARG, f"threads must be 0..{SESSION_MAX_THREADS}"
+    if cfg.bframes not in (0, 1):
+        return ErrorCode.BAD_ARG, "bframes must be 0 or 1"
+    encode = cfg.direction == Direction.ENCODE
+    if encode and (cfg.width == 0 or cfg.height == 0):
+        return ErrorCode.BAD_ARG, "width and height are required"
+    if (cfg.width or cfg.height) and not limits.allows(cfg.width, cfg.height):
+        if cfg.width == 0 or cfg.height == 0:
+            return ErrorCode.BAD_ARG, f"{cfg.width}x{cfg.height}: give both width and height, or neither"
+        return ErrorCode.TOO_LARGE, f"{cfg.width}x{cfg.height} exceeds the geometry caps"
+    if encode:
+        for num, den, what in ((cfg.tb_num, cfg.tb_den, "time base"), (cfg.fps_num, cfg.fps_den, "frame rate")):
+            if not (0 < num <= _RATIO_MAX and 0 < den <= _RATIO_MAX):
+                return ErrorCode.BAD_ARG, f"bad {what} {num}/{den}"
+    return None
 
 # A frame pool (SessionFlag.FRAME_POOL) is guest memory the decoder allocates its pictures
 # in, so decoded planes are written there by the codec itself and never copied:

@@ -116,24 +116,10 @@ def check_multi(raw: bytes, op: Op, layout: Layout) -> bytes | ErrorCode:
 
 
 def check_session_config(raw: bytes, limits: abi.GeometryLimits) -> abi.SessionConfig | ErrorCode:
-    """Validate a SESSION_OPEN config hostd copied out of the region."""
+    """Validate a SESSION_OPEN config hostd copied out of the region (abi.session_config_problem)."""
     try:
         cfg = abi.SessionConfig.unpack(raw)
     except (ValueError, UnicodeDecodeError):
         return ErrorCode.BAD_ARG
-    if cfg.direction not in (abi.Direction.ENCODE, abi.Direction.DECODE):
-        return ErrorCode.BAD_ARG
-    if cfg.codec not in abi.Codec.__members__.values():
-        return ErrorCode.UNSUPPORTED_CODEC
-    if cfg.pix_fmt not in abi.PixFmt.__members__.values():
-        return ErrorCode.BAD_ARG
-    if cfg.direction == abi.Direction.ENCODE:
-        if cfg.width == 0 or cfg.height == 0:
-            return ErrorCode.BAD_ARG
-        if not limits.allows(cfg.width, cfg.height):
-            return ErrorCode.TOO_LARGE
-        if cfg.fps_num == 0 or cfg.fps_den == 0 or cfg.tb_num == 0 or cfg.tb_den == 0:
-            return ErrorCode.BAD_ARG
-    if cfg.rc_mode not in abi.RateControl.__members__.values():
-        return ErrorCode.BAD_ARG
-    return cfg
+    problem = abi.session_config_problem(cfg, limits)
+    return cfg if problem is None else problem[0]

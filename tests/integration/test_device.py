@@ -352,8 +352,13 @@ def test_sigterm_ends_inflight_tasks_and_guests_see_device_go(short_tmp: Path) -
         wait_until(sock.exists, 30, "hostd socket")
         dev = guestlib.attach(str(sock), name="term", auto_reattach=False)
         big = dev.put(bytes(32 << 20))
-        tasks = [dev.crc32(big) for _ in range(20)]
-        time.sleep(0.05)
+        done = dev.crc32(big)
+        done.wait(timeout=30)
+        # Forced: the worker is stopped, so the tasks below are queued or in flight when SIGTERM
+        # arrives; hostd must fail them (after its grace) rather than drop them.
+        worker = guestlib.hostd_status(str(sock))["vms"][0]["worker_pid"]
+        os.kill(worker, signal.SIGSTOP)
+        tasks = [done, *(dev.crc32(big) for _ in range(19))]
         proc.send_signal(signal.SIGTERM)
         outcomes = []
         for t in tasks:
@@ -363,8 +368,7 @@ def test_sigterm_ends_inflight_tasks_and_guests_see_device_go(short_tmp: Path) -
                 outcomes.append("gone")
         assert proc.wait(30) == 0
         want = zlib.crc32(bytes(32 << 20))
-        assert all(o in (want, "gone") for o in outcomes)
-        assert "gone" in outcomes  # queued work did not silently vanish: it was failed
+        assert outcomes == [want] + ["gone"] * 19  # queued work did not silently vanish: it was failed
         assert dev.region.load32(abi.REG_DEVICE_STATE) == abi.DeviceState.GONE
         dev.close()
     finally:

@@ -45,6 +45,7 @@ USES = {
     Op.NOP: (False, False), Op.COPY: (True, True), Op.CRC32: (True, False), Op.CAPS: (False, True),
     Op.SESSION_OPEN: (True, True), Op.ENCODE_FRAME: (True, True), Op.DECODE: (True, True),
     Op.FLUSH: (False, True), Op.SESSION_CLOSE: (False, False),
+    Op.DISPLAY_OPEN: (True, True), Op.DISPLAY_COMMIT: (True, True), Op.DISPLAY_CLOSE: (False, False),
 }
 EMPTY_SRC_OK = {Op.COPY, Op.CRC32, Op.ENCODE_FRAME, Op.DECODE}
 SESSION_CONFIG_MAX = 4096
@@ -97,6 +98,25 @@ def expected(d: Descriptor, lay: abi.Layout) -> set[ErrorCode]:
         # vanishingly rare; the test closes any session it gets).
         return {ErrorCode.BAD_ARG, ErrorCode.UNSUPPORTED_CODEC, ErrorCode.TOO_LARGE, ErrorCode.OK,
                 ErrorCode.BUSY, ErrorCode.BACKEND}
+    if op == Op.DISPLAY_OPEN:
+        if d.src_len != abi.DISPLAY_OPEN.size or d.dst_len < abi.DISPLAY_REPLY_MAX:
+            return {ErrorCode.BAD_ARG}
+        if multi:
+            return {ErrorCode.BAD_FLAGS}
+        # The record is random heap bytes: refused, or (vanishingly rare) an output opened.
+        return {ErrorCode.BAD_ARG, ErrorCode.BAD_FLAGS, ErrorCode.TOO_LARGE, ErrorCode.NO_SPACE, ErrorCode.BUSY,
+                ErrorCode.OK}
+    if op == Op.DISPLAY_COMMIT:
+        if not abi.DISPLAY_COMMIT_FIXED <= d.src_len <= abi.DISPLAY_COMMIT_MAX:
+            return {ErrorCode.BAD_ARG}
+        if d.dst_len < abi.DISPLAY_FLIP.size:
+            return {ErrorCode.NO_SPACE}
+        if multi:
+            return {ErrorCode.BAD_FLAGS}
+        return {ErrorCode.BAD_ARG, ErrorCode.BAD_FLAGS, ErrorCode.BAD_SESSION, ErrorCode.BAD_RANGE,
+                ErrorCode.OVERFLOW, ErrorCode.TOO_LARGE, ErrorCode.SLOT_BUSY, ErrorCode.OK}
+    if op == Op.DISPLAY_CLOSE:
+        return {ErrorCode.BAD_FLAGS} if multi else {ErrorCode.BAD_SESSION, ErrorCode.OK}
     if op in (Op.ENCODE_FRAME, Op.DECODE) and d.src_len == 0 and not d.flags & DescFlag.DRAIN_PENDING:
         return {ErrorCode.BAD_ARG}
     if multi:
@@ -120,7 +140,8 @@ EDGE_OFFSETS = sorted({0, 1, HEAP - 1, HEAP, HEAP + 1, HEAP + 64, END - 4096, EN
 EDGE_LENGTHS = sorted({0, 1, 2, 63, 64, 4095, 4096, END - HEAP - 1, END - HEAP, END - HEAP + 1, END, U32 - 1,
                        U32, U32 + 1, 2**63, U64 - HEAP, U64 - 1, U64})
 OPCODES = [Op.NOP, Op.COPY, Op.CRC32] * 4 + [Op.CAPS, Op.SESSION_OPEN, Op.ENCODE_FRAME, Op.DECODE, Op.FLUSH,
-                                              Op.SESSION_CLOSE, 0, 5, 15, 21, 0x7FFF, 0xFFFF]
+                                              Op.SESSION_CLOSE, Op.DISPLAY_OPEN, Op.DISPLAY_COMMIT,
+                                              Op.DISPLAY_CLOSE, 0, 5, 15, 21, 31, 35, 0x7FFF, 0xFFFF]
 u64 = st.integers(0, U64)
 offsets = st.one_of(st.sampled_from(EDGE_OFFSETS), st.integers(HEAP, END), u64)
 lengths = st.one_of(st.sampled_from(EDGE_LENGTHS), st.integers(0, 8192), st.integers(0, END - HEAP), u64)
@@ -230,7 +251,7 @@ def run_batch(rig: Rig, descs: list[Descriptor]) -> None:
     # Ranges some task of this batch may have written: results that read them are not exact.
     written = []
     for d, c in zip(descs, outs, strict=True):
-        if c.status == Status.DONE and d.opcode in (Op.COPY, Op.CAPS):
+        if c.status == Status.DONE and d.opcode in (Op.COPY, Op.CAPS, Op.DISPLAY_OPEN, Op.DISPLAY_COMMIT):
             written.append((d.dst_off, d.dst_len))
 
     def clean(off: int, length: int) -> bool:

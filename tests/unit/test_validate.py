@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -104,3 +107,34 @@ def test_any_descriptor_is_either_in_heap_or_rejected(op: int, flags: int, so: i
             assert H <= r.dst_off and r.dst_off + r.dst_len <= E
     else:
         assert r != ErrorCode.OK
+
+
+ENC = abi.SessionConfig(abi.Direction.ENCODE, abi.Codec.H264, 640, 360)
+DEC = abi.SessionConfig(abi.Direction.DECODE, abi.Codec.H264)
+
+
+@pytest.mark.parametrize("cfg, want", [
+    (ENC, None),
+    (DEC, None),
+    (replace(DEC, width=1920, height=1080, flags=abi.SessionFlag.FRAME_POOL), None),
+    (replace(ENC, direction=9), (ErrorCode.BAD_ARG, "unknown direction 9")),
+    (replace(ENC, codec=99), (ErrorCode.UNSUPPORTED_CODEC, "unknown codec 99")),
+    (replace(ENC, pix_fmt=77), (ErrorCode.BAD_ARG, "unknown pix_fmt 77")),
+    (replace(ENC, rc_mode=9), (ErrorCode.BAD_ARG, "unknown rate control 9")),
+    (replace(ENC, flags=2), (ErrorCode.BAD_FLAGS, "unknown session flags 0x2")),
+    (replace(ENC, flags=abi.SessionFlag.FRAME_POOL), (ErrorCode.BAD_FLAGS, "FRAME_POOL is for decode sessions")),
+    (replace(ENC, threads=65), (ErrorCode.BAD_ARG, "threads must be 0..64")),
+    (replace(ENC, bframes=2), (ErrorCode.BAD_ARG, "bframes must be 0 or 1")),
+    (replace(ENC, width=0), (ErrorCode.BAD_ARG, "width and height are required")),
+    (replace(ENC, width=9000, height=16), (ErrorCode.TOO_LARGE, "9000x16 exceeds the geometry caps")),
+    (replace(DEC, width=640), (ErrorCode.BAD_ARG, "640x0: give both width and height, or neither")),
+    (replace(ENC, fps_num=0), (ErrorCode.BAD_ARG, "bad frame rate 0/1")),
+    (replace(ENC, tb_den=0x8000_0000), (ErrorCode.BAD_ARG, "bad time base 1/2147483648")),
+    (replace(DEC, fps_num=0), None),  # a decoder takes its rate from the stream
+])
+def test_one_session_config_rule_for_hostd_and_the_worker(cfg: abi.SessionConfig,
+                                                           want: tuple[ErrorCode, str] | None) -> None:
+    lim = abi.GeometryLimits()
+    assert abi.session_config_problem(cfg, lim) == want
+    # hostd's check of the copied bytes gives the same code.
+    assert validate.check_session_config(cfg.pack(), lim) == (cfg if want is None else want[0])

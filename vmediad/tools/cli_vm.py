@@ -226,7 +226,7 @@ def _qemu_fleet(specs: list[Any], socket_path: str) -> Any:
     """The QEMU fleet of ``vm spawn --kind qemu``; a ClickException (exit 1) when it cannot run."""
     from guestlib.device import AttachError, DeviceGone
     from vmediad.tools import vmimage
-    from vmediad.tools.fakevm import QemuFleet, vm_socket
+    from vmediad.tools.qemufleet import QemuFleet, vm_socket
 
     if vmimage.qemu_binary() is None:
         raise click.ClickException("qemu-system-x86_64 is not installed (run scripts/setup-vm.sh as root)")
