@@ -39,7 +39,8 @@ from vmediad.abi import Doorbell, Status
 from vmediad.shm import MappedRegion, monotonic_ns
 
 PCI_DEVICES = Path("/sys/bus/pci/devices")
-IGB_UIO = "/sys/bus/pci/drivers/igb_uio"  # loaded with intr_mode=msix by the VM's /init
+IGB_UIO = "/sys/bus/pci/drivers/igb_uio"
+IRQ_POLL_S = 0.25  # the interrupt dispatcher notices close() this often  # loaded with intr_mode=msix by the VM's /init
 LIVENESS_S = 3.0
 # A VM's waiter spins this many pause-loads on its status word before it yields and then sleeps:
 # a vCPU spinning costs only its own VM, and measured under TCG a long spin took the NOP round
@@ -129,13 +130,14 @@ class IvshmemDevice(Device):
         # Interrupt mode: after the BARs are mapped (a bound driver claims them, and a strict
         # /dev/mem kernel then refuses sysfs mappings; the ones made already stay valid).
         self.uio: str | None = None
-        self._uio_fds = threading.local()
-        self._uio_all: list[int] = []
+        self._irq: _IrqDispatcher | None = None
         if interrupts or (interrupts is None and Path(IGB_UIO).is_dir()):
             self.uio = _bind_igb_uio(pci)
             if self.uio is None and interrupts:
                 self._unmap()
                 raise AttachError("interrupts asked for, but igb_uio cannot drive the ivshmem device", "no_irq")
+        if self.uio is not None:
+            self._irq = _IrqDispatcher(self.uio, self.region, self._desc)
         # Completion mode: True waits for MSI-X (needs self.uio), False polls; may be switched
         # between tasks.
         self.interrupts = self.uio is not None
@@ -149,40 +151,38 @@ class IvshmemDevice(Device):
             self._regs[ivshmem.REG_DOORBELL // 4] = _KICK_VALUE  # one 4-byte MMIO store: a VM exit
 
     # -- completion ---------------------------------------------------------------------------
-    def _uio_fd(self) -> int:
-        """This thread's own open of /dev/uioN: each open file counts interrupts separately, so
-        every waiting thread sees each interrupt and re-checks its own slot."""
-        fd: int | None = getattr(self._uio_fds, "fd", None)
-        if fd is None:
-            fd = os.open(f"/dev/{self.uio}", os.O_RDWR | os.O_CLOEXEC)
-            self._uio_fds.fd = fd
-            with self._lock:
-                self._uio_all.append(fd)
-        return fd
-
     def _wait_irq(self, reg: MappedRegion, at: int, task: Task, deadline: int | None) -> int:
-        """Interrupt mode: D_WAITERS += 1 (seq-cst), re-check, block on the completion vector.
+        """Interrupt mode: register, D_WAITERS += 1 (seq-cst), re-check, then wait: as the
+        leader on the completion vector, or as a follower on this slot's own event.
 
         hostd flips the status (seq-cst exchange), then reads D_WAITERS and, if set, raises
-        the VM's completion vector: one side always sees the other.  An interrupt that arrives
-        between the re-check and the blocking wait is not lost: the uio file's count moved."""
+        the VM's completion vector: one side always sees the other.  A waiter registers before
+        it raises D_WAITERS, so the interrupt its completion raises finds it registered."""
+        irq = self._irq
+        assert irq is not None
         st_off = at + abi.D_STATUS
-        fd = self._uio_fd()
+        woken = irq.register(task.slot)
         reg.fadd32(at + abi.D_WAITERS, 1)
         try:
             while (status := reg.load32(st_off)) == Status.SUBMITTED:
                 self._raise_if_gone()
                 slice_s = sleep_slice(deadline, task.slot)
-                if select.select([fd], [], [], slice_s)[0]:
-                    os.read(fd, 4)
-                    task.wakeups += 1
-                    self.wakeups += 1
-                    if reg.load32(st_off) == Status.SUBMITTED:
-                        self.spurious_wakeups += 1  # another slot's completion
+                if irq.lead(task.slot, slice_s):  # read the vector until this slot completed
+                    if reg.load32(st_off) != Status.SUBMITTED:
+                        task.wakeups += 1
+                        self.wakeups += 1
+                    continue
+                if woken.wait(slice_s):
+                    woken.clear()
                 else:
                     self._liveness()
+                    continue
+                if reg.load32(st_off) != Status.SUBMITTED:
+                    task.wakeups += 1
+                    self.wakeups += 1
         finally:
             reg.fadd32(at + abi.D_WAITERS, -1)
+            irq.unregister(task.slot)
         return status
 
     def _wait_mapped(self, task: Task, timeout: float | None) -> Completion:
@@ -248,8 +248,9 @@ class IvshmemDevice(Device):
             self._unmap()
 
     def _unmap(self) -> None:
-        for fd in self._uio_all if hasattr(self, "_uio_all") else []:
-            os.close(fd)
+        irq = getattr(self, "_irq", None)
+        if irq is not None:
+            irq.close()
         try:
             self.region.close()
         except BufferError:
@@ -258,6 +259,72 @@ class IvshmemDevice(Device):
         self._bar0.close()
         os.close(self._bar0_fd)
         os.close(self.fd)
+
+
+class _IrqDispatcher:
+    """The VM's completion vector, read by one waiter at a time that wakes only the others
+    whose task completed (leader/followers).
+
+    igb_uio gives user space one MSI-X vector per device (``/dev/uioN``), so every completion
+    hostd signals to this VM arrives there.  One waiting thread, the leader, blocks on it; on
+    each interrupt it sets the event of every registered slot whose status left SUBMITTED, so
+    a thread waiting for another task sleeps on.  A lone waiter is always the leader: it
+    blocks on the vector itself, with no thread in between.  A leader whose own task ended
+    hands the lead to one waiter still waiting (the one wake that is not a completion:
+    counted in ``handoffs``)."""
+
+    def __init__(self, uio: str, region: MappedRegion, desc: Any) -> None:
+        self._fd = os.open(f"/dev/{uio}", os.O_RDWR | os.O_CLOEXEC)
+        self._region = region
+        self._desc = desc
+        self._lock = threading.Lock()
+        self._lead = threading.Lock()
+        self._waiters: dict[int, threading.Event] = {}
+        self.interrupts = 0
+        self.handoffs = 0
+
+    def register(self, slot: int) -> threading.Event:
+        ev = threading.Event()
+        with self._lock:
+            self._waiters[slot] = ev
+        return ev
+
+    def unregister(self, slot: int) -> None:
+        with self._lock:
+            self._waiters.pop(slot, None)
+
+    def _done(self, slot: int) -> bool:
+        return self._region.load32(self._desc(slot) + abi.D_STATUS) != Status.SUBMITTED
+
+    def lead(self, slot: int, slice_s: float) -> bool:
+        """Become the leader and read the vector until ``slot`` completed or ``slice_s``
+        passed; False if another thread leads (wait on your event then)."""
+        if not self._lead.acquire(blocking=False):
+            return False
+        try:
+            deadline = time.monotonic() + slice_s
+            while not self._done(slot):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._fd], [], [], left)[0]:
+                    break
+                os.read(self._fd, 4)  # the interrupt count; reading it re-arms the wait
+                self.interrupts += 1
+                with self._lock:
+                    others = [(s, ev) for s, ev in self._waiters.items() if s != slot]
+                for s, ev in others:
+                    if self._done(s):
+                        ev.set()
+        finally:
+            self._lead.release()
+            with self._lock:
+                waiting = [ev for s, ev in self._waiters.items() if s != slot and not self._done(s)]
+            if waiting:
+                self.handoffs += 1
+                waiting[0].set()  # someone must read the vector now: it becomes the leader
+        return True
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _bind_igb_uio(pci: Path) -> str | None:
