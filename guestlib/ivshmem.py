@@ -17,11 +17,13 @@ POLL_MAX_SLEEP_S.  hostd's heartbeat is in hostd's clock, not this VM's: livenes
 heartbeat word changed within LIVENESS_S of guest time".
 
 One guestlib Device per VM at a time: the region, its ring and its heap are the VM's, not a
-process's.
+process's.  A second attach in the same VM (any process) is refused (AttachError kind "busy")
+while the first is open: an exclusive flock on BAR0's resource file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import select
@@ -101,6 +103,14 @@ class IvshmemDevice(Device):
         except OSError as e:
             raise AttachError(f"cannot open the ivshmem device's BAR0 ({pci}/resource0): {e.strerror}",
                               "permission") from None
+        try:
+            # One Device per VM: the region's ring, slots and heap are the VM's, and two users of
+            # them would corrupt each other.  The lock goes with the open file (close or exit).
+            fcntl.flock(self._bar0_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._bar0_fd)
+            raise AttachError(f"another guestlib Device of this VM uses the ivshmem device ({pci}); one per VM",
+                              "busy") from None
         self._bar0 = mmap.mmap(self._bar0_fd, ivshmem.BAR0_SIZE)
         # 32-bit accesses only: QEMU's registers take 4-byte writes (a narrower one rings wrong).
         self._regs = memoryview(self._bar0).cast("I")
