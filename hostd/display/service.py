@@ -12,6 +12,7 @@ arrays: a new array per composed frame, never written after it is published.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -72,10 +73,13 @@ class DisplayService:
         self.compositor = Compositor(interpolation=self._interp, workers=workers)
         core = port.core
         self.width, self.height = core.width, core.height
-        self._screen: Screen = np.zeros((self.height, self.width, 4), np.uint8)
+        # Published screens are never written again.  A screen that only this object still
+        # references (no reader holds it: its refcount says so) is composed into again instead
+        # of allocating and faulting in a new one each frame.
+        self._retired: list[Screen] = []
         self._cond = threading.Condition()
         self._seq = 0
-        self._latest: Screen = self._screen.copy()
+        self._latest: Screen = np.zeros((self.height, self.width, 4), np.uint8)
         self._latest.flags.writeable = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,16 +147,31 @@ class DisplayService:
     def _compose(self, frame: Frame) -> None:
         items = items_from_scene(frame.tick.scene, frame.region_of)
         t0 = time.perf_counter()
-        self.compositor.compose(self._screen, items)
+        screen = self._free_screen()
+        self.compositor.compose(screen, items)
         del items  # the views of guest regions: deliver() unmaps departed ones
-        screen = self._screen.copy()
         screen.flags.writeable = False
         self._costs.append(time.perf_counter() - t0)
         with self._cond:
             self._seq += 1
+            self._retired.append(self._latest)
             self._latest = screen
             self._times.append(monotonic_ns())
             self._cond.notify_all()
+
+    def _free_screen(self) -> Screen:
+        """A screen array no reader holds (reused), else a new one."""
+        with self._cond:
+            retired, self._retired = self._retired, []
+        free = None
+        for old in retired:
+            # Held by ``retired`` and by getrefcount's argument only: nobody reads it any more.
+            if free is None and sys.getrefcount(old) <= 3:
+                free = old
+        if free is None:
+            return np.empty((self.height, self.width, 4), np.uint8)
+        free.flags.writeable = True
+        return free
 
     # --- readers (any thread) -----------------------------------------------------------------
     @property
