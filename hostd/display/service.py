@@ -1,13 +1,14 @@
-"""The compositor thread: at the refresh rate, latch the commits and compose the shared screen.
+"""The compositor thread: when the scene changed, at most at the refresh rate, latch the commits
+and compose the shared screen.
 
-Each refresh: ``tick`` on the device thread (``DisplayPort.tick``: the pending commits become the
+Each composition: ``tick`` on the device thread (``DisplayPort.tick``: the pending commits become the
 front ones, their regions are pinned), compose the scene here (swscale releases the GIL; this
 thread is off the codec's path), publish a new screen array, then ``deliver`` on the device thread
 (the flips complete, the regions are unpinned).  The flips that release buffers are therefore
 written only after the composition that read them: no guest draws into a buffer being composed.
 
-Readers (the live page, the control socket's snapshot and record commands) get immutable screen
-arrays: a new array per composed frame, never written after it is published.
+Readers (the live page, the control socket's snapshot and record commands) get read-only screen
+arrays: a published screen is composed into again only once no reader references it.
 """
 
 from __future__ import annotations
