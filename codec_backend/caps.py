@@ -9,6 +9,8 @@ from functools import lru_cache
 import av
 import av.error
 
+from codec_backend.decode import DECODE_FORMATS
+from codec_backend.encode import ENCODE_FORMATS
 from codec_backend.session_base import DEFAULT_GEOMETRY, CodecError, _available, _check_range, _codec_formats
 from vmediad import abi
 from vmediad.abi import (
@@ -16,7 +18,6 @@ from vmediad.abi import (
     ErrorCode,
     GeometryLimits,
     OutHeader,
-    PixFmt,
     RateControl,
 )
 
@@ -41,14 +42,16 @@ def _codec_caps() -> tuple[dict[str, object], ...]:
             "encoder": {
                 "impl": enc,
                 "available": enc_ok,
-                "pix_fmts": [abi.PIX_FMT_NAMES[f] for f in PixFmt] if enc_ok else [],
+                "pix_fmts": [abi.PIX_FMT_NAMES[f] for f in ENCODE_FORMATS] if enc_ok else [],
                 "zero_copy_pix_fmts": native,
                 "bframes": enc in ("libx264", "libx265", "mpeg4", "libsvtav1"),
             },
             "decoder": {
                 "impl": dec,
                 "available": dec_ok,
-                "pix_fmts": ["yuv420p", "nv12"] if dec_ok else [],
+                # Frames come out in the format asked for: the stream's own is copied as
+                # decoded (8-bit ones into a frame pool when there is one), others converted.
+                "pix_fmts": [abi.PIX_FMT_NAMES[f] for f in DECODE_FORMATS] if dec_ok else [],
                 "parser": parser,
                 # FFmpeg's vp8, vp9 and av1 parsers do not split a byte stream into
                 # frames: with PARSE every chunk must still hold whole frames.

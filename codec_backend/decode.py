@@ -51,13 +51,21 @@ _CAP_DR1: Final = 1 << 1  # AV_CODEC_CAP_DR1: the decoder allocates through get_
 _SAME_LAYOUT: Final = {
     PixFmt.YUV420P: frozenset({"yuv420p", "yuvj420p"}),
     PixFmt.NV12: frozenset({"nv12"}),
+    PixFmt.YUV422P: frozenset({"yuv422p", "yuvj422p"}),
+    PixFmt.YUV444P: frozenset({"yuv444p", "yuvj444p"}),
+    PixFmt.YUV420P10LE: frozenset({"yuv420p10le"}),
+    PixFmt.P010LE: frozenset({"p010le"}),
 }
+DECODE_FORMATS: Final = tuple(_SAME_LAYOUT)
+# Formats whose pictures may be decoded into a guest's frame pool: 8-bit ones, where every byte
+# value is a valid sample (see framepool.c).  10-bit pictures are copied out instead.
+_POOL_FORMATS: Final = frozenset({PixFmt.YUV420P, PixFmt.NV12, PixFmt.YUV422P, PixFmt.YUV444P})
 
 
 def _decoder_target(cfg: SessionConfig, caps: GeometryLimits) -> tuple[Codec, str, PixFmt]:
     _check_config(cfg, caps)
     codec, impl = _codec(cfg.codec, abi.DECODER_IMPL, "r")
-    return codec, impl, _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12))
+    return codec, impl, _pix_fmt(cfg.pix_fmt, DECODE_FORMATS)
 
 
 def open_decoder_context(cfg: SessionConfig, caps: GeometryLimits = DEFAULT_GEOMETRY) -> VideoCodecContext:
@@ -121,7 +129,8 @@ class _DecoderSession(_Session):
             if not pr.ok:
                 raise CodecError(ErrorCode.BACKEND, f"frame pools unavailable: {pr.reason}")
             base = int(np.frombuffer(mem, np.uint8, 1).ctypes.data)
-            self._pool = FramePool(base + pool[0], pool[1], formats=tuple(sorted(_SAME_LAYOUT[self._fmt])))
+            pooled = _SAME_LAYOUT[self._fmt] if self._fmt in _POOL_FORMATS else frozenset()
+            self._pool = FramePool(base + pool[0], pool[1], formats=tuple(sorted(pooled)))
             if framepool.DecodeLoop.enabled():
                 self._loop = framepool.DecodeLoop(self._pool)
         elif pool[1]:

@@ -51,6 +51,8 @@ from vmediad.abi import (
     SessionConfig,
 )
 
+ENCODE_FORMATS: Final = (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA)  # what a guest may hand in
+
 _JPEG_RANGE: Final = 2  # AVCOL_RANGE_JPEG
 _NATIVE_ENCODERS: Final = frozenset({"mjpeg", "mpeg4"})
 # Encoders that refuse a 4:2:0 picture of odd width or height (their chroma planes would be
@@ -96,7 +98,7 @@ class EncoderTarget:
 def _encoder_target(cfg: SessionConfig, caps: GeometryLimits) -> EncoderTarget:
     _check_config(cfg, caps)
     codec, impl = _codec(cfg.codec, abi.ENCODER_IMPL, "w")
-    fmt = _pix_fmt(cfg.pix_fmt, (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA))
+    fmt = _pix_fmt(cfg.pix_fmt, ENCODE_FORMATS)
     if impl in _EVEN_420 and (cfg.width % 2 or cfg.height % 2):
         raise CodecError(ErrorCode.BAD_ARG, f"{impl} encodes 4:2:0, which needs an even width and height; "
                                             f"got {cfg.width}x{cfg.height}")

@@ -38,10 +38,17 @@ def decoder_config(codec: str | abi.Codec = "h264", *, pix_fmt: str | PixFmt = "
 
 
 
-def pool_slot_bytes(width: int, height: int) -> int:
-    """A generous estimate of one frame pool slot for a 4:2:0 picture: the decoder pads
+# Formats a frame pool takes, with their bytes per pixel in halves: 8-bit ones only (a guest's
+# write into a 10-bit slot could hand the decoder samples outside its tables' range), so a
+# 10-bit stream's pictures are copied out and the session gets no pool.
+POOL_HALF_BYTES = {PixFmt.YUV420P: 3, PixFmt.NV12: 3, PixFmt.YUV422P: 4, PixFmt.YUV444P: 6}
+
+
+def pool_slot_bytes(width: int, height: int, fmt: PixFmt = PixFmt.YUV420P) -> int:
+    """A generous estimate of one frame pool slot for a picture of ``fmt``: the decoder pads
     the picture (codec alignment, 64-byte strides, edge rows) before laying slots out."""
-    return abi.align((abi.align(width, 64) + 64) * (abi.align(height, 64) + 8) * 3 // 2 + 3 * 192, abi.PAGE_SIZE)
+    half = POOL_HALF_BYTES[fmt]
+    return abi.align((abi.align(width, 64) + 64) * (abi.align(height, 64) + 8) * half // 2 + 3 * 192, abi.PAGE_SIZE)
 
 
 class Decoder(_Session):
@@ -73,7 +80,8 @@ class Decoder(_Session):
         self._geom: tuple[Any, ...] = ((),)  # see _geometry
         self._givers: dict[int, Callable[[], None]] = {}  # see _lender
         self._pool: Buffer | None = None
-        pool = self._make_pool(dev, width, height, DEFAULT_POOL_FRAMES if pool_frames is None else pool_frames)
+        pool = self._make_pool(dev, width, height, DEFAULT_POOL_FRAMES if pool_frames is None else pool_frames,
+                               pix_fmt_id(pix_fmt))
         if pool is not None:
             try:
                 super().__init__(dev, dataclasses.replace(cfg, flags=cfg.flags | abi.SessionFlag.FRAME_POOL), pool)
@@ -92,10 +100,12 @@ class Decoder(_Session):
         self._out = dev.alloc(8 << 20)
 
     @staticmethod
-    def _make_pool(dev: Device, width: int, height: int, frames: int) -> Buffer | None:
+    def _make_pool(dev: Device, width: int, height: int, frames: int, fmt: PixFmt = PixFmt.YUV420P) -> Buffer | None:
         if not (frames and width and height) or not dev.region.load64(abi.REG_CAPS) & abi.Caps.FRAME_POOL:
             return None
-        slot = pool_slot_bytes(width, height)
+        if fmt not in POOL_HALF_BYTES:
+            return None
+        slot = pool_slot_bytes(width, height, fmt)
         # At most half the free heap: the stream's output buffers need the rest.
         frames = min(frames, abi.POOL_MAX_SLOTS, (dev.heap.available() // 2 - abi.POOL_HEADER) // slot)
         if frames < MIN_POOL_FRAMES:

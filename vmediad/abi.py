@@ -532,9 +532,15 @@ class PixFmt(enum.IntEnum):
     NV12 = 2
     RGB24 = 3
     BGRA = 4
+    YUV422P = 5
+    YUV444P = 6
+    YUV420P10LE = 7  # 10 bits in the low bits of little-endian 16-bit samples
+    P010LE = 8  # 10 bits in the high bits of little-endian 16-bit samples, chroma interleaved
 
 
-PIX_FMT_NAMES = {PixFmt.YUV420P: "yuv420p", PixFmt.NV12: "nv12", PixFmt.RGB24: "rgb24", PixFmt.BGRA: "bgra"}
+PIX_FMT_NAMES = {PixFmt.YUV420P: "yuv420p", PixFmt.NV12: "nv12", PixFmt.RGB24: "rgb24", PixFmt.BGRA: "bgra",
+                 PixFmt.YUV422P: "yuv422p", PixFmt.YUV444P: "yuv444p", PixFmt.YUV420P10LE: "yuv420p10le",
+                 PixFmt.P010LE: "p010le"}
 CODEC_NAMES = {
     Codec.H264: "h264", Codec.HEVC: "hevc", Codec.VP9: "vp9",
     Codec.AV1: "av1", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4", Codec.VP8: "vp8",
@@ -561,6 +567,14 @@ def plane_shapes(fmt: PixFmt, width: int, height: int) -> list[tuple[int, int]]:
         return [(height, 3 * width)]
     if fmt == PixFmt.BGRA:
         return [(height, 4 * width)]
+    if fmt == PixFmt.YUV422P:
+        return [(height, width), (height, cw), (height, cw)]
+    if fmt == PixFmt.YUV444P:
+        return [(height, width)] * 3
+    if fmt == PixFmt.YUV420P10LE:
+        return [(height, 2 * width), (ch, 2 * cw), (ch, 2 * cw)]
+    if fmt == PixFmt.P010LE:
+        return [(height, 2 * width), (ch, 4 * cw)]
     raise ValueError(f"unknown pixel format {fmt}")
 
 

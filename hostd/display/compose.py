@@ -116,6 +116,15 @@ def _fill(view: Screen, colour: Colour) -> None:
     view.view(np.uint32)[:] = np.array(colour, dtype=np.uint8).view(np.uint32)[0]
 
 
+def _tiles(rects: Sequence[Rect], full: Rect) -> bool:
+    """Whether ``rects`` (each inside ``full``) cover ``full`` exactly once: no pixel of the
+    background would be left showing."""
+    rects = [r for r in rects if not r.empty]
+    if sum(r.w * r.h for r in rects) != full.w * full.h:
+        return False
+    return all(a.intersect(b).empty for i, a in enumerate(rects) for b in rects[i + 1:])
+
+
 def text_mask(text: str) -> NDArray[np.bool_]:
     """The pixels of ``text`` (lines split at ``\\n``, upper-cased, unknown characters as ``?``)
     at scale 1: 5x7 glyphs, 1 column and 2 rows apart, each line centred."""
@@ -275,7 +284,11 @@ class Compositor:
                 jobs[item.slot] = (src, p)
         done = self._run(jobs)
         job_cpu = sum(cpu for _, _, cpu in done.values())
-        _fill(screen, BACKGROUND)
+        covered = [plan[2] for plan in plans if plan is not None]
+        covered += [i.rect.intersect(full) for i, plan in zip(items, plans, strict=True)
+                    if plan is None and i.source is None]
+        if not _tiles(covered, full):
+            _fill(screen, BACKGROUND)  # only where some pixel would show no picture or label
         labelled = 0
         for item, plan in zip(items, plans, strict=True):
             if plan is None:

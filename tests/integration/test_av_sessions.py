@@ -614,6 +614,8 @@ def test_write_caps(mem: memoryview) -> None:
         assert entry["encoder"]["impl"] == abi.ENCODER_IMPL[codec] and entry["encoder"]["available"]
         assert entry["decoder"]["impl"] == abi.DECODER_IMPL[codec] and entry["decoder"]["available"]
         assert set(entry["encoder"]["pix_fmts"]) == {"yuv420p", "nv12", "rgb24", "bgra"}
+        if entry["decoder"]["available"]:
+            assert entry["decoder"]["pix_fmts"] == ["yuv420p", "nv12", "yuv422p", "yuv444p", "yuv420p10le", "p010le"]
     assert doc["codecs"][0]["encoder"]["zero_copy_pix_fmts"] == ["nv12", "yuv420p"]
     assert doc["geometry"] == {"max_width": 4096, "max_height": 2304, "max_pixels": 4096 * 2304}
     assert caps_document(caps) == doc

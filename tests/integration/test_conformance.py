@@ -34,6 +34,7 @@ from av.video.frame import PictureType
 
 import guestlib
 from guestlib.codec import codec_id, pix_fmt_id
+from guestlib.decoder import POOL_HALF_BYTES
 from guestlib.device import Device
 from hostd.config import Config
 from hostd.daemon import Hostd
@@ -261,8 +262,11 @@ def decode_on_device(dev: Device, s: Stream, mode: str, res: Result) -> list[str
         res.pool = pooled
         if pooled:
             impl = av.codec.Codec(abi.DECODER_IMPL[codec_id(s.codec)], "r")
-            if impl.capabilities & _CAP_DR1:
+            if impl.capabilities & _CAP_DR1 and pix_fmt_id(s.pix_fmt) in POOL_HALF_BYTES:
                 assert dec.pool_size > 0, f"{s.name}: no frame pool although {impl.name} decodes into one"
+            elif impl.capabilities & _CAP_DR1:
+                assert dec.pool_size == 0
+                res.note = f"no pool: {s.pix_fmt} pictures are copied (a pool takes 8-bit formats)"
             else:
                 res.note = f"no pool: {impl.name} allocates its own pictures"
         feed = s.chunks if parse else s.packets

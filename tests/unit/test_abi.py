@@ -173,6 +173,11 @@ def test_plane_shapes() -> None:
     assert abi.plane_shapes(abi.PixFmt.YUV420P, 5, 3) == [(3, 5), (2, 3), (2, 3)]
     assert abi.plane_shapes(abi.PixFmt.NV12, 4, 4) == [(4, 4), (2, 4)]
     assert abi.frame_size(abi.PixFmt.BGRA, 2, 2) == 16
+    assert abi.plane_shapes(abi.PixFmt.YUV422P, 5, 3) == [(3, 5), (3, 3), (3, 3)]
+    assert abi.plane_shapes(abi.PixFmt.YUV444P, 5, 3) == [(3, 5)] * 3
+    assert abi.plane_shapes(abi.PixFmt.YUV420P10LE, 5, 3) == [(3, 10), (2, 6), (2, 6)]
+    assert abi.plane_shapes(abi.PixFmt.P010LE, 4, 4) == [(4, 8), (2, 8)]
+    assert [int(f) for f in abi.PixFmt] == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_worker_limits_json_golden_and_geometry_rule() -> None:
