@@ -144,6 +144,13 @@ def _coerce(key: str, name: str, value: Any) -> Any:
     raise ConfigError(key, "unsupported")  # pragma: no cover
 
 
+def display_address(value: str) -> tuple[str, str]:
+    """The live page's (host, port) from ``HOST:PORT``, ``:PORT`` or ``PORT``: loopback unless a
+    host is named."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", port
+
+
 def validate(cfg: Config) -> Config:
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -194,9 +201,9 @@ def validate(cfg: Config) -> Config:
     except layout.LayoutError as e:
         raise ConfigError("display.layout", str(e)) from None
     if cfg.display_http:
-        host, sep, port = cfg.display_http.rpartition(":")
-        need(bool(sep and host and port.isdigit() and 0 <= int(port) < 65536), "display.http",
-             f"must be host:port, got {cfg.display_http!r}")
+        host, port = display_address(cfg.display_http)
+        need(port.isdigit() and 0 <= int(port) < 65536, "display.http",
+             f"must be HOST:PORT or PORT (loopback), got {cfg.display_http!r}")
     need(cfg.policy in POLICIES, "scheduler.policy", f"must be one of {', '.join(POLICIES)}")
     need(cfg.worker_recycle_tasks >= 0, "workers.recycle_tasks", "must be >= 0")
     need(cfg.worker_recycle_rss_mb >= 0, "workers.recycle_rss_mb", "must be >= 0")

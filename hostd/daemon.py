@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from hostd.config import Config
+from hostd.config import Config, display_address
 from hostd.control import ControlServer
 from hostd.device import Device, RunState
 from hostd.display.service import DisplayService
@@ -87,8 +87,8 @@ class Hostd:
     def _start_display_http(self) -> None:
         from hostd.display.http import DisplayHttp  # aiohttp is loaded only when the page is served
 
-        host, _, port = self.cfg.display_http.rpartition(":")
-        self.display_http = DisplayHttp(self.display, host.strip("[]"), int(port))
+        host, port = display_address(self.cfg.display_http)
+        self.display_http = DisplayHttp(self.display, host, int(port))
         self.display_http.start()  # StartupError if the address is taken
         log.info("display page", url=self.display_http.url)
 

@@ -390,3 +390,20 @@ def test_display_statistics_reach_status_and_metrics(make_hostd: Callable[..., H
         m = re.search(r"(?m)^vmediad_display_compose_cpu_seconds_total (\S+)$", text)
         assert m is not None and float(m.group(1)) > 0
         disp.close()
+
+
+def test_display_http_is_loopback_unless_a_host_is_named(make_hostd: Callable[..., Hostd]) -> None:
+    import urllib.request
+
+    from hostd.config import Config as HostdConfig
+    from hostd.config import ConfigError, display_address, validate
+
+    assert display_address("8080") == ("127.0.0.1", "8080")
+    assert display_address(":8080") == ("127.0.0.1", "8080")
+    assert display_address("[::1]:8080") == ("::1", "8080")
+    with pytest.raises(ConfigError, match=r"display\.http"):
+        validate(HostdConfig(display_http="localhost:http"))
+    h = make_hostd(display_width=W, display_height=H, display_http="0")
+    assert h.display_http is not None and h.display_http.url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(h.display_http.url + "snapshot.png", timeout=5) as r:
+        assert r.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -69,8 +69,8 @@ def main() -> None:
 @click.option("--fault-injection", is_flag=True, default=None, hidden=True)
 @click.option("--ivshmem-dir", type=click.Path(path_type=Path, file_okay=False),
               help="serve QEMU VMs: one ivshmem-server socket per VM in this directory (docs/vms.md)")
-@click.option("--display-http", metavar="HOST:PORT",
-              help="serve the shared screen's live page (e.g. 127.0.0.1:8080; loopback unless you say otherwise)")
+@click.option("--display-http", metavar="[HOST:]PORT",
+              help="serve the shared screen's live page, e.g. 8080 (loopback) or 0.0.0.0:8080")
 @click.option("--display-size", metavar="WxH", help="the shared screen's size [default: 1280x720]")
 @click.option("--display-refresh", type=float, metavar="HZ", help="the compositor's refresh [default: 30]")
 @click.option("--display-layout", metavar="WORDS", help="the layout at start, e.g. \"main vm0\" [default: grid]")
