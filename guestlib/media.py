@@ -174,6 +174,39 @@ class Muxer:
             self.container.mux(pkt)
             self.packets += 1
 
+    def add_copies(self, source: Any, problems: list[str]) -> dict[int, Any]:
+        """Output streams copying every non-video stream of ``source`` (an open input
+        container), before the first packet is muxed; ``{input index: output stream}``.  A
+        stream this container cannot hold is dropped and named in ``problems``."""
+        copies: dict[int, Any] = {}
+        for st in source.streams:
+            if st.type == "video":
+                continue
+            try:
+                copies[st.index] = self.container.add_stream_from_template(st)
+            except (ValueError, av.FFmpegError) as e:
+                problems.append(f"{st.type} stream {st.index} ({st.codec_context.name}) not copied: {_why(e)}")
+        return copies
+
+    def copy_packets(self, path: str | Path, copies: dict[int, Any], until_s: float | None = None) -> int:
+        """Mux the packets of the copied streams of ``path`` unchanged (timestamps included);
+        with ``until_s`` (the video was cut short) only those that start before it."""
+        if not copies:
+            return 0
+        n = 0
+        with av.open(str(path)) as src:
+            for pkt in src.demux([src.streams[i] for i in copies]):
+                if pkt.dts is None and pkt.pts is None:
+                    continue  # a demuxer's flush packet
+                t = pkt.pts if pkt.pts is not None else pkt.dts
+                if until_s is not None and t is not None and pkt.time_base is not None \
+                        and t * pkt.time_base >= until_s:
+                    continue
+                pkt.stream = copies[pkt.stream.index]
+                self.container.mux(pkt)
+                n += 1
+        return n
+
     def close(self) -> None:
         self.container.close()
 
@@ -181,18 +214,29 @@ class Muxer:
 def transcode(dev: Device, input_path: str | Path, output_path: str | Path, codec: str = "h264",
               *, max_frames: int | None = None, on_frame: Callable[[int], None] | None = None,
               stop: Callable[[], bool] | None = None, problems: list[str] | None = None,
-              on_picture: Callable[[Frame], None] | None = None, **options: Any) -> dict[str, int]:
+              on_picture: Callable[[Frame], None] | None = None, audio: str = "copy",
+              **options: Any) -> dict[str, int]:
     """Decode ``input_path`` and re-encode it as ``codec`` into ``output_path``, all codec work on the device.
 
     The whole input unless ``max_frames``; ``stop()`` returning true ends it early (the
     output is still finished).  Damaged packets are skipped as ffmpeg does and noted in
-    ``problems``; an unusable input raises MediaError.
+    ``problems``; an unusable input raises MediaError.  Every frame keeps its timestamp (the
+    encoder works in the input stream's time base), so a variable frame rate stays variable;
+    ``audio="copy"`` copies every other stream (audio, subtitles) unchanged, ``"drop"``
+    leaves them out.
     """
+    if audio not in ("copy", "drop"):
+        raise ValueError(f"audio must be 'copy' or 'drop', not {audio!r}")
+    problems = [] if problems is None else problems
     src, vstream = open_video(input_path)
     with src:
         in_codec = vstream.codec_context.name
         fps = Fraction(vstream.average_rate or vstream.guessed_rate or 30)
-        frames = 0
+        tb = Fraction(vstream.time_base) if vstream.time_base else 1 / fps
+        step = max(1, round(1 / (fps * tb)))  # a frame's duration in tb units, for frames without pts
+        frames = copied = 0
+        last_pts: int | None = None
+        copies: dict[int, Any] = {}
         # The container's picture size gives the decoder a frame pool: it decodes in place.
         with dev.decoder(in_codec, parse=False, width=vstream.codec_context.width,
                          height=vstream.codec_context.height) as dec:
@@ -204,12 +248,19 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
                     if stop is not None and stop():
                         break
                     if enc is None:
-                        enc = Encoder(dev, codec, f.width, f.height, fps, pix_fmt=f.format, **options)
+                        enc = Encoder(dev, codec, f.width, f.height, fps, pix_fmt=f.format, time_base=tb, **options)
                         mux = Muxer(output_path, codec, f.width, f.height, enc.time_base, fps)
+                        if audio == "copy":
+                            copies = mux.add_copies(src, problems)  # before the first packet
                     assert mux is not None
                     if on_picture is not None:
                         on_picture(f)  # e.g. shown on the VM's display before it is encoded
-                    mux.write(enc.encode(f, pts=frames))  # a pooled frame is copied in once
+                    # The input's timestamp; one that does not move forward (or is missing)
+                    # becomes the previous one plus a frame, as the encoder needs.
+                    pts = f.pts if f.pts is not None and (last_pts is None or f.pts > last_pts) else \
+                        (0 if last_pts is None else last_pts + step)
+                    last_pts = pts
+                    mux.write(enc.encode(f, pts=pts))  # a pooled frame is copied in once
                     frames += 1
                     if on_frame is not None:
                         on_frame(frames)
@@ -217,10 +268,13 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
                         break
                 if enc is not None and mux is not None:
                     mux.write(enc.flush())
+                    cut = (max_frames is not None and frames >= max_frames) or (stop is not None and stop())
+                    end = None if not cut or last_pts is None else float((last_pts + step) * tb)
+                    copied = mux.copy_packets(input_path, copies, end)
             finally:
                 if enc is not None:
                     enc.close()
                 if mux is not None:
                     mux.close()
     return {"frames": frames, "packets_in": decoding.packets, "problems": len(decoding.problems),
-            "packets_out": mux.packets if mux else 0}
+            "packets_out": mux.packets if mux else 0, "streams_copied": len(copies), "packets_copied": copied}

@@ -155,6 +155,8 @@ def vm() -> None:
 @click.option("--workload", type=click.Choice(["encode", "decode", "transcode", "play"]), default="encode",
               show_default=True, help="encode a moving test pattern; decode or transcode --input; play: "
                                       "decode --input and present it on the shared screen at its frame rate")
+@click.option("--audio", type=click.Choice(["copy", "drop"]), default="copy", show_default=True,
+              help="transcode: copy the input's audio (and other non-video streams) unchanged, or drop them")
 @click.option("--display/--no-display", "show", default=False, show_default=True,
               help="each VM also shows the pictures it works on on the shared screen (play always does)")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
@@ -178,7 +180,8 @@ def vm() -> None:
               help="process: each VM a host process; qemu: each VM a real QEMU guest reaching hostd through "
                    "ivshmem (hostd needs --ivshmem-dir; TCG unless KVM is real; docs/vms.md)")
 def vm_spawn(socket_path: str, count: int, name_prefix: str, workload: str, input_path: str | None, codec: str,
-             size: str, frames: int | None, output: Path, as_json: bool, kind: str, show: bool) -> None:
+             size: str, frames: int | None, output: Path, as_json: bool, kind: str, audio: str,
+             show: bool) -> None:
     """Spawn COUNT guest processes, each with its own region, and run WORKLOAD on the device.
 
     Progress goes to stderr: live rows on a terminal, else one line per VM every 2 s.
@@ -202,7 +205,7 @@ def vm_spawn(socket_path: str, count: int, name_prefix: str, workload: str, inpu
     if workload == "encode" and frames is None:
         frames = ENCODE_FRAMES
     specs = [VmSpec(f"{name_prefix}{i}", socket_path, workload, codec, width, height, frames, input=input_path,
-                    output=str(output), input_codec=input_codec, display=show) for i in range(count)]
+                    output=str(output), input_codec=input_codec, display=show, audio=audio) for i in range(count)]
     fleet = _qemu_fleet(specs, socket_path) if kind == "qemu" else None
     reports, stopped_by = run_fleet(specs, err_console, fleet)
     title = "fake VMs" if fleet is None else f"QEMU VMs ({fleet.accel.name.upper()}: {fleet.accel.reason})"

@@ -67,6 +67,7 @@ class VmSpec:
     region_size: int = 128 << 20
     input_codec: str | None = None  # the input's codec when the parent probed it (for the codec column)
     display: bool = False  # show the pictures it works on on the shared screen (play always does)
+    audio: str = "copy"  # transcode: copy the input's other streams (audio, subtitles), or "drop"
 
 
 @dataclass
@@ -262,7 +263,7 @@ def _transcode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Pat
         prog.report.frames = n
         prog.send()
 
-    transcode(dev, src, out, spec.codec, max_frames=spec.frames, on_frame=tick, stop=stop.is_set,
+    transcode(dev, src, out, spec.codec, max_frames=spec.frames, on_frame=tick, stop=stop.is_set, audio=spec.audio,
               problems=prog.report.extra.setdefault("problems", []),
               on_picture=None if show is None else show.present)
     if stop.is_set():
