@@ -77,11 +77,13 @@ class DisplayService:
         # Published screens are never written again.  A screen that only this object still
         # references (no reader holds it: its refcount says so) is composed into again instead
         # of allocating and faulting in a new one each frame.
-        self._retired: list[Screen] = []
         self._cond = threading.Condition()
         self._seq = 0
-        self._latest: Screen = np.zeros((self.height, self.width, 4), np.uint8)
+        # Two screens, their pages written now: hostd's memory does not grow when compositions
+        # start (the soak run holds hostd's RSS flat after warm-up).
+        self._latest: Screen = _touched(self.height, self.width)
         self._latest.flags.writeable = False
+        self._retired: list[Screen] = [_touched(self.height, self.width)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
@@ -231,6 +233,13 @@ class DisplayService:
             screen_seq=seq, compositions=c.frames, skipped=self._skipped, late=self._late,
             screen_fps=float(recent), compose_ms_p50=_pct(costs, 0.5) * 1e3, compose_ms_p99=_pct(costs, 0.99) * 1e3,
             compose_cpu_s=round(c.cpu_s, 6), scaled=c.scaled, reused=c.reused, copied=c.copied)
+
+
+def _touched(height: int, width: int) -> Screen:
+    """A black screen whose pages are resident (np.zeros would map them lazily)."""
+    screen = np.empty((height, width, 4), np.uint8)
+    screen.fill(0)
+    return screen
 
 
 def _pct(values: list[float], q: float) -> float:
