@@ -33,7 +33,7 @@ from vmediad.tools import vmimage
 from vmediad.tools.qemu import Guest, write_run_script
 
 # Two TCG VMs at once: once in a full CI-sized run this module stalled after both guests had
-# written their results (not reproduced alone: 3 of 3 runs pass in about 20 s).  It runs with
+# written their results (not reproduced alone or beside the transport tests).  It runs with
 # `-m slow` until that stall is understood.
 pytestmark = pytest.mark.slow
 
