@@ -10,8 +10,8 @@ import av
 import av.error
 
 from codec_backend.decode import DECODE_FORMATS
-from codec_backend.encode import ENCODE_FORMATS
-from codec_backend.session_base import DEFAULT_GEOMETRY, CodecError, _available, _check_range, _codec_formats
+from codec_backend.encode import encode_formats, encode_zero_copy_formats
+from codec_backend.session_base import DEFAULT_GEOMETRY, CodecError, _available, _check_range
 from vmediad import abi
 from vmediad.abi import (
     Codec,
@@ -28,7 +28,7 @@ def _codec_caps() -> tuple[dict[str, object], ...]:
     for codec in Codec:
         enc, dec = abi.ENCODER_IMPL[codec], abi.DECODER_IMPL[codec]
         enc_ok, dec_ok = _available(enc, "w"), _available(dec, "r")
-        native = sorted({"yuv420p", "nv12"} & _codec_formats(enc)) if enc_ok else []
+        in_place = sorted(abi.PIX_FMT_NAMES[f] for f in encode_zero_copy_formats(enc)) if enc_ok else []
         parser = False
         if dec_ok:
             try:
@@ -42,15 +42,19 @@ def _codec_caps() -> tuple[dict[str, object], ...]:
             "encoder": {
                 "impl": enc,
                 "available": enc_ok,
-                "pix_fmts": [abi.PIX_FMT_NAMES[f] for f in ENCODE_FORMATS] if enc_ok else [],
-                "zero_copy_pix_fmts": native,
+                # Per codec: what its FFmpeg encoder takes as it is (converted inputs included).
+                "pix_fmts": [abi.PIX_FMT_NAMES[f] for f in encode_formats(enc)] if enc_ok else [],
+                "zero_copy_pix_fmts": in_place,
                 "bframes": enc in ("libx264", "libx265", "mpeg4", "libsvtav1"),
             },
             "decoder": {
                 "impl": dec,
                 "available": dec_ok,
-                # Frames come out in the format asked for: the stream's own is copied as
-                # decoded (8-bit ones into a frame pool when there is one), others converted.
+                # Frames come out in the format asked for: "native" (each picture in the
+                # decoder's own format when it is a device format, else converted to the
+                # nearest one and flagged FRAME_CONVERTED) or a named one.  A picture already
+                # in the asked format is emitted as decoded (into the frame pool when there is
+                # one), others are converted.
                 "pix_fmts": [abi.PIX_FMT_NAMES[f] for f in DECODE_FORMATS] if dec_ok else [],
                 "parser": parser,
                 # FFmpeg's vp8, vp9 and av1 parsers do not split a byte stream into

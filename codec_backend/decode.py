@@ -56,10 +56,20 @@ _SAME_LAYOUT: Final = {
     PixFmt.YUV420P10LE: frozenset({"yuv420p10le"}),
     PixFmt.P010LE: frozenset({"p010le"}),
 }
-DECODE_FORMATS: Final = tuple(_SAME_LAYOUT)
-# Formats whose pictures may be decoded into a guest's frame pool: 8-bit ones, where every byte
-# value is a valid sample (see framepool.c).  10-bit pictures are copied out instead.
-_POOL_FORMATS: Final = frozenset({PixFmt.YUV420P, PixFmt.NV12, PixFmt.YUV422P, PixFmt.YUV444P})
+# The output format of each libav format emitted as decoded: a NATIVE session's map, and
+# the format of every picture a session emits (converted ones are in one of these).
+_NATIVE_OUT: Final = {name: fmt for fmt, names in _SAME_LAYOUT.items() for name in names}
+DECODE_FORMATS: Final = (PixFmt.NATIVE, *_SAME_LAYOUT)
+# Formats whose pictures may be decoded into a guest's frame pool: all of them, 10-bit
+# included (why a guest's writes into a 10-bit slot harm only its own worker: framepool.c,
+# fp_get_buffer2).
+_POOL_FORMATS: Final = frozenset(_SAME_LAYOUT)
+
+
+def _nearest(frame: VideoFrame) -> PixFmt:
+    """The device format a NATIVE session converts a picture of another format to: 10-bit
+    4:2:0 for samples deeper than 8 bits (yuv420p12le, gray10le, ...), else 8-bit 4:2:0."""
+    return PixFmt.YUV420P10LE if max(c.bits for c in frame.format.components) > 8 else PixFmt.YUV420P
 
 
 def _decoder_target(cfg: SessionConfig, caps: GeometryLimits) -> tuple[Codec, str, PixFmt]:
@@ -112,6 +122,10 @@ class _DecoderSession(_Session):
                  mem: memoryview | None = None, pool: tuple[int, int] = (0, 0)) -> None:
         super().__init__(stats)
         self._codec, self._impl, self._fmt = _decoder_target(cfg, caps)
+        # The libav formats emitted as decoded, each with its output format; any other is
+        # converted (to the session's format, or for NATIVE to the nearest device format).
+        self._outputs: dict[str, PixFmt] = (dict(_NATIVE_OUT) if self._fmt == PixFmt.NATIVE
+                                            else {name: self._fmt for name in _SAME_LAYOUT[self._fmt]})
         self._pool: FramePool | None = None
         self._loop: framepool.DecodeLoop | None = None  # the C packet loop (pooled sessions)
         self._base_mem: memoryview | None = None
@@ -129,18 +143,18 @@ class _DecoderSession(_Session):
             if not pr.ok:
                 raise CodecError(ErrorCode.BACKEND, f"frame pools unavailable: {pr.reason}")
             base = int(np.frombuffer(mem, np.uint8, 1).ctypes.data)
-            pooled = _SAME_LAYOUT[self._fmt] if self._fmt in _POOL_FORMATS else frozenset()
-            self._pool = FramePool(base + pool[0], pool[1], formats=tuple(sorted(pooled)))
+            pooled = {name: fmt for name, fmt in self._outputs.items() if fmt in _POOL_FORMATS}
+            self._pool = FramePool(base + pool[0], pool[1], formats=pooled)
             if framepool.DecodeLoop.enabled():
                 self._loop = framepool.DecodeLoop(self._pool)
         elif pool[1]:
             raise CodecError(ErrorCode.BAD_ARG, "a frame pool was given without FRAME_POOL")
         self._cfg = cfg
         self._caps = caps
-        self._fmt_name = abi.PIX_FMT_NAMES[self._fmt]
-        self._same_layout = _SAME_LAYOUT[self._fmt]
-        self._geom: tuple[int, int, tuple[list[tuple[int, int]], int, Any]] = (0, 0, ([], 0, None))  # _geometry
-        self._pending: deque[VideoFrame | _Lent] = deque()
+        self._geom: tuple[int, int, int, tuple[list[tuple[int, int]], int, Any]] = (0, 0, 0, ([], 0, None))
+        # Decoded frames to emit, each with its output format and entry flags, and the C
+        # loop's lent frames.
+        self._pending: deque[tuple[VideoFrame, int, int] | _Lent] = deque()
         self._fed = 0
         self._parsed = False
         self._stream_pos = 0  # bytes fed to the parser
@@ -202,34 +216,39 @@ class _DecoderSession(_Session):
         self._ctx = None
         return _ff_error(exc, ErrorCode.INVALID_DATA)
 
-    def _geometry(self, w: int, h: int) -> tuple[list[tuple[int, int]], int, Any] | None:
+    def _geometry(self, w: int, h: int, fmt: int) -> tuple[list[tuple[int, int]], int, Any] | None:
         """Plane shapes, unpadded size and the shapes as the frame pool takes them of a
-        ``w`` x ``h`` picture, or None past the caps.  The last geometry that passed is
-        kept: a stream's pictures rarely change size."""
+        ``w`` x ``h`` picture of output format ``fmt``, or None past the caps.  The last
+        geometry that passed is kept: a stream's pictures rarely change size or format."""
         geom = self._geom
-        if geom[0] == w and geom[1] == h:
-            return geom[2]
+        if geom[0] == w and geom[1] == h and geom[2] == fmt:
+            return geom[3]
         caps = self._caps
         if not caps.allows(w, h):
             return None
-        shapes = abi.plane_shapes(self._fmt, w, h)
+        shapes = abi.plane_shapes(PixFmt(fmt), w, h)
         found = (shapes, sum(r * b for r, b in shapes), None if self._pool is None else FramePool.shape(shapes))
-        self._geom = (w, h, found)
+        self._geom = (w, h, fmt, found)
         return found
 
     def _queue(self, frame: VideoFrame) -> CodecError | None:
         w, h = frame.width, frame.height
-        geom = self._geometry(w, h)
+        fmt = self._outputs.get(frame.format.name)
+        flags = 0
+        if fmt is None:  # not a format emitted as decoded: converted (and flagged)
+            fmt = _nearest(frame) if self._fmt == PixFmt.NATIVE else self._fmt
+            flags = abi.FRAME_CONVERTED
+        geom = self._geometry(w, h, fmt)
         if geom is None:
             return CodecError(ErrorCode.TOO_LARGE, f"decoded {w}x{h} exceeds the geometry caps")
         size = geom[1]
-        if frame.format.name not in self._same_layout:
+        if flags:
             try:
-                frame = frame.reformat(format=self._fmt_name)
+                frame = frame.reformat(format=abi.PIX_FMT_NAMES[fmt])
             except (av.error.FFmpegError, ValueError) as exc:
                 return CodecError(ErrorCode.INVALID_DATA, f"cannot convert frame: {exc}")
             self._stats.dec_out_copied += size
-        self._pending.append(frame)
+        self._pending.append((frame, fmt, flags))
         self.pending_items += 1
         self.pending_bytes += size
         return None
@@ -274,11 +293,10 @@ class _DecoderSession(_Session):
             self._base_mem, self._base = mem, int(np.frombuffer(mem, np.uint8, 1).ctypes.data)
         n = len(chunks)
         arr = loop.chunks([(c.offset, c.length, 0 if c.pts is None else c.pts, c.pts is not None) for c in chunks])
-        fmt = int(self._fmt)
         error: CodecError | None = None
         i = receiving = failed = 0
         while True:
-            w, h, geom = self._geom
+            w, h, fmt, geom = self._geom
             rc, i, receiving, entries, err = loop.run(self._base, arr, n, i, receiving, w, h, geom[2], fmt)
             if entries:
                 k = len(entries) // FrameEntry.SIZE
@@ -383,7 +401,6 @@ class _DecoderSession(_Session):
     def _emit(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
         pending = self._pending
         count = self.pending_items
-        fmt = int(self._fmt)
         pool = self._pool
         table = abi.out_table_size(abi.OUT_FRAMES, count)
         # Frames the decoder wrote into the pool are lent in this first pass (the slot's
@@ -402,8 +419,8 @@ class _DecoderSession(_Session):
                     layouts.append((-2, [], item.count, item.entries))
                     pooled += item.count
                     continue
-                frame = cast(VideoFrame, item)
-                geom = self._geometry(frame.width, frame.height)
+                frame, fmt, _flags = cast(tuple[VideoFrame, int, int], item)
+                geom = self._geometry(frame.width, frame.height, fmt)
                 if geom is None:  # pragma: no cover - _queue admitted only frames within the caps
                     raise CodecError(ErrorCode.BACKEND, "queued frame exceeds the geometry caps")
                 shapes = geom[0]
@@ -429,15 +446,15 @@ class _DecoderSession(_Session):
                     mem[entry_pos:entry_pos + len(entry)] = entry  # FrameEntry bytes the C loop wrote
                     entry_pos += len(entry)
                     continue
-                frame = cast(VideoFrame, item)
+                frame, fmt, flags = cast(tuple[VideoFrame, int, int], item)
                 pts = abi.NO_PTS if frame.pts is None else frame.pts
                 if pos < 0:
                     offset, plane_offsets, line_sizes = entry
                     FrameEntry.write(mem, entry_pos, offset=offset, width=frame.width, height=frame.height,
                                      pix_fmt=fmt, nplanes=len(shapes), pts=pts, plane_offsets=plane_offsets,
-                                     strides=line_sizes, flags=abi.FRAME_POOLED, slot=slot)
+                                     strides=line_sizes, flags=abi.FRAME_POOLED | flags, slot=slot)
                 else:
-                    copied += self._emit_copy(mem, entry_pos, dst_off, pos, frame, shapes, pts)
+                    copied += self._emit_copy(mem, entry_pos, dst_off, pos, frame, fmt, flags, shapes, pts)
                 entry_pos += FrameEntry.SIZE
         except BaseException:
             # The task fails and its frames stay queued: the guest never sees these lends.
@@ -453,8 +470,8 @@ class _DecoderSession(_Session):
         self.pending_items = self.pending_bytes = 0
         return count, used
 
-    def _emit_copy(self, mem: memoryview, entry_pos: int, dst_off: int, pos: int, frame: VideoFrame,
-                   shapes: list[tuple[int, int]], pts: int) -> int:
+    def _emit_copy(self, mem: memoryview, entry_pos: int, dst_off: int, pos: int, frame: VideoFrame, fmt: int,
+                   flags: int, shapes: list[tuple[int, int]], pts: int) -> int:
         """Copy a frame decoded into libav's memory to ``pos`` in dst, once, straight from
         its AVFrame planes (rows of line_size bytes, cropped to the visible width), and
         write its entry.  Returns the bytes copied."""
@@ -471,8 +488,8 @@ class _DecoderSession(_Session):
             np.copyto(dst, src)
             offs[i], strides[i] = plane_off, row_bytes
             plane_off += rows * row_bytes
-        FrameEntry.write(mem, entry_pos, offset=pos, width=frame.width, height=frame.height, pix_fmt=int(self._fmt),
-                         nplanes=len(shapes), pts=pts, plane_offsets=offs, strides=strides)
+        FrameEntry.write(mem, entry_pos, offset=pos, width=frame.width, height=frame.height, pix_fmt=fmt,
+                         nplanes=len(shapes), pts=pts, plane_offsets=offs, strides=strides, flags=flags)
         return plane_off
 
     def close(self) -> None:

@@ -51,14 +51,23 @@ from vmediad.abi import (
     SessionConfig,
 )
 
-ENCODE_FORMATS: Final = (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA)  # what a guest may hand in
+# What a guest may hand every encoder: converted to the codec's 4:2:0 when it takes no such input.
+ENCODE_FORMATS: Final = (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA)
+# Taken only by a codec that encodes them as they are (see encode_formats); never converted,
+# so a 4:4:4 or 10-bit picture is not silently made 8-bit 4:2:0.
+_NATIVE_ONLY: Final = (PixFmt.YUV422P, PixFmt.YUV444P, PixFmt.YUV420P10LE)
+_TEN_BIT: Final = frozenset({PixFmt.YUV420P10LE, PixFmt.P010LE})
+_TEN_BIT_MAX: Final = (1 << 10) - 1
 
 _JPEG_RANGE: Final = 2  # AVCOL_RANGE_JPEG
 _NATIVE_ENCODERS: Final = frozenset({"mjpeg", "mpeg4"})
-# Encoders that refuse a 4:2:0 picture of odd width or height (their chroma planes would be
-# half a sample wide); the others pad it.  Refused at SESSION_OPEN, before avcodec_open2
-# fails with a bare "Generic error in an external library".
+# Encoders that refuse a picture whose subsampled chroma would be half a sample wide or high (a
+# 4:2:0 picture of odd width or height, a 4:2:2 one of odd width); the others pad it.  Refused
+# at SESSION_OPEN, before avcodec_open2 fails with a bare "Generic error in an external library".
 _EVEN_420: Final = frozenset({"libx264", "libx265"})
+# Context formats whose chroma is subsampled: (horizontally, vertically).
+_HALF_CHROMA: Final = {"yuv420p": (True, True), "nv12": (True, True), "yuv420p10le": (True, True),
+                       "yuv422p": (True, False)}
 # libvpx encoders (VP8, VP9) and the numeric presets (cpu-used) each takes.
 _LIBVPX: Final = {"libvpx": r"-?\d{1,2}", "libvpx-vp9": r"-?\d"}
 _VP8_CQ_CAP: Final = "1000M"  # bit/s: out of reach, so crf alone sets the quality
@@ -82,6 +91,74 @@ def _copy_planes_in(frame: VideoFrame, src: np.ndarray, fmt: PixFmt, width: int,
     return copied
 
 
+def _copy_10bit_in(frame: VideoFrame, mem: memoryview, src_off: int, fmt: PixFmt, width: int, height: int,
+                   linesizes: tuple[int, ...]) -> int:
+    """Copy a 10-bit guest picture into ``frame`` (yuv420p10le); returns bytes copied.
+
+    Samples are cut to their 10 bits on the way (P010's live in the high bits), so the encoder
+    never reads a sample above 1023 whatever the guest wrote: 10-bit input is never wrapped in
+    place.  Rows may start at odd offsets: the uint16 views below need not be aligned."""
+    cw, ch = (width + 1) // 2, (height + 1) // 2
+
+    def src(pos: int, rows: int, cols: int, stride: int) -> np.ndarray:
+        return np.ndarray((rows, cols), "<u2", buffer=mem, offset=src_off + pos, strides=(stride, 2))
+
+    def dst(i: int, rows: int, cols: int) -> np.ndarray:
+        plane = frame.planes[i]
+        return np.ndarray((rows, cols), "<u2", buffer=memoryview(plane), strides=(plane.line_size, 2))
+
+    y = src(0, height, width, linesizes[0])
+    if fmt == PixFmt.YUV420P10LE:
+        np.bitwise_and(y, _TEN_BIT_MAX, out=dst(0, height, width))
+        pos = height * linesizes[0]
+        for i in (1, 2):
+            np.bitwise_and(src(pos, ch, cw, linesizes[i]), _TEN_BIT_MAX, out=dst(i, ch, cw))
+            pos += ch * linesizes[i]
+    else:  # P010LE: 10 bits in the high bits, chroma interleaved U, V
+        np.right_shift(y, 6, out=dst(0, height, width))
+        uv = src(height * linesizes[0], ch, 2 * cw, linesizes[1])
+        np.right_shift(uv[:, 0::2], 6, out=dst(1, ch, cw))
+        np.right_shift(uv[:, 1::2], 6, out=dst(2, ch, cw))
+    return 2 * (width * height + 2 * cw * ch)
+
+
+def encode_formats(impl: str) -> tuple[PixFmt, ...]:
+    """The formats a guest may hand the encoder ``impl`` of this FFmpeg build.
+
+    ENCODE_FORMATS always (converted when the codec takes no such input); 4:2:2, 4:4:4 and
+    10-bit 4:2:0 when the codec encodes them as they are; P010 with 10-bit 4:2:0 (its samples
+    are moved to the low bits, which loses nothing)."""
+    takes = _codec_formats(impl)
+    out = list(ENCODE_FORMATS)
+    out += [f for f in _NATIVE_ONLY if abi.PIX_FMT_NAMES[f] in takes]
+    if PixFmt.YUV420P10LE in out:
+        out.append(PixFmt.P010LE)
+    return tuple(out)
+
+
+def encode_zero_copy_formats(impl: str) -> tuple[PixFmt, ...]:
+    """The formats the encoder ``impl`` reads in place from guest memory (no conversion, no copy
+    when the frame's buffer allows it); 10-bit input is always copied (see _copy_10bit_in)."""
+    takes = _codec_formats(impl)
+    return tuple(f for f in (PixFmt.YUV420P, PixFmt.NV12, PixFmt.YUV422P, PixFmt.YUV444P)
+                 if abi.PIX_FMT_NAMES[f] in takes)
+
+
+def _context_format(fmt: PixFmt, impl: str) -> str:
+    """The format the codec context of ``impl`` works in for guest input ``fmt``; BAD_ARG,
+    naming the formats it does take, when it cannot encode ``fmt``."""
+    allowed = encode_formats(impl)
+    if fmt not in allowed:
+        names = ", ".join(abi.PIX_FMT_NAMES[f] for f in allowed)
+        raise CodecError(ErrorCode.BAD_ARG, f"{impl} cannot encode {abi.PIX_FMT_NAMES[fmt]}; "
+                                            f"it takes {names}")
+    if fmt in _TEN_BIT:
+        return "yuv420p10le"
+    if fmt in _NATIVE_ONLY:
+        return abi.PIX_FMT_NAMES[fmt]
+    return "nv12" if fmt == PixFmt.NV12 and "nv12" in _codec_formats(impl) else "yuv420p"
+
+
 # --- codec contexts (shared by the sessions and by the direct-PyAV benchmark floor) -------
 @dataclass(frozen=True, slots=True)
 class EncoderTarget:
@@ -90,7 +167,7 @@ class EncoderTarget:
     codec: Codec
     impl: str
     fmt: PixFmt  # the guest's input format
-    ctx_fmt: str  # the format the codec context takes ("yuv420p" or "nv12")
+    ctx_fmt: str  # the format the codec context takes (and the session converts ``fmt`` to)
     time_base: Fraction
     fps: Fraction
 
@@ -98,11 +175,14 @@ class EncoderTarget:
 def _encoder_target(cfg: SessionConfig, caps: GeometryLimits) -> EncoderTarget:
     _check_config(cfg, caps)
     codec, impl = _codec(cfg.codec, abi.ENCODER_IMPL, "w")
-    fmt = _pix_fmt(cfg.pix_fmt, ENCODE_FORMATS)
-    if impl in _EVEN_420 and (cfg.width % 2 or cfg.height % 2):
-        raise CodecError(ErrorCode.BAD_ARG, f"{impl} encodes 4:2:0, which needs an even width and height; "
+    fmt = _pix_fmt(cfg.pix_fmt, (*ENCODE_FORMATS, *_NATIVE_ONLY, PixFmt.P010LE))
+    ctx_fmt = _context_format(fmt, impl)
+    half_w, half_h = _HALF_CHROMA.get(ctx_fmt, (False, False))
+    if impl in _EVEN_420 and ((half_w and cfg.width % 2) or (half_h and cfg.height % 2)):
+        need = "an even width and height" if half_h else "an even width"
+        chroma = "4:2:2" if half_w and not half_h else "4:2:0"
+        raise CodecError(ErrorCode.BAD_ARG, f"{impl} encodes {chroma}, which needs {need}; "
                                             f"got {cfg.width}x{cfg.height}")
-    ctx_fmt = "nv12" if fmt == PixFmt.NV12 and "nv12" in _codec_formats(impl) else "yuv420p"
     return EncoderTarget(codec, impl, fmt, ctx_fmt, Fraction(cfg.tb_num, cfg.tb_den),
                          Fraction(cfg.fps_num, cfg.fps_den))
 
@@ -225,7 +305,7 @@ class _EncoderSession(_Session):
         self._w, self._h = cfg.width, cfg.height
         self._shapes = abi.plane_shapes(self._fmt, self._w, self._h)
         self._ctx_fmt = target.ctx_fmt
-        self._convert = self._ctx_fmt != self._fmt_name
+        self._convert = self._ctx_fmt != self._fmt_name and self._fmt not in _TEN_BIT
         self._convert_bytes = abi.frame_size(PixFmt(PixFmt.NV12 if self._ctx_fmt == "nv12"
                                                   else PixFmt.YUV420P), self._w, self._h)
         self._tb, self._fps = target.time_base, target.fps
@@ -269,7 +349,7 @@ class _EncoderSession(_Session):
         elif self._fmt == PixFmt.NV12:
             public = even and linesizes[1] == s0
         else:
-            public = True
+            public = self._fmt in (PixFmt.RGB24, PixFmt.BGRA)
         layout = _InLayout(tuple(linesizes), need, public)
         if len(self._layouts) >= 8:
             self._layouts.clear()
@@ -285,6 +365,9 @@ class _EncoderSession(_Session):
                              f"frame needs {layout.need} bytes, src_len is {src_len}")
         w, h, fmt, name = self._w, self._h, self._fmt, self._fmt_name
         s = layout.linesizes
+        if fmt in _TEN_BIT:
+            ten = VideoFrame(w, h, self._ctx_fmt)
+            return ten, _copy_10bit_in(ten, mem, src_off, fmt, w, h, s)
         # The arrays below alias guest memory: the VideoFrame built on them holds a
         # reference (and the region's buffer export) until FFmpeg unrefs the frame.
         # libx264/x265/libvpx/libsvtav1 copy the picture inside avcodec_send_frame.

@@ -85,6 +85,7 @@ static struct {
 #define ALIGN 64          /* STRIDE_ALIGN of an AVX-512 build, and what av_malloc gives */
 #define PAD (16 + ALIGN)  /* the over-read slack FFmpeg's own pool adds to every plane */
 #define MAX_SLOTS ABI_POOL_MAX_SLOTS
+#define FP_MAX_FORMATS 16  /* a native session's: 9 libav formats map to 6 ABI ones */
 
 struct fp_pool {
     pthread_mutex_t lock;
@@ -96,7 +97,10 @@ struct fp_pool {
     /* Layout the slots are cut for; relaid only while no slot is in use. */
     int w, h, fmt;
     int bad_w, bad_h, bad_fmt;  /* the last geometry that fit no slot: not tried again */
-    int formats[4];             /* pixel formats the session emits as decoded (8-bit only) */
+    /* The libav pixel formats the session emits as decoded, and the ABI format (abi.PixFmt)
+       each is reported as: only pictures of these get a slot. */
+    int formats[FP_MAX_FORMATS];
+    int abi_formats[FP_MAX_FORMATS];
     unsigned int nformats;
     int linesize[4];
     size_t plane_off[4];
@@ -127,15 +131,18 @@ int fp_setup(uintptr_t dflt, uintptr_t align, uintptr_t linesizes, uintptr_t pla
 
 /* A pool of `size` bytes at `pool` (the caller checked size >= ABI_POOL_HEADER + a page). */
 fp_pool *fp_pool_new(uintptr_t pool, size_t size, unsigned int max_slots, const int *formats,
-                     unsigned int nformats) {
+                     const int *abi_formats, unsigned int nformats) {
     if (size < ABI_POOL_HEADER) return NULL;
     fp_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     pthread_mutex_init(&p->lock, NULL);
     p->start = (uint8_t *)pool;
     p->lent = (uint32_t *)(pool + ABI_POOL_LENT_AT);
-    p->nformats = nformats > 4 ? 4 : nformats;
-    for (unsigned int i = 0; i < p->nformats; i++) p->formats[i] = formats[i];
+    p->nformats = nformats > FP_MAX_FORMATS ? FP_MAX_FORMATS : nformats;
+    for (unsigned int i = 0; i < p->nformats; i++) {
+        p->formats[i] = formats[i];
+        p->abi_formats[i] = abi_formats[i];
+    }
     p->bad_fmt = -1;
     uintptr_t first = pool + ABI_POOL_HEADER, b = (first + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
     size_t slots = size - ABI_POOL_HEADER;
@@ -207,12 +214,13 @@ static void slot_free(void *opaque, uint8_t *data) {
     if (last) destroy(p);
 }
 
-/* Whether `fmt` is one of the 8-bit formats the session emits as decoded (the only ones that
-   get a slot: see fp_get_buffer2).  `formats` is fixed at fp_pool_new. */
+/* The ABI format a picture of libav format `fmt` is reported as, or -1 if the session does
+   not emit `fmt` as decoded (such pictures get no slot: see fp_get_buffer2).  `formats` is
+   fixed at fp_pool_new. */
 static int pool_format(const fp_pool *p, int fmt) {
     for (unsigned int k = 0; k < p->nformats; k++)
-        if (fmt == p->formats[k]) return 1;
-    return 0;
+        if (fmt == p->formats[k]) return p->abi_formats[k];
+    return -1;
 }
 
 /* The decoder calls this from its frame threads, concurrently: everything shared is under
@@ -224,10 +232,16 @@ static int fp_get_buffer2(void *s, void *frame, int flags) {
     int w = F_WIDTH(frame), h = F_HEIGHT(frame), fmt = F_FORMAT(frame);
     uint8_t *slot = NULL;
     unsigned int i = 0;
-    /* Only the 8-bit formats the session emits as decoded: every byte value is a valid
-       sample there, so what the guest writes into a slot can garble its own pictures but
-       never index a decoder table out of range (10-bit samples above 1023 could). */
-    int allowed = pool_format(p, fmt);
+    /* Only the formats the session emits as decoded (the others are converted from libav's
+       memory).  10-bit ones included: the guest can write any bytes into a slot it holds, and
+       a decoder predicting from a reference with samples above 1023 may index its tables out
+       of range, read or write wildly, and crash.  That process is this guest's own worker:
+       nothing of another guest is mapped in it, and hostd reaps it like any crashed worker
+       (the task fails WORKER_CRASHED, the guest's sessions are lost, its next task gets a new
+       worker).  So a guest can only harm its own decode, as it could by sending a corrupt
+       bitstream; tests/integration/test_native_format.py holds hostd and a second guest to
+       that. */
+    int allowed = pool_format(p, fmt) >= 0;
     pthread_mutex_lock(&p->lock);
     if (!p->closed && allowed && w > 0 && h > 0) {
         if ((w != p->w || h != p->h || fmt != p->fmt) && p->in_use == 0 && !any_lent(p)
@@ -403,7 +417,9 @@ static inline void put_item(uint8_t *e, size_t at, size_t size, int64_t v) {
    entries (ABI_FE_SIZE bytes each).  state (in/out): [0] the chunk to send next, or whose
    frames are being received when [1] is 1; [2] (out) entries written; [3] (out) the libav
    error of FD_ERROR, whose chunk is state[0] - 1.  FD_FULL: out holds max_out entries; call
-   again.  The caller checked every chunk against the region. */
+   again.  A picture is lent only if it is width x height and its libav format is reported as
+   `fmt` (an abi.PixFmt; `shape` is that geometry's planes); any other stops the loop with
+   FD_HELD.  The caller checked every chunk against the region. */
 int fp_decode(fp_pool *p, uintptr_t avctx, uintptr_t frame, uintptr_t base, const int64_t *chunks, int n,
               int width, int height, unsigned int nplanes, const int64_t *shape, int64_t fmt,
               uint8_t *out, int max_out, int64_t *state) {
@@ -433,7 +449,8 @@ int fp_decode(fp_pool *p, uintptr_t avctx, uintptr_t frame, uintptr_t base, cons
             if (ret == AVERR_EAGAIN || ret == AVERR_EOF) break;
             if (ret < 0) { i++; receiving = 0; rc = FD_ERROR; goto stop; }
             int64_t lent[7];
-            int ok = p && F_WIDTH(f) == width && F_HEIGHT(f) == height && pool_format(p, F_FORMAT(f));
+            /* Lent here only if the caller's geometry (`shape`, `fmt`) is this picture's. */
+            int ok = p && F_WIDTH(f) == width && F_HEIGHT(f) == height && pool_format(p, F_FORMAT(f)) == fmt;
             int slot = ok ? lend_avframe(p, f, nplanes, shape, lent) : -1;
             if (slot < 0) { rc = FD_HELD; goto stop; }  /* the caller takes it from `frame` */
             uint8_t *e = out + (size_t)ABI_FE_SIZE * (size_t)nout++;

@@ -14,7 +14,7 @@ int fp_setup(uintptr_t default_get_buffer2, uintptr_t align_dimensions2, uintptr
              uintptr_t fill_plane_sizes, uintptr_t buffer_create, size_t off_get_buffer2,
              size_t off_opaque, size_t off_buf, size_t off_pyframe);
 fp_pool *fp_pool_new(uintptr_t pool, size_t size, unsigned int max_slots, const int *formats,
-                     unsigned int nformats);
+                     const int *abi_formats, unsigned int nformats);
 int fp_lend_frame(fp_pool *pool, uintptr_t frame_obj, unsigned int nplanes, const int64_t *shape,
                   int64_t *out);
 void fp_unlend(fp_pool *pool, int slot);

@@ -37,7 +37,9 @@ from __future__ import annotations
 import os
 import struct
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import av.error as av_error
@@ -378,6 +380,10 @@ def _context_pointer(ctx: Any) -> int | None:
         mem.close()
 
 
+_YUV420P: Mapping[str, abi.PixFmt] = MappingProxyType({"yuv420p": abi.PixFmt.YUV420P,
+                                                        "yuvj420p": abi.PixFmt.YUV420P})
+
+
 class FramePool:
     """The picture slots of one decoder, in the frame pool at ``[addr, addr + size)`` (see
     ``abi.FramePoolHeader``): lent counters first, then the slots.  The mapping must stay until
@@ -387,20 +393,28 @@ class FramePool:
     in use or lent.  A slot is reused only when libav's last reference to it is dropped and
     the guest's lent counter is back at 0."""
 
+    MAX_FORMATS = 16  # FP_MAX_FORMATS in framepool.c
+
     def __init__(self, addr: int, size: int, max_slots: int = abi.POOL_MAX_SLOTS,
-                 formats: tuple[str, ...] = ("yuv420p", "yuvj420p")) -> None:
-        """``formats``: the (8-bit) pixel formats pictures may have to get a slot; others
-        are decoded into libav's memory (and converted and copied by the session)."""
+                 formats: Mapping[str, abi.PixFmt] = _YUV420P) -> None:
+        """``formats``: the libav pixel formats pictures may have to get a slot, each with the
+        ABI format its frames are reported as (at most ``MAX_FORMATS``); others are decoded
+        into libav's memory (and converted and copied by the session)."""
         pr = probe()
         if not pr.ok:
             raise RuntimeError(f"frame pools unavailable: {pr.reason}")
         if size < abi.POOL_MIN:
             raise ValueError(f"a frame pool needs at least {abi.POOL_MIN} bytes")
+        if len(formats) > self.MAX_FORMATS:
+            raise ValueError(f"a frame pool takes at most {self.MAX_FORMATS} pixel formats")
         self.addr, self.size = addr, size
         assert _AV is not None
-        ids = [int(_AV.util.av_get_pix_fmt(name.encode())) for name in formats]
-        fmts = _NATIVE.ffi.new("int[]", [i for i in ids if i >= 0][:4] or [-1])
-        self._ptr: Any = _NATIVE.lib.fp_pool_new(addr, size, min(max_slots, abi.POOL_MAX_SLOTS), fmts, len(fmts))
+        known = [(int(_AV.util.av_get_pix_fmt(name.encode())), int(fmt)) for name, fmt in formats.items()]
+        known = [k for k in known if k[0] >= 0] or [(-1, -1)]
+        ids = _NATIVE.ffi.new("int[]", [k[0] for k in known])
+        abi_ids = _NATIVE.ffi.new("int[]", [k[1] for k in known])
+        self._ptr: Any = _NATIVE.lib.fp_pool_new(addr, size, min(max_slots, abi.POOL_MAX_SLOTS), ids, abi_ids,
+                                                 len(known))
         if self._ptr == _NATIVE.ffi.NULL:
             raise MemoryError("frame pool")
         self._out = _NATIVE.ffi.new("int64_t[7]")
@@ -516,7 +530,8 @@ class DecodeLoop:
         """One fp_decode call: (code, next chunk, receiving, the lent pictures' frame-table
         entries (abi.FrameEntry bytes, back to back), libav error).  ``shape``:
         :meth:`FramePool.shape` of the session's geometry, None before it has one (``width``
-        0: no picture is lent then)."""
+        0: no picture is lent then); ``fmt``: the abi.PixFmt that geometry is of.  A picture
+        is lent only if it has that size and a libav format the pool reports as ``fmt``."""
         ptr = self._pool._ptr
         if ptr is None:
             raise RuntimeError("the frame pool is closed")

@@ -28,7 +28,7 @@ from vmediad.abi import ErrorCode, Op
 
 
 def transcode(dev: Device, input_path: str | Path, output_path: str | Path,
-              codec: str = "h264", **options: Any) -> dict[str, int]:
+              codec: str = "h264", **options: Any) -> dict[str, Any]:
     """Decode ``input_path`` and re-encode it as ``codec`` into ``output_path``.
 
     The guest demuxes and muxes with PyAV; every codec step runs on the device

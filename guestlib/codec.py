@@ -10,6 +10,9 @@ a pool, frames are copied once into the task's output buffer.  Either way a
 decoded frame's planes stay valid until the next ``decode()``/``flush()`` call on
 the same decoder, or until a stream advances past it (``Frame.copy()`` keeps one,
 ``Frame.release()`` gives a pooled one back early).
+Decoded frames keep the stream's own pixel format (``pix_fmt="native"``, the default; a
+stream in a format the device has none for is converted and the frame says so,
+``Frame.converted``) unless the decoder is opened with a named ``pix_fmt``.
 
 ``encode()``/``decode()`` run one task at a time.  ``encode_stream()`` and
 ``decode_stream()`` keep ``depth`` tasks queued on the session (each with its

@@ -30,34 +30,42 @@ from vmediad.errors import ClientError
 if TYPE_CHECKING:
     from guestlib.device import Buffer, Device
 
-def decoder_config(codec: str | abi.Codec = "h264", *, pix_fmt: str | PixFmt = "yuv420p", threads: int = 0,
+def decoder_config(codec: str | abi.Codec = "h264", *, pix_fmt: str | PixFmt = "native", threads: int = 0,
                    **options: Any) -> abi.SessionConfig:
-    """The SessionConfig ``Decoder`` opens with these arguments."""
+    """The SessionConfig ``Decoder`` opens with these arguments.  ``pix_fmt`` "native" (the
+    default): each frame keeps the stream's own format (``Frame.format`` says which); a named
+    format: every frame is converted to it."""
     return abi.SessionConfig(direction=abi.Direction.DECODE, codec=codec_id(codec), pix_fmt=pix_fmt_id(pix_fmt),
                              threads=threads, options=tuple((k, str(v)) for k, v in options.items()))
 
 
-
-# Formats a frame pool takes, with their bytes per pixel in halves: 8-bit ones only (a guest's
-# write into a 10-bit slot could hand the decoder samples outside its tables' range), so a
-# 10-bit stream's pictures are copied out and the session gets no pool.
-POOL_HALF_BYTES = {PixFmt.YUV420P: 3, PixFmt.NV12: 3, PixFmt.YUV422P: 4, PixFmt.YUV444P: 6}
+# Formats a frame pool takes, with their bytes per pixel in halves: every format a decoder
+# emits.  NATIVE sizes for the largest picture it may turn out to be (8-bit 4:4:4, 10-bit 4:2:0).
+POOL_HALF_BYTES = {PixFmt.YUV420P: 3, PixFmt.NV12: 3, PixFmt.YUV422P: 4, PixFmt.YUV444P: 6,
+                   PixFmt.YUV420P10LE: 6, PixFmt.P010LE: 6, PixFmt.NATIVE: 6}
 
 
 def pool_slot_bytes(width: int, height: int, fmt: PixFmt = PixFmt.YUV420P) -> int:
-    """A generous estimate of one frame pool slot for a picture of ``fmt``: the decoder pads
-    the picture (codec alignment, 64-byte strides, edge rows) before laying slots out."""
+    """A generous estimate of one frame pool slot for a picture of ``fmt`` (NATIVE: of any
+    format a native session emits): the decoder pads the picture (codec alignment, 64-byte
+    strides, edge rows) before laying slots out."""
     half = POOL_HALF_BYTES[fmt]
     return abi.align((abi.align(width, 64) + 64) * (abi.align(height, 64) + 8) * half // 2 + 3 * 192, abi.PAGE_SIZE)
 
 
 class Decoder(_Session):
-    def __init__(self, dev: Device, codec: str = "h264", *, pix_fmt: str = "yuv420p", threads: int = 0,
+    def __init__(self, dev: Device, codec: str = "h264", *, pix_fmt: str | PixFmt = "native", threads: int = 0,
                  parse: bool = True, width: int = 0, height: int = 0, pool_frames: int | None = None,
                  **options: Any) -> None:
         """``width``/``height`` (optional) are the expected picture size, e.g. from a
         container: ``decode_stream()`` sizes its output buffers from them until it has
         seen a frame.  The stream's own geometry is what the device decodes.
+
+        ``pix_fmt`` "native" (the default): each frame comes out in the stream's own format
+        (yuv420p, nv12, yuv422p, yuv444p, yuv420p10le or p010le; ``Frame.format``), and a
+        stream in any other format (gray, yuv440p, 12-bit, ...) is converted to yuv420p or,
+        deeper than 8 bits, yuv420p10le, with ``Frame.converted`` set.  A named format:
+        every frame is converted to it unless it already is.
 
         With a size, the session also gets a frame pool of ``pool_frames`` pictures
         (default ``DEFAULT_POOL_FRAMES``, fewer if the heap is short; 0: none): the
@@ -72,8 +80,10 @@ class Decoder(_Session):
             raise ValueError("a frame pool needs the picture size (width, height)")
         cfg = decoder_config(codec, pix_fmt=pix_fmt, threads=threads, **options)
         self.parse = parse
-        # Largest decoded picture so far (bytes in the output buffer), or the hint's size.
+        # Largest decoded picture so far (bytes in the output buffer), or the hint's size
+        # (native: the largest format it may turn out to be) until a frame is seen.
         self._frame_bytes = abi.frame_size(pix_fmt_id(pix_fmt), width, height) if width and height else 0
+        self._seen_frame = False
         self._in: Buffer | None = None
         self._staging: list[Buffer] = []
         self._lent: list[Frame] = []  # pooled frames handed out by the last decode()/flush()
@@ -100,17 +110,22 @@ class Decoder(_Session):
         self._out = dev.alloc(8 << 20)
 
     @staticmethod
-    def _make_pool(dev: Device, width: int, height: int, frames: int, fmt: PixFmt = PixFmt.YUV420P) -> Buffer | None:
+    def _make_pool(dev: Device, width: int, height: int, frames: int, fmt: PixFmt = PixFmt.NATIVE) -> Buffer | None:
         if not (frames and width and height) or not dev.region.load64(abi.REG_CAPS) & abi.Caps.FRAME_POOL:
             return None
         if fmt not in POOL_HALF_BYTES:
             return None
         slot = pool_slot_bytes(width, height, fmt)
+        # NATIVE sizes for ``frames`` of the largest pictures, but the worker cuts slots for the
+        # stream's real ones: a pool is worth having if it holds MIN_POOL_FRAMES of the smallest
+        # (8-bit 4:2:0) ones.
+        least = pool_slot_bytes(width, height, PixFmt.YUV420P) if fmt == PixFmt.NATIVE else slot
         # At most half the free heap: the stream's output buffers need the rest.
-        frames = min(frames, abi.POOL_MAX_SLOTS, (dev.heap.available() // 2 - abi.POOL_HEADER) // slot)
-        if frames < MIN_POOL_FRAMES:
+        room = (dev.heap.available() // 2 - abi.POOL_HEADER) // abi.PAGE_SIZE * abi.PAGE_SIZE
+        size = min(min(frames, abi.POOL_MAX_SLOTS) * slot, room)
+        if size < MIN_POOL_FRAMES * least:
             return None
-        pool = dev.alloc(FramePoolHeader.SIZE + frames * slot)
+        pool = dev.alloc(FramePoolHeader.SIZE + size)
         # Every slot starts with no frame lent (the heap memory may hold old bytes).
         FramePoolHeader().pack_into(pool.mem)
         return pool
@@ -301,6 +316,11 @@ class Decoder(_Session):
             strides = key[4:4 + nplanes]
             g = self._geom = (key, pf, shapes, strides, sum(r * s for (r, _), s in zip(shapes, strides, strict=True)),
                               [(r - 1) * s + rb for (r, rb), s in zip(shapes, strides, strict=True)])
+            # Output buffers are sized for the pictures seen (copied, these bytes) from the
+            # first one on, no longer for the hint (native: for the largest format).
+            size = sum(r * rb for r, rb in shapes)
+            self._frame_bytes = max(self._frame_bytes, size) if self._seen_frame else size
+            self._seen_frame = True
         return g[1], g[2], g[3], g[4], g[5]
 
     def _frame(self, entry: FrameEntry, base: int) -> Frame:
@@ -309,6 +329,7 @@ class Decoder(_Session):
         pf, shapes, strides, nbytes, extents = self._geometry((entry.pix_fmt, w, h, nplanes, *entry.strides))
         offs = entry.plane_offsets[:nplanes]
         pts = None if entry.pts == abi.NO_PTS else entry.pts
+        converted = bool(entry.flags & abi.FRAME_CONVERTED)
         if entry.flags & abi.FRAME_POOLED:
             pool = self._pool
             if pool is None or slot >= abi.POOL_MAX_SLOTS:
@@ -325,14 +346,14 @@ class Decoder(_Session):
                     p.flags.writeable = False  # the decoder may still predict from it
                 return planes
             return Frame(w, h, pf, pts, views, strides=strides, nbytes=nbytes, release=self._lender(slot),
-                         plane_offsets=tuple(start + o for o in offs), retain=self._retainer(slot))
+                         plane_offsets=tuple(start + o for o in offs), retain=self._retainer(slot),
+                         converted=converted)
         planes = _plane_views(mem, pf, w, h, base + off, offs, strides)
         packed, acc = True, 0
         for (rows, _), o, s in zip(shapes, offs, strides, strict=True):
             packed, acc = packed and o == acc, acc + rows * s
-        self._frame_bytes = max(self._frame_bytes, nbytes)
         return Frame(w, h, pf, pts, planes, offset=base + off if packed else -1, strides=strides, nbytes=nbytes,
-                     plane_offsets=tuple(base + off + o for o in offs))
+                     plane_offsets=tuple(base + off + o for o in offs), converted=converted)
 
     def close(self) -> None:
         if not self.closed:

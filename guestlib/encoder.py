@@ -21,6 +21,9 @@ from vmediad.abi import Op, PacketEntry, PixFmt
 if TYPE_CHECKING:
     from guestlib.device import Buffer, Device
 
+_TEN_BIT = (PixFmt.YUV420P10LE, PixFmt.P010LE)
+
+
 def encoder_config(codec: str | abi.Codec = "h264", width: int = 0, height: int = 0, fps: float | Fraction = 30,
                    bitrate: int | None = None, crf: float | None = None, gop: int | None = None,
                    pix_fmt: str | PixFmt = "yuv420p", *, qp: int | None = None, bframes: bool = False,
@@ -47,6 +50,15 @@ def encoder_config(codec: str | abi.Codec = "h264", width: int = 0, height: int 
 
 
 class Encoder(_Session):
+    """An ENCODE session on the device.
+
+    ``pix_fmt`` is the format frames come in: yuv420p, nv12, rgb24 and bgra for every codec;
+    yuv422p, yuv444p, yuv420p10le and p010le for a codec that encodes them as they are (opening
+    fails with BAD_ARG naming the formats the codec takes otherwise).  A 10-bit frame may be an
+    array of 16-bit samples (all of plane 0, then the next planes); ``new_frame()`` planes are
+    bytes, ``plane.view("<u2")`` gives the samples.
+    """
+
     def __init__(self, dev: Device, codec: str = "h264", width: int = 0, height: int = 0, fps: float | Fraction = 30,
                  bitrate: int | None = None, crf: float | None = None, gop: int | None = None,
                  pix_fmt: str = "yuv420p", *, qp: int | None = None, bframes: bool = False, preset: str = "",
@@ -94,7 +106,11 @@ class Encoder(_Session):
 
     def _from_array(self, data: npt.NDArray[Any]) -> Frame:
         frame = self.new_frame()
-        flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+        if self.fmt in _TEN_BIT and data.dtype != np.uint8:
+            # 16-bit samples (any integer array): their little-endian bytes are the frame's.
+            flat = np.ascontiguousarray(data, dtype="<u2").view(np.uint8).reshape(-1)
+        else:
+            flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
         if flat.size != self.frame_bytes:
             self._pool.append(frame._buffer)  # type: ignore[arg-type]
             raise ValueError(f"array has {flat.size} bytes, a {self.width}x{self.height} "

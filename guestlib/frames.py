@@ -78,11 +78,13 @@ class Frame:
                  planes: Planes | Callable[[], Planes],
                  *, offset: int = -1, strides: tuple[int, ...] = (), nbytes: int = 0,
                  buffer: Buffer | None = None, release: Callable[[], None] | None = None,
-                 plane_offsets: tuple[int, ...] = (), retain: Callable[[], Callable[[], None]] | None = None) -> None:
+                 plane_offsets: tuple[int, ...] = (), retain: Callable[[], Callable[[], None]] | None = None,
+                 converted: bool = False) -> None:
         """``planes``: the views, or a function that makes them on first access (a decoder's
         pooled frames: most are passed on or counted, never looked at).  ``plane_offsets``:
         each plane's region offset, when the frame lies in the region; ``retain``: for a pooled
-        frame, takes one more lend of its slot and returns that lend's give-back."""
+        frame, takes one more lend of its slot and returns that lend's give-back.  ``converted``:
+        the device converted the picture from the decoder's own format (abi.FRAME_CONVERTED)."""
         self.width = width
         self.height = height
         self.pix_fmt = fmt
@@ -95,6 +97,7 @@ class Frame:
         self._release = release
         self.plane_offsets = plane_offsets
         self._retain = retain
+        self.converted = converted
 
     @property
     def planes(self) -> Planes:
@@ -133,7 +136,8 @@ class Frame:
         return self._retain()
 
     def copy(self) -> Frame:
-        return Frame(self.width, self.height, self.pix_fmt, self.pts, [p.copy() for p in self.planes])
+        return Frame(self.width, self.height, self.pix_fmt, self.pts, [p.copy() for p in self.planes],
+                     converted=self.converted)
 
     def to_ndarray(self) -> npt.NDArray[np.uint8]:
         """All planes stacked as FFmpeg lays out an unpadded frame (yuv420p: (h*3/2, w) for even sizes)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,20 @@ MUX_NAME = {abi.Codec.H264: "h264", abi.Codec.HEVC: "hevc", abi.Codec.VP9: "vp9"
 
 _TO_ANNEXB = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}
 AVCOL_RANGE_JPEG = 2  # full range: what JPEG (and the device's mjpeg encoder) uses
+_UNSPECIFIED = 2  # AVCOL_PRI/TRC/SPC_UNSPECIFIED
+_SPC_RGB = 0  # AVCOL_SPC_RGB: the "matrix" of an RGB picture, wrong once it is YUV
+# AVFieldOrder: 0 unknown, 1 progressive, then (coded, displayed) top/bottom first.
+_FIELD_NAMES = {0: "unknown", 1: "progressive", 2: "tt", 3: "bb", 4: "tb", 5: "bt"}
+_TOP_SHOWN_FIRST = frozenset({2, 5})
+_RANGE_NAMES = {1: "tv", 2: "pc"}
+
+# A decoded stream format the device decodes to as it is (no conversion): its device format.
+_DEVICE_FORMAT = {"yuv420p": "yuv420p", "yuvj420p": "yuv420p", "nv12": "nv12", "yuv422p": "yuv422p",
+                  "yuvj422p": "yuv422p", "yuv444p": "yuv444p", "yuvj444p": "yuv444p",
+                  "yuv420p10le": "yuv420p10le", "p010le": "p010le"}
+# What an encoder is given instead when it cannot take a device format, nearest first.
+_FALLBACKS = {"yuv422p": ("yuv420p",), "yuv444p": ("yuv422p", "yuv420p"), "yuv420p10le": ("yuv420p",),
+              "p010le": ("yuv420p",)}
 
 
 class MediaError(ClientError):
@@ -141,11 +156,107 @@ class DecodeAll:
         yield from frames
 
 
+@dataclass(slots=True)
+class Keep:
+    """What a transcode carries from the input stream into the output, and what it could not.
+
+    ``colour``: AVCodecContext colour fields (color_range, color_primaries, color_trc,
+    colorspace) the input tags, as numbers; ``field_order``: the output's AVFieldOrder (0: leave
+    it unknown); ``interlace``: encoder options for an interlaced output; ``conversions``: each
+    change of what the input was, named (e.g. "yuv420p10le→yuv420p (bit depth)")."""
+
+    colour: dict[str, int] = field(default_factory=dict)
+    field_order: int = 0
+    interlace: dict[str, str] = field(default_factory=dict)
+    conversions: list[str] = field(default_factory=list)
+
+    def encoder_options(self, user: dict[str, Any]) -> dict[str, Any]:
+        """The device encoder's options: these tags, then the caller's (which win; flag and
+        x264-params lists are joined, the caller's entries last)."""
+        opts: dict[str, Any] = {k: str(v) for k, v in self.colour.items()}
+        opts.update(self.interlace)
+        for key, value in user.items():
+            if key in opts and key == "x264-params":
+                opts[key] = f"{opts[key]}:{value}"
+            elif key in opts and key == "flags":
+                opts[key] = f"{value}{opts[key]}"
+            else:
+                opts[key] = value
+        return opts
+
+
+def _traits(pix_fmt: str) -> tuple[int, str]:
+    """(bits per sample, chroma layout) of a libav pixel format, for naming conversions."""
+    f = av.VideoFormat(pix_fmt)
+    bits = max(c.bits for c in f.components)
+    if f.is_rgb:
+        return bits, "RGB"
+    if len(f.components) < 3:
+        return bits, "gray"
+    return bits, f"{f.chroma_width(64)}x{f.chroma_height(64)}"
+
+
+def _nearest(pix_fmt: str) -> str:
+    """The device format nearest a decoded format the device has no equal of: 10-bit 4:2:0
+    for more than 8 bits, else the 8-bit format with at least its chroma."""
+    bits, chroma = _traits(pix_fmt)
+    if bits > 8:
+        return "yuv420p10le"
+    if chroma in ("RGB", "gray"):
+        return "yuv444p" if chroma == "RGB" else "yuv420p"
+    cw, ch = (int(n) for n in chroma.split("x"))  # of a 64x64 picture
+    return "yuv444p" if cw == 64 else "yuv422p" if ch == 64 else "yuv420p"
+
+
+def _conversion(src: str, out: str) -> str | None:
+    """``src``→``out`` with what it changes (bit depth, chroma), or None if it changes neither."""
+    (sb, sc), (ob, oc) = _traits(src), _traits(out)
+    full = "64x64"  # RGB has full-resolution colour, like 4:4:4
+    why = [w for w, changed in (("bit depth", sb != ob), ("chroma", (full if sc == "RGB" else sc) != oc),
+                                ("RGB→YUV", sc == "RGB")) if changed]
+    return f"{src}→{out} ({', '.join(why)})" if why else None
+
+
+def _keep(cc: Any, codec: abi.Codec) -> Keep:
+    """The colour tags and field order of the input stream's codec context ``cc`` the output
+    keeps, with interlaced coding when ``codec`` can do it (H.264: x264 codes tff or bff)."""
+    keep = Keep()
+    src = cc.pix_fmt or "yuv420p"
+    rng = cc.color_range or (AVCOL_RANGE_JPEG if src.startswith("yuvj") else 0)
+    if rng in _RANGE_NAMES:
+        keep.colour["color_range"] = rng
+    for attr in ("color_primaries", "color_trc"):
+        value = getattr(cc, attr)
+        if value not in (0, _UNSPECIFIED):  # 0 is "reserved" for both
+            keep.colour[attr] = value
+    if cc.colorspace != _UNSPECIFIED and not (cc.colorspace == _SPC_RGB and _traits(src)[1] == "RGB"):
+        keep.colour["colorspace"] = cc.colorspace
+    if codec == abi.Codec.MJPEG and rng != AVCOL_RANGE_JPEG:
+        # JPEG is full range: the samples go in as decoded and the output says "pc".
+        keep.colour.pop("color_range", None)
+        keep.conversions.append(f"range {_RANGE_NAMES.get(rng, 'unknown')}→pc (mjpeg is full range)")
+    order = cc.field_order
+    if order in (0, 1):
+        keep.field_order = order
+    elif codec == abi.Codec.H264:
+        top = order in _TOP_SHOWN_FIRST
+        keep.field_order = 2 if top else 3
+        keep.interlace = {"flags": "+ildct+ilme", "x264-params": "tff=1" if top else "bff=1"}
+        if keep.field_order != order:
+            keep.conversions.append(f"field order {_FIELD_NAMES[order]}→{_FIELD_NAMES[keep.field_order]}")
+    else:
+        keep.field_order = 1
+        keep.conversions.append("interlaced→progressive")
+    return keep
+
+
 class Muxer:
     """Writes device packets into a container (mp4, mkv, ...) with PyAV, copying no codec work."""
 
     def __init__(self, path: str | Path, codec: str, width: int, height: int, time_base: Fraction,
-                 fps: Fraction) -> None:
+                 fps: Fraction, pix_fmt: str = "yuv420p", *, keep: Keep | None = None) -> None:
+        """``keep``: the colour tags, field order and conversion notes the stream and file carry
+        (transcode's); the device's packets must have been encoded with them."""
         self.container = av.open(str(path), "w")
         cid = codec_id(codec)
         stream = self.container.add_stream(MUX_NAME[cid], rate=fps)
@@ -153,7 +264,20 @@ class Muxer:
         self.stream: VideoStream = stream
         self.stream.width = width
         self.stream.height = height
-        self.stream.pix_fmt = "yuv420p"
+        # The bitstream's format: P010 and NV12 input are encoded as their planar equivalents.
+        self.stream.pix_fmt = {"p010le": "yuv420p10le", "nv12": "yuv420p"}.get(pix_fmt, pix_fmt)
+        # PyAV opens an encoder of the codec on this stream when muxing starts and writes its
+        # parameters (and, for mp4, its headers) into the container: it is set up like the
+        # device's, so the container says what the packets hold.
+        if keep is not None:
+            cc = self.stream.codec_context
+            for attr, value in keep.colour.items():
+                setattr(cc, attr, value)
+            if keep.field_order:
+                cc.field_order = keep.field_order
+            cc.options = dict(keep.interlace)
+            if keep.conversions:
+                self.container.metadata["comment"] = "vmediad conversions: " + "; ".join(keep.conversions)
         if cid == abi.Codec.MJPEG:
             # PyAV opens the stream's codec context when muxing starts, and FFmpeg's mjpeg
             # encoder refuses yuv420p unless the range is full (JPEG); the device's mjpeg
@@ -211,11 +335,27 @@ class Muxer:
         self.container.close()
 
 
+def _open_encoder(dev: Device, codec: str, width: int, height: int, fps: Fraction, tb: Fraction,
+                  formats: tuple[str, ...], options: dict[str, Any]) -> Encoder:
+    """An Encoder for the first of ``formats`` the device's ``codec`` takes (the device decides:
+    a format the codec cannot encode is BAD_ARG).  If none is taken, the first refusal is raised."""
+    first: DeviceError | None = None
+    for fmt in formats:
+        try:
+            return Encoder(dev, codec, width, height, fps, pix_fmt=fmt, time_base=tb, **options)
+        except DeviceError as e:
+            if e.code != ErrorCode.BAD_ARG:
+                raise
+            first = first or e
+    assert first is not None
+    raise first
+
+
 def transcode(dev: Device, input_path: str | Path, output_path: str | Path, codec: str = "h264",
               *, max_frames: int | None = None, on_frame: Callable[[int], None] | None = None,
               stop: Callable[[], bool] | None = None, problems: list[str] | None = None,
               on_picture: Callable[[Frame], None] | None = None, audio: str = "copy",
-              **options: Any) -> dict[str, int]:
+              **options: Any) -> dict[str, Any]:
     """Decode ``input_path`` and re-encode it as ``codec`` into ``output_path``, all codec work on the device.
 
     The whole input unless ``max_frames``; ``stop()`` returning true ends it early (the
@@ -224,35 +364,56 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
     encoder works in the input stream's time base), so a variable frame rate stays variable;
     ``audio="copy"`` copies every other stream (audio, subtitles) unchanged, ``"drop"``
     leaves them out.
+
+    The output keeps the input's pixel format when ``codec`` can encode it (10-bit stays 10-bit,
+    4:4:4 stays 4:4:4), its colour tags (range, primaries, transfer, matrix) and, for H.264, its
+    interlaced field order.  What it cannot keep is converted to the nearest the codec takes and
+    named in the summary's ``conversions`` and in the file's ``comment`` tag.
     """
     if audio not in ("copy", "drop"):
         raise ValueError(f"audio must be 'copy' or 'drop', not {audio!r}")
     problems = [] if problems is None else problems
     src, vstream = open_video(input_path)
     with src:
-        in_codec = vstream.codec_context.name
+        cc = vstream.codec_context
+        in_codec, in_fmt = cc.name, cc.pix_fmt or "yuv420p"
         fps = Fraction(vstream.average_rate or vstream.guessed_rate or 30)
         tb = Fraction(vstream.time_base) if vstream.time_base else 1 / fps
         step = max(1, round(1 / (fps * tb)))  # a frame's duration in tb units, for frames without pts
         frames = copied = 0
         last_pts: int | None = None
         copies: dict[int, Any] = {}
-        # The container's picture size gives the decoder a frame pool: it decodes in place.
-        with dev.decoder(in_codec, parse=False, width=vstream.codec_context.width,
-                         height=vstream.codec_context.height) as dec:
-            decoding = DecodeAll(dec, src, vstream, problems)
-            enc: Encoder | None = None
-            mux: Muxer | None = None
-            try:
+        keep = _keep(cc, codec_id(codec))
+        dec_fmt = _DEVICE_FORMAT.get(in_fmt) or _nearest(in_fmt)
+        enc_options = keep.encoder_options(options)
+        # The format is settled before decoding: the device decodes straight into what the
+        # encoder takes.  Opened at the container's picture size; reopened if frames differ.
+        w, h = cc.width or 64, cc.height or 64
+        enc: Encoder | None = _open_encoder(dev, codec, w, h, fps, tb, (dec_fmt, *_FALLBACKS.get(dec_fmt, ())),
+                                            enc_options)
+        assert enc is not None
+        out_fmt = abi.PIX_FMT_NAMES[enc.fmt]
+        change = _conversion(in_fmt, out_fmt)
+        if change is not None:
+            keep.conversions.insert(0, change)
+        mux: Muxer | None = None
+        try:
+            # The container's picture size gives the decoder a frame pool: it decodes in place.
+            with dev.decoder(in_codec, parse=False, width=cc.width, height=cc.height, pix_fmt=out_fmt) as dec:
+                decoding = DecodeAll(dec, src, vstream, problems)
                 for f in decoding if max_frames is None or max_frames > 0 else ():
                     if stop is not None and stop():
                         break
-                    if enc is None:
-                        enc = Encoder(dev, codec, f.width, f.height, fps, pix_fmt=f.format, time_base=tb, **options)
-                        mux = Muxer(output_path, codec, f.width, f.height, enc.time_base, fps)
+                    if mux is None:
+                        if (f.width, f.height) != (enc.width, enc.height):
+                            enc.close()
+                            enc = None
+                            enc = Encoder(dev, codec, f.width, f.height, fps, pix_fmt=out_fmt, time_base=tb,
+                                          **enc_options)
+                        mux = Muxer(output_path, codec, f.width, f.height, enc.time_base, fps, out_fmt, keep=keep)
                         if audio == "copy":
                             copies = mux.add_copies(src, problems)  # before the first packet
-                    assert mux is not None
+                    assert enc is not None
                     if on_picture is not None:
                         on_picture(f)  # e.g. shown on the VM's display before it is encoded
                     # The input's timestamp; one that does not move forward (or is missing)
@@ -266,15 +427,17 @@ def transcode(dev: Device, input_path: str | Path, output_path: str | Path, code
                         on_frame(frames)
                     if max_frames is not None and frames >= max_frames:
                         break
-                if enc is not None and mux is not None:
+                if mux is not None:
+                    assert enc is not None
                     mux.write(enc.flush())
                     cut = (max_frames is not None and frames >= max_frames) or (stop is not None and stop())
                     end = None if not cut or last_pts is None else float((last_pts + step) * tb)
                     copied = mux.copy_packets(input_path, copies, end)
-            finally:
-                if enc is not None:
-                    enc.close()
-                if mux is not None:
-                    mux.close()
+        finally:
+            if enc is not None:
+                enc.close()
+            if mux is not None:
+                mux.close()
     return {"frames": frames, "packets_in": decoding.packets, "problems": len(decoding.problems),
-            "packets_out": mux.packets if mux else 0, "streams_copied": len(copies), "packets_copied": copied}
+            "packets_out": mux.packets if mux else 0, "streams_copied": len(copies), "packets_copied": copied,
+            "pix_fmt": out_fmt, "conversions": list(keep.conversions)}

@@ -528,6 +528,10 @@ class Codec(enum.IntEnum):
 
 
 class PixFmt(enum.IntEnum):
+    # DECODE only: each picture keeps the decoder's own format when it is one of 1, 2, 5-8 and
+    # is converted otherwise (8-bit to yuv420p, deeper to yuv420p10le, FRAME_CONVERTED); every
+    # FrameEntry names its picture's format, never NATIVE.
+    NATIVE = 0
     YUV420P = 1
     NV12 = 2
     RGB24 = 3
@@ -538,9 +542,9 @@ class PixFmt(enum.IntEnum):
     P010LE = 8  # 10 bits in the high bits of little-endian 16-bit samples, chroma interleaved
 
 
-PIX_FMT_NAMES = {PixFmt.YUV420P: "yuv420p", PixFmt.NV12: "nv12", PixFmt.RGB24: "rgb24", PixFmt.BGRA: "bgra",
-                 PixFmt.YUV422P: "yuv422p", PixFmt.YUV444P: "yuv444p", PixFmt.YUV420P10LE: "yuv420p10le",
-                 PixFmt.P010LE: "p010le"}
+PIX_FMT_NAMES = {PixFmt.NATIVE: "native", PixFmt.YUV420P: "yuv420p", PixFmt.NV12: "nv12", PixFmt.RGB24: "rgb24",
+                 PixFmt.BGRA: "bgra", PixFmt.YUV422P: "yuv422p", PixFmt.YUV444P: "yuv444p",
+                 PixFmt.YUV420P10LE: "yuv420p10le", PixFmt.P010LE: "p010le"}
 CODEC_NAMES = {
     Codec.H264: "h264", Codec.HEVC: "hevc", Codec.VP9: "vp9",
     Codec.AV1: "av1", Codec.MJPEG: "mjpeg", Codec.MPEG4: "mpeg4", Codec.VP8: "vp8",
@@ -575,10 +579,21 @@ def plane_shapes(fmt: PixFmt, width: int, height: int) -> list[tuple[int, int]]:
         return [(height, 2 * width), (ch, 2 * cw), (ch, 2 * cw)]
     if fmt == PixFmt.P010LE:
         return [(height, 2 * width), (ch, 4 * cw)]
+    if fmt == PixFmt.NATIVE:
+        raise ValueError("native is a session's choice, not a picture's format: it has no planes")
     raise ValueError(f"unknown pixel format {fmt}")
 
 
+# The formats a NATIVE decode session emits pictures in.
+NATIVE_OUTPUTS = (PixFmt.YUV420P, PixFmt.NV12, PixFmt.YUV422P, PixFmt.YUV444P, PixFmt.YUV420P10LE, PixFmt.P010LE)
+
+
 def frame_size(fmt: PixFmt, width: int, height: int, strides: list[int] | None = None) -> int:
+    """Bytes of an unpadded frame (or of one with ``strides``).  NATIVE: the largest picture
+    a native decode session may emit at that size (about 3 bytes per pixel: 8-bit 4:4:4 or
+    10-bit 4:2:0); it has no strides."""
+    if fmt == PixFmt.NATIVE and strides is None:
+        return max(frame_size(f, width, height) for f in NATIVE_OUTPUTS)
     shapes = plane_shapes(fmt, width, height)
     if strides is None:
         return sum(r * b for r, b in shapes)
@@ -682,6 +697,8 @@ def session_config_problem(cfg: SessionConfig, limits: GeometryLimits) -> tuple[
         return ErrorCode.UNSUPPORTED_CODEC, f"unknown codec {cfg.codec}"
     if cfg.pix_fmt not in PixFmt._value2member_map_:
         return ErrorCode.BAD_ARG, f"unknown pix_fmt {cfg.pix_fmt}"
+    if cfg.pix_fmt == PixFmt.NATIVE and cfg.direction != Direction.DECODE:
+        return ErrorCode.BAD_ARG, "pix_fmt native is for decode sessions: an encoder takes a named format"
     if cfg.rc_mode not in RateControl._value2member_map_:
         return ErrorCode.BAD_ARG, f"unknown rate control {cfg.rc_mode}"
     if cfg.flags & ~SESSION_FLAGS_MASK:
@@ -765,6 +782,9 @@ PACKET_KEY = 1
 # offset is from the session's frame pool start instead, and slot is the pool slot it is in.
 FRAME_ENTRY = struct.Struct("<QIIIIq3I3III")
 FRAME_POOLED = 1
+# The worker converted this picture from the decoder's own format into the entry's pix_fmt
+# (a NATIVE session: a format no device format matches; a named one: any other format).
+FRAME_CONVERTED = 2
 NO_PTS = -(1 << 63)
 
 
@@ -842,7 +862,7 @@ class FrameEntry:
     pts: int
     plane_offsets: tuple[int, int, int]
     strides: tuple[int, int, int]
-    flags: int = 0  # FRAME_POOLED
+    flags: int = 0  # FRAME_POOLED, FRAME_CONVERTED
     slot: int = 0
 
     def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:

@@ -568,13 +568,15 @@ def test_decode_stream_sizes_output_buffers_from_the_picture(dev: Device, source
         assert got + [(f.pts, md5(f.to_ndarray())) for f in dec.flush()] == ref
         assert dec._stream_size >= table + (batch + 1) * FRAME_BYTES
     # With a frame pool the pictures stay in the pool: a buffer holds the table and one
-    # picture that found no free slot.
-    with dev.decoder("h264", parse=False, width=W, height=H) as dec:
-        assert dec.pool_size
-        dec._stream_size = 4096
-        assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch)] == ref
-        assert dec.no_space_retries == 0
-        assert dec._stream_size == table + abi.align(FRAME_BYTES)
+    # picture that found no free slot (from the hint, before any frame is seen: for a native
+    # decoder the largest picture its stream may have, for a named format that format's).
+    for fmt, picture in (("native", abi.frame_size(abi.PixFmt.NATIVE, W, H)), ("yuv420p", FRAME_BYTES)):
+        with dev.decoder("h264", pix_fmt=fmt, parse=False, width=W, height=H) as dec:
+            assert dec.pool_size
+            dec._stream_size = 4096
+            assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch)] == ref
+            assert dec.no_space_retries == 0
+            assert dec._stream_size == table + abi.align(picture)
     with dev.decoder("h264", parse=False) as dec:
         dec._stream_size = 4096
         assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch)] == ref

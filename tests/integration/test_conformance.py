@@ -11,8 +11,10 @@ moment support lands.
 Each stream runs in four modes: demuxed packets (PyAV's demuxer, ``parse=False``) and raw
 chunks in PARSE mode (4 KiB cuts of an Annex B file; an IVF file's frames, demuxed here, since
 the device's PARSE takes an elementary stream and the vp8/vp9/av1 parsers need whole frames),
-each with a frame pool (picture size given) and without.  Every decoded frame is hashed over
-its visible planes in the stream's native pixel format and compared with the golden, in order.
+each with a frame pool (picture size given) and without.  The device decodes in its default
+``native`` format: every frame must come back in the stream's own pixel format, unconverted
+(10-bit ones in the pool too), hashed over its visible planes and compared with the golden,
+in order.
 ``pytest -s`` prints a per-stream table; a failure's message carries the same row.
 """
 
@@ -34,7 +36,6 @@ from av.video.frame import PictureType
 
 import guestlib
 from guestlib.codec import codec_id, pix_fmt_id
-from guestlib.decoder import POOL_HALF_BYTES
 from guestlib.device import Device
 from hostd.config import Config
 from hostd.daemon import Hostd
@@ -140,11 +141,17 @@ def load_stream(path: Path) -> Stream:
     return Stream(path, path.name, codec, fmt, w, h, packets, chunks, chunking)
 
 
+def device_format(pix_fmt: str) -> str:
+    """The device format a native session emits a libav format as (the full-range yuvj
+    formats have the layout of their yuv twins)."""
+    return pix_fmt.replace("yuvj", "yuv")
+
+
 def unsupported(codec: str, pix_fmt: str) -> str | None:
-    """Why the device cannot decode this yet (guestlib's own error), or None."""
+    """Why the device cannot decode this in its own format yet (guestlib's own error), or None."""
     try:
         codec_id(codec)
-        pix_fmt_id(pix_fmt)
+        pix_fmt_id(device_format(pix_fmt))
     except ValueError as e:
         return str(e).split(";")[0]
     return None
@@ -258,16 +265,14 @@ def decode_on_device(dev: Device, s: Stream, mode: str, res: Result) -> list[str
     parse, pooled = mode.startswith("parse"), mode.endswith("-pool")
     size: dict[str, int] = {"width": s.width, "height": s.height} if pooled else {}
     out: list[str] = []
-    with dev.decoder(s.codec, pix_fmt=s.pix_fmt, parse=parse, **size) as dec:
+    with dev.decoder(s.codec, parse=parse, **size) as dec:  # pix_fmt "native": the default
         res.pool = pooled
         if pooled:
             impl = av.codec.Codec(abi.DECODER_IMPL[codec_id(s.codec)], "r")
-            if impl.capabilities & _CAP_DR1 and pix_fmt_id(s.pix_fmt) in POOL_HALF_BYTES:
+            if impl.capabilities & _CAP_DR1:
                 assert dec.pool_size > 0, f"{s.name}: no frame pool although {impl.name} decodes into one"
-            elif impl.capabilities & _CAP_DR1:
-                assert dec.pool_size == 0
-                res.note = f"no pool: {s.pix_fmt} pictures are copied (a pool takes 8-bit formats)"
             else:
+                assert dec.pool_size == 0
                 res.note = f"no pool: {impl.name} allocates its own pictures"
         feed = s.chunks if parse else s.packets
         for data, pts in [*feed, (b"", None)]:
@@ -277,7 +282,7 @@ def decode_on_device(dev: Device, s: Stream, mode: str, res: Result) -> list[str
                 # slot): the hash covers exactly what framemd5 covers.
                 out.append(planes_md5(f.planes))
                 res.pooled += f.pooled
-                res.formats.add(f.format)
+                res.formats.add(f.format + (" (converted)" if f.converted else ""))
     return out
 
 
@@ -294,7 +299,8 @@ def check(dev: Device, s: Stream, mode: str, want: list[str], table: list[Result
     print("\n" + res.row())
     chunks = s.chunking if mode.startswith("parse") else "demuxed packets"
     assert res.ok, f"{s.name} ({chunks}) is not bit-exact:\n{HEADER}\n{res.row()}"
-    assert res.formats == {s.pix_fmt}, f"{s.name}: frames came back as {res.formats}, the stream is {s.pix_fmt}"
+    assert res.formats == {device_format(s.pix_fmt)}, \
+        f"{s.name}: frames came back as {res.formats}, the stream is {s.pix_fmt}"
     if res.pool and not res.note:
         assert res.pooled > 0, f"{s.name}: no frame was decoded into the frame pool"
 

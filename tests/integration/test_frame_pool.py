@@ -17,7 +17,7 @@ from av.codec.context import ThreadType
 import guestlib
 from codec_backend import framepool
 from codec_backend.framepool import FramePool
-from guestlib.codec import Decoder, Packet, decoder_config, pool_slot_bytes
+from guestlib.codec import MIN_POOL_FRAMES, Decoder, Packet, decoder_config, pool_slot_bytes
 from guestlib.device import Device
 from hostd.daemon import Hostd
 from tests.integration.test_codec_device import FPS, H, W, fill, md5, padded, pattern, pyav_decode, vm_stats
@@ -293,13 +293,22 @@ def test_frame_pool_requests_are_checked(dev: Device) -> None:
     # No size, or pool_frames=0: no pool (frames are copied into the output buffers).
     with dev.decoder("h264") as a, dev.decoder("h264", width=W, height=H, pool_frames=0) as b:
         assert a.pool_size == b.pool_size == 0
-    # A pool never takes more than half the free heap: 32 pictures of 1080p would not fit
-    # in this 64 MB region, so the pool holds as many as half of it does.
+    # A pool never takes more than half the free heap: 48 pictures of 1080p would not fit
+    # in this 64 MB region, so the pool holds as many as half of it does (whole pages).
+    # Native sizes for the largest pictures (3 bytes a pixel) and is made if it holds at
+    # least MIN_POOL_FRAMES 8-bit 4:2:0 ones; a named format sizes for its own.
     free = dev.heap.available()
-    with dev.decoder("h264", width=1920, height=1088) as big:
-        slot = pool_slot_bytes(1920, 1088)
-        assert big.pool_size == abi.POOL_HEADER + (free // 2 - abi.POOL_HEADER) // slot * slot
-        assert big.pool_size <= free // 2
+    room = (free // 2 - abi.POOL_HEADER) // abi.PAGE_SIZE * abi.PAGE_SIZE
+    assert MIN_POOL_FRAMES * pool_slot_bytes(1920, 1088, abi.PixFmt.YUV420P) <= room
+    assert room < MIN_POOL_FRAMES * pool_slot_bytes(1920, 1088, abi.PixFmt.NATIVE) < 2 * room
+    for fmt in ("native", "yuv420p"):
+        with dev.decoder("h264", pix_fmt=fmt, width=1920, height=1088) as big:
+            assert big.pool_size == abi.POOL_HEADER + room
+    # Both: at most the pictures asked for.
+    with dev.decoder("h264", width=320, height=240, pool_frames=9) as small:
+        assert small.pool_size == abi.POOL_HEADER + 9 * pool_slot_bytes(320, 240, abi.PixFmt.NATIVE)
+    with dev.decoder("h264", pix_fmt="yuv420p", width=320, height=240, pool_frames=9) as small:
+        assert small.pool_size == abi.POOL_HEADER + 9 * pool_slot_bytes(320, 240, abi.PixFmt.YUV420P)
 
 
 @pytest.mark.parametrize("codec", ["h264", "hevc", "vp9", "av1", "mjpeg", "mpeg4", "vp8"])
@@ -373,10 +382,11 @@ def test_worker_reports_pooled_frames_by_slot_and_counts_no_plane_bytes(dev: Dev
     mem.release()
 
 
-def test_ten_bit_pictures_never_get_a_slot(dev: Device) -> None:
-    """Only 8-bit pictures of the session's format are decoded in place: in a 10-bit slot the
-    guest could write samples above 1023, which decoders use as table indices.  A 10-bit
-    H.264 stream is decoded into libav's memory and converted, as without a pool."""
+def test_ten_bit_pictures_are_decoded_in_place(dev: Device) -> None:
+    """A 10-bit H.264 stream in a native session: every picture decoded into a slot, bit-exact
+    in its own format.  Asked for as yuv420p, its pictures are decoded into libav's memory
+    and converted (the decoder never writes a slot: only formats emitted as decoded get one).
+    Why a guest's writes into a 10-bit slot are its own business: test_native_format.py."""
     from fractions import Fraction
 
     enc = av.CodecContext.create("libx264", "w")
@@ -391,16 +401,25 @@ def test_ten_bit_pictures_never_get_a_slot(dev: Device) -> None:
         data += [bytes(p) for p in enc.encode(src)]
     data += [bytes(p) for p in enc.encode(None)]
     ref_ctx = av.CodecContext.create("h264", "r")
-    ref = [md5(f.reformat(format="yuv420p").to_ndarray()) for d in [*data, None]
-           for f in ref_ctx.decode(None if d is None else padded(d))]
+    decoded = [f for d in [*data, None] for f in ref_ctx.decode(None if d is None else padded(d))]
+    native = [md5(b"".join(np.ndarray((rows, rb), np.uint8, buffer=memoryview(f.planes[i]),
+                                      strides=(f.planes[i].line_size, 1)).tobytes()
+                           for i, (rows, rb) in enumerate(abi.plane_shapes(abi.PixFmt.YUV420P10LE, W, H))))
+              for f in decoded]
+    as_420 = [md5(f.reformat(format="yuv420p").to_ndarray()) for f in decoded]
+    assert len(native) == 8
     with dev.decoder("h264", parse=False, width=W, height=H) as dec:
+        got = [(md5(f.to_ndarray()), f.pooled, f.format) for d in data for f in dec.decode(d)]
+        got += [(md5(f.to_ndarray()), f.pooled, f.format) for f in dec.flush()]
+    assert got == [(m, True, "yuv420p10le") for m in native]
+    with dev.decoder("h264", pix_fmt="yuv420p", parse=False, width=W, height=H) as dec:
         assert dec.pool_size
         slots = cast(Any, dec)._pool.mem[abi.POOL_HEADER:]
         slots[:] = b"\x5a" * len(slots)
-        got = [(md5(f.to_ndarray()), f.pooled) for d in data for f in dec.decode(d)]
-        got += [(md5(f.to_ndarray()), f.pooled) for f in dec.flush()]
+        got = [(md5(f.to_ndarray()), f.pooled, f.converted) for d in data for f in dec.decode(d)]
+        got += [(md5(f.to_ndarray()), f.pooled, f.converted) for f in dec.flush()]
         assert bytes(slots) == b"\x5a" * len(slots)  # the decoder never wrote a slot
-    assert [g[0] for g in got] == ref and len(ref) == 8 and not any(g[1] for g in got)
+    assert got == [(m, False, True) for m in as_420]
 
 
 def test_a_release_after_close_touches_nothing(dev: Device) -> None:

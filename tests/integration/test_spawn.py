@@ -203,6 +203,26 @@ def test_decode_and_transcode_run_the_whole_input_and_show_its_codec(hostd: Host
 
 
 @needs_ffmpeg
+def test_decode_keeps_a_10_bit_streams_samples(hostd: Hostd, short_tmp: Path) -> None:
+    """A 10-bit 4:2:0 HEVC input decodes into a 10-bit y4m, sample for sample what stock ffmpeg
+    decodes: nothing is cut to 8 bits on the way."""
+    clip = short_tmp / "in10.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25:duration=0.4",
+                    "-pix_fmt", "yuv420p10le", "-c:v", "libx265", "-x265-params", "log-level=error", str(clip)],
+                   check=True)
+    want = subprocess.run(["ffmpeg", "-v", "error", "-i", str(clip), "-f", "rawvideo", "-pix_fmt", "yuv420p10le",
+                           "-"], check=True, capture_output=True).stdout
+    out = short_tmp / "out"
+    [dec] = spawn(hostd, out, "--workload", "decode", "--input", str(clip), "--name-prefix", "ten")
+    assert (dec["state"], dec["frames"], dec["codec"]) == ("done", 10, "hevc")
+    y4m = (out / "ten0.y4m").read_bytes()
+    header, _, body = y4m.partition(b"\n")
+    assert b" C420p10" in header
+    frames = body.split(b"FRAME\n")[1:]
+    assert len(frames) == 10 and b"".join(frames) == want  # 96x64x1.5 samples x 2 bytes, each frame
+
+
+@needs_ffmpeg
 def test_mjpeg_encode_makes_a_file_ffprobe_reads(hostd: Hostd, short_tmp: Path) -> None:
     out = short_tmp / "out"
     [r] = spawn(hostd, out, "--workload", "encode", "--codec", "mjpeg", "--size", "320x240", "--frames", "17")

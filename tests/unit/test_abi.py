@@ -84,6 +84,9 @@ def test_output_tables_golden() -> None:
     # A pooled frame: the former reserved u64 is flags (FRAME_POOLED) and the slot.
     assert abi.FRAME_ENTRY.pack(4096, 64, 48, 1, 3, 10, 0, 3072, 3840, 64, 32, 32, abi.FRAME_POOLED, 7).hex()[-16:] == (
         "0100000007000000")
+    # A converted frame (FRAME_CONVERTED, bit 1) copied to dst: flags 2, slot 0.
+    assert abi.FRAME_ENTRY.pack(128, 64, 48, 1, 3, 10, 0, 3072, 3840, 64, 32, 32, abi.FRAME_CONVERTED, 0).hex()[
+        -16:] == "0200000000000000"
     assert (abi.OUT_HEADER.size, abi.PACKET_ENTRY.size, abi.FRAME_ENTRY.size) == (16, 40, 64)
     assert abi.out_table_size(abi.OUT_PACKETS, 3) == 192
 
@@ -177,7 +180,32 @@ def test_plane_shapes() -> None:
     assert abi.plane_shapes(abi.PixFmt.YUV444P, 5, 3) == [(3, 5)] * 3
     assert abi.plane_shapes(abi.PixFmt.YUV420P10LE, 5, 3) == [(3, 10), (2, 6), (2, 6)]
     assert abi.plane_shapes(abi.PixFmt.P010LE, 4, 4) == [(4, 8), (2, 8)]
-    assert [int(f) for f in abi.PixFmt] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [int(f) for f in abi.PixFmt] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert [abi.PIX_FMT_NAMES[f] for f in abi.PixFmt] == [
+        "native", "yuv420p", "nv12", "rgb24", "bgra", "yuv422p", "yuv444p", "yuv420p10le", "p010le"]
+
+
+def test_native_format_sizes_for_the_largest_picture_and_has_no_planes() -> None:
+    """NATIVE (0): a decode session's choice, never a picture's.  Its frame size is the largest
+    picture a native session may emit: 8-bit 4:4:4 and 10-bit 4:2:0 (3 bytes a pixel, more
+    for odd sizes' rounded-up chroma)."""
+    assert abi.frame_size(abi.PixFmt.NATIVE, 64, 48) == 3 * 64 * 48
+    assert abi.frame_size(abi.PixFmt.NATIVE, 5, 3) == abi.frame_size(abi.PixFmt.YUV420P10LE, 5, 3) == 54
+    assert abi.frame_size(abi.PixFmt.NATIVE, 5, 3) > abi.frame_size(abi.PixFmt.YUV444P, 5, 3) == 45
+    assert set(abi.NATIVE_OUTPUTS) == set(abi.PixFmt) - {abi.PixFmt.NATIVE, abi.PixFmt.RGB24, abi.PixFmt.BGRA}
+    with pytest.raises(ValueError, match="no planes"):
+        abi.plane_shapes(abi.PixFmt.NATIVE, 64, 48)
+    with pytest.raises(ValueError, match="no planes"):
+        abi.frame_size(abi.PixFmt.NATIVE, 64, 48, strides=[64, 32, 32])
+    # Decode only: an encoder takes a named format.
+    lim = abi.GeometryLimits()
+    dec = abi.SessionConfig(direction=abi.Direction.DECODE, codec=abi.Codec.H264, pix_fmt=abi.PixFmt.NATIVE)
+    enc = abi.SessionConfig(direction=abi.Direction.ENCODE, codec=abi.Codec.H264, width=64, height=48,
+                            pix_fmt=abi.PixFmt.NATIVE)
+    assert abi.session_config_problem(dec, lim) is None
+    assert abi.session_config_problem(enc, lim) == (
+        abi.ErrorCode.BAD_ARG, "pix_fmt native is for decode sessions: an encoder takes a named format")
+    assert abi.SessionConfig.unpack(dec.pack()).pix_fmt == 0
 
 
 def test_worker_limits_json_golden_and_geometry_rule() -> None:

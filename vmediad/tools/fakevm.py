@@ -204,6 +204,17 @@ def _expected(stream_frames: int, limit: int | None) -> int | None:
     return limit if known is None else min(limit, known)
 
 
+_Y4M_FORMATS = {"yuv420p": "yuv420p", "yuvj420p": "yuv420p", "yuv422p": "yuv422p", "yuvj422p": "yuv422p",
+                "yuv444p": "yuv444p", "yuvj444p": "yuv444p", "yuv420p10le": "yuv420p10le"}
+
+
+def _y4m_format(src: str | None) -> str:
+    """The device format a decode workload asks for: the stream's own where a y4m file holds it
+    (a full-range yuvj format has the same samples; 10-bit is y4m's unofficial C420p10), else
+    8-bit 4:2:0."""
+    return _Y4M_FORMATS.get(src or "", "yuv420p")
+
+
 def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, out: Path,
             show: Shower | None = None) -> None:
     import av
@@ -217,11 +228,15 @@ def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, 
         prog.send(force=True)
         rate = vs.average_rate or Fraction(spec.fps)
         # The container's picture size gives the decoder a frame pool: it decodes in place.
+        # Frames come out in the stream's own format (8 or 10 bits, 4:2:0/4:2:2/4:4:4) and the
+        # y4m file keeps it; only a format y4m cannot hold is converted, and named.
+        src_fmt = vs.codec_context.pix_fmt
+        if src_fmt and src_fmt not in _Y4M_FORMATS:
+            prog.report.extra.setdefault("conversions", []).append(f"{src_fmt}→{_y4m_format(src_fmt)}")
         with dev.decoder(vs.codec_context.name, parse=False, width=vs.codec_context.width,
-                         height=vs.codec_context.height) as dec, \
-                av.open(str(out), "w", format="yuv4mpegpipe") as y4m:
+                         height=vs.codec_context.height, pix_fmt=_y4m_format(src_fmt)) as dec, \
+                av.open(str(out), "w", format="yuv4mpegpipe", options={"strict": "unofficial"}) as y4m:
             stream = y4m.add_stream("rawvideo", rate=rate)
-            stream.pix_fmt = "yuv420p"
             configured = False
             decoding = DecodeAll(dec, container, vs, prog.report.extra.setdefault("problems", []))
             for f in decoding if spec.frames is None or spec.frames > 0 else ():
@@ -229,13 +244,13 @@ def _decode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Path, 
                     prog.report.state = "stopped"
                     break
                 if not configured:
-                    stream.width, stream.height = f.width, f.height
+                    stream.width, stream.height, stream.pix_fmt = f.width, f.height, f.format
                     configured = True
-                vf = av.VideoFrame(f.width, f.height, "yuv420p")
+                vf = av.VideoFrame(f.width, f.height, f.format)
                 for plane, data in zip(vf.planes, f.planes, strict=True):
                     # Copy the device's output rows into the muxer's frame (honouring line_size).
-                    np.ndarray((data.shape[0], data.shape[1]), np.uint8, buffer=memoryview(plane),
-                               strides=(plane.line_size, 1))[:] = data
+                    np.ndarray((data.shape[0], data.shape[1]), data.dtype, buffer=memoryview(plane),
+                               strides=(plane.line_size, data.dtype.itemsize))[:] = data
                 vf.pts = prog.report.frames
                 if show is not None:
                     show.present(f)
@@ -263,9 +278,13 @@ def _transcode(dev: Any, spec: VmSpec, prog: _Progress, stop: StopFlag, src: Pat
         prog.report.frames = n
         prog.send()
 
-    transcode(dev, src, out, spec.codec, max_frames=spec.frames, on_frame=tick, stop=stop.is_set, audio=spec.audio,
-              problems=prog.report.extra.setdefault("problems", []),
-              on_picture=None if show is None else show.present)
+    got = transcode(dev, src, out, spec.codec, max_frames=spec.frames, on_frame=tick, stop=stop.is_set,
+                    audio=spec.audio, problems=prog.report.extra.setdefault("problems", []),
+                    on_picture=None if show is None else show.present)
+    # What the output could not keep (bit depth, chroma, interlacing): in the codec column too.
+    prog.report.extra.update(pix_fmt=got["pix_fmt"], conversions=got["conversions"])
+    if got["conversions"]:
+        prog.report.codec += f" ({'; '.join(got['conversions'])})"
     if stop.is_set():
         prog.report.state = "stopped"
 

@@ -61,8 +61,10 @@ def play(dev: Any, src: str, *, limit: int | None, stop: Callable[[], bool], on_
     with container:
         rate = Fraction(vs.average_rate or fps)
         period = float(1 / rate)
+        # The screen shows yuv420p (as well as bgra and nv12): a yuv420p stream's frames are
+        # presented as decoded, others are converted by the decoder.
         with dev.decoder(vs.codec_context.name, parse=False, width=vs.codec_context.width,
-                         height=vs.codec_context.height) as dec:
+                         height=vs.codec_context.height, pix_fmt="yuv420p") as dec:
             shower = Shower(dev)  # closed before the decoder whose pool it shows
             try:
                 t0, n = time.monotonic(), 0
