@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -71,11 +72,77 @@ def test_quick_codec_bench_reports_cpu_per_frame() -> None:
     assert cases["h264 decode 720p"]["no_space_retries"] == 0
 
 
+def test_quick_codec_bench_runs_the_vp8_and_10_bit_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--quick --case` runs cases beyond the quick pair; each has both paths of the same run
+    and its ratio is the median of their per-round ratios."""
+    pytest.importorskip("av")
+    monkeypatch.setattr(cbench, "QUICK_MIN_SECONDS", 0.0)  # the 2 rounds of --quick, no more
+    out = tmp_path / "codec.json"
+    r = CliRunner().invoke(main, ["bench", "codec", "--quick", "--frames", "12", "--case", "vp8",
+                                  "--case", "10-bit", "--json-out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    cases = {c["case"]: c for c in res["cases"]}
+    assert list(cases) == ["hevc decode 720p 10-bit", "vp8 encode 720p", "vp8 decode 720p"]
+    for name, c in cases.items():
+        assert name in r.output
+        assert c["direct_fps"] > 0 and c["device_fps"] > 0 and c["ratio"] > 0
+        rounds = c["runs"]
+        assert len(rounds["direct"]) == len(rounds["device"]) == 2
+        paired = statistics.median(b / a for a, b in zip(rounds["direct"], rounds["device"], strict=True))
+        assert c["ratio"] == pytest.approx(paired, rel=0.02)  # the runs are rounded to 0.1 fps
+    ten, vp8d = cases["hevc decode 720p 10-bit"], cases["vp8 decode 720p"]
+    # Both paths hand out the stream's own format: no conversion on either side.
+    assert ten["pix_fmt"] == "yuv420p10le" and ten["encoder_settings"] == {}
+    assert ten["output_formats"] == {"direct": "yuv420p10le", "device": "yuv420p10le"}
+    assert vp8d["output_formats"] == {"direct": "yuv420p", "device": "yuv420p"}
+    assert cases["vp8 encode 720p"]["output_formats"] == {}
+    for c in (ten, vp8d):
+        assert c["no_space_retries"] == 0  # sized from the picture size from the first task
+        assert c["bytes_copied_per_frame"] > 0  # at least the bitstream
+    # VP8 pictures are decoded into the pool: only the bitstream is copied.
+    assert vp8d["bytes_copied_per_frame"] < 1280 * 720
+    for name in ("vp8 encode 720p", "vp8 decode 720p"):
+        assert cases[name]["pix_fmt"] == "yuv420p"
+        assert cases[name]["encoder_settings"] == {"threads": 1, "cpu-used": "-8"}
+
+
+def test_codec_bench_refuses_a_path_that_hands_out_another_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode case whose paths do not both hand out its format stops before timing, with one line."""
+    pytest.importorskip("av")
+    monkeypatch.setattr(cbench, "output_formats", lambda dev, case, stream: {"direct": "yuv420p10le",
+                                                                             "device": "yuv420p"})
+    r = CliRunner().invoke(main, ["bench", "codec", "--quick", "--frames", "12", "--case", "10-bit"])
+    assert r.exit_code == 1
+    assert r.output.splitlines()[-1] == ("Error: hevc decode 720p 10-bit: decoded {'direct': 'yuv420p10le', "
+                                         "'device': 'yuv420p'}, not yuv420p10le on both paths")
+
+
+def test_ten_bit_pictures_keep_their_low_bits_through_the_stream() -> None:
+    """The 10-bit case's pictures use the two bits 8-bit pictures lack, and its stream decodes
+    natively to yuv420p10le at the case's size."""
+    av = pytest.importorskip("av")
+    pics8, pics10 = cbench.pictures(64, 48, 3), cbench.pictures10(64, 48, 3)
+    assert [p.shape for p in pics10] == [(72, 64)] * 3 and pics10[0].dtype == np.uint16
+    assert int(pics10[0].max()) <= 960 and int(pics10[0].min()) >= 64
+    assert {int(x) for x in np.unique(pics10[0] & 3)} == {0, 1, 2, 3}
+    assert np.abs(pics10[0].astype(np.int32) // 4 - pics8[0]).max() <= 1
+    stream = cbench.stream10("hevc", 64, 48, pics10, 3)
+    ctx = av.CodecContext.create("hevc", "r")
+    frames = [f for d in [*stream, None] for f in ctx.decode(None if d is None else cbench._padded(d))]
+    assert [(f.format.name, f.width, f.height) for f in frames] == [("yuv420p10le", 64, 48)] * 3
+    with pytest.raises(ValueError, match="no 10-bit encoder for vp9"):
+        cbench.stream10("vp9", 64, 48, pics10, 3)
+
+
 def test_case_selection_matches_words_and_rejects_unknown_cases() -> None:
     names = [c.name for c in cbench.select(cbench.FULL, ["decode"])]
-    assert names == ["h264 decode 720p", "h264 decode 1080p", "hevc decode 720p", "vp9 decode 720p"]
+    assert names == ["h264 decode 720p", "h264 decode 1080p", "hevc decode 720p", "hevc decode 720p 10-bit",
+                     "vp8 decode 720p", "vp9 decode 720p"]
     assert [c.name for c in cbench.select(cbench.FULL, ["h264 1080p", "vp9 encode"])] == [
         "h264 encode 1080p", "h264 decode 1080p", "vp9 encode 720p"]
+    assert [c.name for c in cbench.select(cbench.FULL, ["10-bit"])] == ["hevc decode 720p 10-bit"]
+    assert [c.name for c in cbench.select(cbench.FULL, ["vp8"])] == ["vp8 encode 720p", "vp8 decode 720p"]
     assert cbench.select(cbench.FULL, []) == cbench.FULL
     with pytest.raises(ValueError, match="no case matches"):
         cbench.select(cbench.FULL, ["av1"])

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from vmediad import logs
-from vmediad.tools.bench.common import LAYERS
+from vmediad.tools.bench.common import CODEC_CASES, LAYERS
 from vmediad.tools.cli_common import _size, console, err_console
 
 
@@ -84,9 +84,11 @@ def _bench_transport_qemu(n: int, json_out: Path | None) -> None:
 
 @bench.command("codec")
 @click.option("--frames", default=120, show_default=True)
-@click.option("--quick", is_flag=True, help="720p H.264 only, fewer frames")
+@click.option("--quick", is_flag=True, help="fewer frames and rounds (a smoke run, not figures); 720p H.264 "
+                                           "unless --case picks other cases")
 @click.option("--case", "only", multiple=True,
-              help='run only cases whose name has all these words, e.g. "decode" or "h264 720p" (repeatable)')
+              help='run only cases whose name has all these words, e.g. "decode", "h264 720p" or "10-bit" '
+                   f'(repeatable); cases: {", ".join(c.name for c in CODEC_CASES)}')
 @click.option("--json-out", type=click.Path(path_type=Path))
 def bench_codec(frames: int, quick: bool, only: tuple[str, ...], json_out: Path | None) -> None:
     """fps through the device vs direct in-process PyAV with identical options."""
@@ -95,11 +97,14 @@ def bench_codec(frames: int, quick: bool, only: tuple[str, ...], json_out: Path 
 
     logs.configure("warning")
     try:
-        cbench.select(cbench.QUICK if quick else cbench.FULL, list(only))
+        cbench.select(cbench.QUICK if quick and not only else cbench.FULL, list(only))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--case") from None
-    res = cbench.run(frames=frames, quick=quick, only=list(only),
-                     progress=lambda m: console.print(f"[dim]{m}[/]"))
+    try:
+        res = cbench.run(frames=frames, quick=quick, only=list(only),
+                         progress=lambda m: console.print(f"[dim]{m}[/]"))
+    except RuntimeError as e:  # a path decoded other frames or formats than the case's
+        raise click.ClickException(str(e)) from None
     save(res, json_out)
     t = Table(title="codec: device fps / direct PyAV fps (same run, same options)")
     for col in ("case", "direct fps", "device fps", "ratio", "bytes copied/frame",

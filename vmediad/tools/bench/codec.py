@@ -18,9 +18,13 @@ would from its container).  ``device_fps`` uses the pipelined
 ``device_sync_fps`` one ``encode()``/``decode()`` call at a time, for comparison.
 
 Content is a scrolling noise texture under moving gradients: neither trivially
-compressible nor pure noise.  Direct and device runs alternate, ``rounds`` times
-each (more for short cases, see MIN_SECONDS) after one uncounted warm-up round,
-and swap places every round (then ``device_sync``).
+compressible nor pure noise.  Encoders run with the device's defaults except for
+ENCODER_SETTINGS (both sides).  The 10-bit case decodes an HEVC Main 10 stream made
+here by libx265 (``stream10``) into yuv420p10le on both sides: native, no conversion.
+
+Direct and device runs alternate, ``rounds`` times each (more for short cases, see
+MIN_SECONDS) after one uncounted warm-up round, and swap places every round (then
+``device_sync``).
 ``ratio`` is the median over rounds of device fps / direct fps of the same round
 (paired: this box has 2 cores and is noisy, and pairing cancels drifts of its
 speed between rounds); the fps columns are medians.  ``cpu_us_per_frame`` is the
@@ -36,15 +40,16 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vmediad.tools.bench.common import cpu_seconds, machine, name_matches, round_ratios
+from vmediad.tools.bench.common import CODEC_CASES, cpu_seconds, machine, name_matches, round_ratios
+from vmediad.tools.bench.common import Case as Case  # re-exported: layers, display and benchmarks/ use it
 
 RING = 30  # distinct input pictures per case (cycled)
 # encode_stream()/decode_stream() settings of the "device" path, per op: (depth, batch):
@@ -55,33 +60,25 @@ RING = 30  # distinct input pictures per case (cycled)
 STREAM = {"encode": (4, 8), "decode": (3, 12)}
 ROUNDS = 11  # counted rounds; each round runs every path for at least RUN_SECONDS
 MIN_SECONDS = 6.0  # per side and case: short cases get more rounds
+QUICK_MIN_SECONDS = 1.0  # MIN_SECONDS of --quick
 RUN_SECONDS = 1.0  # a path's run in a round repeats until it has lasted this long
 MAX_ROUNDS = 15
+# Encoder settings that differ from the device's defaults, the same on both sides (they also
+# make the stream of the codec's decode case).  VP8: with a positive cpu-used (the default 8)
+# libvpx's VP8 realtime mode picks its speed from how long frames take against the frame rate's
+# budget, so its output and its work changed from run to run; cpu-used -8 is speed 8, fixed.
+# Its threads wait for each other spinning: on this 2-core box 60 frames at 720p took 1.6-6.2 s
+# of CPU with 2 threads, depending on the other load, and a steady 0.8 s with one.
+ENCODER_SETTINGS: dict[str, dict[str, Any]] = {"vp8": {"threads": 1, "cpu-used": "-8"}}
 
 
-@dataclass(frozen=True)
-class Case:
-    codec: str
-    op: str  # "encode" | "decode"
-    width: int
-    height: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.codec} {self.op} {self.height}p"
-
-
-FULL = [
-    Case("h264", "encode", 1280, 720), Case("h264", "decode", 1280, 720),
-    Case("h264", "encode", 1920, 1080), Case("h264", "decode", 1920, 1080),
-    Case("hevc", "encode", 1280, 720), Case("hevc", "decode", 1280, 720),
-    Case("vp9", "encode", 1280, 720), Case("vp9", "decode", 1280, 720),
-]
+FULL = list(CODEC_CASES)
 QUICK = FULL[:2]
 
 
-def pictures(width: int, height: int, count: int, seed: int = 1) -> list[npt.NDArray[np.uint8]]:
-    """``count`` packed yuv420p pictures, shape (h*3/2, w): a scrolling texture under moving gradients."""
+def _planes(width: int, height: int, count: int, seed: int) -> Iterator[tuple[Any, Any, Any]]:
+    """Luma, u and v of ``count`` pictures in 8-bit units (float, unclipped): a scrolling
+    texture under moving gradients."""
     rng = np.random.default_rng(seed)
     th, tw = height + 8 * count, width + 8 * count
     noise = rng.normal(0.0, 1.0, (th // 2 + 1, tw // 2 + 1))
@@ -93,17 +90,56 @@ def pictures(width: int, height: int, count: int, seed: int = 1) -> list[npt.NDA
     x = np.arange(width, dtype=np.float32)[None, :]
     cy = np.arange(height // 2, dtype=np.float32)[:, None]
     cx = np.arange(width // 2, dtype=np.float32)[None, :]
-    out = []
     for i in range(count):
         dy, dx = 3 * i, 5 * i
         luma = 110 + 45 * np.sin((x + 6 * i) / 97.0) * np.cos((y - 4 * i) / 71.0) + tex[dy:dy + height, dx:dx + width]
         u = 128 + 30 * np.sin((cx + 3 * i) / 53.0) + 0 * cy + tex[dy:dy + height:2, dx:dx + width:2] / 4
         v = 128 + 30 * np.cos((cy - 2 * i) / 41.0) + 0 * cx - tex[dy + 1:dy + height:2, dx + 1:dx + width:2] / 4
-        pic = np.empty((height * 3 // 2, width), np.uint8)
-        pic[:height] = luma.clip(16, 235)
-        pic[height:].reshape(-1)[: width * height // 4] = u.clip(16, 240).reshape(-1)
-        pic[height:].reshape(-1)[width * height // 4:] = v.clip(16, 240).reshape(-1)
-        out.append(pic)
+        yield luma, u, v
+
+
+def _packed(width: int, height: int, luma: Any, u: Any, v: Any, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    pic = np.empty((height * 3 // 2, width), dtype)
+    pic[:height] = luma
+    pic[height:].reshape(-1)[: width * height // 4] = u.reshape(-1)
+    pic[height:].reshape(-1)[width * height // 4:] = v.reshape(-1)
+    return pic
+
+
+def pictures(width: int, height: int, count: int, seed: int = 1) -> list[npt.NDArray[np.uint8]]:
+    """``count`` packed yuv420p pictures, shape (h*3/2, w): a scrolling texture under moving gradients."""
+    return [_packed(width, height, luma.clip(16, 235), u.clip(16, 240), v.clip(16, 240), np.uint8)
+            for luma, u, v in _planes(width, height, count, seed)]
+
+
+def pictures10(width: int, height: int, count: int, seed: int = 1) -> list[npt.NDArray[np.uint16]]:
+    """The same pictures as ``pictures``, packed yuv420p10le (10 bits in uint16): the gradients
+    keep the two bits of precision 8 bits round away."""
+    return [_packed(width, height, np.rint(4 * luma).clip(64, 940), np.rint(4 * u).clip(64, 960),
+                    np.rint(4 * v).clip(64, 960), np.uint16)
+            for luma, u, v in _planes(width, height, count, seed)]
+
+
+def stream10(codec: str, width: int, height: int, pics: list[npt.NDArray[np.uint16]], frames: int) -> list[bytes]:
+    """A 10-bit bitstream of ``frames`` frames cycling through ``pics``, encoded at yuv420p10le
+    in this process with the device's encoder defaults for ``codec`` (HEVC Main 10: libx265,
+    preset ultrafast, no B-frames, 30 fps); the 10-bit case measures decoding only."""
+    import av
+    from av.video.frame import VideoFrame
+
+    if codec != "hevc":  # libvpx-vp9 of this PyAV build has no 10-bit formats
+        raise ValueError(f"no 10-bit encoder for {codec}")
+    ctx = av.CodecContext.create("libx265", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p10le"
+    ctx.time_base, ctx.framerate = Fraction(1, 30), Fraction(30)
+    ctx.max_b_frames = 0
+    ctx.options = {"preset": "ultrafast", "x265-params": "log-level=error"}
+    out: list[bytes] = []
+    for i in range(frames):
+        f = VideoFrame.from_ndarray(pics[i % len(pics)], format="yuv420p10le")
+        f.pts = i
+        out += [bytes(p) for p in ctx.encode(f)]
+    out += [bytes(p) for p in ctx.encode(None)]
     return out
 
 
@@ -163,7 +199,7 @@ def _device_encode(dev: Any, case: Case, pics: list[npt.NDArray[np.uint8]], fram
     """Seconds, packets, NO_SPACE retries."""
     from guestlib.codec import Encoder
 
-    with Encoder(dev, case.codec, case.width, case.height) as enc:
+    with Encoder(dev, case.codec, case.width, case.height, **ENCODER_SETTINGS.get(case.codec, {})) as enc:
         ring = [enc.new_frame(keep=True) for _ in pics]
         for f, pic in zip(ring, pics, strict=True):
             _fill(f, pic, case)
@@ -197,7 +233,8 @@ def _device_decode(dev: Any, case: Case, stream: list[bytes], depth: int, batch:
     try:
         # The geometry hint is what a player has from its container: output buffers are
         # sized for it from the first task (without it the first tasks end in NO_SPACE).
-        with Decoder(dev, case.codec, parse=False, width=case.width, height=case.height) as dec:
+        with Decoder(dev, case.codec, pix_fmt=case.pix_fmt, parse=False, width=case.width,
+                     height=case.height) as dec:
             t0 = time.perf_counter()
             if depth:
                 it = dec.decode_stream(((b, i) for i, b in enumerate(bufs)), depth=depth, batch=batch)
@@ -255,12 +292,29 @@ def _one_run(path: str, case: Case, dev: Any, ecfg: Any, pics: list[npt.NDArray[
     if path == "direct":
         if case.op == "encode":
             return _direct_encode(ecfg, pics, frames)[0], frames, 0
-        return (*_direct_decode(decoder_config(case.codec), stream), 0)
+        return (*_direct_decode(decoder_config(case.codec, pix_fmt=case.pix_fmt), stream), 0)
     depth, batch = STREAM[case.op] if path == "device" else (0, 1)
     if case.op == "encode":
         dt, _, retries = _device_encode(dev, case, pics, frames, depth, batch)
         return dt, frames, retries
     return _device_decode(dev, case, stream, depth, batch)
+
+
+def output_formats(dev: Any, case: Case, stream: list[bytes]) -> dict[str, str]:
+    """The pixel format each path's decoder hands out for ``stream`` (decoded once, untimed):
+    a decode case compares the same pictures in the same format, with no conversion."""
+    from guestlib.codec import decoder_config
+
+    seen: dict[str, str] = {}
+
+    def first(path: str, name: str) -> None:
+        seen.setdefault(path, name)
+
+    _direct_decode(decoder_config(case.codec, pix_fmt=case.pix_fmt), stream,
+                   lambda f: first("direct", f.format.name))
+    depth, batch = STREAM["decode"]
+    _device_decode(dev, case, stream, depth, batch, lambda f: first("device", f.format))
+    return seen
 
 
 def select(cases: list[Case], only: list[str] | None) -> list[Case]:
@@ -276,20 +330,21 @@ def select(cases: list[Case], only: list[str] | None) -> list[Case]:
 def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] | None = None,
         rounds: int = ROUNDS, hostd_overrides: dict[str, Any] | None = None,
         only: list[str] | None = None) -> dict[str, Any]:
-    """Measure every case (or those ``select`` picks with ``only``); ``hostd_overrides``
-    are hostd Config fields (experiments, e.g. spin_us)."""
+    """Measure every case (or those ``select`` picks with ``only``); ``quick``: fewer frames and
+    rounds, and the QUICK cases unless ``only`` picks others.  ``hostd_overrides`` are hostd
+    Config fields (experiments, e.g. spin_us)."""
     import guestlib
     from guestlib.codec import encoder_config
     from hostd.config import Config
     from hostd.daemon import Hostd
 
     say = progress or (lambda _m: None)
-    cases = select(QUICK if quick else FULL, only)
+    cases = select(QUICK if quick and not only else FULL, only)
     min_seconds, run_seconds = MIN_SECONDS, RUN_SECONDS
     if quick:
         frames = min(frames, 60)
         rounds = min(rounds, 2)
-        min_seconds, run_seconds = 1.0, 0.0
+        min_seconds, run_seconds = QUICK_MIN_SECONDS, 0.0
     result: dict[str, Any] = {"machine": machine(), "frames": frames, "rounds": rounds,
                               "stream": {op: {"depth": d, "batch": b} for op, (d, b) in STREAM.items()},
                               "hostd_overrides": hostd_overrides or {}, "cases": []}
@@ -299,14 +354,23 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
         with Hostd(cfg) as h, guestlib.attach(h.socket_path, name="bench", region_size=512 << 20) as dev:
             dev.nop().wait()
             guest_tid = threading.get_native_id()
-            streams: dict[tuple[str, int, int], list[bytes]] = {}
+            streams: dict[tuple[str, int, int, str], list[bytes]] = {}
             for case in cases:
                 say(f"{case.name}: generating {RING} pictures")
                 pics = pictures(case.width, case.height, min(RING, frames))
-                ecfg = encoder_config(case.codec, case.width, case.height)
-                key = (case.codec, case.width, case.height)
+                ecfg = encoder_config(case.codec, case.width, case.height, **ENCODER_SETTINGS.get(case.codec, {}))
+                key = (case.codec, case.width, case.height, case.pix_fmt)
                 if case.op == "decode" and key not in streams:
-                    streams[key] = _direct_encode(ecfg, pics, frames)[1]
+                    if case.pix_fmt == "yuv420p10le":
+                        pics10 = pictures10(case.width, case.height, min(RING, frames))
+                        streams[key] = stream10(case.codec, case.width, case.height, pics10, frames)
+                    else:
+                        streams[key] = _direct_encode(ecfg, pics, frames)[1]
+                formats: dict[str, str] = {}
+                if case.op == "decode":
+                    formats = output_formats(dev, case, streams[key])
+                    if formats != {"direct": case.pix_fmt, "device": case.pix_fmt}:
+                        raise RuntimeError(f"{case.name}: decoded {formats}, not {case.pix_fmt} on both paths")
                 runs: dict[str, list[float]] = {"direct": [], "device": [], "device_sync": []}
                 copied = 0.0  # bytes per frame of the last "device" run
                 no_space = 0  # NO_SPACE retries of the counted "device" rounds
@@ -359,7 +423,9 @@ def run(frames: int = 120, quick: bool = False, progress: Callable[[str], None] 
                 paired = {k: statistics.median(round_ratios(runs["direct"], v))
                           for k, v in runs.items() if k != "direct"}
                 result["cases"].append({
-                    "case": case.name, "direct_fps": round(med["direct"], 1), "device_fps": round(med["device"], 1),
+                    "case": case.name, "pix_fmt": case.pix_fmt,
+                    "encoder_settings": dict(ENCODER_SETTINGS.get(case.codec, {})), "output_formats": formats,
+                    "direct_fps": round(med["direct"], 1), "device_fps": round(med["device"], 1),
                     "ratio": round(paired["device"], 3),
                     "ratio_of_medians": round(med["device"] / med["direct"], 3),
                     "bytes_copied_per_frame": round(copied),

@@ -8,12 +8,38 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # The layers of `bench layers`, floor first (here so the CLI can offer them without
 # importing numpy).
 LAYERS = ("direct", "copy", "pool", "engine", "device")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of `bench codec` (here so the CLI can list the cases without importing numpy)."""
+
+    codec: str
+    op: str  # "encode" | "decode"
+    width: int
+    height: int
+    pix_fmt: str = "yuv420p"  # the encoder's input or the decoder's output, native on both sides
+
+    @property
+    def name(self) -> str:
+        return f"{self.codec} {self.op} {self.height}p" + (" 10-bit" if self.pix_fmt.endswith("p10le") else "")
+
+
+CODEC_CASES = (
+    Case("h264", "encode", 1280, 720), Case("h264", "decode", 1280, 720),
+    Case("h264", "encode", 1920, 1080), Case("h264", "decode", 1920, 1080),
+    Case("hevc", "encode", 1280, 720), Case("hevc", "decode", 1280, 720),
+    Case("hevc", "decode", 1280, 720, "yuv420p10le"),
+    Case("vp8", "encode", 1280, 720), Case("vp8", "decode", 1280, 720),
+    Case("vp9", "encode", 1280, 720), Case("vp9", "decode", 1280, 720),
+)
 
 
 def pct(samples: list[float], q: float) -> float:
