@@ -195,8 +195,10 @@ class Encoder(_Session):
     def _task_output(self, batch: int) -> int:
         # Encoders hold frames back (lookahead, B-frames, frame threads) and then emit a
         # burst with the first keyframe: x264 at 1080p emits 1.2-1.9 MB at once.  One raw
-        # frame covers that burst in practice; larger output still ends in NO_SPACE.
-        return self.frame_bytes
+        # frame covers that burst in practice; a MULTI task of ``batch`` frames may emit a
+        # packet per frame (VP8 at high quality: up to half a raw frame each), so half a raw
+        # frame per input beyond that.  Larger output still ends in NO_SPACE.
+        return self.frame_bytes * max(1, (batch + 1) // 2)
 
     def _packets(self, base: int | None = None) -> list[Packet]:
         mem = self.device.region.mem

@@ -591,12 +591,15 @@ def test_decode_stream_sizes_output_buffers_from_the_picture(dev: Device, source
         assert [(f.pts, md5(f.to_ndarray())) for f in dec.decode_stream(want, depth=depth, batch=batch)] == ref
         assert dec.no_space_retries == 0
         assert (depth + 1) * dec._stream_size <= free
-    # An encoder sizes them for one raw picture: the burst of packets with the first keyframe.
-    with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:
-        enc._stream_size = 256
-        assert list(enc.encode_stream((fill(enc.new_frame(), p) for p in sources), depth=depth, batch=4)) == want
-        assert enc.no_space_retries == 0
-        assert enc._stream_size == FRAME_BYTES
+    # An encoder sizes them for one raw picture (the burst of packets with the first keyframe),
+    # and half a picture per input of a MULTI task beyond that (a packet per frame).
+    for batch, pictures in ((1, 1), (4, 2)):
+        with dev.encoder("h264", W, H, FPS, bframes=True, gop=8) as enc:
+            enc._stream_size = 256
+            frames = (fill(enc.new_frame(), p) for p in sources)
+            assert list(enc.encode_stream(frames, depth=depth, batch=batch)) == want
+            assert enc.no_space_retries == 0
+            assert enc._stream_size == pictures * FRAME_BYTES
 
 
 @pytest.mark.parametrize(("depth", "batch", "before_bad"), [(3, 1, 10), (2, 4, 8)])
