@@ -23,6 +23,16 @@ can be fed back to an encoder with strides (0, 0, 0).
 NO_SPACE: the input of the call is consumed, all output stays queued in the
 session and ``CodecError.required`` is the exact ``dst_len`` that takes all of it.
 The next encode/decode (normal or ``drain_pending``) or flush returns it first.
+
+Draining in parts: a decode with ``drain_pending`` whose dst cannot take every
+queued frame emits the longest prefix of whole frames that fits (a pooled frame
+costs only its table entry), succeeds with that table and leaves the rest queued
+in order; the last entry then has ``abi.FRAME_MORE``, so the guest knows to drain
+again.  Frames left queued are not lent to the guest (PyAV frames' lends are taken
+back; the C loop's ``_Lent`` groups stay lent as they were, a group may be split).
+If not even the first frame fits: NO_SPACE with ``required`` = what that frame
+alone needs.  Every other call (input, flush, encoders' drains) stays
+all-or-nothing.
 While at least ``MAX_PENDING_ITEMS`` items or ``MAX_PENDING_BYTES`` bytes are
 queued, calls that would consume input fail with BUSY and consume nothing.
 

@@ -3,6 +3,7 @@ pool) and ``_DecoderSession`` (parsing, decoding, the C decode loop, frame emiss
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ from vmediad.abi import (
     SessionConfig,
 )
 
+# A frame entry's flags word (FrameEntry bytes are patched in place for FRAME_MORE).
+_ENTRY_FLAGS_AT: Final = abi.struct_items(abi.FRAME_ENTRY)[abi.FRAME_ENTRY_ITEMS.index("flags")][0]
+_U32: Final = struct.Struct("<I")
 # Decoded formats whose memory layout equals an output format (no conversion).
 _CAP_DR1: Final = 1 << 1  # AV_CODEC_CAP_DR1: the decoder allocates through get_buffer2
 _SAME_LAYOUT: Final = {
@@ -115,6 +119,7 @@ class _Lent:
 
     entries: bytes
     count: int
+    frame_bytes: int = 0  # each frame's unpadded size (what pending_bytes counts for it)
 
 
 class _DecoderSession(_Session):
@@ -282,7 +287,7 @@ class _DecoderSession(_Session):
                     error = error or exc
         if error is not None:
             raise error
-        return self._emit(mem, dst_off, dst_len)
+        return self._emit(mem, dst_off, dst_len, partial=drain_pending)
 
     def _feed_loop(self, mem: memoryview, chunks: list[Input]) -> CodecError | None:
         """Decode ``chunks`` (checked, unparsed) in the C loop: what ``_feed`` does for each,
@@ -301,7 +306,7 @@ class _DecoderSession(_Session):
             if entries:
                 k = len(entries) // FrameEntry.SIZE
                 self._stats.dec_frames_looped += k
-                self._pending.append(_Lent(entries, k))
+                self._pending.append(_Lent(entries, k, geom[1]))
                 self.pending_items += k
                 self.pending_bytes += k * geom[1]
             if rc == framepool.FD_DONE:
@@ -398,50 +403,89 @@ class _DecoderSession(_Session):
             raise error
         return self._emit(mem, dst_off, dst_len)
 
-    def _emit(self, mem: memoryview, dst_off: int, dst_len: int) -> tuple[int, int]:
+    def _emit(self, mem: memoryview, dst_off: int, dst_len: int, partial: bool = False) -> tuple[int, int]:
+        """Write the queued frames at dst as one output table, oldest first.
+
+        Without ``partial`` every queued frame goes, or none (NO_SPACE, ``required`` = the
+        bytes all of them take).  With ``partial`` (a DRAIN_PENDING task) the longest prefix
+        of whole frames that fits goes, the rest stays queued in order and the last entry
+        has FRAME_MORE; if not even the first fits: NO_SPACE, ``required`` = its bytes."""
         pending = self._pending
-        count = self.pending_items
         pool = self._pool
-        table = abi.out_table_size(abi.OUT_FRAMES, count)
         # Frames the decoder wrote into the pool are lent in this first pass (the slot's
         # counter + 1, which the decoder's get_buffer2 reads): every failure below, NO_SPACE
-        # included, takes these lends back, and the guest sees them only with the completion.
+        # included, takes these lends back, and so does a partial drain for the frames it
+        # leaves queued; the guest sees a lend only with the completion that reports it.
         # (The C loop's _Lent frames were lent as they were decoded and stay lent and queued.)
-        # Per item: (-1, shapes, slot, (offset in the pool, plane offsets, line sizes)) for a
-        # pooled frame, (position in dst, shapes, 0, None) for a copied one, or
-        # (-2, [], count, the _Lent's entry bytes).
-        layouts: list[tuple[int, list[tuple[int, int]], int, Any]] = []
-        used = table
+        # Per emitted item: (item, position, shapes, slot, entry): position -1 and
+        # (offset in the pool, plane offsets, line sizes) for a pooled frame; the payload's
+        # position after the table (payloads and the table's size are HEAP_ALIGN multiples,
+        # so the table's size, known only at the end, shifts them all alike) for a copied
+        # one; -2, the entries' count and the entries' bytes for (a prefix of) a _Lent.
+        layouts: list[tuple[Any, int, list[tuple[int, int]], int, Any]] = []
+        count = 0  # frames laid out
+        end = 0  # end of the last copied payload, after the table
         pooled = 0
+        emitted_bytes = 0
+        cut = False  # a partial drain stopped before the end of the queue
+        first_need = 0  # partial, nothing fits: the bytes the first frame needs
         try:
             for item in pending:
                 if type(item) is _Lent:
-                    layouts.append((-2, [], item.count, item.entries))
-                    pooled += item.count
+                    take = item.count
+                    if partial:  # a lent frame costs only its table entry
+                        while take and abi.out_table_size(abi.OUT_FRAMES, count + take) + end > dst_len:
+                            take -= 1
+                        if not take and not count:
+                            first_need = abi.out_table_size(abi.OUT_FRAMES, 1)
+                    if take:
+                        entries = item.entries if take == item.count else item.entries[:take * FrameEntry.SIZE]
+                        layouts.append((item, -2, [], take, entries))
+                        count += take
+                        pooled += take
+                        emitted_bytes += take * item.frame_bytes
+                    if take < item.count:
+                        cut = True
+                        break
                     continue
                 frame, fmt, _flags = cast(tuple[VideoFrame, int, int], item)
                 geom = self._geometry(frame.width, frame.height, fmt)
                 if geom is None:  # pragma: no cover - _queue admitted only frames within the caps
                     raise CodecError(ErrorCode.BACKEND, "queued frame exceeds the geometry caps")
                 shapes = geom[0]
+                lent = None
                 if pool is not None:
                     try:
                         lent = pool.lend_frame(frame, geom[2])
                     except ValueError as exc:
                         raise CodecError(ErrorCode.BACKEND, str(exc)) from exc
+                pos, new_end = (-1, end) if lent is not None else (abi.align(end), abi.align(end) + geom[1])
+                if partial and abi.out_table_size(abi.OUT_FRAMES, count + 1) + new_end > dst_len:
                     if lent is not None:
-                        layouts.append((-1, shapes, lent[0], lent[1:]))
-                        pooled += 1
-                        continue
-                pos = abi.align(used)
-                layouts.append((pos, shapes, 0, None))
-                used = pos + geom[1]
+                        cast(FramePool, pool).unlend(lent[0])  # stays queued: not the guest's yet
+                    if not count:
+                        first_need = abi.out_table_size(abi.OUT_FRAMES, 1) + new_end
+                    cut = True
+                    break
+                if lent is not None:
+                    layouts.append((item, -1, shapes, lent[0], lent[1:]))
+                    pooled += 1
+                else:
+                    layouts.append((item, pos, shapes, 0, None))
+                end = new_end
+                count += 1
+                emitted_bytes += geom[1]
+            table = abi.out_table_size(abi.OUT_FRAMES, count)
+            used = table + end
+            if cut and not count:
+                raise CodecError(ErrorCode.NO_SPACE, f"the first queued frame needs {first_need} bytes",
+                                 required=first_need)
             if used > dst_len:
                 raise CodecError(ErrorCode.NO_SPACE, f"output needs {used} bytes", required=used)
             OutHeader.write(mem, dst_off, kind=abi.OUT_FRAMES, count=count, used=used)
             entry_pos = dst_off + OutHeader.SIZE
             copied = 0
-            for item, (pos, shapes, slot, entry) in zip(pending, layouts, strict=True):
+            for item, pos, shapes, slot, entry in layouts:
                 if pos == -2:
                     mem[entry_pos:entry_pos + len(entry)] = entry  # FrameEntry bytes the C loop wrote
                     entry_pos += len(entry)
@@ -454,11 +498,14 @@ class _DecoderSession(_Session):
                                      pix_fmt=fmt, nplanes=len(shapes), pts=pts, plane_offsets=plane_offsets,
                                      strides=line_sizes, flags=abi.FRAME_POOLED | flags, slot=slot)
                 else:
-                    copied += self._emit_copy(mem, entry_pos, dst_off, pos, frame, fmt, flags, shapes, pts)
+                    copied += self._emit_copy(mem, entry_pos, dst_off, table + pos, frame, fmt, flags, shapes, pts)
                 entry_pos += FrameEntry.SIZE
+            if cut:  # frames stay queued: the last entry says so
+                at = entry_pos - FrameEntry.SIZE + _ENTRY_FLAGS_AT
+                _U32.pack_into(mem, at, _U32.unpack_from(mem, at)[0] | abi.FRAME_MORE)
         except BaseException:
             # The task fails and its frames stay queued: the guest never sees these lends.
-            for pos, _shapes, slot, _entry in layouts:
+            for _item, pos, _shapes, slot, _entry in layouts:
                 if pos == -1:
                     cast(FramePool, pool).unlend(slot)
             raise
@@ -466,8 +513,18 @@ class _DecoderSession(_Session):
         self._stats.dec_frames_out += count
         self._stats.dec_frames_pooled += pooled
         self._stats.dec_out_copied += copied
-        pending.clear()
-        self.pending_items = self.pending_bytes = 0
+        if not cut:
+            pending.clear()
+            self.pending_items = self.pending_bytes = 0
+        else:
+            for item, pos, _shapes, slot, entry in layouts:
+                if pos == -2 and slot < cast(_Lent, item).count:  # the cut group: its rest stays first
+                    lent_item = cast(_Lent, item)
+                    pending[0] = _Lent(lent_item.entries[len(entry):], lent_item.count - slot, lent_item.frame_bytes)
+                else:
+                    pending.popleft()
+            self.pending_items -= count
+            self.pending_bytes -= emitted_bytes
         return count, used
 
     def _emit_copy(self, mem: memoryview, entry_pos: int, dst_off: int, pos: int, frame: VideoFrame, fmt: int,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from guestlib.frames import (
+    DEFAULT_OUT,
     DEFAULT_POOL_FRAMES,
     MIN_POOL_FRAMES,
     Chunk,
@@ -24,7 +25,7 @@ from guestlib.frames import (
 )
 from guestlib.session import _returner, _Session, _Spec
 from vmediad import abi
-from vmediad.abi import ErrorCode, FrameEntry, FramePoolHeader, Op, PixFmt
+from vmediad.abi import ErrorCode, FrameEntry, FramePoolHeader, Op, OutHeader, PixFmt
 from vmediad.errors import ClientError
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def pool_slot_bytes(width: int, height: int, fmt: PixFmt = PixFmt.YUV420P) -> in
 
 
 class Decoder(_Session):
+    _partial_drains = True  # a DRAIN_PENDING DECODE returns what fits and FRAME_MORE
     def __init__(self, dev: Device, codec: str = "h264", *, pix_fmt: str | PixFmt = "native", threads: int = 0,
                  parse: bool = True, width: int = 0, height: int = 0, pool_frames: int | None = None,
                  **options: Any) -> None:
@@ -106,8 +108,11 @@ class Decoder(_Session):
                     raise
         if self._pool is None:
             super().__init__(dev, cfg)
+        # 8 MiB, or a quarter of the free heap if that is less: a decode's output larger
+        # than its buffer grows it, or drains in parts (_Session._run).
         self.device.free(self._out)
-        self._out = dev.alloc(8 << 20)
+        room = dev.heap.available() // 4 // abi.PAGE_SIZE * abi.PAGE_SIZE
+        self._out = dev.alloc(min(8 << 20, max(DEFAULT_OUT, room)))
 
     @staticmethod
     def _make_pool(dev: Device, width: int, height: int, frames: int, fmt: PixFmt = PixFmt.NATIVE) -> Buffer | None:
@@ -195,13 +200,36 @@ class Decoder(_Session):
             return backlog
         parse = self.parse if parse is None else parse
         flags = (abi.F_PARSE if parse else 0) | (abi.F_PTS_VALID if pts is not None else 0)
-        self._run(Op.DECODE, flags=flags, src=src, args=((pts or 0) & abi.U64_MAX, 0, 0, 0))
-        return backlog + self._lend(self._frames())
+        try:
+            self._run(Op.DECODE, flags=flags, src=src, args=((pts or 0) & abi.U64_MAX, 0, 0, 0))
+        except BaseException:
+            self._backlog[:0] = backlog  # still first in line for the next call
+            raise
+        return backlog + self._lend(self._take_parts() + self._frames())
 
     def flush(self) -> list[Frame]:
         self._release_lent()
         self._run(Op.FLUSH)
-        return self._take_backlog() + self._lend(self._frames())
+        return self._take_backlog() + self._lend(self._take_parts() + self._frames())
+
+    @staticmethod
+    def _drain(op: Op) -> tuple[Op, int]:
+        # A DECODE drain, after a FLUSH too (the flush has run: what it left is queued output
+        # like any other), because only DRAIN_PENDING may return part of it.
+        return Op.DECODE, abi.F_DRAIN_PENDING
+
+    def _more(self, base: int) -> bool:
+        mem = self.device.region.mem
+        head = OutHeader.unpack_from(mem, base)
+        if head.kind != abi.OUT_FRAMES or not head.count:
+            return False
+        last = FrameEntry.unpack_from(mem, base + OutHeader.SIZE + (head.count - 1) * FrameEntry.SIZE)
+        return bool(last.flags & abi.FRAME_MORE)
+
+    def _keep_part(self, items: list[Any]) -> list[Any]:
+        # Copied frames lie in the output buffer the next part is written to: private copies.
+        # Pooled ones lie in their slots, lent until the call after the one returning them.
+        return [f if f.pooled else f.copy() for f in items]
 
     def _lend(self, frames: list[Frame]) -> list[Frame]:
         self._lent.extend(f for f in frames if f.pooled)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from guestlib.frames import DEFAULT_OUT
+from guestlib.heap import OutOfMemory
 from vmediad import abi
 from vmediad.abi import ErrorCode, FrameEntry, MultiEntry, Op, OutHeader, PacketEntry
 
@@ -51,12 +52,17 @@ class _Spec:
     src: tuple[int, int] = (0, 0)
     args: tuple[int, int, int, int] = (0, 0, 0, 0)
     done: Callable[[], None] | None = None
+    part: bool = False  # a drain that may return part of the output (see _Session._run)
 
 
 _Entry = TypeVar("_Entry", PacketEntry, FrameEntry)
 
 
 class _Session:
+    # Whether this session's drains (DRAIN_PENDING) return the longest prefix of the queued
+    # output that fits their dst (decoders) or all of it or NO_SPACE (encoders).
+    _partial_drains = False
+
     def _table(self, base: int, kind: int, entry: type[_Entry]) -> list[_Entry]:
         """The entries of the output table at ``base`` (written by the device, checked for its kind)."""
         mem = self.device.region.mem
@@ -100,6 +106,9 @@ class _Session:
         self.session: int = c.result
         self.closed = False
         self.no_space_retries = 0  # times an output buffer had to grow (tests, stats)
+        self.partial_drains = 0  # drain tasks that returned part of the queued output (tests, stats)
+        # Items of the drains before the last one of a ``_run`` (see there).
+        self._parts: list[Any] = []
         # Output a stream had already received when it stopped (error, early close):
         # private copies, handed out first by the next call.
         self._backlog: list[Any] = []
@@ -146,24 +155,95 @@ class _Session:
         NO_SPACE means the input was consumed and every output item stayed queued in
         the session; ``result_len`` is the exact size that takes all of it.  The retry
         carries no input: ENCODE_FRAME/DECODE with DRAIN_PENDING, or FLUSH again.
+
+        A decoder whose output is more than the heap can give drains it in parts into
+        the largest buffer it can afford (``_grow``): a drain whose last entry has
+        FRAME_MORE left the rest queued, so its items are kept (``_keep_part``: out of the
+        buffer the next part overwrites) in ``self._parts`` and the next drain follows.
+        The caller takes the parts (``_take_parts``) before the last table's items.  If
+        this raises, the parts go to the backlog: the next call returns them first.
         """
         if self.closed:
             raise ValueError("session is closed")
         dev = self.device
         dst = (self._out.offset, self._out.size)
+        drain_op, drain_flags = self._drain(op)
+        parts: list[Any] = []
+        partial = False  # a drain may get only a prefix: a NO_SPACE now names the first item's size
         task: Task = dev.submit(op, flags=flags, session=self.session, src=src, dst=dst, args=args)
-        while True:
-            c = task.completion()
-            if c.error == ErrorCode.NO_SPACE and c.result_len > self._out.size:
-                dev.free(self._out)
-                self._out = dev.alloc(max(c.result_len, 2 * self._out.size))
-                self.no_space_retries += 1
+        try:
+            while True:
+                c = task.completion()
+                if c.error == ErrorCode.NO_SPACE and c.result_len > self._out.size:
+                    self.no_space_retries += 1
+                    partial = not self._grow(c.result_len, allow_part=not partial) or partial
+                elif c.status != abi.Status.DONE:
+                    raise_failed(dev, task, dst)  # DeviceError / SessionLost, with hostd's reason
+                elif self._more(self._out.offset):
+                    parts.extend(self._keep_part(self._items_at(self._out.offset)))
+                    self.partial_drains += 1
+                else:
+                    self._parts = parts
+                    return c.result, c.result_len
                 dst = (self._out.offset, self._out.size)
-                task = dev.submit(self._drain_op(op), flags=self._drain_flags(op), session=self.session, dst=dst)
+                task = dev.submit(drain_op, flags=drain_flags, session=self.session, dst=dst)
+        except BaseException:
+            if parts:
+                self._backlog.extend(self._private(parts))
+            raise
+
+    def _grow(self, need: int, allow_part: bool) -> bool:
+        """Make the output buffer take ``need`` bytes (True), or as much as the heap
+        affords (False: see ``_bigger``)."""
+        self._out, fits = self._bigger(self._out, need, max(need, 2 * self._out.size), allow_part)
+        return fits
+
+    def _bigger(self, buf: Buffer, need: int, want: int, allow_part: bool) -> tuple[Buffer, bool]:
+        """A buffer for output of ``need`` bytes in place of ``buf``: one of ``want`` or
+        ``need`` bytes, and True.  If the heap cannot give that and ``allow_part`` (a
+        session whose drains return what fits), the largest it can afford instead,
+        leaving half of what is free to the rest of the guest (``buf`` itself if that is
+        no larger), and False.  Otherwise OutOfMemory.  ``buf`` is freed only once the
+        new one is allocated, so it is valid whatever this raises."""
+        dev = self.device
+        error: OutOfMemory | None = None
+        for size in dict.fromkeys((want, need)):
+            try:
+                new = dev.alloc(size)
+            except OutOfMemory as e:
+                error = e
                 continue
-            if c.status != abi.Status.DONE:
-                raise_failed(dev, task, dst)  # DeviceError / SessionLost, with hostd's reason
-            return c.result, c.result_len
+            dev.free(buf)
+            return new, True
+        if not (allow_part and self._partial_drains):
+            raise OutOfMemory(f"the output needs a {need}-byte buffer: {error}") from error
+        size = min(need - 1, (dev.heap.available() + buf.size) // 2) // abi.PAGE_SIZE * abi.PAGE_SIZE
+        while size > buf.size:
+            try:
+                new = dev.alloc(size)
+            except OutOfMemory:
+                size = size // 2 // abi.PAGE_SIZE * abi.PAGE_SIZE
+                continue
+            dev.free(buf)
+            return new, False
+        return buf, False
+
+    def _more(self, base: int) -> bool:
+        """Whether the table at ``base`` was cut short (more output is queued)."""
+        return False
+
+    def _keep_part(self, items: list[Any]) -> list[Any]:
+        """``items`` of one part of a drain, kept past the next part's write to the buffer."""
+        return self._private(items)
+
+    def _take_parts(self) -> list[Any]:
+        parts, self._parts = self._parts, []
+        return parts
+
+    @staticmethod
+    def _drain(op: Op) -> tuple[Op, int]:
+        """The op and flags of the input-less task that collects what ``op`` left queued."""
+        return _Session._drain_op(op), _Session._drain_flags(op)
 
     @staticmethod
     def _drain_op(op: Op) -> Op:
@@ -268,7 +348,12 @@ class _Session:
             try:
                 for i, (spec, buf) in enumerate(pairs):
                     if buf.size < self._stream_size:  # another buffer of this stream needed more
-                        bigger = dev.alloc(self._stream_size)
+                        try:
+                            bigger = dev.alloc(self._stream_size)
+                        except OutOfMemory:
+                            if spec.part:  # a drain takes what fits in the buffer it has
+                                continue
+                            raise
                         dev.free(buf)
                         pairs[i] = (spec, bigger)
                 tasks = dev.submit_many([
@@ -305,14 +390,33 @@ class _Session:
                 if spec.done is not None:
                     spec.done()  # the device has read the input: the guest may reuse it
                 if c.error == ErrorCode.NO_SPACE and c.result_len > buf.size:
-                    self._stream_size = max(self._stream_size, c.result_len + (c.result_len >> 2))
+                    need = c.result_len
                     self.no_space_retries += 1
-                    submit([(_Spec(drain, self._drain_flags(drain)), buf)])
+                    if not self._partial_drains:
+                        self._stream_size = max(self._stream_size, need + (need >> 2))
+                        submit([(_Spec(drain, self._drain_flags(drain)), buf)])
+                        continue
+                    # A drain that was already cut short ended NO_SPACE because the first
+                    # item does not fit: the buffer must take that much, or the stream fails.
+                    try:
+                        buf, fits = self._bigger(buf, need, need + (need >> 2), allow_part=not spec.part)
+                    except BaseException:
+                        spare.append(buf)
+                        raise
+                    if fits:
+                        self._stream_size = max(self._stream_size, buf.size)
+                    submit([(_Spec(drain, self._drain_flags(drain), part=not fits or spec.part), buf)])
                     continue
                 if c.status != abi.Status.DONE:
                     spare.append(buf)
                     raise_failed(dev, task, (buf.offset, buf.size))
                 items = self._items_at(buf.offset)
+                if self._more(buf.offset):
+                    # A drain cut short: one more collects the rest, behind the tasks in
+                    # flight (each of which returns what is queued first, too).
+                    self.partial_drains += 1
+                    submit([(_Spec(drain, self._drain_flags(drain), part=True),
+                             spare.pop() if spare else dev.alloc(self._stream_size))])
                 self._size_ahead(batch, depth, held=depth + 1)
                 if len(inflight) <= depth - group:
                     top_up()  # the device works on the next tasks while the caller consumes these
@@ -351,7 +455,7 @@ class _Session:
                 try:
                     if spec.op != Op.FLUSH:
                         self._run(spec.op, flags=spec.flags, src=spec.src, args=spec.args)
-                        self._backlog.extend(self._private(self._items_at(self._out.offset)))
+                        self._backlog.extend(self._private(self._take_parts() + self._items_at(self._out.offset)))
                 except Exception:
                     pass  # a bad input or a gone device: the caller already has the error
                 finally:

@@ -243,7 +243,7 @@ class DescFlag(enum.IntFlag):
     FORCE_KEYFRAME = 1 << 0  # ENCODE_FRAME
     PARSE = 1 << 1  # DECODE: src is an elementary stream, split with a parser
     PTS_VALID = 1 << 2  # arg0 carries a pts
-    DRAIN_PENDING = 1 << 3  # ENCODE_FRAME/DECODE: consume no input, return output kept by NO_SPACE
+    DRAIN_PENDING = 1 << 3  # ENCODE_FRAME/DECODE: consume no input, return output kept (DECODE: what fits)
     MULTI = 1 << 4  # ENCODE_FRAME/DECODE: src is a list of MULTI_ENTRY inputs, not one input
 
 
@@ -785,6 +785,10 @@ FRAME_POOLED = 1
 # The worker converted this picture from the decoder's own format into the entry's pix_fmt
 # (a NATIVE session: a format no device format matches; a named one: any other format).
 FRAME_CONVERTED = 2
+# On the last entry of a table that a drain (DescFlag.DRAIN_PENDING) cut short because its dst
+# could not take every queued frame: more frames are queued in the session, oldest first; the
+# next task (another drain, or one with input) returns them first.
+FRAME_MORE = 4
 NO_PTS = -(1 << 63)
 
 
@@ -862,7 +866,7 @@ class FrameEntry:
     pts: int
     plane_offsets: tuple[int, int, int]
     strides: tuple[int, int, int]
-    flags: int = 0  # FRAME_POOLED, FRAME_CONVERTED
+    flags: int = 0  # FRAME_POOLED, FRAME_CONVERTED, FRAME_MORE
     slot: int = 0
 
     def pack_into(self, buf: WriteableBuffer, off: int = 0) -> None:

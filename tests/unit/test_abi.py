@@ -87,6 +87,10 @@ def test_output_tables_golden() -> None:
     # A converted frame (FRAME_CONVERTED, bit 1) copied to dst: flags 2, slot 0.
     assert abi.FRAME_ENTRY.pack(128, 64, 48, 1, 3, 10, 0, 3072, 3840, 64, 32, 32, abi.FRAME_CONVERTED, 0).hex()[
         -16:] == "0200000000000000"
+    # The last entry of a drain cut short (FRAME_MORE, bit 2), here a pooled frame: flags 5.
+    assert abi.FRAME_MORE == 4
+    assert abi.FRAME_ENTRY.pack(4096, 64, 48, 1, 3, 10, 0, 3072, 3840, 64, 32, 32,
+                                abi.FRAME_POOLED | abi.FRAME_MORE, 7).hex()[-16:] == "0500000007000000"
     assert (abi.OUT_HEADER.size, abi.PACKET_ENTRY.size, abi.FRAME_ENTRY.size) == (16, 40, 64)
     assert abi.out_table_size(abi.OUT_PACKETS, 3) == 192
 
