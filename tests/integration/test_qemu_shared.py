@@ -43,7 +43,9 @@ FUZZED = "vmediad-guest: fuzz done"
 DONE = "vmediad-guest: all done"
 FUZZ_N = 600
 LOAD_S = 4.0
-DEPTH = 4
+# Tasks each guest keeps queued: about 0.2 s of the channel, so a guest whose (TCG) CPU is
+# taken away for a moment stays backlogged and the scheduler, not the load, decides the shares.
+DEPTH = 12
 # Heavy enough (about 10 ms of CRC32 each) that the channel, not a TCG guest's own loop, is what
 # the three guests wait for: all three stay backlogged and the scheduler decides the shares.
 DATA_BYTES = 24 << 20
