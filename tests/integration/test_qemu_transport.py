@@ -497,7 +497,9 @@ def test_completions_interrupt_the_vm_through_msix_where_igb_uio_is_bound(vm_tra
     # Two threads waiting at once on the one vector: none woken more than once per task.
     two = r["irq_two_waiters"]
     assert two["tasks"] == 300 and two["max_wakeups"] <= 1
-    assert two["interrupts"] >= two["woken"] // 2  # interrupts did arrive (several may coalesce)
+    # A wake comes from an interrupt: the leader's own, or handed on by it (one interrupt may
+    # cover several completions, so there is no ratio to expect).
+    assert two["woken"] == 0 or two["interrupts"] > 0
 
 
 @needs_vm
