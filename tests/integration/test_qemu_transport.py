@@ -42,6 +42,8 @@ SUBMITTED_MARK = "vmediad-guest: submitted"
 HELD_MARK = "vmediad-guest: held"
 BOOT_TIMEOUT = 60.0
 VM_REGION = 32 << 20
+REPO = Path(__file__).resolve().parents[2]
+FUZZ_N = 300
 CRC_DATA = bytes((i * 131 + 7) & 0xFF for i in range(1 << 16))
 
 
@@ -338,6 +340,26 @@ with dev.decoder("h264", parse=True) as dec:
             md5s.append(h.hexdigest())
 res["md5s"] = md5s
 res["doorbell_writes"] = dev.syscalls_doorbell
+# The fuzzing suite's random descriptors and oracle, through this transport (last: they may
+# write anywhere in the heap).
+sys.path.insert(0, {str(REPO)!r})
+import collections, random
+from vmediad.abi import ErrorCode, Op, Status
+from tests.integration import test_fuzz as F
+rng = random.Random(7)
+heap = dev.alloc(1 << 20)
+dev.region.mem[heap.offset:heap.offset + heap.size] = rng.randbytes(heap.size)
+outcomes, bad = collections.Counter(), []
+for _ in range({FUZZ_N}):
+    d = F.random_descriptor(rng)
+    c = dev.submit_raw(d).completion(10)
+    got = c.error if c.status == Status.ERROR else ErrorCode.OK
+    if c.status not in (Status.DONE, Status.ERROR) or got not in F.expected(d, dev.layout):
+        bad.append([list(F._fields(d)), c.status.name, got.name])
+    outcomes[got.name] += 1
+    if d.opcode == Op.SESSION_OPEN and c.status == Status.DONE:
+        dev.submit(Op.SESSION_CLOSE, session=c.result).completion(10)
+res["fuzz"] = {{"n": {FUZZ_N}, "bad": bad[:5], "nbad": len(bad), "outcomes": dict(outcomes)}}
 with open(share + "/result.json", "w") as f:
     json.dump(res, f)
 print("{PHASE1_MARK}", flush=True)
@@ -500,6 +522,15 @@ def test_completions_interrupt_the_vm_through_msix_where_igb_uio_is_bound(vm_tra
     # A wake comes from an interrupt: the leader's own, or handed on by it (one interrupt may
     # cover several completions, so there is no ratio to expect).
     assert two["woken"] == 0 or two["interrupts"] > 0
+
+
+@needs_vm
+def test_fuzzing_through_the_ivshmem_transport_gets_only_allowed_outcomes(vm_transport: TransportRun) -> None:
+    f = vm_transport.result["fuzz"]
+    assert f["nbad"] == 0, f["bad"]
+    assert sum(f["outcomes"].values()) == FUZZ_N
+    assert f["outcomes"].get("OK", 0) > 0 and len(f["outcomes"]) >= 4  # successes and several errors
+    assert vm_transport.host_crc_after == zlib.crc32(CRC_DATA)  # hostd serves guests afterwards
 
 
 @needs_vm
