@@ -14,18 +14,26 @@ so a picture that stays on screen is scaled once, not on every refresh; with ``w
 the pictures of one composition are scaled in parallel (swscale releases the GIL).  It keeps
 no view of guest memory after ``compose`` returns (a kept image is always its own memory), so a
 region can be unmapped (``mmap.close`` succeeds) as soon as no composition is running.
+
+``Compositor.prescale`` scales a committed picture ahead of the refresh that will show it, on
+the scaling workers, into an image of its own: the composition at that refresh then only copies
+it (it waits for a job still running).  The caller (hostd/display/port.py) keeps the picture's
+buffer unreleased and its region mapped until the job's ``done`` callback ran or ``cancel``
+succeeded; the job drops every view of guest memory before it calls ``done``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import av
 import numpy as np
+import structlog
 from av.video.reformatter import VideoReformatter
 from numpy.typing import NDArray
 
@@ -45,6 +53,9 @@ BORDER_PX = 2
 MAX_TEXT_SCALE = 4
 DEFAULT_INTERPOLATION = "BILINEAR"
 _PYAV_NAMES = {PixFmt.BGRA: "bgra", PixFmt.NV12: "nv12", PixFmt.YUV420P: "yuv420p"}
+_READY_MAX = 3  # prescaled images kept per viewport, newest last (older ones are superseded)
+
+log = structlog.get_logger("hostd.display")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +83,59 @@ class Item:
 
 @dataclass(frozen=True, slots=True)
 class ComposeStats:
-    cpu_s: float  # CPU time of the calling thread (swscale runs on it with threads=1)
+    cpu_s: float  # CPU of the composition: its thread, its pooled scaling, the prescaling it showed
     wall_s: float
     scaled: int  # pictures scaled by swscale in this composition
     reused: int  # pictures whose scaled image was kept from an earlier composition
     copied: int  # pictures copied into a PyAV frame before scaling (not packed, or cropped 4:2:0)
     labelled: int  # cleared, labelled viewports
+    prescaled: int = 0  # pictures shown from an image scaled when they were committed
+
+
+_Scaled = tuple[NDArray[np.uint8], bool, float]  # image, copied first, CPU seconds
+
+
+class Prescale:
+    """A picture being scaled ahead of the refresh that shows it (``Compositor.prescale``).
+
+    ``source`` (which makes the picture's views of guest memory) is taken by the job when it
+    starts and by ``cancel``; once either took it this object holds no guest memory."""
+
+    __slots__ = ("_source", "aspect", "future", "interpolation", "key", "rect", "slot")
+
+    def __init__(self, slot: int, key: Hashable, rect: Rect, aspect: Aspect, interpolation: str | int,
+                 source: Callable[[], Source]) -> None:
+        self.slot, self.key, self.rect, self.aspect = slot, key, rect, aspect
+        self.interpolation = interpolation
+        self.future: Future[_Scaled | None] | None = None  # set by Compositor.prescale
+        self._source: Callable[[], Source] | None = source
+
+    def matches(self, item: Item, interpolation: str | int) -> bool:
+        src = item.source
+        return (src is not None and src.key is not None and self.key == src.key and self.rect == item.rect
+                and self.aspect == item.aspect and self.interpolation == interpolation)
+
+    def take_source(self) -> Callable[[], Source] | None:
+        src, self._source = self._source, None
+        return src
+
+    def cancel(self) -> bool:
+        """True if the job never reads the picture (it had not started, or the workers were shut
+        down first): the caller may release the buffer now.  False: it is running or ran, and
+        its ``done`` is (or was) called."""
+        if self.future is not None and self.future.cancel():
+            self._source = None
+            return True
+        return False
+
+    def result(self) -> _Scaled | None:
+        """Wait for the job: its image, or None if it was cancelled or failed."""
+        if self.future is None:
+            return None
+        try:
+            return self.future.result()
+        except CancelledError:
+            return None
 
 
 # --- labels: a 5x7 bitmap font -------------------------------------------------------------
@@ -239,6 +297,13 @@ class Compositor:
         self._scalers: dict[int, tuple[VideoReformatter, VideoReformatter]] = {}
         self._images: dict[int, tuple[Hashable, NDArray[np.uint8]]] = {}
         self._copies: dict[int, Any] = {}  # slot -> av.VideoFrame the compositor owns
+        # Scaling of one slot runs under its lock: its scalers and copy frame are used by one
+        # thread at a time (a prescale job of a newer commit may overlap a composition).
+        self._slot_locks: dict[int, threading.Lock] = {}
+        # Guards _ready, _slot_locks, _pool and the counters that prescale jobs add to.
+        self._lock = threading.Lock()
+        self._ready: dict[int, list[Prescale]] = {}  # slot -> prescales, oldest first
+        self._closed = False
         self.frames = 0
         self.cpu_s = 0.0
         self.last_cpu_s = 0.0
@@ -246,11 +311,98 @@ class Compositor:
         self.scaled = 0
         self.reused = 0
         self.copied = 0
+        self.prescaled = 0  # pictures scaled by prescale jobs (counted in ``scaled`` too)
+        self.prescale_shown = 0  # ... whose image a composition showed
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        """Stop the workers: queued prescale jobs are cancelled, running ones finish first."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            self._ready.clear()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _executor(self) -> ThreadPoolExecutor | None:
+        """The scaling workers (None once closed)."""
+        with self._lock:
+            if self._closed:
+                return None
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="compose")
+            return self._pool
+
+    def _take_ready(self, item: Item) -> Prescale | None:
+        """The prescale of ``item``'s picture for its viewport, if one was started; the slot's
+        older prescales go with it (their commits were superseded or already shown)."""
+        with self._lock:
+            ready = self._ready.get(item.slot)
+            if not ready:
+                return None
+            for i, pre in enumerate(ready):
+                if pre.matches(item, self.interpolation):
+                    del ready[:i + 1]
+                    return pre
+        return None
+
+    def _slot_lock(self, slot: int) -> threading.Lock:
+        with self._lock:
+            lock = self._slot_locks.get(slot)
+            if lock is None:
+                lock = self._slot_locks[slot] = threading.Lock()
+            return lock
+
+    # --- scaling ahead of the refresh -----------------------------------------------------------
+    def prescale(self, slot: int, key: Hashable, rect: Rect, aspect: Aspect, source: Callable[[], Source],
+                 done: Callable[[], None]) -> Prescale | None:
+        """Scale the picture ``source()`` makes (key ``key``) for viewport ``rect``/``aspect`` of
+        ``slot`` on a scaling worker.  A composition whose item has the same key, rect and aspect
+        shows that image instead of scaling the picture again.  ``done`` is called on the worker
+        once the job no longer reads the picture (never if ``cancel`` succeeds).  None: the
+        compositor is closed (nothing runs, ``done`` is not called)."""
+        pre = Prescale(slot, key, rect, aspect, self.interpolation, source)
+        pool = self._executor()
+        try:
+            if pool is None:
+                raise RuntimeError("closed")
+            # A job cancelled before a worker took it never runs (the executor checks first).
+            pre.future = pool.submit(self._prescale_job, pre, done)
+        except RuntimeError:  # closed (or shut down meanwhile)
+            pre.take_source()
+            return None
+        with self._lock:
+            ready = self._ready.setdefault(slot, [])
+            ready.append(pre)
+            del ready[:-_READY_MAX]
+        return pre
+
+    def _prescale_job(self, pre: Prescale, done: Callable[[], None]) -> _Scaled | None:
+        try:
+            got = self._prescale_one(pre)
+        except Exception:  # a bug or a picture swscale refused: the composition scales it itself
+            log.exception("prescale failed", slot=pre.slot)
+            got = None
+        # Here no view of the picture is left: _prescale_one returned (or its traceback is gone).
+        done()
+        return got
+
+    def _prescale_one(self, pre: Prescale) -> _Scaled | None:
+        make = pre.take_source()
+        if make is None:
+            return None
+        t = time.thread_time()
+        src = make()
+        del make
+        _check_source(src)
+        p = place(src.width, src.height, pre.rect, pre.aspect, crop_align=1 if src.fmt == PixFmt.BGRA else 2)
+        with self._slot_lock(pre.slot):
+            img, copied = self._scale(pre.slot, src, p)
+        cpu = time.thread_time() - t
+        with self._lock:
+            self.cpu_s += cpu
+            self.scaled += 1
+            self.prescaled += 1
+        return img, copied, cpu
 
     def compose(self, screen: Screen, items: Sequence[Item]) -> ComposeStats:
         """Draw ``items`` (bottom to top) over the background into ``screen``; returns the cost.
@@ -263,6 +415,7 @@ class Compositor:
         full = Rect(0, 0, screen.shape[1], screen.shape[0])
         plans: list[tuple[Item, Placement, Rect] | None] = []
         jobs: dict[int, tuple[Source, Placement]] = {}
+        ahead: dict[int, tuple[Prescale, Source, Placement]] = {}
         reused = 0
         for item in items:
             src = item.source
@@ -280,10 +433,27 @@ class Compositor:
             kept = self._images.get(item.slot)
             if src.key is not None and kept is not None and kept[0] == (src.key, p, self.interpolation):
                 reused += 1
+            elif (pre := self._take_ready(item)) is not None:
+                ahead[item.slot] = (pre, src, p)
             else:
                 jobs[item.slot] = (src, p)
         done = self._run(jobs)
-        job_cpu = sum(cpu for _, _, cpu in done.values())
+        pooled = self.workers > 1 and len(jobs) > 1  # else the jobs ran on this thread, counted below
+        job_cpu = sum(cpu for _, _, cpu in done.values()) if pooled else 0.0
+        shown = 0
+        pre_cpu = 0.0
+        for slot, (pre, src, p) in ahead.items():
+            got = pre.result()  # waits for a job still running
+            if got is None:  # cancelled or failed: scale it now
+                t = time.thread_time()
+                with self._slot_lock(slot):
+                    late = self._scale(slot, src, p)
+                done[slot] = (*late, time.thread_time() - t)
+            else:
+                done[slot] = got
+                shown += 1
+                pre_cpu += got[2]
+        ahead.clear()
         covered = [plan[2] for plan in plans if plan is not None]
         covered += [i.rect.intersect(full) for i, plan in zip(items, plans, strict=True)
                     if plan is None and i.source is None]
@@ -308,44 +478,48 @@ class Compositor:
             else:
                 img = self._images[item.slot][1]
             sy, sx = dst.y - p.dst.y, dst.x - p.dst.x
-            out = screen[dst.y:dst.bottom, dst.x:dst.right]
-            out[:] = img[sy:sy + dst.h, sx:sx + dst.w]
-            if src.fmt == PixFmt.BGRA:
-                out[..., 3] = 255  # guest alpha is not blended: the screen is opaque
+            # Every scaled image is opaque (_scale), so this is a plain copy.
+            screen[dst.y:dst.bottom, dst.x:dst.right] = img[sy:sy + dst.h, sx:sx + dst.w]
         live = {i.slot for i in items}
-        for gone in [s for s in self._scalers if s not in live]:
+        with self._lock:
+            known = set(self._scalers) | set(self._ready) | set(self._images)
+        for gone in [s for s in known if s not in live]:
             self.forget(gone)
-        scaled, copied = len(done), sum(c for _, c, _ in done.values())
-        pooled = self.workers > 1 and len(jobs) > 1  # else the jobs ran on this thread, counted below
-        cpu = time.thread_time() - t0 + (job_cpu if pooled else 0.0)
+        scaled, copied = len(done) - shown, sum(int(c) for _, c, _ in done.values())
+        cpu = time.thread_time() - t0 + job_cpu  # the prescale jobs added their own CPU already
         wall = time.perf_counter() - w0
-        self.frames += 1
-        self.cpu_s += cpu
-        self.last_cpu_s = cpu
-        self.max_cpu_s = max(self.max_cpu_s, cpu)
-        self.scaled += scaled
-        self.reused += reused
-        self.copied += copied
-        return ComposeStats(cpu, wall, scaled, reused, copied, labelled)
+        with self._lock:
+            self.frames += 1
+            self.cpu_s += cpu
+            self.last_cpu_s = cpu + pre_cpu
+            self.max_cpu_s = max(self.max_cpu_s, cpu + pre_cpu)
+            self.scaled += scaled
+            self.reused += reused
+            self.copied += copied
+            self.prescale_shown += shown
+        return ComposeStats(cpu + pre_cpu, wall, scaled, reused, copied, labelled, shown)
 
-    def _run(self, jobs: dict[int, tuple[Source, Placement]]) -> dict[int, tuple[NDArray[np.uint8], bool, float]]:
-        def one(slot: int) -> tuple[NDArray[np.uint8], bool, float]:
+    def _run(self, jobs: dict[int, tuple[Source, Placement]]) -> dict[int, _Scaled]:
+        def one(slot: int) -> _Scaled:
             t = time.thread_time()
-            img, copied = self._scale(slot, *jobs[slot])
+            with self._slot_lock(slot):
+                img, copied = self._scale(slot, *jobs[slot])
             return img, copied, time.thread_time() - t
 
-        if self.workers <= 1 or len(jobs) <= 1:
+        pool = self._executor() if self.workers > 1 and len(jobs) > 1 else None
+        if pool is None:
             return {slot: one(slot) for slot in jobs}
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="compose")
-        futures = {slot: self._pool.submit(one, slot) for slot in jobs}
+        futures = {slot: pool.submit(one, slot) for slot in jobs}
         return {slot: f.result() for slot, f in futures.items()}
 
     def forget(self, slot: int) -> None:
-        """Drop what is kept for a viewport (done by compose for slots no longer in its items)."""
-        self._scalers.pop(slot, None)
-        self._images.pop(slot, None)
-        self._copies.pop(slot, None)
+        """Drop what is kept for a viewport (done by compose for slots no longer in its items).
+        A prescale job of the slot still running keeps the scalers it took until it ends."""
+        with self._lock:
+            self._scalers.pop(slot, None)
+            self._images.pop(slot, None)
+            self._copies.pop(slot, None)
+            self._ready.pop(slot, None)
 
     def statistics(self) -> dict[str, float | int]:
         return {
@@ -353,6 +527,7 @@ class Compositor:
             "max_cpu_ms": self.max_cpu_s * 1e3,
             "mean_cpu_ms": self.cpu_s / self.frames * 1e3 if self.frames else 0.0,
             "scaled": self.scaled, "reused": self.reused, "copied": self.copied,
+            "prescaled": self.prescaled, "prescale_shown": self.prescale_shown,
         }
 
     def _scale(self, slot: int, src: Source, p: Placement) -> tuple[NDArray[np.uint8], bool]:
@@ -373,8 +548,10 @@ class Compositor:
         img = np.asarray(out.to_ndarray(), dtype=np.uint8)
         if out is frame:
             # swscale had nothing to do and handed back the picture itself: keep a copy, never a
-            # view of guest memory.
+            # view of guest memory, made opaque (guest alpha is not blended).  Any other output
+            # went through gbrp or a yuv format, whose alpha swscale writes as 255.
             img = np.array(img)
+            img[..., 3] = 255
         return img, copied
 
     def _frame(self, slot: int, src: Source, crop: Rect) -> tuple[Any, bool]:

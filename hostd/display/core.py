@@ -105,6 +105,7 @@ class Opened:
 class Committed:
     seq: int
     dropped: DisplayFlip | None  # the flip of the commit this one replaced, to deliver now
+    frame: FrameRef  # the committed picture (read ahead of the tick by the compositor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +374,7 @@ class DisplayCore:
             flags = FlipFlag.DROPPED | FlipFlag.RELEASED
             dropped = DisplayFlip(out.id, int(flags), BUFFER_NONE, p.buffer, 0, p.seq, 0)
         out.pending = c
-        return Committed(c.seq, dropped)
+        return Committed(c.seq, dropped, frame)
 
     def _check_external(self, v: _Vm, e: ExternalBuffer) -> FrameRef | ErrorCode:
         if e.pix_fmt not in DISPLAY_FORMATS:
@@ -437,6 +438,11 @@ class DisplayCore:
             return None
         gone = [v.gone_ns + self.linger_ns for v in self._vms.values() if v.state is not VmState.ATTACHED]
         return min(gone, default=None)
+
+    def viewport_of(self, vm: int) -> lay.Viewport | None:
+        """``vm``'s viewport if the scene shows it (visible, not empty), else None."""
+        vp = self._viewports.get(vm)
+        return vp if vp is not None and vp.visible and not vp.rect.empty else None
 
     def scene(self) -> tuple[SceneItem, ...]:
         items = []
@@ -504,6 +510,22 @@ class DisplayCore:
                 "latency_p50_ms": _percentile(lat, 0.50) / 1e6, "latency_p99_ms": _percentile(lat, 0.99) / 1e6,
             })
         return {"width": self.width, "height": self.height, "layout": self._spec.to_dict(), "vms": vms}
+
+
+def refresh_slot(anchor_ns: int | None, now_ns: int, period_ns: int) -> int:
+    """The refresh slot a composition wanted at ``now_ns`` belongs to (it composes at the later
+    of the two), given ``anchor_ns``, the slot of the previous composition.
+
+    While on schedule the slot is ``anchor_ns + period_ns``: slots keep their phase, and a
+    composition that starts late does not push the next one back, so under a stream of commits
+    there are exactly ``1e9 / period_ns`` compositions a second on average.  The phase is
+    re-anchored at ``now_ns`` only when a whole period or more was missed (a starved thread or an
+    idle spell: a commit after a quiet spell is composed at once, and missed slots are not made
+    up in a burst)."""
+    if anchor_ns is None:
+        return now_ns
+    slot = anchor_ns + period_ns
+    return now_ns if now_ns - slot >= period_ns else slot
 
 
 def _percentile(sorted_values: list[int], q: float) -> float:

@@ -14,14 +14,22 @@ Who may touch which memory:
   composition that last read it has finished (``deliver`` runs after ``compose``), because the
   guest may draw into that buffer as soon as it reads the record;
 * a region named by a scene stays mapped until ``deliver`` unpins it: a guest that detaches
-  meanwhile has its unmap deferred (``close_region``), so the compositor never reads freed pages.
+  meanwhile has its unmap deferred (``close_region``), so the compositor never reads freed pages;
+* a committed picture may be read ahead of the tick (``prescale``, set by the service: the
+  compositor scales it as soon as it is committed).  While that read runs the region stays
+  pinned, and every flip that releases the picture's buffer (DROPPED when a newer commit
+  replaces it, RELEASED when a newer one is latched) and a DISPLAY_CLOSE's completion wait for
+  it: a read not yet started is cancelled, a running one ends with ``read_done`` (posted to
+  this thread by the job after it dropped its views).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -29,7 +37,7 @@ from numpy.typing import NDArray
 
 from hostd.core.validate import Program
 from hostd.display import layout as lay
-from hostd.display.core import DisplayCore, SceneItem, Tick
+from hostd.display.core import DisplayCore, FrameRef, SceneItem, Tick
 from vmediad import abi
 from vmediad.abi import DisplayFlip, ErrorCode, FlipFlag, Op
 
@@ -37,6 +45,30 @@ log = structlog.get_logger("hostd.display")
 
 # complete(vm, slot, op, error, result, result_len): end a display task (the loop's _complete).
 Complete = Callable[[int, int, Op, ErrorCode, int, int], None]
+ReadKey = tuple[int, int, int]  # (vm, output, seq) of a commit whose picture is being read
+
+
+class Reading(Protocol):
+    """A read of a committed picture under way (``hostd.display.compose.Prescale``)."""
+
+    def cancel(self) -> bool:
+        """True if the read had not started and never will (no ``read_done`` follows)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PrescaleRequest:
+    """A commit to read ahead of the tick: ``region`` is its VM's whole region (1-D uint8),
+    mapped until ``DisplayPort.read_done(key)`` runs or the returned read is cancelled."""
+
+    key: ReadKey
+    frame: FrameRef
+    viewport: lay.Viewport
+    region: NDArray[np.uint8]
+
+
+# prescale(request): start the read (None: not started, nothing to wait for).
+Prescaler = Callable[[PrescaleRequest], Reading | None]
 
 
 class _ArenaAllocator:
@@ -54,6 +86,20 @@ class _ArenaAllocator:
 
     def free(self, vm: int, offset: int) -> None:
         """Nothing to do: the arena is the guest's heap block, which the guest frees."""
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """Runs ``then`` once the last of ``left`` reads ended."""
+
+    left: int
+    then: Callable[[], None]
+
+
+@dataclass(slots=True)
+class _Read:
+    reading: Reading
+    waiters: list[_Waiter] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -85,6 +131,8 @@ class DisplayPort:
         self._commits: dict[tuple[int, int, int], _InFlight] = {}  # (vm, output, seq) -> its task
         self._pins: dict[int, int] = {}  # vm -> compositions reading its region
         self._deferred: dict[int, Callable[[], None]] = {}  # vm -> its region's unmap
+        self._reads: dict[ReadKey, _Read] = {}  # commits whose picture is read ahead of the tick
+        self.prescale: Prescaler | None = None  # set by the compositor service
         self.tasks = 0
         self.flips = 0
         # Set (any thread may read it) whenever the scene may have changed: a commit, an open or
@@ -124,6 +172,9 @@ class DisplayPort:
 
     def release_all(self) -> None:
         """The compositor has stopped (hostd is closing): unmap every deferred region now."""
+        for r in self._reads.values():
+            r.reading.cancel()  # a job the shut-down workers never ran drops its views here
+        self._reads.clear()
         self._pins.clear()
         deferred, self._deferred = self._deferred, {}
         for close in deferred.values():
@@ -169,17 +220,82 @@ class DisplayPort:
             output = abi.DisplayCommit.unpack(src).output
             self._commits[(vm, output, got.seq)] = _InFlight(vm, slot, prog.dst_off)
             if got.dropped is not None:
-                self._flip(vm, got.dropped, got.dropped.released_seq)
+                d = got.dropped
+                self._after_reads([(vm, output, d.released_seq)], partial(self._flip, vm, d, d.released_seq))
+            self._start_read(vm, (vm, output, got.seq), got.frame)
         else:  # DISPLAY_CLOSE
             output = prog.arg0
             err = self.core.close_output(vm, output)
-            if err is ErrorCode.OK:
+            if err is not ErrorCode.OK:
+                self._complete(vm, slot, prog.opcode, err, 0, 0)
+                return
+
+            def closed() -> None:
                 # Its pending commit (if any) was never shown: it ends DROPPED|RELEASED.
                 for key in sorted(k for k in self._commits if k[:2] == (vm, output)):
                     flags = FlipFlag.DROPPED | FlipFlag.RELEASED
                     self._flip(vm, DisplayFlip(output, int(flags), abi.BUFFER_NONE, abi.BUFFER_NONE, 0, key[2], 0),
                                key[2])
-            self._complete(vm, slot, prog.opcode, err, 0, 0)
+                self._complete(vm, slot, Op.DISPLAY_CLOSE, ErrorCode.OK, 0, 0)
+
+            # Every buffer is the guest's again when the close completes: no read may remain.
+            self._after_reads([k for k in self._reads if k[:2] == (vm, output)], closed)
+
+    # --- reads ahead of the tick ---------------------------------------------------------------
+    def _start_read(self, vm: int, key: ReadKey, frame: FrameRef) -> None:
+        mem = self._mem.get(vm)
+        viewport = self.core.viewport_of(vm)
+        if self.prescale is None or mem is None or viewport is None:
+            return
+        reading = self.prescale(PrescaleRequest(key, frame, viewport, np.frombuffer(mem, np.uint8)))
+        if reading is not None:
+            self._reads[key] = _Read(reading)
+            self._pin(vm)
+
+    def read_done(self, key: ReadKey) -> None:
+        """The read of ``key``'s picture ended and dropped its views (posted by its job)."""
+        r = self._reads.pop(key, None)
+        if r is None:
+            return
+        self._unpin(key[0])
+        for w in r.waiters:
+            w.left -= 1
+            if w.left == 0:
+                w.then()
+
+    def _after_reads(self, keys: Iterable[ReadKey], then: Callable[[], None]) -> None:
+        """Run ``then`` once no read of these commits' pictures runs: now if none runs (a read
+        not started yet is cancelled), else when the last ``read_done`` comes."""
+        busy = []
+        for key in keys:
+            r = self._reads.get(key)
+            if r is None:
+                continue
+            if r.reading.cancel():
+                del self._reads[key]
+                self._unpin(key[0])
+            else:
+                busy.append(r)
+        if not busy:
+            then()
+            return
+        w = _Waiter(len(busy), then)
+        for r in busy:
+            r.waiters.append(w)
+
+    def _pin(self, vm: int) -> None:
+        self._pins[vm] = self._pins.get(vm, 0) + 1
+
+    def _unpin(self, vm: int) -> None:
+        """One reader of ``vm``'s region less; the last one unmaps it if its guest left."""
+        n = self._pins.get(vm, 0) - 1
+        if n > 0:
+            self._pins[vm] = n
+            return
+        self._pins.pop(vm, None)
+        close = self._deferred.pop(vm, None)
+        if close is not None:
+            close()
 
     def _flip(self, vm: int, flip: DisplayFlip, seq: int) -> None:
         """Write ``flip`` into the commit ``seq``'s dst and complete that commit's task."""
@@ -199,7 +315,7 @@ class DisplayPort:
         for item in t.scene:
             if item.frame is not None and item.vm in self._mem:
                 regions[item.vm] = np.frombuffer(self._mem[item.vm], np.uint8)
-                self._pins[item.vm] = self._pins.get(item.vm, 0) + 1
+                self._pin(item.vm)
         return Frame(t, regions, self.core.next_expiry())
 
     def deliver(self, frame: Frame) -> None:
@@ -209,16 +325,14 @@ class DisplayPort:
         frame.regions.clear()  # the last views: an mmap with views exported cannot be closed
         for ev in frame.tick.events:
             f = ev.flip
-            self._flip(ev.vm, f, f.front_seq)
+            if f.flags & FlipFlag.RELEASED:
+                # The composition showed the new picture; the released one may still be read
+                # ahead (a layout change made its prescaled image unused): wait for that read.
+                self._after_reads([(ev.vm, f.output, f.released_seq)], partial(self._flip, ev.vm, f, f.front_seq))
+            else:
+                self._flip(ev.vm, f, f.front_seq)
         for vm in vms:
-            n = self._pins.get(vm, 0) - 1
-            if n > 0:
-                self._pins[vm] = n
-                continue
-            self._pins.pop(vm, None)
-            close = self._deferred.pop(vm, None)
-            if close is not None:
-                close()
+            self._unpin(vm)
 
     def set_layout(self, spec: lay.LayoutSpec) -> None:
         """LayoutError (nothing changed) if ``spec`` does not fit the screen."""

@@ -7,6 +7,14 @@ thread is off the codec's path), publish a new screen array, then ``deliver`` on
 (the flips complete, the regions are unpinned).  The flips that release buffers are therefore
 written only after the composition that read them: no guest draws into a buffer being composed.
 
+A commit's picture is scaled as soon as it arrives (``DisplayPort.prescale`` is set to
+``_prescale``: the device thread hands the commit to the compositor's scaling workers), so the
+composition at the refresh that latches it is mostly copies of scaled images.  The port holds
+back the flips that release a picture still being read ahead (hostd/display/port.py).
+
+Refreshes keep their phase (``core.refresh_slot``): slot n+1 is slot n plus one period, not one
+period after the composition of slot n actually started.
+
 Readers (the live page, the control socket's snapshot and record commands) get read-only screen
 arrays: a published screen is composed into again only once no reader references it.
 """
@@ -25,8 +33,9 @@ import structlog
 from numpy.typing import NDArray
 
 from hostd.display import layout as lay
-from hostd.display.compose import Compositor, items_from_scene
-from hostd.display.port import DisplayPort, Frame
+from hostd.display.compose import Compositor, Source, items_from_scene, plane_views
+from hostd.display.core import refresh_slot
+from hostd.display.port import DisplayPort, Frame, PrescaleRequest, Reading
 from vmediad.shm import monotonic_ns
 
 log = structlog.get_logger("hostd.display")
@@ -56,10 +65,14 @@ class DisplayStats(TypedDict):
     screen_fps: float  # compositions over the last second
     compose_ms_p50: float
     compose_ms_p99: float
-    compose_cpu_s: float  # CPU time of the compositor thread's compositions, in total
-    scaled: int
+    tick_lag_ms_p50: float  # from a composition's refresh slot to its latch on the device thread
+    tick_lag_ms_p99: float
+    compose_cpu_s: float  # CPU time of the compositions and of the scaling done ahead of them, in total
+    scaled: int  # pictures scaled (at a refresh or ahead of it)
     reused: int
     copied: int
+    prescaled: int  # ... of them scaled when they were committed, ahead of the refresh
+    prescale_shown: int  # ... that a composition showed (the others were superseded first)
 
 
 class DisplayService:
@@ -89,11 +102,13 @@ class DisplayService:
         self.crashed: BaseException | None = None
         self._times: deque[int] = deque(maxlen=_SAMPLES)  # monotonic ns of compositions
         self._costs: deque[float] = deque(maxlen=_SAMPLES)  # wall seconds per composition
+        self._lags: deque[int] = deque(maxlen=_SAMPLES)  # ns from the wanted start to the latch
         self._skipped = 0
         self._late = 0
 
     # --- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        self._port.prescale = self._prescale
         self._thread = threading.Thread(target=self._main, name="compositor", daemon=True)
         self._thread.start()
 
@@ -101,9 +116,25 @@ class DisplayService:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
+        # Queued prescale jobs are cancelled, running ones finish; reads they leave in the port
+        # end with its release_all() (the device thread may be gone before their read_done).
         self.compositor.close()
         with self._cond:
             self._cond.notify_all()
+
+    def _prescale(self, req: PrescaleRequest) -> Reading | None:
+        """On the device thread: scale a commit's picture on the scaling workers now."""
+        key, ref, region = req.key, req.frame, req.region
+        post, port = self._device.post, self._port
+
+        def source() -> Source:
+            return Source(ref.fmt, ref.width, ref.height, plane_views(region, ref), key, ref.packed)
+
+        def done() -> None:  # on the worker, after the job dropped its views
+            post(lambda: port.read_done(key))
+
+        vp = req.viewport
+        return self.compositor.prescale(key[0], key, vp.rect, vp.aspect, source, done)
 
     def _main(self) -> None:
         try:
@@ -115,28 +146,29 @@ class DisplayService:
     def _run(self) -> None:
         """Compose when the scene may have changed, at most ``refresh_hz`` times a second.  A
         commit that arrives after a quiet spell is composed at once; under a stream of commits
-        compositions are one period apart and each latches the newest commit of every VM."""
-        period = 1.0 / self._hz
+        compositions fall on slots one period apart (``refresh_slot``) and each latches the
+        newest commit of every VM."""
+        period = round(1e9 / self._hz)
         changed = self._port.changed
-        last = time.monotonic() - period
+        anchor: int | None = None  # the slot of the last composition
         next_ns: int | None = None
         while not self._stop.is_set():
             wait = _IDLE_POLL_S if next_ns is None else max(0.0, min(_IDLE_POLL_S, (next_ns - monotonic_ns()) / 1e9))
             if not changed.wait(wait) and (next_ns is None or monotonic_ns() < next_ns):
                 continue  # nothing changed (the wait is bounded only to notice stop())
-            seen = time.monotonic()
-            slot = last + period
+            seen = monotonic_ns()
+            slot = refresh_slot(anchor, seen, period)
             if seen < slot:
-                self._stop.wait(slot - seen)  # the rate cap: commits meanwhile replace each other
-            now = time.monotonic()
-            if now - max(seen, slot) > period:
+                self._stop.wait((slot - seen) / 1e9)  # the rate cap: commits meanwhile replace each other
+            if monotonic_ns() - max(seen, slot) > period:
                 self._late += 1  # this thread got the CPU more than a period after it was due
-            last = now
+            anchor = slot
             changed.clear()  # before the tick: a change the tick misses sets it again
             frame: Frame | None = self._device.call(lambda: self._port.tick(monotonic_ns()), timeout=5.0)
             if frame is None:
                 changed.set()
                 continue  # the device thread was busy for 5 s (or stopping): try again
+            self._lags.append(frame.tick.now_ns - max(seen, slot))
             next_ns = frame.next_ns
             try:
                 if frame.tick.changed:
@@ -224,6 +256,7 @@ class DisplayService:
     def statistics(self) -> DisplayStats:
         now = monotonic_ns()
         costs = sorted(self._costs)
+        lags = sorted(self._lags)
         c = self.compositor
         with self._cond:
             recent = sum(1 for t in self._times if now - t < 1_000_000_000)
@@ -232,7 +265,9 @@ class DisplayService:
             width=self.width, height=self.height, refresh_hz=self._hz, interpolation=self._interp.lower(),
             screen_seq=seq, compositions=c.frames, skipped=self._skipped, late=self._late,
             screen_fps=float(recent), compose_ms_p50=_pct(costs, 0.5) * 1e3, compose_ms_p99=_pct(costs, 0.99) * 1e3,
-            compose_cpu_s=round(c.cpu_s, 6), scaled=c.scaled, reused=c.reused, copied=c.copied)
+            tick_lag_ms_p50=_pct(lags, 0.5) / 1e6, tick_lag_ms_p99=_pct(lags, 0.99) / 1e6,
+            compose_cpu_s=round(c.cpu_s, 6), scaled=c.scaled, reused=c.reused, copied=c.copied,
+            prescaled=c.prescaled, prescale_shown=c.prescale_shown)
 
 
 def _touched(height: int, width: int) -> Screen:
@@ -242,5 +277,5 @@ def _touched(height: int, width: int) -> Screen:
     return screen
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: Sequence[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0

@@ -8,6 +8,7 @@ screen, and the compositor reads the pictures in place through ``items_from_scen
 from __future__ import annotations
 
 import mmap
+import threading
 from dataclasses import dataclass
 
 import av
@@ -17,7 +18,7 @@ from numpy.typing import NDArray
 
 from hostd.display import compose as comp
 from hostd.display import layout as lay
-from hostd.display.core import Committed, DisplayCore, Opened, Tick
+from hostd.display.core import Committed, DisplayCore, FrameRef, Opened, Tick
 from hostd.display.layout import Aspect, Kind, LayoutSpec, Rect, RectSpec
 from vmediad import abi
 from vmediad.abi import DisplayCommit, DisplayOpen, DisplayReply, FlipFlag, PixFmt
@@ -418,3 +419,118 @@ def test_floor_benchmark_runs() -> None:
     r = comp.compose_floor_vs_core(2, vms=4, width=64, height=36)
     assert set(r) == {"floor_ms", "floor_one_call_ms", "compose_ms", "compose_kept_ms", "ratio"}
     assert all(v > 0 for v in r.values())
+
+
+# --- scaling ahead of the refresh --------------------------------------------------------------
+def _prescale_all(screen: Screen, guests: list[Guest], commits: list[Committed],
+                  done: list[tuple[int, int, int]]) -> list[comp.Prescale]:
+    """What the service does at each commit: hand the picture to the compositor's workers."""
+    out = []
+    for g, c in zip(guests, commits, strict=True):
+        key = (g.vm, g.reply.output, c.seq)
+        vp = screen.core.viewport_of(g.vm)
+        assert vp is not None
+        ref, region = c.frame, g.region
+
+        def source(ref: FrameRef = ref, region: NDArray[np.uint8] = region,
+                   key: tuple[int, int, int] = key) -> comp.Source:
+            return comp.Source(ref.fmt, ref.width, ref.height, comp.plane_views(region, ref), key, ref.packed)
+
+        def ended(key: tuple[int, int, int] = key) -> None:
+            done.append(key)
+
+        pre = screen.compositor.prescale(g.vm, key, vp.rect, vp.aspect, source, ended)
+        assert pre is not None
+        out.append(pre)
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[NAMES[f] for f in FORMATS])
+def test_prescaled_pictures_equal_the_pictures_scaled_at_the_refresh(fmt: PixFmt) -> None:
+    screen, guests = setup(fmt, [c[0] for c in CASES], SPEC4)
+    screen.compositor = comp.Compositor(workers=2)
+    commits = []
+    for g, ((w, h), kind, *_) in zip(guests, CASES, strict=True):
+        g.draw(1, pattern(fmt, kind, w, h))
+        commits.append(commit(screen, g, 1))
+    done: list[tuple[int, int, int]] = []
+    pres = _prescale_all(screen, guests, commits, done)
+    cpu = 0.0
+    for p in pres:
+        got = p.result()
+        assert got is not None
+        cpu += got[2]
+    assert sorted(done) == sorted((g.vm, g.reply.output, 1) for g in guests)  # each job said it ended
+    s = screen.compositor.statistics()
+    assert (s["prescaled"], s["scaled"], s["frames"]) == (4, 4, 0) and s["cpu_s"] > 0  # counted before any refresh
+    t, stats = screen.refresh()
+    # The refresh only copied the four images: nothing was scaled at the tick.
+    assert (stats.prescaled, stats.scaled, stats.reused) == (4, 0, 0) and len(t.events) == 4
+    assert stats.cpu_s >= cpu  # the composition's CPU includes the scaling done ahead of it
+    ref = np.zeros_like(screen.pixels)
+    comp.Compositor().compose(ref, comp.items_from_scene(t.scene, lambda vm: screen.guests[vm].region))
+    assert np.array_equal(screen.pixels, ref)
+    screen.compositor.close()
+
+
+def test_a_prescale_for_a_changed_layout_is_not_shown() -> None:
+    screen, guests = setup(PixFmt.BGRA, [(160, 90)], LayoutSpec())
+    (g,) = guests
+    _draw_solid(g, 0, (1, 2, 3, 255))
+    c = commit(screen, g, 0)
+    (pre,) = _prescale_all(screen, guests, [c], [])
+    assert pre.result() is not None
+    screen.core.set_layout(LayoutSpec(Kind.RECTS, rects={"vm0": RectSpec(10, 10, 100, 60, aspect=Aspect.STRETCH)}))
+    _, stats = screen.refresh()
+    assert (stats.prescaled, stats.scaled) == (0, 1)  # scaled again for the new viewport
+    assert (screen.pixels[10:70, 10:110] == (1, 2, 3, 255)).all()
+    assert _bg(screen.pixels[:10]).all() and _bg(screen.pixels[70:]).all()
+
+
+def test_a_cancelled_prescale_never_reads_and_the_refresh_scales_instead() -> None:
+    screen, guests = setup(PixFmt.BGRA, [(160, 90)], LayoutSpec())  # one scaling worker
+    (g,) = guests
+    _draw_solid(g, 0, (9, 8, 7, 255))
+    c = commit(screen, g, 0)
+    gate = threading.Event()
+
+    def blocked() -> comp.Source:
+        gate.wait(10)
+        return comp.Source(PixFmt.BGRA, 8, 8, (np.zeros((8, 32), np.uint8),))
+
+    # The worker is busy with another job until the gate opens: the next one cannot start.
+    blocker = screen.compositor.prescale(5, "other", Rect(0, 0, 8, 8), Aspect.FIT, blocked, lambda: None)
+    read: list[int] = []
+    done: list[tuple[int, int, int]] = []
+    key = (0, g.reply.output, c.seq)
+    vp = screen.core.viewport_of(0)
+    assert vp is not None and blocker is not None
+
+    def source() -> comp.Source:
+        read.append(1)
+        raise AssertionError("a cancelled prescale read the picture")
+
+    pre = screen.compositor.prescale(0, key, vp.rect, vp.aspect, source, lambda: done.append(key))
+    assert pre is not None and pre.cancel()
+    gate.set()
+    assert blocker.result() is not None
+    assert pre.result() is None and read == [] and done == []  # never ran, never read, never said done
+    _, stats = screen.refresh()
+    assert (stats.prescaled, stats.scaled) == (0, 1)  # the refresh scaled it itself
+    assert (screen.pixels == (9, 8, 7, 255)).all()  # 160x90 fits the whole 640x360 screen
+    screen.compositor.close()
+
+
+def test_no_view_of_guest_memory_outlives_a_prescale() -> None:
+    for fmt, size in ((PixFmt.BGRA, (64, 64)), (PixFmt.NV12, (64, 64)), (PixFmt.YUV420P, (63, 31))):
+        screen, (g,) = setup(fmt, [size], LayoutSpec())
+        g.draw(0, pattern(fmt, "noise", *size))
+        c = commit(screen, g, 0)
+        done: list[tuple[int, int, int]] = []
+        (pre,) = _prescale_all(screen, [g], [c], done)
+        assert pre.result() is not None and len(done) == 1
+        del g.region, c
+        del screen.guests[0]
+        g.mm.close()  # BufferError if the job or the compositor still held a view of the mapping
+        assert g.mm.closed
+        screen.compositor.close()

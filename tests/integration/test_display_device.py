@@ -7,6 +7,7 @@ import gc
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -161,6 +162,59 @@ def test_flips_release_buffers_in_order_and_mailbox_drops(make_hostd: Callable[.
             disp.commit(disp.frames[front])
         disp.close()
         assert disp.closed
+
+
+def test_a_newer_commit_while_the_older_is_prescaled(make_hostd: Callable[..., Hostd]) -> None:
+    """A commit's picture is scaled as soon as it arrives.  Commit B's scaling is held inside
+    its job (it is reading B's buffer) when commit C replaces B: B's DROPPED flip, which gives
+    its buffer back, must wait until that read ended; C is what the screen shows."""
+    h = make_hostd(display_width=W, display_height=H, display_refresh_hz=1.0, display_threads=2)
+    gate, reading = threading.Event(), threading.Event()
+    real = h.display.compositor.prescale
+
+    def held_for_b(slot: int, key: Any, rect: Rect, aspect: Aspect, source: Callable[[], comp.Source],
+                   done: Callable[[], None]) -> comp.Prescale | None:
+        def slow() -> comp.Source:
+            reading.set()
+            gate.wait(10)
+            return source()
+
+        return real(slot, key, rect, aspect, slow if key[2] == 2 else source, done)
+
+    h.display.compositor.prescale = held_for_b  # type: ignore[method-assign]
+    try:
+        with guestlib.attach(h.socket_path, name="m") as dev:
+            disp = dev.display(64, 64, "bgra", 3)
+            _settled(h)
+            time.sleep(1.1)  # a quiet spell: the next commit is composed at once
+            tasks = []
+            for colour in (10, 20, 30):  # A, B, C
+                f = disp.back()
+                f.planes[0][...] = (colour, colour, colour, 255)
+                tasks.append(disp.commit(f))
+                if colour == 10:
+                    assert tasks[0].completion(0.5).status == abi.Status.DONE  # A: on screen at once
+                if colour == 20:
+                    assert reading.wait(5)  # B's job is reading B's buffer
+            _, b, c = tasks
+            deadline = time.monotonic() + 5
+            while display_list(h.socket_path)["vms"][0]["dropped"] < 1:  # hostd took C (B replaced)
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.1)
+            assert not b.done()  # B's buffer is still read: not given back
+            gate.set()
+            assert b.completion(3).status == abi.Status.DONE and not c.done()  # long before the next refresh
+            assert c.completion(3).status == abi.Status.DONE
+            assert len(disp.held) == 2 and (disp.presented, disp.dropped) == (2, 1)  # held reaps the flips
+            _, screen = _settled(h)
+            assert (screen[H // 2, W // 2, :3] == 30).all()  # C is what shows
+            st = h.display.statistics()
+            assert st["prescaled"] >= 3 and st["prescale_shown"] >= 2  # A and C came from their prescale
+            disp.close()
+    finally:
+        gate.set()
+    assert not h.device.crashed and not h.display.crashed
 
 
 def _raw_commit(dev: Any, rec: bytes) -> Any:

@@ -17,7 +17,8 @@ Three parts, every figure against a floor or a goal measured or stated in the sa
    showed it); ``latch`` is from the same instant to the tick that latched it
    (``DisplayFlip.composed_ns``, the same CLOCK_MONOTONIC).  The first ``warm_s`` seconds
    (scalers being built) are not counted.  The goals are judged on the run with ``threads``
-   scaling threads; a second run with ``compare_threads`` is reported next to it.
+   scaling threads; a second run with ``compare_threads`` is reported next to it, and a third
+   (``threads``) at ``alt_refresh_hz``, hostd's default refresh, whose interval is its goal.
 3. ``codec``: one decode case of ``vmediad.tools.bench.codec`` (its pictures, its direct PyAV
    floor and its device path) against a hostd whose screen refreshes at 30 Hz, with the display
    idle and with guest processes committing 1080p at 30 fps; the conditions alternate round by
@@ -55,6 +56,7 @@ class Plan:
     refresh_hz: float
     threads: int  # display_threads of the judged end-to-end run
     compare_threads: int  # display_threads of a second end-to-end run, for comparison
+    alt_refresh_hz: float  # refresh of a third end-to-end run (``threads``), hostd's default
     buffers: int
     seconds: float
     warm_s: float
@@ -67,11 +69,11 @@ class Plan:
 
 
 FULL = Plan(screen=(1920, 1080), guest=(1920, 1080), vms=4, guest_fps=30.0, refresh_hz=60.0, threads=2,
-            compare_threads=1, buffers=3, seconds=20.0, warm_s=2.0, compose_frames=30, codec_case=("h264", 1280, 720),
-            codec_frames=300, codec_rounds=8, codec_guests=2, codec_refresh_hz=30.0)
+            compare_threads=1, alt_refresh_hz=30.0, buffers=3, seconds=20.0, warm_s=2.0, compose_frames=30,
+            codec_case=("h264", 1280, 720), codec_frames=300, codec_rounds=8, codec_guests=2, codec_refresh_hz=30.0)
 QUICK = Plan(screen=(320, 180), guest=(160, 96), vms=4, guest_fps=30.0, refresh_hz=60.0, threads=2,
-             compare_threads=1, buffers=3, seconds=1.5, warm_s=0.3, compose_frames=3, codec_case=("h264", 320, 240),
-             codec_frames=24, codec_rounds=1, codec_guests=2, codec_refresh_hz=30.0)
+             compare_threads=1, alt_refresh_hz=30.0, buffers=3, seconds=1.5, warm_s=0.3, compose_frames=3,
+             codec_case=("h264", 320, 240), codec_frames=24, codec_rounds=1, codec_guests=2, codec_refresh_hz=30.0)
 
 
 # --- a guest process ---------------------------------------------------------------------
@@ -314,6 +316,9 @@ def end_to_end_part(plan: Plan, seconds: float, say: Callable[[str], None]) -> d
     comps = s1["compositions"] - s0["compositions"]
     skipped = s1["skipped"] - s0["skipped"]
     late = s1["late"] - s0["late"]
+    prescaled = s1["prescaled"] - s0["prescaled"]
+    prescale_shown = s1["prescale_shown"] - s0["prescale_shown"]
+    scaled_at_refresh = (s1["scaled"] - s0["scaled"]) - prescaled
     interval_ms = 1000.0 / plan.refresh_hz
     complete = [x for r in results.values() for x in r["complete_ms"]]
     latch = [x for r in results.values() for x in r["latch_ms"]]
@@ -343,6 +348,10 @@ def end_to_end_part(plan: Plan, seconds: float, say: Callable[[str], None]) -> d
         "screen_fps": round(comps / wall, 2), "refreshes_per_s": round(refreshes, 2),
         "screen_fps_1s_samples": samples,
         "compose_wall_ms_p50": round(s1["compose_ms_p50"], 2), "compose_wall_ms_p99": round(s1["compose_ms_p99"], 2),
+        # Pictures scaled when committed (ahead of the refresh), of them shown, and scaled at a refresh.
+        "prescaled": prescaled, "prescale_shown": prescale_shown, "scaled_at_refresh": scaled_at_refresh,
+        # From a refresh slot to the tick that latched it (the device thread's round trip and wake-ups).
+        "tick_lag_ms_p50": round(s1["tick_lag_ms_p50"], 2), "tick_lag_ms_p99": round(s1["tick_lag_ms_p99"], 2),
         "compose_cpu_ms_per_frame": round(cpu_per * 1e3, 2),
         "compositor_thread_cpu_ms_per_frame": round(thread_per * 1e3, 2),
         "hostd_process_cpu_percent": round((p1 - p0) / wall * 100, 1),
@@ -438,6 +447,7 @@ def run(quick: bool = False, seconds: float | None = None,
     result["compose"] = compose_part(plan, say)
     result["end_to_end"] = end_to_end_part(plan, secs, say)
     result["end_to_end_compare"] = end_to_end_part(replace(plan, threads=plan.compare_threads), secs, say)
+    result["end_to_end_alt_refresh"] = end_to_end_part(replace(plan, refresh_hz=plan.alt_refresh_hz), secs, say)
     result["codec"] = codec_part(plan, say)
     result["machine"]["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after
     result["wall_s"] = round(time.monotonic() - t, 1)
