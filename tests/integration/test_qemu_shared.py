@@ -31,11 +31,6 @@ from vmediad.tools import vmimage
 from vmediad.tools.qemu import Guest, write_run_script
 from vmediad.tools.soak import HostdProcess
 
-# Two TCG VMs at once: once in a full CI-sized run this module stalled after both guests had
-# written their results (not reproduced alone or beside the transport tests).  It runs with
-# `-m slow` until that stall is understood.
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 READY = "vmediad-guest: python up"
 FUZZED = "vmediad-guest: fuzz done"
