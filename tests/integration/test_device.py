@@ -21,6 +21,7 @@ import guestlib
 from guestlib.device import Device
 from hostd.daemon import Hostd
 from tests import guests
+from tests.integration.test_hostd_gone import all_threads_stopped
 from vmediad import abi
 from vmediad.abi import Descriptor, Doorbell, ErrorCode, Op, Status
 
@@ -120,6 +121,7 @@ def test_fifo_order_across_vms(make_hostd: Callable[..., Hostd]) -> None:
     worker = next(v["worker_pid"] for v in h.device.statistics()["vms"] if v["vm"] == devs[0].vm_id)
     try:
         os.kill(worker, signal.SIGSTOP)
+        wait_until(lambda: all_threads_stopped(worker), what="the worker to stop")  # the stop lands later
         try:
             blocker = devs[0].crc32(devs[0].put(bytes(4096)))
             wait_until(lambda: h.device.statistics()["channels"][0]["busy"], what="the blocker on the channel")
@@ -358,6 +360,7 @@ def test_sigterm_ends_inflight_tasks_and_guests_see_device_go(short_tmp: Path) -
         # arrives; hostd must fail them (after its grace) rather than drop them.
         worker = guestlib.hostd_status(str(sock))["vms"][0]["worker_pid"]
         os.kill(worker, signal.SIGSTOP)
+        wait_until(lambda: all_threads_stopped(worker), what="the worker to stop")  # the stop lands later
         tasks = [done, *(dev.crc32(big) for _ in range(19))]
         proc.send_signal(signal.SIGTERM)
         outcomes = []

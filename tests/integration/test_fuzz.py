@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -523,6 +524,26 @@ class RingMachine(RuleBasedStateMachine):
 def _fields(d: Descriptor) -> tuple[int, ...]:
     return (d.tag, d.opcode, d.flags, d.session, d.src_off, d.src_len, d.dst_off, d.dst_len,
             d.arg0, d.arg1, d.arg2, d.arg3)
+
+
+def fuzz_device(dev: Any, rng: random.Random, n: int) -> dict[str, Any]:
+    """Submit ``n`` random descriptors through ``dev`` (any transport: the VM tests run this
+    inside a guest) and judge each outcome with the oracle.  They point into a 1 MiB block of
+    random bytes and anywhere else in the heap, so run this after the guest's own checks."""
+    heap = dev.alloc(1 << 20)
+    dev.region.mem[heap.offset:heap.offset + heap.size] = rng.randbytes(heap.size)
+    outcomes: Counter[str] = Counter()
+    bad: list[list[Any]] = []
+    for _ in range(n):
+        d = random_descriptor(rng)
+        c = dev.submit_raw(d).completion(10)
+        got = c.error if c.status == Status.ERROR else ErrorCode.OK
+        if c.status not in (Status.DONE, Status.ERROR) or got not in expected(d, dev.layout):
+            bad.append([list(_fields(d)), c.status.name, got.name])
+        outcomes[got.name] += 1
+        if d.opcode == Op.SESSION_OPEN and c.status == Status.DONE:
+            dev.submit(Op.SESSION_CLOSE, session=c.result).completion(10)
+    return {"n": n, "bad": bad[:5], "nbad": len(bad), "outcomes": dict(outcomes)}
 
 
 def test_ring_state_machine(rig: Rig) -> None:

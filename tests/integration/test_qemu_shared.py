@@ -53,27 +53,13 @@ sys.path.insert(0, {str(REPO)!r})
 import collections, json, os, random, time, zlib
 import guestlib
 from vmediad import abi
-from vmediad.abi import ErrorCode, Op, Status
 from tests.integration import test_fuzz as F
 
 share, seed, role = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 dev = guestlib.attach()
 res = {{"class": type(dev).__name__, "vm": dev.vm_id}}
-lay = dev.layout
 rng = random.Random(seed)
-heap = dev.alloc(1 << 20)  # the fuzz's own block; the rest of the heap stays guestlib's
-dev.region.mem[heap.offset:heap.offset + heap.size] = rng.randbytes(heap.size)
-outcomes, bad = collections.Counter(), []
-for _ in range({FUZZ_N}):
-    d = F.random_descriptor(rng)
-    c = dev.submit_raw(d).completion(10)
-    got = c.error if c.status == Status.ERROR else ErrorCode.OK
-    if c.status not in (Status.DONE, Status.ERROR) or got not in F.expected(d, lay):
-        bad.append([list(F._fields(d)), c.status.name, got.name])
-    outcomes[got.name] += 1
-    if d.opcode == Op.SESSION_OPEN and c.status == Status.DONE:
-        dev.submit(Op.SESSION_CLOSE, session=c.result).completion(10)
-res["fuzz"] = {{"n": {FUZZ_N}, "bad": bad[:5], "nbad": len(bad), "outcomes": dict(outcomes)}}
+res["fuzz"] = F.fuzz_device(dev, rng, {FUZZ_N})
 print("{FUZZED}", flush=True)
 
 data = bytes(range(256)) * ({DATA_BYTES} // 256)

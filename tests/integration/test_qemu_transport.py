@@ -31,6 +31,7 @@ import guestlib
 from hostd.config import Config
 from hostd.daemon import Hostd
 from tests.conformance_util import conformance_dir, read_md5s
+from tests.integration.test_hostd_gone import all_threads_stopped
 from vmediad import abi, ivshmem
 from vmediad.tools import vmimage
 from vmediad.tools.qemu import Guest, write_run_script
@@ -343,23 +344,9 @@ res["doorbell_writes"] = dev.syscalls_doorbell
 # The fuzzing suite's random descriptors and oracle, through this transport (last: they may
 # write anywhere in the heap).
 sys.path.insert(0, {str(REPO)!r})
-import collections, random
-from vmediad.abi import ErrorCode, Op, Status
+import random
 from tests.integration import test_fuzz as F
-rng = random.Random(7)
-heap = dev.alloc(1 << 20)
-dev.region.mem[heap.offset:heap.offset + heap.size] = rng.randbytes(heap.size)
-outcomes, bad = collections.Counter(), []
-for _ in range({FUZZ_N}):
-    d = F.random_descriptor(rng)
-    c = dev.submit_raw(d).completion(10)
-    got = c.error if c.status == Status.ERROR else ErrorCode.OK
-    if c.status not in (Status.DONE, Status.ERROR) or got not in F.expected(d, dev.layout):
-        bad.append([list(F._fields(d)), c.status.name, got.name])
-    outcomes[got.name] += 1
-    if d.opcode == Op.SESSION_OPEN and c.status == Status.DONE:
-        dev.submit(Op.SESSION_CLOSE, session=c.result).completion(10)
-res["fuzz"] = {{"n": {FUZZ_N}, "bad": bad[:5], "nbad": len(bad), "outcomes": dict(outcomes)}}
+res["fuzz"] = F.fuzz_device(dev, random.Random(7), {FUZZ_N})
 with open(share + "/result.json", "w") as f:
     json.dump(res, f)
 print("{PHASE1_MARK}", flush=True)
@@ -380,6 +367,7 @@ def _hold_until_asleep(h: Hostd, share: Path, guest: Guest, stopped: list[int]) 
     worker = int(_vms(h)["qvm"]["worker_pid"])
     os.kill(worker, signal.SIGSTOP)
     stopped.append(worker)
+    _wait_for(lambda: all_threads_stopped(worker), 10, "the VM's worker to stop")
     (share / "held").touch()
     slots = [int(x) for x in guest.wait_line(HELD_MARK, 30).text.split()[-2:]]
     g = next(g for g in h.device.guests.values() if g.name == "qvm")
@@ -452,6 +440,7 @@ def vm_transport() -> Iterator[TransportRun]:
                 # Force the interleaving: the VM's worker cannot claim or finish the next task.
                 os.kill(worker, signal.SIGSTOP)
                 stopped.append(worker)
+                _wait_for(lambda: all_threads_stopped(worker), 10, "the VM's worker to stop")
                 (share / "go").touch()
                 guest.wait_line(SUBMITTED_MARK, 30)
 

@@ -29,6 +29,7 @@ from hostd.config import Config
 from hostd.core.watchdog import DEFAULT_DECODE_MPX, FLUSH_FRAMES, task_budget_s
 from hostd.daemon import Hostd
 from hostd.events import Subscription
+from tests.integration.test_hostd_gone import all_threads_stopped
 from vmediad.abi import ErrorCode, Op
 
 
@@ -115,12 +116,15 @@ def test_stopped_worker_times_out_and_only_its_guest_notices(make_hostd: Callabl
         call = Call(lambda: enc.encode(f))
         wait_until(lambda: hang_state(dev, f) == HANG_RUNNING, what="the worker to run the task")
         os.kill(pid0, signal.SIGSTOP)
+        # kill() returns before the stop takes effect: a worker thread still running could see
+        # the release.  Only once every thread of the worker is stopped is it too late.
+        wait_until(lambda: all_threads_stopped(pid0), what="the worker to stop")
         dev.region.store32(f.offset + HANG_STATE, HANG_RELEASE)  # too late: the worker is stopped
 
         # While the worker is stopped, another guest's tasks go through.
         for _ in range(5):
             assert other.crc32(buf).wait(timeout=5) == zlib.crc32(data)
-        assert call.is_alive(), "the hung task ended before the other guest's tasks"
+        assert call.is_alive(), f"the hung task ended before the other guest's tasks: {call.error!r}"
 
         call.join(10)
         assert not call.is_alive()
