@@ -205,12 +205,14 @@ class Decoder(_Session):
         except BaseException:
             self._backlog[:0] = backlog  # still first in line for the next call
             raise
-        return backlog + self._lend(self._take_parts() + self._frames())
+        frames = self._frames()  # first: if it raises, the parts stay queued
+        return backlog + self._lend(self._take_parts() + frames)
 
     def flush(self) -> list[Frame]:
         self._release_lent()
         self._run(Op.FLUSH)
-        return self._take_backlog() + self._lend(self._take_parts() + self._frames())
+        frames = self._frames()
+        return self._take_backlog() + self._lend(self._take_parts() + frames)
 
     @staticmethod
     def _drain(op: Op) -> tuple[Op, int]:

@@ -411,15 +411,22 @@ class _Session:
                     spare.append(buf)
                     raise_failed(dev, task, (buf.offset, buf.size))
                 items = self._items_at(buf.offset)
-                if self._more(buf.offset):
-                    # A drain cut short: one more collects the rest, behind the tasks in
-                    # flight (each of which returns what is queued first, too).
-                    self.partial_drains += 1
-                    submit([(_Spec(drain, self._drain_flags(drain), part=True),
-                             spare.pop() if spare else dev.alloc(self._stream_size))])
-                self._size_ahead(batch, depth, held=depth + 1)
-                if len(inflight) <= depth - group:
-                    top_up()  # the device works on the next tasks while the caller consumes these
+                try:
+                    if self._more(buf.offset):
+                        # A drain cut short: one more collects the rest, behind the tasks in
+                        # flight (each of which returns what is queued first, too).
+                        self.partial_drains += 1
+                        submit([(_Spec(drain, self._drain_flags(drain), part=True),
+                                 spare.pop() if spare else dev.alloc(self._stream_size))])
+                    self._size_ahead(batch, depth, held=depth + 1)
+                    if len(inflight) <= depth - group:
+                        top_up()  # the device works on the next tasks while the caller consumes these
+                except BaseException:
+                    # No buffer for the next task (OutOfMemory) or the device went: these
+                    # items are kept for the next call, and their buffer goes back.
+                    self._backlog.extend(self._private(items))
+                    spare.append(buf)
+                    raise
                 given = 0
                 try:
                     for item in items:
