@@ -52,14 +52,7 @@ _ENTRY_FLAGS_AT: Final = abi.struct_items(abi.FRAME_ENTRY)[abi.FRAME_ENTRY_ITEMS
 _U32: Final = struct.Struct("<I")
 # Decoded formats whose memory layout equals an output format (no conversion).
 _CAP_DR1: Final = 1 << 1  # AV_CODEC_CAP_DR1: the decoder allocates through get_buffer2
-_SAME_LAYOUT: Final = {
-    PixFmt.YUV420P: frozenset({"yuv420p", "yuvj420p"}),
-    PixFmt.NV12: frozenset({"nv12"}),
-    PixFmt.YUV422P: frozenset({"yuv422p", "yuvj422p"}),
-    PixFmt.YUV444P: frozenset({"yuv444p", "yuvj444p"}),
-    PixFmt.YUV420P10LE: frozenset({"yuv420p10le"}),
-    PixFmt.P010LE: frozenset({"p010le"}),
-}
+_SAME_LAYOUT: Final = abi.DECODED_AS
 # The output format of each libav format emitted as decoded: a NATIVE session's map, and
 # the format of every picture a session emits (converted ones are in one of these).
 _NATIVE_OUT: Final = {name: fmt for fmt, names in _SAME_LAYOUT.items() for name in names}

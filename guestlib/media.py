@@ -37,9 +37,7 @@ _TOP_SHOWN_FIRST = frozenset({2, 5})
 _RANGE_NAMES = {1: "tv", 2: "pc"}
 
 # A decoded stream format the device decodes to as it is (no conversion): its device format.
-_DEVICE_FORMAT = {"yuv420p": "yuv420p", "yuvj420p": "yuv420p", "nv12": "nv12", "yuv422p": "yuv422p",
-                  "yuvj422p": "yuv422p", "yuv444p": "yuv444p", "yuvj444p": "yuv444p",
-                  "yuv420p10le": "yuv420p10le", "p010le": "p010le"}
+_DEVICE_FORMAT = {name: abi.PIX_FMT_NAMES[fmt] for fmt, names in abi.DECODED_AS.items() for name in names}
 # What an encoder is given instead when it cannot take a device format, nearest first.
 _FALLBACKS = {"yuv422p": ("yuv420p",), "yuv444p": ("yuv422p", "yuv420p"), "yuv420p10le": ("yuv420p",),
               "p010le": ("yuv420p",)}

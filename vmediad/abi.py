@@ -584,8 +584,19 @@ def plane_shapes(fmt: PixFmt, width: int, height: int) -> list[tuple[int, int]]:
     raise ValueError(f"unknown pixel format {fmt}")
 
 
+# The decoder formats (libav's names) each device format holds as decoded, with no conversion
+# (a full-range yuvj format has the same samples).  A NATIVE decode session emits pictures in
+# these formats as they are, and converts any other.
+DECODED_AS = {
+    PixFmt.YUV420P: frozenset({"yuv420p", "yuvj420p"}),
+    PixFmt.NV12: frozenset({"nv12"}),
+    PixFmt.YUV422P: frozenset({"yuv422p", "yuvj422p"}),
+    PixFmt.YUV444P: frozenset({"yuv444p", "yuvj444p"}),
+    PixFmt.YUV420P10LE: frozenset({"yuv420p10le"}),
+    PixFmt.P010LE: frozenset({"p010le"}),
+}
 # The formats a NATIVE decode session emits pictures in.
-NATIVE_OUTPUTS = (PixFmt.YUV420P, PixFmt.NV12, PixFmt.YUV422P, PixFmt.YUV444P, PixFmt.YUV420P10LE, PixFmt.P010LE)
+NATIVE_OUTPUTS = tuple(DECODED_AS)
 
 
 def frame_size(fmt: PixFmt, width: int, height: int, strides: list[int] | None = None) -> int:
