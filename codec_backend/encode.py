@@ -56,7 +56,6 @@ ENCODE_FORMATS: Final = (PixFmt.YUV420P, PixFmt.NV12, PixFmt.RGB24, PixFmt.BGRA)
 # Taken only by a codec that encodes them as they are (see encode_formats); never converted,
 # so a 4:4:4 or 10-bit picture is not silently made 8-bit 4:2:0.
 _NATIVE_ONLY: Final = (PixFmt.YUV422P, PixFmt.YUV444P, PixFmt.YUV420P10LE)
-_TEN_BIT: Final = frozenset({PixFmt.YUV420P10LE, PixFmt.P010LE})
 _TEN_BIT_MAX: Final = (1 << 10) - 1
 
 _JPEG_RANGE: Final = 2  # AVCOL_RANGE_JPEG
@@ -152,7 +151,7 @@ def _context_format(fmt: PixFmt, impl: str) -> str:
         names = ", ".join(abi.PIX_FMT_NAMES[f] for f in allowed)
         raise CodecError(ErrorCode.BAD_ARG, f"{impl} cannot encode {abi.PIX_FMT_NAMES[fmt]}; "
                                             f"it takes {names}")
-    if fmt in _TEN_BIT:
+    if fmt in abi.TEN_BIT_FORMATS:
         return "yuv420p10le"
     if fmt in _NATIVE_ONLY:
         return abi.PIX_FMT_NAMES[fmt]
@@ -305,7 +304,7 @@ class _EncoderSession(_Session):
         self._w, self._h = cfg.width, cfg.height
         self._shapes = abi.plane_shapes(self._fmt, self._w, self._h)
         self._ctx_fmt = target.ctx_fmt
-        self._convert = self._ctx_fmt != self._fmt_name and self._fmt not in _TEN_BIT
+        self._convert = self._ctx_fmt != self._fmt_name and self._fmt not in abi.TEN_BIT_FORMATS
         self._convert_bytes = abi.frame_size(PixFmt(PixFmt.NV12 if self._ctx_fmt == "nv12"
                                                   else PixFmt.YUV420P), self._w, self._h)
         self._tb, self._fps = target.time_base, target.fps
@@ -365,7 +364,7 @@ class _EncoderSession(_Session):
                              f"frame needs {layout.need} bytes, src_len is {src_len}")
         w, h, fmt, name = self._w, self._h, self._fmt, self._fmt_name
         s = layout.linesizes
-        if fmt in _TEN_BIT:
+        if fmt in abi.TEN_BIT_FORMATS:
             ten = VideoFrame(w, h, self._ctx_fmt)
             return ten, _copy_10bit_in(ten, mem, src_off, fmt, w, h, s)
         # The arrays below alias guest memory: the VideoFrame built on them holds a

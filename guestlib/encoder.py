@@ -21,8 +21,6 @@ from vmediad.abi import Op, PacketEntry, PixFmt
 if TYPE_CHECKING:
     from guestlib.device import Buffer, Device
 
-_TEN_BIT = (PixFmt.YUV420P10LE, PixFmt.P010LE)
-
 
 def encoder_config(codec: str | abi.Codec = "h264", width: int = 0, height: int = 0, fps: float | Fraction = 30,
                    bitrate: int | None = None, crf: float | None = None, gop: int | None = None,
@@ -106,7 +104,7 @@ class Encoder(_Session):
 
     def _from_array(self, data: npt.NDArray[Any]) -> Frame:
         frame = self.new_frame()
-        if self.fmt in _TEN_BIT and data.dtype != np.uint8:
+        if self.fmt in abi.TEN_BIT_FORMATS and data.dtype != np.uint8:
             # 16-bit samples (any integer array): their little-endian bytes are the frame's.
             flat = np.ascontiguousarray(data, dtype="<u2").view(np.uint8).reshape(-1)
         else:

@@ -597,6 +597,8 @@ DECODED_AS = {
 }
 # The formats a NATIVE decode session emits pictures in.
 NATIVE_OUTPUTS = tuple(DECODED_AS)
+# Formats of 16-bit little-endian samples holding 10 bits (an encoder keeps only those 10).
+TEN_BIT_FORMATS = frozenset({PixFmt.YUV420P10LE, PixFmt.P010LE})
 
 
 def frame_size(fmt: PixFmt, width: int, height: int, strides: list[int] | None = None) -> int:
