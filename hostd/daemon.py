@@ -190,9 +190,13 @@ def run_foreground(cfg: Config) -> int:
         log.error(f"cannot create the device: {e.strerror or e}", exit_code=EXIT_INTERNAL)
         return EXIT_INTERNAL
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal received", signal=signal.Signals(signum).name)
+        # Runs in the main thread between two bytecodes, possibly inside structlog's write
+        # lock (the main thread logs "hostd ready"): logging here would deadlock on it.  Only
+        # note the signal; the main loop logs it.
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -209,6 +213,8 @@ def run_foreground(cfg: Config) -> int:
     while not stop.is_set() and not h.device.stopped.is_set() and h.control.crashed is None \
             and h.display.crashed is None:
         stop.wait(0.5)
+    for signum in received:
+        log.info("signal received", signal=signal.Signals(signum).name)
     crashed = h.device.crashed or h.control.crashed or h.display.crashed
     if h.device.crashed is None and h.device.state == RunState.RUNNING:
         h.stop()  # a crashed control thread still lets the device stop its workers in order

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -203,6 +205,63 @@ def test_hostd_process_notify_watchdog_logs(tmp_path: Path, notify: NotifyListen
 
 
 # -- the systemd unit -----------------------------------------------------------------
+
+
+def _main_thread_writes_a_pipe(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/wchan").read_text().endswith("pipe_write")  # anon_pipe_write on 6.x
+    except OSError:
+        return False
+
+
+def _sigterm_pending(pid: int) -> bool:
+    """SIGTERM is pending for the process or for one of its threads (not yet delivered)."""
+    bit = 1 << (signal.SIGTERM - 1)
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit:
+                return True
+    return False
+
+
+def test_sigterm_while_the_main_thread_writes_a_log_line_still_stops_hostd(tmp_path: Path) -> None:
+    """The interleaving is forced: hostd's stderr is a pipe the test keeps full, so the main
+    thread blocks inside a log write, holding structlog's lock for that file, and SIGTERM
+    arrives there.  The handler runs in that thread while the lock is held; had it logged, it
+    would wait for the lock forever and hostd would never stop."""
+    sock = _short(tmp_path) / "w.sock"
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ: one page
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"#" * 4096)
+    os.set_blocking(w, True)
+    p = subprocess.Popen([sys.executable, "-m", "vmediad", "hostd", "--socket", str(sock), "--channels", "1"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w)
+    os.close(w)
+    drained: list[bytes] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not _main_thread_writes_a_pipe(p.pid):
+            assert p.poll() is None and time.monotonic() < deadline, "hostd's main thread never wrote a log line"
+            time.sleep(0.01)
+        p.send_signal(signal.SIGTERM)
+        while _sigterm_pending(p.pid):  # delivered: the write was interrupted and the handler ran
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        reader = threading.Thread(target=lambda: drained.extend(iter(lambda: os.read(r, 65536), b"")))
+        reader.start()
+        assert p.wait(15) == 0
+        reader.join(5)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(r)
+    records = [json.loads(ln) for ln in b"".join(drained).lstrip(b"#").decode().splitlines() if ln.strip()]
+    events = [rec["event"] for rec in records]
+    assert "signal received" in events and events[-1] == "hostd stopped", events
 
 
 def _directives(text: str) -> dict[str, list[str]]:
