@@ -56,6 +56,7 @@ SPINS = 200  # pause-spins before sleeping; longer spins lose on 2 cores (docs/b
 LIVENESS_S = 3.0  # a heartbeat older than this means hostd is gone
 REATTACH_WINDOW_S = 30.0  # how long the monitor keeps trying to re-attach after hostd went away
 REATTACH_RETRY_S = 0.05
+ATTACH_TIMEOUT_S = 30.0  # a hostd that accepts the attach but never answers: TimeoutError, not a hang
 CLOSE_WAIT_S = 2 * SLEEP_SLICE_S  # close() waits this long for waiting threads to leave the region
 # Refusals of a re-adopt attach that no retry can change.
 PERMANENT_REFUSALS = frozenset({"killed", "permission"})
@@ -74,7 +75,7 @@ class Device:
     def __init__(self, socket_path: str | None = None, name: str | None = None, region_size: int | None = None,
                  ring_entries: int | None = None, *, named: bool = False, poll_only: bool = False,
                  auto_reattach: bool = True, spins: int = SPINS,
-                 reattach_window_s: float = REATTACH_WINDOW_S) -> None:
+                 reattach_window_s: float = REATTACH_WINDOW_S, attach_timeout: float = ATTACH_TIMEOUT_S) -> None:
         self.socket_path = socket_path or default_socket()
         self.name = name or f"vm{os.getpid()}"
         self.poll_only = poll_only
@@ -97,7 +98,7 @@ class Device:
         self.reattaches = 0
         self._sock, reply, fd = self._connect(
             {"cmd": "attach", "name": self.name, "region_size": region_size,
-             "ring_entries": ring_entries, "named": named}
+             "ring_entries": ring_entries, "named": named}, timeout=attach_timeout
         )
         self.fd = fd
         self.vm_id: int = reply["vm"]

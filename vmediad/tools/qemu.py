@@ -131,7 +131,6 @@ class Guest:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-                self._proc.wait()
         return self.wait(timeout)
 
     def signal(self, sig: int) -> None:
@@ -145,15 +144,13 @@ class Guest:
         assert self._proc is not None, "not started"
         return self._proc.poll()
 
-    def kill(self) -> int:
-        """SIGKILL QEMU (a VM that dies without a word) and reap it; its exit code (-9)."""
+    def kill(self, timeout: float = 30.0) -> int:
+        """SIGKILL QEMU (a VM that dies without a word) and reap it; its exit code (-9).
+        TimeoutError if it is still not gone after ``timeout`` (stuck in the kernel)."""
         assert self._proc is not None, "not started"
         if self._proc.poll() is None:
             self._proc.kill()
-        code = self._proc.wait()
-        if self._reader is not None:
-            self._reader.join(5)
-        return code
+        return self.wait(timeout)
 
     def stderr(self) -> str:
         self._stderr.seek(0)
