@@ -2,21 +2,25 @@
 
 One module fixture boots two VMs at once.  Each VM's guest program, through guestlib's ivshmem
 transport: (1) fuzzes the device with the random-descriptor generator and oracle of
-test_fuzz.py; (2) waits for the test's "go", then keeps CRC32 tasks queued for a fixed time
-while a host-process guest does the same; (3) VM "a" then writes garbage into its doorbell
-and ring registers.  hostd runs one channel with the round-robin policy, so the three guests
-contend for it; they must get fair shares, and hostd must live through all of it.
+test_fuzz.py; (2) on the test's "go", queues N CRC32 tasks at once, as the host-process guest
+does; (3) VM "a" then writes garbage into its doorbell and ring registers.
+
+The share of the channel is forced, not sampled over a time window (a TCG guest that loses its CPU
+for a while would skew that): the test stops the three guests' workers (SIGSTOP), so the first
+task dispatched holds hostd's one channel, waits until hostd's status shows every guest's N tasks
+queued, and resumes the workers.  From then on the round-robin scheduler alone decides the order,
+which the completions' global sequence numbers record.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
 import tempfile
-import time
 import zlib
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,8 @@ from typing import Any
 import pytest
 
 import guestlib
+from tests.hostile_guests import wait_until
+from tests.integration.test_hostd_gone import all_threads_stopped
 from tests.integration.test_qemu_transport import _request, _vm_skip_reason
 from vmediad import abi, ivshmem
 from vmediad.tools import vmimage
@@ -34,15 +40,11 @@ from vmediad.tools.soak import HostdProcess
 REPO = Path(__file__).resolve().parents[2]
 READY = "vmediad-guest: python up"
 FUZZED = "vmediad-guest: fuzz done"
+QUEUED = "vmediad-guest: queued"
 DONE = "vmediad-guest: all done"
 FUZZ_N = 600
-LOAD_S = 4.0
-# Tasks each guest keeps queued: about 0.2 s of the channel, so a guest whose (TCG) CPU is
-# taken away for a moment stays backlogged and the scheduler, not the load, decides the shares.
-DEPTH = 12
-# Heavy enough (about 10 ms of CRC32 each) that the channel, not a TCG guest's own loop, is what
-# the three guests wait for: all three stay backlogged and the scheduler decides the shares.
-DATA_BYTES = 24 << 20
+N = 30  # CRC32 tasks each guest queues while the workers are stopped
+DATA_BYTES = 4 << 20
 DATA = bytes(range(256)) * (DATA_BYTES // 256)
 BOOT_TIMEOUT = 90.0
 
@@ -50,7 +52,7 @@ GUEST = f'''
 import sys
 print("{READY}", flush=True)
 sys.path.insert(0, {str(REPO)!r})
-import collections, json, os, random, time, zlib
+import json, os, random, time, zlib
 import guestlib
 from vmediad import abi
 from tests.integration import test_fuzz as F
@@ -65,20 +67,13 @@ print("{FUZZED}", flush=True)
 data = bytes(range(256)) * ({DATA_BYTES} // 256)
 want = zlib.crc32(data)
 buf = dev.put(data)
-go = share + "/go"
-while not os.path.exists(go):
+end = time.monotonic() + 120
+while not os.path.exists(share + "/go") and time.monotonic() < end:
     time.sleep(0.01)
-count = wrong = 0
-tasks = collections.deque()
-end = time.monotonic() + {LOAD_S}
-while time.monotonic() < end:
-    while len(tasks) < {DEPTH}:
-        tasks.append(dev.crc32(buf))
-    count += 1
-    wrong += tasks.popleft().wait(30) != want
-for t in tasks:
-    t.wait(30)
-res["fair"] = {{"count": count, "wrong": wrong}}
+tasks = [dev.crc32(buf) for _ in range({N})]
+print("{QUEUED}", flush=True)
+done = [t.completion(120) for t in tasks]
+res["fair"] = {{"seqs": [c.seq for c in done], "wrong": sum(c.result != want for c in done)}}
 
 if role == "a":
     reg = dev.region
@@ -99,11 +94,16 @@ print("{DONE}", flush=True)
 class SharedRun:
     accel: str
     results: dict[str, dict[str, Any]]
-    host_count: int
+    host_seqs: list[int]  # the completion sequence numbers of the host guest's N tasks
     host_wrong: int
+    backlog: dict[str, int]  # each guest's tasks queued in hostd when the workers were resumed
     vm_stats: dict[str, dict[str, Any]]
     hostd_exit: int | None  # hostd's exit code at the end (0: a clean stop, nothing crashed)
     host_after: int
+
+
+def _queued(v: dict[str, Any]) -> int:
+    return int(v["queue_depth"]) + int(v["inflight"])
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,10 @@ def shared() -> Iterator[SharedRun]:
     d = Path(tempfile.mkdtemp(prefix="vmd-qs-"))
     # hostd as its own process, as in production: the test's threads share nothing with it, and
     # every wait here is bounded, so a hostd that stopped answering fails the test, not the run.
+    # No task watchdog: the task held by a stopped worker must not be timed out.
     h = HostdProcess(d / "h.sock", channels=1, config={
         "hostd": {"spin_us": 50, "ivshmem_dir": str(d)}, "limits": {"region_default": 64 << 20},
-        "scheduler": {"policy": "round-robin"}})
+        "scheduler": {"policy": "round-robin"}, "workers": {"task_timeout_s": 0}})
     h.start()
     try:
         image = vmimage.build_image()
@@ -141,18 +142,30 @@ def shared() -> Iterator[SharedRun]:
                     g.wait_line(FUZZED, BOOT_TIMEOUT)
                 buf = dev.put(DATA)
                 want = zlib.crc32(DATA)
-                count = wrong = 0
-                for share in shares.values():
-                    (share / "go").touch()
-                tasks: deque[guestlib.Task] = deque()
-                end = time.monotonic() + LOAD_S
-                while time.monotonic() < end:
-                    while len(tasks) < DEPTH:
-                        tasks.append(dev.crc32(buf))
-                    count += 1
-                    wrong += tasks.popleft().wait(30) != want
-                for t in tasks:
-                    t.wait(30)
+                assert dev.crc32(buf).wait(30) == want
+                names = ("host", "qa", "qb")
+                workers = [v["worker_pid"] for v in h.status()["vms"] if v["name"] in names]
+                assert len(workers) == 3 and all(workers), workers
+                for pid in workers:
+                    os.kill(pid, signal.SIGSTOP)
+                try:
+                    for pid in workers:
+                        wait_until(lambda pid=pid: all_threads_stopped(pid), 10, f"worker {pid} stopped")
+                    for share in shares.values():
+                        (share / "go").touch()
+                    tasks = [dev.crc32(buf) for _ in range(N)]
+                    for g in guests.values():
+                        g.wait_line(QUEUED, 60)
+                    # hostd has taken every guest's N tasks from its ring (queued, or handed to
+                    # the stopped worker): all three are backlogged before any completes.
+                    wait_until(lambda: all(_queued(v) >= N for v in h.status()["vms"] if v["name"] in names),
+                               30, "every guest's tasks queued in hostd")
+                    backlog = {v["name"]: _queued(v) for v in h.status()["vms"] if v["name"] in names}
+                finally:
+                    for pid in workers:
+                        os.kill(pid, signal.SIGCONT)
+                done = [t.completion(60) for t in tasks]
+                host_wrong = sum(c.result != want for c in done)
                 vm_stats = {v["name"]: v for v in h.status()["vms"]}
                 for g in guests.values():
                     g.wait_line(DONE, 60)
@@ -165,7 +178,8 @@ def shared() -> Iterator[SharedRun]:
                 g.kill()
         alive = h.alive()
         code = h.stop()
-        yield SharedRun(accel.name, results, count, wrong, vm_stats, code if alive else None, host_after)
+        yield SharedRun(accel.name, results, [c.seq for c in done], host_wrong, backlog, vm_stats,
+                        code if alive else None, host_after)
     finally:
         h.kill()
         shutil.rmtree(d, ignore_errors=True)
@@ -182,13 +196,21 @@ def test_fuzzing_through_the_ivshmem_transport_gets_only_allowed_outcomes(shared
 
 
 def test_two_vms_and_a_host_process_share_one_channel_fairly(shared: SharedRun) -> None:
-    counts = {"host": shared.host_count, **{n: r["fair"]["count"] for n, r in shared.results.items()}}
-    wrong = shared.host_wrong + sum(r["fair"]["wrong"] for r in shared.results.values())
-    assert wrong == 0
-    mean = sum(counts.values()) / len(counts)
-    print(f"\nshared device ({shared.accel}), CRC32 of 24 MiB on one channel for {LOAD_S:g} s: {counts}")
-    # Round-robin over three backlogged guests: each within a third of the mean, none starved.
-    assert all(0.67 * mean <= c <= 1.33 * mean for c in counts.values()), counts
+    assert all(b >= N for b in shared.backlog.values()), shared.backlog
+    assert shared.host_wrong == 0 and all(r["fair"]["wrong"] == 0 for r in shared.results.values())
+    seqs = {"host": shared.host_seqs, **{n: r["fair"]["seqs"] for n, r in shared.results.items()}}
+    assert all(len(v) == N for v in seqs.values())
+    order = [name for _, name in sorted((q, name) for name, qs in seqs.items() for q in qs)]
+    # The global completion order is the scheduler's; with all three backlogged, round-robin
+    # serves them in turn: in every prefix each guest is at most 2 behind or ahead of a third.
+    # (The one task each may have had dispatched before the stop is the slack.)
+    worst = 0
+    for k in range(1, 2 * N + 1):
+        head = order[:k]
+        worst = max(worst, *(abs(3 * head.count(n) - k) for n in seqs))
+    print(f"\nshared device ({shared.accel}): completion order of {3 * N} CRC32 tasks on one channel: "
+          + "".join({"host": "h", "a": "a", "b": "b"}[n] for n in order))
+    assert worst <= 6, order  # |3 * count - k| <= 6: within two tasks of an exact third
     assert {shared.vm_stats[f"q{n}"]["kind"] for n in ("a", "b")} == {"qemu"}
 
 
