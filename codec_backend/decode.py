@@ -64,9 +64,12 @@ _POOL_FORMATS: Final = frozenset(_SAME_LAYOUT)
 
 
 def _nearest(frame: VideoFrame) -> PixFmt:
-    """The device format a NATIVE session converts a picture of another format to: 10-bit
-    4:2:0 for samples deeper than 8 bits (yuv420p12le, gray10le, ...), else 8-bit 4:2:0."""
-    return PixFmt.YUV420P10LE if max(c.bits for c in frame.format.components) > 8 else PixFmt.YUV420P
+    """The device format a NATIVE session converts a picture of another format to
+    (abi.nearest_decoded: yuv420p12le → yuv420p10le, gbrp → yuv444p, gray → yuv420p, ...)."""
+    f = frame.format
+    gray = len(f.components) < 3
+    sampling = None if gray else (64 // f.chroma_width(64), 64 // f.chroma_height(64))
+    return abi.nearest_decoded(max(c.bits for c in f.components), sampling)
 
 
 def _decoder_target(cfg: SessionConfig, caps: GeometryLimits) -> tuple[Codec, str, PixFmt]:

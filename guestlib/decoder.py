@@ -55,7 +55,7 @@ def pool_slot_bytes(width: int, height: int, fmt: PixFmt = PixFmt.YUV420P) -> in
 
 
 class Decoder(_Session):
-    _partial_drains = True  # a DRAIN_PENDING DECODE returns what fits and FRAME_MORE
+    _drains_in_parts = True  # a DRAIN_PENDING DECODE returns what fits and FRAME_MORE
     def __init__(self, dev: Device, codec: str = "h264", *, pix_fmt: str | PixFmt = "native", threads: int = 0,
                  parse: bool = True, width: int = 0, height: int = 0, pool_frames: int | None = None,
                  **options: Any) -> None:

@@ -195,15 +195,12 @@ def _traits(pix_fmt: str) -> tuple[int, str]:
 
 
 def _nearest(pix_fmt: str) -> str:
-    """The device format nearest a decoded format the device has no equal of: 10-bit 4:2:0
-    for more than 8 bits, else the 8-bit format with at least its chroma."""
+    """The device format nearest a decoded format the device has no equal of
+    (abi.nearest_decoded, the rule a NATIVE decode session converts by)."""
     bits, chroma = _traits(pix_fmt)
-    if bits > 8:
-        return "yuv420p10le"
-    if chroma in ("RGB", "gray"):
-        return "yuv444p" if chroma == "RGB" else "yuv420p"
-    cw, ch = (int(n) for n in chroma.split("x"))  # of a 64x64 picture
-    return "yuv444p" if cw == 64 else "yuv422p" if ch == 64 else "yuv420p"
+    cw, ch = (64, 64) if chroma == "RGB" else (0, 0) if chroma == "gray" else map(int, chroma.split("x"))
+    sampling = (64 // cw, 64 // ch) if cw else None  # of a 64x64 picture
+    return abi.PIX_FMT_NAMES[abi.nearest_decoded(bits, sampling)]
 
 
 def _conversion(src: str, out: str) -> str | None:

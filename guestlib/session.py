@@ -61,7 +61,7 @@ _Entry = TypeVar("_Entry", PacketEntry, FrameEntry)
 class _Session:
     # Whether this session's drains (DRAIN_PENDING) return the longest prefix of the queued
     # output that fits their dst (decoders) or all of it or NO_SPACE (encoders).
-    _partial_drains = False
+    _drains_in_parts = False
 
     def _table(self, base: int, kind: int, entry: type[_Entry]) -> list[_Entry]:
         """The entries of the output table at ``base`` (written by the device, checked for its kind)."""
@@ -215,7 +215,7 @@ class _Session:
                 continue
             dev.free(buf)
             return new, True
-        if not (allow_part and self._partial_drains):
+        if not (allow_part and self._drains_in_parts):
             raise OutOfMemory(f"the output needs a {need}-byte buffer: {error}") from error
         size = min(need - 1, (dev.heap.available() + buf.size) // 2) // abi.PAGE_SIZE * abi.PAGE_SIZE
         while size > buf.size:
@@ -392,7 +392,7 @@ class _Session:
                 if c.error == ErrorCode.NO_SPACE and c.result_len > buf.size:
                     need = c.result_len
                     self.no_space_retries += 1
-                    if not self._partial_drains:
+                    if not self._drains_in_parts:
                         self._stream_size = max(self._stream_size, need + (need >> 2))
                         submit([(_Spec(drain, self._drain_flags(drain)), buf)])
                         continue

@@ -136,7 +136,7 @@ def test_frames_keep_the_streams_format_by_default(dev: Device, case: str, pool:
 # --- converted: formats the device has none for ----------------------------------------------
 CONVERTED_CASES = {
     "hevc-gray": ("hevc", "libx265", "gray", _X265, "yuv420p"),
-    "vp9-yuv440p": ("vp9", "libvpx-vp9", "yuv440p", _VP9, "yuv420p"),
+    "vp9-yuv440p": ("vp9", "libvpx-vp9", "yuv440p", _VP9, "yuv444p"),
     "hevc-yuv420p12le": ("hevc", "libx265", "yuv420p12le", _X265, "yuv420p10le"),
     "hevc-gray10le": ("hevc", "libx265", "gray10le", _X265, "yuv420p10le"),
 }
@@ -144,7 +144,8 @@ CONVERTED_CASES = {
 
 @pytest.mark.parametrize("case", list(CONVERTED_CASES))
 def test_other_formats_are_converted_to_the_nearest_and_flagged(dev: Device, case: str) -> None:
-    """gray, yuv440p, 12-bit: 8-bit ones become yuv420p, deeper ones yuv420p10le, exactly as
+    """gray, yuv440p, 12-bit: deeper than 8 bits become yuv420p10le, 8-bit ones the 8-bit format
+    that keeps their chroma (gray: yuv420p, yuv440p: yuv444p; abi.nearest_decoded), exactly as
     swscale converts them, and every such frame says it was converted (FRAME_CONVERTED).
     With a pool they are copied (a slot holds only pictures emitted as decoded)."""
     codec, impl, fmt, opts, want = CONVERTED_CASES[case]

@@ -212,6 +212,22 @@ def test_native_format_sizes_for_the_largest_picture_and_has_no_planes() -> None
     assert abi.SessionConfig.unpack(dec.pack()).pix_fmt == 0
 
 
+@pytest.mark.parametrize(("name", "want"), [
+    ("gray", "yuv420p"), ("gray10le", "yuv420p10le"), ("yuv440p", "yuv444p"), ("yuv411p", "yuv422p"),
+    ("yuv410p", "yuv420p"), ("gbrp", "yuv444p"), ("rgb24", "yuv444p"), ("yuv444p12le", "yuv420p10le"),
+    ("yuv420p12le", "yuv420p10le"), ("ya8", "yuv420p")])
+def test_nearest_decoded_keeps_the_chroma_and_both_edges_use_it(name: str, want: str) -> None:
+    """One rule for a NATIVE decode session (the worker) and for guestlib's transcode."""
+    import av
+
+    from codec_backend.decode import _nearest as worker_nearest
+    from guestlib.media import _nearest as guest_nearest
+
+    frame = av.VideoFrame(16, 16, name)
+    assert abi.PIX_FMT_NAMES[worker_nearest(frame)] == want
+    assert guest_nearest(name) == want
+
+
 def test_worker_limits_json_golden_and_geometry_rule() -> None:
     w = abi.WorkerLimits(abi.GeometryLimits(100, 200, 3000), 4)
     assert w.to_json() == '{"max_width":100,"max_height":200,"max_pixels":3000,"max_sessions":4}'
