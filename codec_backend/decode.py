@@ -46,6 +46,7 @@ from vmediad.abi import (
     PixFmt,
     SessionConfig,
 )
+from vmediad.avformats import nearest_decoded
 
 # A frame entry's flags word (FrameEntry bytes are patched in place for FRAME_MORE).
 _ENTRY_FLAGS_AT: Final = abi.struct_items(abi.FRAME_ENTRY)[abi.FRAME_ENTRY_ITEMS.index("flags")][0]
@@ -61,15 +62,6 @@ DECODE_FORMATS: Final = (PixFmt.NATIVE, *_SAME_LAYOUT)
 # included (why a guest's writes into a 10-bit slot harm only its own worker: framepool.c,
 # fp_get_buffer2).
 _POOL_FORMATS: Final = frozenset(_SAME_LAYOUT)
-
-
-def _nearest(frame: VideoFrame) -> PixFmt:
-    """The device format a NATIVE session converts a picture of another format to
-    (abi.nearest_decoded: yuv420p12le → yuv420p10le, gbrp → yuv444p, gray → yuv420p, ...)."""
-    f = frame.format
-    gray = len(f.components) < 3
-    sampling = None if gray else (64 // f.chroma_width(64), 64 // f.chroma_height(64))
-    return abi.nearest_decoded(max(c.bits for c in f.components), sampling)
 
 
 def _decoder_target(cfg: SessionConfig, caps: GeometryLimits) -> tuple[Codec, str, PixFmt]:
@@ -237,7 +229,7 @@ class _DecoderSession(_Session):
         fmt = self._outputs.get(frame.format.name)
         flags = 0
         if fmt is None:  # not a format emitted as decoded: converted (and flagged)
-            fmt = _nearest(frame) if self._fmt == PixFmt.NATIVE else self._fmt
+            fmt = nearest_decoded(frame.format) if self._fmt == PixFmt.NATIVE else self._fmt
             flags = abi.FRAME_CONVERTED
         geom = self._geometry(w, h, fmt)
         if geom is None:

@@ -16,6 +16,7 @@ from guestlib.codec import Encoder, Frame, Packet, codec_id
 from guestlib.device import DeviceError
 from vmediad import abi
 from vmediad.abi import ErrorCode
+from vmediad.avformats import nearest_decoded
 from vmediad.errors import ClientError
 
 if TYPE_CHECKING:
@@ -195,12 +196,9 @@ def _traits(pix_fmt: str) -> tuple[int, str]:
 
 
 def _nearest(pix_fmt: str) -> str:
-    """The device format nearest a decoded format the device has no equal of
-    (abi.nearest_decoded, the rule a NATIVE decode session converts by)."""
-    bits, chroma = _traits(pix_fmt)
-    cw, ch = (64, 64) if chroma == "RGB" else (0, 0) if chroma == "gray" else map(int, chroma.split("x"))
-    sampling = (64 // cw, 64 // ch) if cw else None  # of a 64x64 picture
-    return abi.PIX_FMT_NAMES[abi.nearest_decoded(bits, sampling)]
+    """The device format nearest a decoded format the device has no equal of (the rule a
+    NATIVE decode session converts by)."""
+    return abi.PIX_FMT_NAMES[nearest_decoded(av.VideoFormat(pix_fmt))]
 
 
 def _conversion(src: str, out: str) -> str | None:

@@ -598,17 +598,6 @@ DECODED_AS = {
 # The formats a NATIVE decode session emits pictures in.
 NATIVE_OUTPUTS = tuple(DECODED_AS)
 
-
-def nearest_decoded(bits: int, chroma: tuple[int, int] | None) -> PixFmt:
-    """The device format a picture with no equal in DECODED_AS is converted to (by a NATIVE
-    decode session, and by guestlib for an encoder): 10-bit 4:2:0 for samples deeper than 8
-    bits, else the 8-bit format that keeps all of its chroma.  ``chroma`` is the chroma
-    planes' subsampling (horizontal, vertical divisors; RGB is (1, 1)), None for gray."""
-    if bits > 8:
-        return PixFmt.YUV420P10LE
-    if chroma is None:
-        return PixFmt.YUV420P
-    return PixFmt.YUV444P if chroma[0] == 1 else PixFmt.YUV422P if chroma[1] == 1 else PixFmt.YUV420P
 # Formats of 16-bit little-endian samples holding 10 bits (an encoder keeps only those 10).
 TEN_BIT_FORMATS = frozenset({PixFmt.YUV420P10LE, PixFmt.P010LE})
 

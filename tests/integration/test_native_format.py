@@ -145,7 +145,7 @@ CONVERTED_CASES = {
 @pytest.mark.parametrize("case", list(CONVERTED_CASES))
 def test_other_formats_are_converted_to_the_nearest_and_flagged(dev: Device, case: str) -> None:
     """gray, yuv440p, 12-bit: deeper than 8 bits become yuv420p10le, 8-bit ones the 8-bit format
-    that keeps their chroma (gray: yuv420p, yuv440p: yuv444p; abi.nearest_decoded), exactly as
+    that keeps their chroma (gray: yuv420p, yuv440p: yuv444p; vmediad.avformats), exactly as
     swscale converts them, and every such frame says it was converted (FRAME_CONVERTED).
     With a pool they are copied (a slot holds only pictures emitted as decoded)."""
     codec, impl, fmt, opts, want = CONVERTED_CASES[case]

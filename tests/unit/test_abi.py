@@ -220,11 +220,10 @@ def test_nearest_decoded_keeps_the_chroma_and_both_edges_use_it(name: str, want:
     """One rule for a NATIVE decode session (the worker) and for guestlib's transcode."""
     import av
 
-    from codec_backend.decode import _nearest as worker_nearest
     from guestlib.media import _nearest as guest_nearest
+    from vmediad.avformats import nearest_decoded
 
-    frame = av.VideoFrame(16, 16, name)
-    assert abi.PIX_FMT_NAMES[worker_nearest(frame)] == want
+    assert abi.PIX_FMT_NAMES[nearest_decoded(av.VideoFrame(16, 16, name).format)] == want  # the worker's call
     assert guest_nearest(name) == want
 
 
