@@ -196,10 +196,12 @@ def test_fuzzing_through_the_ivshmem_transport_gets_only_allowed_outcomes(shared
 
 
 def test_two_vms_and_a_host_process_share_one_channel_fairly(shared: SharedRun) -> None:
-    assert all(b >= N for b in shared.backlog.values()), shared.backlog
+    assert set(shared.backlog) == {"host", "qa", "qb"} and min(shared.backlog.values()) >= N, shared.backlog
     assert shared.host_wrong == 0 and all(r["fair"]["wrong"] == 0 for r in shared.results.values())
     seqs = {"host": shared.host_seqs, **{n: r["fair"]["seqs"] for n, r in shared.results.items()}}
     assert all(len(v) == N for v in seqs.values())
+    every = [q for qs in seqs.values() for q in qs]
+    assert len(set(every)) == 3 * N and min(every) > 0  # hostd numbered each completion once
     order = [name for _, name in sorted((q, name) for name, qs in seqs.items() for q in qs)]
     # The global completion order is the scheduler's; with all three backlogged, round-robin
     # serves them in turn: in every prefix each guest is at most 2 behind or ahead of a third.
