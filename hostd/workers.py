@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -69,6 +70,11 @@ def spawn_worker(*, slot: int, vm_id: int, generation: int, region_fd: int, regi
     Call this from a long-lived thread: the worker's PDEATHSIG fires when the
     *thread* that forked it exits.
     """
+    # In a hostd started with stdin, stdout or stderr closed, the region or the bank can be fd 0,
+    # 1 or 2, which the child's own stdio replaces before exec (the worker then maps /dev/null:
+    # ENODEV, and dies before every task).  Such an fd is passed as a copy above 2.
+    low = {fd: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in (region_fd, bank_fd) if fd <= 2}
+    region_fd, bank_fd = low.get(region_fd, region_fd), low.get(bank_fd, bank_fd)
     cmd = [
         sys.executable, "-m", "codec_backend.worker",
         "--slot", str(slot), "--vm", str(vm_id),
@@ -78,8 +84,12 @@ def spawn_worker(*, slot: int, vm_id: int, generation: int, region_fd: int, regi
     ]
     if fault_injection:
         cmd.append("--fault-injection")
-    proc = subprocess.Popen(cmd, pass_fds=(region_fd, bank_fd), stdin=subprocess.DEVNULL, close_fds=True,
-                            env=_worker_env())
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=(region_fd, bank_fd), stdin=subprocess.DEVNULL, close_fds=True,
+                                env=_worker_env())
+    finally:
+        for fd in low.values():
+            os.close(fd)
     handle = WorkerHandle(slot, vm_id, proc, generation, started_ns)
 
     def reap() -> None:

@@ -264,6 +264,32 @@ def test_sigterm_while_the_main_thread_writes_a_log_line_still_stops_hostd(tmp_p
     assert "signal received" in events and events[-1] == "hostd stopped", events
 
 
+def test_hostd_started_with_stdin_closed_still_runs_its_workers(tmp_path: Path) -> None:
+    """A supervisor may start hostd with fd 0 closed: the bank's memfd then becomes fd 0, which a
+    worker's own stdin replaced before exec (it mapped /dev/null and died before every task)."""
+    sock = _short(tmp_path) / "c.sock"
+    cmd = shlex.join([sys.executable, "-m", "vmediad", "hostd", "--socket", str(sock), "--channels", "1"])
+    with open(tmp_path / "hostd.log", "wb") as logf:
+        p = subprocess.Popen(["bash", "-c", f"exec 0<&-; exec {cmd}"], stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "hostd.log").read_text()
+            time.sleep(0.02)
+        # hostd really runs without a stdin: its fd 0 is closed, or is one of its own files.
+        assert not os.path.exists(f"/proc/{p.pid}/fd/0") or os.readlink(f"/proc/{p.pid}/fd/0") != "/dev/null"
+        data = bytes(range(256)) * 64
+        with guestlib.attach(str(sock), name="nostdin") as dev:
+            assert dev.crc32(dev.put(data)).wait(20) == zlib.crc32(data)
+            assert dev.status()["vms"][0]["worker_restarts"] == 0
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _directives(text: str) -> dict[str, list[str]]:
     """Key -> every value it is given (repeats kept), across sections; comments ignored."""
     out: dict[str, list[str]] = {}
