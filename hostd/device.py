@@ -20,7 +20,7 @@ from typing import Any
 
 from hostd import stats
 from hostd.config import Config
-from hostd.core.lifecycle import Life, LifeEvent, respawn_delay
+from hostd.core.lifecycle import EARLY_DEATHS_FAIL, Life, LifeEvent, respawn_delay
 from hostd.core.ring import Ring
 from hostd.core.sessions import Sessions
 from hostd.guest import AttachRequest, Guest, RunState, log
@@ -311,6 +311,8 @@ class Device(Loop):
         g.early_deaths = g.early_deaths + 1 if early else 0
         if self.state != RunState.RUNNING:
             return
+        if g.early_deaths >= EARLY_DEATHS_FAIL:
+            self._fail_waiting(g, crash)
         delay = respawn_delay(g.early_deaths)
         if not delay:
             self._spawn(g)
@@ -328,6 +330,19 @@ class Device(Loop):
         timer = threading.Timer(delay, lambda: self.post(respawn))
         timer.daemon = True
         timer.start()
+
+    def _fail_waiting(self, g: Guest, crash: str) -> None:
+        """No worker starts for ``g``: its staged and queued tasks end WORKER_CRASHED now instead
+        of waiting for one that may never run a task."""
+        st = self.core.unstage(g.vm_id)
+        if st is not None:
+            self._fail(g, st.pending.slot, 0, ErrorCode.WORKER_CRASHED, op=st.prog.opcode)
+        waiting = self.scheduler.take_queued(g.vm_id)
+        for p in waiting:
+            self._complete(g, p.slot, ErrorCode.WORKER_CRASHED, 0, 0, U32, 0, op=0,
+                           submit_ns=g.arrival_ns.get(p.slot, 0), counted=True)
+        g.log.error("no worker starts for this guest; its waiting tasks fail", early_deaths=g.early_deaths,
+                    last=crash, failed=len(waiting) + (st is not None))
 
     # -- detach -------------------------------------------------------------------------------
     def _do_detach(self, vm_id: int, reason: str) -> None:

@@ -24,6 +24,11 @@ from vmediad.errors import InternalError
 # doubles from RESPAWN_BACKOFF_S up to RESPAWN_BACKOFF_MAX_S (it would only die again).
 RESPAWN_BACKOFF_S = 0.1
 RESPAWN_BACKOFF_MAX_S = 5.0
+# After this many workers in a row died before running a task (about 10 s of backoff), hostd
+# stops holding the guest's tasks for the next one: its waiting tasks end WORKER_CRASHED, and so
+# do later ones at each further such death.  A worker that cannot start (a broken codec install,
+# no memory) must not hang its guest.  Respawns go on, with the backoff.
+EARLY_DEATHS_FAIL = 8
 
 
 class Life(enum.Enum):

@@ -156,6 +156,13 @@ class Scheduler:
         self.policy.removed(vm)
         return list(q.queue)
 
+    def take_queued(self, vm: int) -> list[Pending]:
+        """Empty ``vm``'s queue (it stays in the scheduler); its tasks, oldest first."""
+        q = self._vms[vm].queue
+        taken = list(q)
+        q.clear()
+        return taken
+
     def __contains__(self, vm: int) -> bool:
         return vm in self._vms
 

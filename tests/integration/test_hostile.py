@@ -455,6 +455,32 @@ def test_worker_dying_before_any_task_is_respawned_with_backoff(make_hostd: Call
     assert h.device.crashed is None
 
 
+def test_tasks_fail_when_no_worker_can_start(make_hostd: Callable[..., Hostd],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that cannot even start (here its Python has no standard library) is respawned
+    with the backoff; after EARLY_DEATHS_FAIL such deaths in a row the guest's waiting task
+    ends WORKER_CRASHED instead of waiting for ever, and so does a later one."""
+    from hostd import workers
+    from hostd.core.lifecycle import EARLY_DEATHS_FAIL
+
+    env = workers._worker_env
+    monkeypatch.setattr(workers, "_worker_env", lambda: {**env(), "PYTHONHOME": "/nonexistent"})
+    h = make_hostd()
+    with guestlib.attach(h.socket_path, name="doomed") as dev:
+        buf = dev.put(b"x" * 4096)
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError) as first:
+            dev.crc32(buf).wait(timeout=60)
+        waited = time.monotonic() - t0
+        with pytest.raises(DeviceError) as later:
+            dev.crc32(buf).wait(timeout=30)
+        vm = h.device.statistics()["vms"][0]
+    assert first.value.code == later.value.code == ErrorCode.WORKER_CRASHED
+    assert vm["errors"] == {"WORKER_CRASHED": 2} and vm["worker_restarts"] >= EARLY_DEATHS_FAIL
+    assert waited < 30, waited  # about 10 s of backoff, then the failure
+    assert h.device.crashed is None
+
+
 def test_events_posted_after_close_are_dropped(short_tmp: Path) -> None:
     """Worker reapers and control connections may post after hostd closed its device; the
     bank is unmapped by then, so a post must be dropped, not stored (a SIGSEGV).  Run in a

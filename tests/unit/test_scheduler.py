@@ -80,6 +80,24 @@ def test_blocked_vm_is_skipped_and_remove_returns_pending() -> None:
         s.finished(2)
 
 
+def test_take_queued_empties_one_queue_and_keeps_the_guest() -> None:
+    s = Scheduler("round-robin", cap=1)
+    s.add_vm(1)
+    s.add_vm(2)
+    s.arrive_many(1, [3, 4, 5])
+    s.arrive(2, 7)
+    first = s.next()
+    assert first is not None and (first.vm, first.slot) == (1, 3)  # in flight: not taken
+    assert [(p.vm, p.slot) for p in s.take_queued(1)] == [(1, 4), (1, 5)]
+    assert s.depth(1) == 0 and s.inflight(1) == 1 and 1 in s
+    s.arrive(1, 6)  # the guest still queues
+    nxt = s.next()
+    assert nxt is not None and (nxt.vm, nxt.slot) == (2, 7)
+    s.finished(1)
+    last = s.next()
+    assert last is not None and (last.vm, last.slot) == (1, 6)
+
+
 @given(st.lists(st.tuples(st.integers(1, 4), st.booleans()), max_size=200), st.integers(1, 5),
        st.sampled_from(["fifo", "round-robin", "weighted"]))
 def test_every_task_runs_once_and_fifo_within_vm(ops: list[tuple[int, bool]], cap: int, policy: str) -> None:
