@@ -12,6 +12,7 @@ from av.video.codeccontext import VideoCodecContext
 
 from codec_backend.session_base import MAX_OPTIONS, CodecError, _ff_error
 from vmediad.abi import ErrorCode
+from vmediad.sched import keep_scheduling
 
 # Options a guest may pass: generic AVCodecContext options on this list, and any
 # private option of the codec not on the deny list.  Everything that touches
@@ -88,7 +89,8 @@ def _merge_params(opts: dict[str, str], key: str, defaults: str) -> None:
 def _open_ctx(ctx: VideoCodecContext, opts: dict[str, str]) -> None:
     ctx.options = opts
     try:
-        ctx.open()
+        with keep_scheduling():  # SVT-AV1 run as root makes its threads SCHED_FIFO 99 (vmediad/sched.py)
+            ctx.open()
     except av.error.FFmpegError as exc:
         raise _ff_error(exc, ErrorCode.BAD_ARG) from exc
     leftover = dict(ctx.options)

@@ -13,11 +13,21 @@ import pytest
 from hostd.config import Config
 from hostd.daemon import Hostd
 from vmediad import logs
+from vmediad.sched import drop_realtime
 
 logs.configure("warning", json=True)
 
 HAVE_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
 needs_ffmpeg = pytest.mark.skipif(not HAVE_FFMPEG, reason="stock ffmpeg/ffprobe not installed (apt-get install ffmpeg)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before any fixture of the test: no thread of this process runs a real-time policy.  An
+    earlier test's in-process SVT-AV1 encoder (run as root) leaves the main thread at SCHED_FIFO
+    99; every process started from it would inherit that, and two TCG QEMUs spinning at it take
+    both cores from everything else for good (the CI run that hung; vmediad/sched.py)."""
+    drop_realtime()
 
 
 @pytest.fixture
