@@ -47,6 +47,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from vmediad.sched import keep_scheduling
+
 ProgressCb = Callable[[int, str], None]
 
 
@@ -188,6 +190,8 @@ def encode_packets(codec: str, width: int = 64, height: int = 64, frames: int = 
     ctx.framerate = 30
     ctx.gop_size = gop
     ctx.options = dict(opts)
+    with keep_scheduling():  # SVT-AV1 run as root would leave this thread at SCHED_FIFO 99
+        ctx.open()
     rng = np.random.default_rng(seed)
     base = np.add.outer(np.arange(height), np.arange(width)) % 256
     chroma = np.full((height // 2, width), 128, np.uint8)
