@@ -63,11 +63,14 @@ class Config:
     # hostd is the ivshmem server of QEMU VMs, one socket per VM in this directory ("": off);
     # see hostd/ivshmem.py and docs/vms.md.
     ivshmem_dir: str = ""
-    # The shared screen (hostd/display/): its size, the compositor's refresh, the layout at start
-    # (`vmediad display layout` words), the scaler, and the live page's address ("": no page).
+    # The shared screen (hostd/display/): its size, the refresh it is shown at (the live page,
+    # the recorder), the most compositions a second (one follows each new picture), the layout
+    # at start (`vmediad display layout` words), the scaler, and the live page's address ("": no
+    # page).
     display_width: int = 1280
     display_height: int = 720
     display_refresh_hz: float = 30.0
+    display_max_compose_hz: float = 1000.0
     display_layout: str = "grid"
     display_interpolation: str = "bilinear"
     display_threads: int = 1
@@ -90,7 +93,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
                "max_height", "max_pixels"),
     "scheduler": ("policy", "weights"),
     "workers": ("recycle_tasks", "recycle_rss_mb", "irq_holdoff", "task_timeout_s", "task_timeout_per_mpx_s"),
-    "display": ("width", "height", "refresh_hz", "layout", "interpolation", "threads", "http"),
+    "display": ("width", "height", "refresh_hz", "max_compose_hz", "layout", "interpolation", "threads", "http"),
 }
 _RENAMES = {"workers.recycle_tasks": "worker_recycle_tasks", "workers.recycle_rss_mb": "worker_recycle_rss_mb",
             "workers.irq_holdoff": "worker_irq_holdoff", "workers.task_timeout_s": "task_timeout_s",
@@ -193,6 +196,7 @@ def validate(cfg: Config) -> Config:
     need(16 <= cfg.display_width <= 8192 and 16 <= cfg.display_height <= 8192, "display.width",
          f"the screen must be 16x16 to 8192x8192, got {cfg.display_width}x{cfg.display_height}")
     need(1 <= cfg.display_refresh_hz <= 240, "display.refresh_hz", "must be 1 to 240")
+    need(1 <= cfg.display_max_compose_hz <= 1000, "display.max_compose_hz", "must be 1 to 1000")
     need(1 <= cfg.display_threads <= 16, "display.threads", "must be 1 to 16")
     need(cfg.display_interpolation.upper() in _INTERPOLATIONS, "display.interpolation",
          f"must be one of {', '.join(sorted(i.lower() for i in _INTERPOLATIONS))}")

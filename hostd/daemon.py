@@ -35,6 +35,7 @@ class Hostd:
         self.control = ControlServer(cfg, self.device)
         self.ivshmem: IvshmemHost | None = None
         self.display = DisplayService(self.device, self.device.display, refresh_hz=cfg.display_refresh_hz,
+                                      max_compose_hz=cfg.display_max_compose_hz,
                                       interpolation=cfg.display_interpolation, workers=cfg.display_threads)
         self.display_http: DisplayHttp | None = None
         self.control.display = self.display

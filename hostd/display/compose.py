@@ -1,25 +1,25 @@
 """Composition: each VM's committed picture scaled into its viewport with swscale, in z-order.
 
-``Compositor.compose(screen, items)`` fills a BGRA screen (an ``(H, W, 4)`` uint8 array): the
-background, then each item bottom to top, either its picture scaled (FFmpeg's swscale through
-PyAV, bilinear by default) and translated into its viewport, or, for a viewport with no picture
-(its VM detached, died or has not committed yet), a cleared rect with a border and a label.
-The screen is opaque: alpha is 255 everywhere.
+``Compositor.compose(screen, items, was)`` draws into a BGRA screen (an ``(H, W, 4)`` uint8
+array): the background, then each item bottom to top, either its picture scaled (FFmpeg's
+swscale, bilinear by default; ``Scaler``) and translated into its viewport, or, for a viewport
+with no picture (its VM detached, died or has not committed yet), a cleared rect with a border
+and a label.  The screen is opaque: alpha is 255 everywhere.  ``was`` is what that screen
+showed when it was last composed: when only pictures changed (same size, same place), only
+their rectangles and what lies over them are drawn again.
 
-Pictures are read where they lie: a BGRA picture (any stride) and a packed NV12/YUV420P picture
-(``FrameRef.packed``) are wrapped as PyAV frames without a copy; other 4:2:0 pictures (odd
-sizes, a decoder's padded planes, a FILL crop) are first copied into a frame the compositor
-keeps per viewport.  The scaled image of a picture is kept per viewport under the item's key,
-so a picture that stays on screen is scaled once, not on every refresh; with ``workers`` > 1
-the pictures of one composition are scaled in parallel (swscale releases the GIL).  It keeps
-no view of guest memory after ``compose`` returns (a kept image is always its own memory), so a
-region can be unmapped (``mmap.close`` succeeds) as soon as no composition is running.
+Pictures are read where they lie (any plane layout and stride the core validated) by swscale
+itself, without the GIL.  The scaled image of a picture is kept per viewport under the item's
+key, so a picture that stays on screen is scaled once; with ``workers`` > 1 the pictures of one
+composition are scaled in parallel.  It keeps no view of guest memory after ``compose``
+returns (a kept image is always its own memory), so a region can be unmapped (``mmap.close``
+succeeds) as soon as no composition is running.
 
-``Compositor.prescale`` scales a committed picture ahead of the refresh that will show it, on
-the scaling workers, into an image of its own: the composition at that refresh then only copies
-it (it waits for a job still running).  The caller (hostd/display/port.py) keeps the picture's
-buffer unreleased and its region mapped until the job's ``done`` callback ran or ``cancel``
-succeeded; the job drops every view of guest memory before it calls ``done``.
+``Compositor.prescale`` scales a committed picture as soon as it is committed, on the scaling
+workers, into an image of its own: the composition that shows it then only copies it (it waits
+for a job still running).  The caller (hostd/display/port.py) keeps the picture's buffer
+unreleased and its region mapped until the job's ``done`` callback ran or ``cancel`` succeeded;
+the job drops every view of guest memory before it calls ``done``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import structlog
 from av.video.reformatter import VideoReformatter
 from numpy.typing import NDArray
 
+from hostd.display import swscale as sws
 from hostd.display.core import FrameRef, SceneItem
 from hostd.display.layout import Aspect, Placement, Rect, place
 from vmediad import abi
@@ -53,6 +54,8 @@ BORDER_PX = 2
 MAX_TEXT_SCALE = 4
 DEFAULT_INTERPOLATION = "BILINEAR"
 _PYAV_NAMES = {PixFmt.BGRA: "bgra", PixFmt.NV12: "nv12", PixFmt.YUV420P: "yuv420p"}
+_SWS = {fmt: sws.pix_fmt(name) for fmt, name in _PYAV_NAMES.items()}
+_GBRP, _YUV444P = sws.pix_fmt("gbrp"), sws.pix_fmt("yuv444p")
 _READY_MAX = 3  # prescaled images kept per viewport, newest last (older ones are superseded)
 
 log = structlog.get_logger("hostd.display")
@@ -62,14 +65,13 @@ log = structlog.get_logger("hostd.display")
 class Source:
     """A picture: one 2-D uint8 array per plane, ``(rows, row bytes)`` of the picture itself,
     rows possibly strided (views of a region).  ``key``: equal keys mean equal pixels (None: never
-    reuse a scaled image).  ``packed``: see ``FrameRef.packed``."""
+    reuse a scaled image)."""
 
     fmt: PixFmt
     width: int
     height: int
     planes: tuple[NDArray[np.uint8], ...]
     key: Hashable | None = None
-    packed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +84,66 @@ class Item:
 
 
 @dataclass(frozen=True, slots=True)
+class Shown:
+    """What a composed screen shows: the screen's rect and, bottom to top, each item's slot,
+    viewport, aspect and mark (its picture's key, placement and filter, or its label)."""
+
+    full: Rect
+    items: tuple[tuple[int, Rect, Aspect, Hashable], ...]
+
+
+def _damage(was: Shown, now: Shown,
+            plans: Sequence[tuple[Item, Placement, Rect] | None]) -> list[tuple[int, Rect]] | None:
+    """The pictures to draw again, as (index in ``now``, their screen rectangle), to turn a
+    screen showing ``was`` into one showing ``now``; None when only a whole composition can (the
+    layout, a label, or a picture's size or place changed, or a label lies over a new picture)."""
+    if was.full != now.full or len(was.items) != len(now.items):
+        return None
+    out = []
+    for i, ((slot0, rect0, asp0, m0), (slot, rect, asp, m), plan) in enumerate(
+            zip(was.items, now.items, plans, strict=True)):
+        if (slot0, rect0, asp0) != (slot, rect, asp):
+            return None
+        if m0 == m:
+            continue
+        if plan is None or not isinstance(m0, tuple) or m0[0] != "picture" or m0[2] != plan[1]:
+            return None
+        out.append((i, plan[2]))
+    for d, area in out:  # what lies over a redrawn picture is drawn again, clipped: a label cannot be
+        for (_, rect, _, m), plan in zip(now.items[d + 1:], plans[d + 1:], strict=True):
+            if plan is None and m != ("off",) and not rect.intersect(area).empty:
+                return None
+    return out
+
+
+def _draw_over(screen: Screen, start: int, area: Rect, plans: Sequence[tuple[Item, Placement, Rect] | None],
+               images: Sequence[NDArray[np.uint8] | None]) -> None:
+    """Draw picture ``start`` (its whole rectangle ``area``: opaque, nothing under it shows)
+    and, clipped to ``area``, every picture over it, bottom to top."""
+    for plan, img in zip(plans[start:], images[start:], strict=True):
+        if plan is None or img is None:
+            continue
+        _, p, dst = plan
+        r = dst.intersect(area)
+        if r.empty:
+            continue
+        sy, sx = r.y - p.dst.y, r.x - p.dst.x
+        screen[r.y:r.bottom, r.x:r.right] = img[sy:sy + r.h, sx:sx + r.w]
+
+
+@dataclass(frozen=True, slots=True)
 class ComposeStats:
     cpu_s: float  # CPU of the composition: its thread, its pooled scaling, the prescaling it showed
     wall_s: float
     scaled: int  # pictures scaled by swscale in this composition
     reused: int  # pictures whose scaled image was kept from an earlier composition
-    copied: int  # pictures copied into a PyAV frame before scaling (not packed, or cropped 4:2:0)
     labelled: int  # cleared, labelled viewports
     prescaled: int = 0  # pictures shown from an image scaled when they were committed
+    shown: Shown | None = None  # what the screen shows now (pass it as ``was`` next time)
+    drawn_px: int = 0  # screen pixels drawn (all of them unless only some pictures changed)
 
 
-_Scaled = tuple[NDArray[np.uint8], bool, float]  # image, copied first, CPU seconds
+_Scaled = tuple[NDArray[np.uint8], float]  # image, CPU seconds
 
 
 class Prescale:
@@ -136,6 +187,61 @@ class Prescale:
             return self.future.result()
         except CancelledError:
             return None
+
+
+class Scaler:
+    """One viewport's swscale contexts: the crop of a picture scaled to a new bgra image.
+
+    A bgra picture is scaled channel by channel: unpacked to planar gbrp at its own size, the
+    three planes scaled as one yuv444p picture (no colour conversion: each plane on its own,
+    by the same filter), and packed again.  swscale's own bgra->bgra and bgra->gbrp scaling go
+    through its internal YUV and bleed one channel into another (a red-only picture gains green
+    up to 13); this keeps them apart, in about half the time.  NV12 and YUV420P pictures are
+    scaled and converted (BT.601, limited range, as PyAV does) in one call.  Every call reads
+    the guest's planes where they lie and runs without the GIL (``hostd.display.swscale``)."""
+
+    __slots__ = ("_ctx", "_planar", "_scaled")
+
+    def __init__(self) -> None:
+        self._ctx = (sws.Context(), sws.Context(), sws.Context())
+        self._planar: NDArray[np.uint8] | None = None  # (3, h, w): the unpacked picture
+        self._scaled: NDArray[np.uint8] | None = None  # (3, h, w): its planes scaled
+
+    def scale(self, src: Source, crop: Rect, width: int, height: int, interpolation: str | int) -> NDArray[np.uint8]:
+        """A new ``(height, width, 4)`` opaque bgra image of ``crop`` of ``src`` (never a view of
+        the picture: swscale writes alpha 255 from planar or yuv input)."""
+        flags = sws.flags_of(interpolation)
+        out = np.empty((height, width, 4), np.uint8)
+        packed = (out.reshape(height, 4 * width),)
+        if src.fmt != PixFmt.BGRA:
+            planes = _crop_planes(src, crop)
+            self._ctx[0].scale(planes, _SWS[src.fmt], crop.w, crop.h, packed, _SWS[PixFmt.BGRA], width, height, flags)
+            return out
+        view = src.planes[0][crop.y:crop.bottom, 4 * crop.x:4 * crop.right]
+        planar = self._planar = _buffer(self._planar, crop.h, crop.w)
+        scaled = self._scaled = _buffer(self._scaled, height, width)
+        # gbrp's plane order is G, B, R: the same three planes are named Y, U, V for the middle
+        # step, which swscale then scales alike and leaves unconverted.
+        self._ctx[0].scale((view,), _SWS[PixFmt.BGRA], crop.w, crop.h, tuple(planar), _GBRP, crop.w, crop.h, flags)
+        self._ctx[1].scale(tuple(planar), _YUV444P, crop.w, crop.h, tuple(scaled), _YUV444P, width, height, flags)
+        self._ctx[2].scale(tuple(scaled), _GBRP, width, height, packed, _SWS[PixFmt.BGRA], width, height, flags)
+        return out
+
+
+def _buffer(have: NDArray[np.uint8] | None, height: int, width: int) -> NDArray[np.uint8]:
+    if have is not None and have.shape == (3, height, width):
+        return have
+    return np.empty((3, height, width), np.uint8)
+
+
+def _crop_planes(src: Source, crop: Rect) -> tuple[NDArray[np.uint8], ...]:
+    """The planes of ``crop`` of a 4:2:0 picture, as views (``crop.x`` and ``crop.y`` are even)."""
+    y0, x0 = crop.y // 2, crop.x // 2
+    ch, cw = (crop.h + 1) // 2, (crop.w + 1) // 2
+    luma = src.planes[0][crop.y:crop.bottom, crop.x:crop.right]
+    if src.fmt == PixFmt.NV12:
+        return luma, src.planes[1][y0:y0 + ch, 2 * x0:2 * (x0 + cw)]
+    return luma, src.planes[1][y0:y0 + ch, x0:x0 + cw], src.planes[2][y0:y0 + ch, x0:x0 + cw]
 
 
 # --- labels: a 5x7 bitmap font -------------------------------------------------------------
@@ -248,30 +354,9 @@ def items_from_scene(scene: Sequence[SceneItem], region_of: Callable[[int], NDAr
         src = None
         if s.frame is not None:
             f = s.frame
-            src = Source(f.fmt, f.width, f.height, plane_views(region_of(s.vm), f), s.key, f.packed)
+            src = Source(f.fmt, f.width, f.height, plane_views(region_of(s.vm), f), s.key)
         items.append(Item(s.vm, s.viewport.rect, s.viewport.aspect, src, s.label))
     return items
-
-
-def _addr(a: NDArray[np.uint8]) -> int:
-    return int(a.__array_interface__["data"][0])
-
-
-def _packed_array(src: Source) -> NDArray[np.uint8] | None:
-    """The planes of a packed 4:2:0 picture as the one array PyAV's from_numpy_buffer wraps
-    (rows = 3/2 height, columns = the luma stride), or None if they are not laid out so."""
-    y = src.planes[0]
-    s = int(y.strides[0])
-    if src.width % 2 or src.height % 4 or y.strides[1] != 1 or s % 2:
-        return None
-    want = (s, s) if src.fmt == PixFmt.NV12 else (s, s // 2, s // 2)
-    at = _addr(y)
-    for p, stride in zip(src.planes, want, strict=True):
-        if _addr(p) != at or p.strides != (stride, 1):
-            return None
-        at += p.shape[0] * stride
-    arr: NDArray[np.uint8] = np.lib.stride_tricks.as_strided(y, shape=(src.height * 3 // 2, s), strides=(s, 1))
-    return arr
 
 
 def _check_source(src: Source) -> None:
@@ -284,19 +369,15 @@ def _check_source(src: Source) -> None:
 
 
 class Compositor:
-    def __init__(self, *, interpolation: str | int = DEFAULT_INTERPOLATION, threads: int = 1,
-                 workers: int = 1) -> None:
-        """``interpolation``: a swscale algorithm name of ``av.video.reformatter.Interpolation``
-        (BILINEAR, BICUBIC, AREA, LANCZOS...); ``threads``: swscale's slice threads per scale;
-        ``workers``: pictures scaled at the same time (swscale runs without the GIL).  The
-        defaults keep composition on one core, off the codec's."""
+    def __init__(self, *, interpolation: str | int = DEFAULT_INTERPOLATION, workers: int = 1) -> None:
+        """``interpolation``: a swscale algorithm name (BILINEAR, BICUBIC, AREA, LANCZOS...; see
+        ``hostd.display.swscale.FLAGS``); ``workers``: pictures scaled at the same time (swscale
+        runs without the GIL).  The defaults keep composition on one core, off the codec's."""
         self.interpolation = interpolation
-        self.threads = threads
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
-        self._scalers: dict[int, tuple[VideoReformatter, VideoReformatter]] = {}
+        self._scalers: dict[int, Scaler] = {}
         self._images: dict[int, tuple[Hashable, NDArray[np.uint8]]] = {}
-        self._copies: dict[int, Any] = {}  # slot -> av.VideoFrame the compositor owns
         # Scaling of one slot runs under its lock: its scalers and copy frame are used by one
         # thread at a time (a prescale job of a newer commit may overlap a composition).
         self._slot_locks: dict[int, threading.Lock] = {}
@@ -310,7 +391,6 @@ class Compositor:
         self.max_cpu_s = 0.0
         self.scaled = 0
         self.reused = 0
-        self.copied = 0
         self.prescaled = 0  # pictures scaled by prescale jobs (counted in ``scaled`` too)
         self.prescale_shown = 0  # ... whose image a composition showed
 
@@ -396,17 +476,22 @@ class Compositor:
         _check_source(src)
         p = place(src.width, src.height, pre.rect, pre.aspect, crop_align=1 if src.fmt == PixFmt.BGRA else 2)
         with self._slot_lock(pre.slot):
-            img, copied = self._scale(pre.slot, src, p)
+            img = self._scale(pre.slot, src, p)
         cpu = time.thread_time() - t
         with self._lock:
             self.cpu_s += cpu
             self.scaled += 1
             self.prescaled += 1
-        return img, copied, cpu
+        return img, cpu
 
-    def compose(self, screen: Screen, items: Sequence[Item]) -> ComposeStats:
-        """Draw ``items`` (bottom to top) over the background into ``screen``; returns the cost.
-        Each item's slot must be unique (its scalers and kept image are its own)."""
+    def compose(self, screen: Screen, items: Sequence[Item], was: Shown | None = None) -> ComposeStats:
+        """Draw ``items`` (bottom to top) over the background into ``screen``; returns the cost
+        and what the screen now shows (``ComposeStats.shown``).  Each item's slot must be unique
+        (its scalers and kept image are its own).
+
+        ``was``: what ``screen`` showed when it was composed last.  When the scene differs from
+        it only in pictures that replace pictures of the same size and place, only those
+        pictures' rectangles are drawn again (and what lies over them); else the whole screen."""
         t0, w0 = time.thread_time(), time.perf_counter()
         if screen.dtype != np.uint8 or screen.ndim != 3 or screen.shape[2] != 4 or screen.strides[1:] != (4, 1):
             raise ValueError(f"screen must be (H, W, 4) uint8 with whole pixels, got {screen.shape} {screen.dtype}")
@@ -439,7 +524,7 @@ class Compositor:
                 jobs[item.slot] = (src, p)
         done = self._run(jobs)
         pooled = self.workers > 1 and len(jobs) > 1  # else the jobs ran on this thread, counted below
-        job_cpu = sum(cpu for _, _, cpu in done.values()) if pooled else 0.0
+        job_cpu = sum(cpu for _, cpu in done.values()) if pooled else 0.0
         shown = 0
         pre_cpu = 0.0
         for slot, (pre, src, p) in ahead.items():
@@ -448,25 +533,20 @@ class Compositor:
                 t = time.thread_time()
                 with self._slot_lock(slot):
                     late = self._scale(slot, src, p)
-                done[slot] = (*late, time.thread_time() - t)
+                done[slot] = (late, time.thread_time() - t)
             else:
                 done[slot] = got
                 shown += 1
-                pre_cpu += got[2]
+                pre_cpu += got[1]
         ahead.clear()
-        covered = [plan[2] for plan in plans if plan is not None]
-        covered += [i.rect.intersect(full) for i, plan in zip(items, plans, strict=True)
-                    if plan is None and i.source is None]
-        if not _tiles(covered, full):
-            _fill(screen, BACKGROUND)  # only where some pixel would show no picture or label
-        labelled = 0
+        images: list[NDArray[np.uint8] | None] = []
+        marks: list[Hashable] = []
         for item, plan in zip(items, plans, strict=True):
             if plan is None:
-                if item.source is None:
-                    draw_cleared(screen, item.rect, item.label)
-                    labelled += 1
+                images.append(None)
+                marks.append(("label", item.label) if item.source is None else ("off",))
                 continue
-            _, p, dst = plan
+            _, p, _ = plan
             src = item.source
             assert src is not None
             if item.slot in done:
@@ -477,15 +557,25 @@ class Compositor:
                     self._images.pop(item.slot, None)
             else:
                 img = self._images[item.slot][1]
-            sy, sx = dst.y - p.dst.y, dst.x - p.dst.x
-            # Every scaled image is opaque (_scale), so this is a plain copy.
-            screen[dst.y:dst.bottom, dst.x:dst.right] = img[sy:sy + dst.h, sx:sx + dst.w]
+            images.append(img)
+            # A picture without a key never equals what a screen showed before (object()).
+            marks.append(("picture", src.key if src.key is not None else object(), p, self.interpolation))
+        now = Shown(full, tuple((i.slot, i.rect, i.aspect, m) for i, m in zip(items, marks, strict=True)))
+        damage = _damage(was, now, plans) if was is not None else None
+        if damage is None:
+            labelled = self._draw_all(screen, items, plans, images, full)
+            damaged = full.w * full.h
+        else:
+            labelled = 0
+            damaged = sum(r.w * r.h for _, r in damage)
+            for start, area in damage:
+                _draw_over(screen, start, area, plans, images)
         live = {i.slot for i in items}
         with self._lock:
             known = set(self._scalers) | set(self._ready) | set(self._images)
         for gone in [s for s in known if s not in live]:
             self.forget(gone)
-        scaled, copied = len(done) - shown, sum(int(c) for _, c, _ in done.values())
+        scaled = len(done) - shown
         cpu = time.thread_time() - t0 + job_cpu  # the prescale jobs added their own CPU already
         wall = time.perf_counter() - w0
         with self._lock:
@@ -495,16 +585,38 @@ class Compositor:
             self.max_cpu_s = max(self.max_cpu_s, cpu + pre_cpu)
             self.scaled += scaled
             self.reused += reused
-            self.copied += copied
             self.prescale_shown += shown
-        return ComposeStats(cpu + pre_cpu, wall, scaled, reused, copied, labelled, shown)
+        return ComposeStats(cpu + pre_cpu, wall, scaled, reused, labelled, shown, now, damaged)
+
+    @staticmethod
+    def _draw_all(screen: Screen, items: Sequence[Item], plans: Sequence[tuple[Item, Placement, Rect] | None],
+                  images: Sequence[NDArray[np.uint8] | None], full: Rect) -> int:
+        """Draw the whole screen; returns the labelled viewports drawn."""
+        covered = [plan[2] for plan in plans if plan is not None]
+        covered += [i.rect.intersect(full) for i, plan in zip(items, plans, strict=True)
+                    if plan is None and i.source is None]
+        if not _tiles(covered, full):
+            _fill(screen, BACKGROUND)  # only where some pixel would show no picture or label
+        labelled = 0
+        for item, plan, img in zip(items, plans, images, strict=True):
+            if plan is None:
+                if item.source is None:
+                    draw_cleared(screen, item.rect, item.label)
+                    labelled += 1
+                continue
+            assert img is not None
+            _, p, dst = plan
+            sy, sx = dst.y - p.dst.y, dst.x - p.dst.x
+            # Every scaled image is opaque (_scale), so this is a plain copy.
+            screen[dst.y:dst.bottom, dst.x:dst.right] = img[sy:sy + dst.h, sx:sx + dst.w]
+        return labelled
 
     def _run(self, jobs: dict[int, tuple[Source, Placement]]) -> dict[int, _Scaled]:
         def one(slot: int) -> _Scaled:
             t = time.thread_time()
             with self._slot_lock(slot):
-                img, copied = self._scale(slot, *jobs[slot])
-            return img, copied, time.thread_time() - t
+                img = self._scale(slot, *jobs[slot])
+            return img, time.thread_time() - t
 
         pool = self._executor() if self.workers > 1 and len(jobs) > 1 else None
         if pool is None:
@@ -518,7 +630,6 @@ class Compositor:
         with self._lock:
             self._scalers.pop(slot, None)
             self._images.pop(slot, None)
-            self._copies.pop(slot, None)
             self._ready.pop(slot, None)
 
     def statistics(self) -> dict[str, float | int]:
@@ -526,66 +637,15 @@ class Compositor:
             "frames": self.frames, "cpu_s": self.cpu_s, "last_cpu_ms": self.last_cpu_s * 1e3,
             "max_cpu_ms": self.max_cpu_s * 1e3,
             "mean_cpu_ms": self.cpu_s / self.frames * 1e3 if self.frames else 0.0,
-            "scaled": self.scaled, "reused": self.reused, "copied": self.copied,
+            "scaled": self.scaled, "reused": self.reused,
             "prescaled": self.prescaled, "prescale_shown": self.prescale_shown,
         }
 
-    def _scale(self, slot: int, src: Source, p: Placement) -> tuple[NDArray[np.uint8], bool]:
-        frame, copied = self._frame(slot, src, p.crop)
-        scalers = self._scalers.get(slot)
-        if scalers is None:
-            scalers = self._scalers[slot] = (VideoReformatter(), VideoReformatter())
-        if src.fmt == PixFmt.BGRA:
-            # Scaled to planar gbrp, then packed: the same filter as one bgra->bgra call (pixels
-            # within 1, mostly equal) in about 60% of its time; its packed-output scaler is slow.
-            planar = scalers[1].reformat(frame, p.dst.w, p.dst.h, "gbrp", interpolation=self.interpolation,
-                                         threads=self.threads)
-            out = scalers[0].reformat(planar, format="bgra", interpolation=self.interpolation,
-                                      threads=self.threads)
-        else:
-            out = scalers[0].reformat(frame, p.dst.w, p.dst.h, "bgra", interpolation=self.interpolation,
-                                      threads=self.threads)
-        img = np.asarray(out.to_ndarray(), dtype=np.uint8)
-        if out is frame:
-            # swscale had nothing to do and handed back the picture itself: keep a copy, never a
-            # view of guest memory, made opaque (guest alpha is not blended).  Any other output
-            # went through gbrp or a yuv format, whose alpha swscale writes as 255.
-            img = np.array(img)
-            img[..., 3] = 255
-        return img, copied
-
-    def _frame(self, slot: int, src: Source, crop: Rect) -> tuple[Any, bool]:
-        """A PyAV frame of the ``crop`` of ``src``: wrapped in place when possible, else copied."""
-        whole = crop == Rect(0, 0, src.width, src.height)
-        if src.fmt == PixFmt.BGRA:
-            view = _bgra(src.planes[0])
-            return av.VideoFrame.from_numpy_buffer(view[crop.y:crop.bottom, crop.x:crop.right], "bgra"), False
-        if whole and src.packed:
-            arr = _packed_array(src)
-            if arr is not None:
-                return av.VideoFrame.from_numpy_buffer(arr, _PYAV_NAMES[src.fmt], width=src.width), False
-        name = _PYAV_NAMES[src.fmt]
-        frame = self._copies.get(slot)
-        if frame is None or (frame.format.name, frame.width, frame.height) != (name, crop.w, crop.h):
-            frame = self._copies[slot] = av.VideoFrame(crop.w, crop.h, name)
-        cy, cx = crop.y // 2, crop.x // 2
-        ch, cw = (crop.h + 1) // 2, (crop.w + 1) // 2
-        if src.fmt == PixFmt.NV12:
-            cuts = [(crop.y, crop.h, crop.x, crop.w), (cy, ch, 2 * cx, 2 * cw)]
-        else:
-            cuts = [(crop.y, crop.h, crop.x, crop.w), (cy, ch, cx, cw), (cy, ch, cx, cw)]
-        for plane, srcp, (y0, rows, x0, nbytes) in zip(frame.planes, src.planes, cuts, strict=True):
-            dst = np.ndarray((rows, nbytes), np.uint8, buffer=memoryview(plane), strides=(plane.line_size, 1))
-            dst[:] = srcp[y0:y0 + rows, x0:x0 + nbytes]
-        return frame, True
-
-
-def _bgra(plane: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """A ``(rows, 4 * width)`` plane as ``(rows, width, 4)``, sharing its memory and row stride."""
-    rows, nbytes = plane.shape
-    out: NDArray[np.uint8] = np.lib.stride_tricks.as_strided(
-        plane, shape=(rows, nbytes // 4, 4), strides=(plane.strides[0], 4, 1))
-    return out
+    def _scale(self, slot: int, src: Source, p: Placement) -> NDArray[np.uint8]:
+        scaler = self._scalers.get(slot)
+        if scaler is None:
+            scaler = self._scalers[slot] = Scaler()
+        return scaler.scale(src, p.crop, p.dst.w, p.dst.h, self.interpolation)
 
 
 def compose(screen: Screen, items: Sequence[Item], *, interpolation: str | int = DEFAULT_INTERPOLATION) -> ComposeStats:
@@ -629,27 +689,26 @@ def compose_floor_vs_core(frames: int = 30, *, vms: int = 4, width: int = 1920, 
     places = [place(width, height, r, Aspect.FIT) for r in rects]
 
     def floor_run(planar: bool) -> float:
-        scalers = [(VideoReformatter(), VideoReformatter()) for _ in range(vms)]
+        scalers = [(Scaler(), VideoReformatter()) for _ in range(vms)]
         t = time.perf_counter()
         for _ in range(frames):
-            for (buf, _, _), (sc, pack), p in zip(sources, scalers, places, strict=True):
-                f = wrap(buf)
+            for (buf, pl, _), (sc, one), p in zip(sources, scalers, places, strict=True):
                 if planar:
-                    f = sc.reformat(f, p.dst.w, p.dst.h, "gbrp", interpolation=interpolation, threads=1)
-                    pack.reformat(f, format="bgra", interpolation=interpolation, threads=1).to_ndarray()
+                    sc.scale(Source(fmt, width, height, pl), p.crop, p.dst.w, p.dst.h, interpolation)
                 else:
-                    sc.reformat(f, p.dst.w, p.dst.h, "bgra", interpolation=interpolation, threads=1).to_ndarray()
+                    one.reformat(wrap(buf), p.dst.w, p.dst.h, "bgra", interpolation=interpolation,
+                                 threads=1).to_ndarray()
         return (time.perf_counter() - t) / frames
 
     one_call = floor_run(False)
-    floor = floor_run(True) if fmt == PixFmt.BGRA else one_call
+    floor = floor_run(True)
     comp = Compositor(interpolation=interpolation)
     t = time.perf_counter()
     for n in range(frames):
-        comp.compose(screen, [Item(i, r, Aspect.FIT, Source(fmt, width, height, pl, (n, i), True))
+        comp.compose(screen, [Item(i, r, Aspect.FIT, Source(fmt, width, height, pl, (n, i)))
                               for (_, pl, i), r in zip(sources, rects, strict=True)])
     core = (time.perf_counter() - t) / frames
-    same = [Item(i, r, Aspect.FIT, Source(fmt, width, height, pl, (-1, i), True))
+    same = [Item(i, r, Aspect.FIT, Source(fmt, width, height, pl, (-1, i)))
             for (_, pl, i), r in zip(sources, rects, strict=True)]
     comp.compose(screen, same)
     t = time.perf_counter()

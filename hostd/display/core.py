@@ -10,11 +10,12 @@ Per output the core tracks the page-flip state of each buffer (see ``vmediad.abi
     held by the guest --commit--> pending --tick--> front --(next commit's tick)--> held
                                      \\--(a newer commit)--> held, flip DROPPED at once
 
-``tick(now)`` latches every pending commit to the front (mailbox: only the latest commit since
-the last tick is ever shown) and returns the scene (what each visible viewport shows) and the
-flip records.  The loop composes the scene, then delivers the flips: a RELEASED buffer may be
-written by its guest as soon as it reads the record, so the composition that stopped using it
-must be finished by then.  The region of a VM must stay mapped while a composition reads it.
+``tick(now, hold)`` latches every pending commit to the front but those in ``hold`` (mailbox:
+only the latest commit since the last tick is ever shown) and returns the scene (what each
+visible viewport shows) and the flip records.  The loop composes the scene, then delivers the
+flips: a RELEASED buffer may be written by its guest as soon as it reads the record, so the
+composition that stopped using it must be finished by then.  The region of a VM must stay
+mapped while a composition reads it.
 
 Buffers come from the guest's heap through an injected ``HeapAllocator``; the core lays them
 out (sizes, strides, plane offsets) and checks what the allocator returned lies in the heap.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -80,18 +81,13 @@ class Plane:
 
 @dataclass(frozen=True, slots=True)
 class FrameRef:
-    """A picture in a VM's region, as validated by the core (all planes inside its heap).
-
-    ``packed``: the planes follow each other as FFmpeg's ``av_image_fill_pointers`` lays them
-    for the first plane's stride, each plane's last row is whole inside the heap, and the
-    geometry is one PyAV can wrap without a copy (even width, height a multiple of 4)."""
+    """A picture in a VM's region, as validated by the core (all planes inside its heap)."""
 
     vm: int
     fmt: PixFmt
     width: int
     height: int
     planes: tuple[Plane, ...]
-    packed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,21 +174,6 @@ def _pad3(values: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 buffer_layout = abi.display_buffer_layout  # the ABI's rule: the guest sizes its arena by it
-
-
-def _packed(fmt: PixFmt, width: int, height: int, planes: tuple[Plane, ...], heap_hi: int) -> bool:
-    if fmt != PixFmt.BGRA and (width % 2 or height % 4):
-        return False
-    s = planes[0].stride
-    want = {PixFmt.BGRA: (s,), PixFmt.NV12: (s, s), PixFmt.YUV420P: (s, s // 2, s // 2)}[fmt]
-    if fmt == PixFmt.YUV420P and s % 2:
-        return False
-    off = planes[0].offset
-    for p, stride in zip(planes, want, strict=True):
-        if p.offset != off or p.stride != stride:
-            return False
-        off += p.rows * p.stride
-    return off <= heap_hi
 
 
 class DisplayCore:
@@ -283,8 +264,7 @@ class DisplayCore:
             start = base + i * size
             planes = tuple(Plane(start + o, s, rows, rb) for o, s, (rows, rb) in zip(offsets, strides, shapes,
                                                                                       strict=True))
-            frames.append(FrameRef(vm, fmt, req.width, req.height, planes,
-                                   _packed(fmt, req.width, req.height, planes, v.heap_hi)))
+            frames.append(FrameRef(vm, fmt, req.width, req.height, planes))
         out = _Output(self._next_output, vm, req.width, req.height, fmt, base, tuple(frames))
         self._next_output += 1
         self._outputs[out.id] = out
@@ -399,19 +379,20 @@ class DisplayCore:
                 return err
             planes.append(Plane(start, stride, rows, row_bytes))
         pt = tuple(planes)
-        return FrameRef(v.id, fmt, e.width, e.height, pt, _packed(fmt, e.width, e.height, pt, v.heap_hi))
+        return FrameRef(v.id, fmt, e.width, e.height, pt)
 
     def _reject(self, v: _Vm, err: ErrorCode) -> ErrorCode:
         v.rejected += 1
         return err
 
     # --- the compositor's clock ---------------------------------------------------------------
-    def tick(self, now_ns: int) -> Tick:
-        """Latch each output's pending commit to the front and return the scene and the flips."""
+    def tick(self, now_ns: int, hold: Container[tuple[int, int, int]] = ()) -> Tick:
+        """Latch each output's pending commit to the front and return the scene and the flips.
+        A pending commit whose key ``(vm, output, seq)`` is in ``hold`` stays pending."""
         events = []
         for out in self._outputs.values():
             p = out.pending
-            if p is None:
+            if p is None or (out.vm, out.id, p.seq) in hold:
                 continue
             old = out.front
             flags = FlipFlag.PRESENTED | (FlipFlag.RELEASED if old is not None else 0)
@@ -512,12 +493,13 @@ class DisplayCore:
         return {"width": self.width, "height": self.height, "layout": self._spec.to_dict(), "vms": vms}
 
 
-def refresh_slot(anchor_ns: int | None, now_ns: int, period_ns: int) -> int:
-    """The refresh slot a composition wanted at ``now_ns`` belongs to (it composes at the later
-    of the two), given ``anchor_ns``, the slot of the previous composition.
+def compose_slot(anchor_ns: int | None, now_ns: int, period_ns: int) -> int:
+    """The slot a composition wanted at ``now_ns`` belongs to (it composes at the later of the
+    two), given ``anchor_ns``, the slot of the previous composition; ``period_ns`` is the
+    shortest time between compositions (``1 / max_compose_hz``).
 
     While on schedule the slot is ``anchor_ns + period_ns``: slots keep their phase, and a
-    composition that starts late does not push the next one back, so under a stream of commits
+    composition that starts late does not push the next one back, so under a flood of commits
     there are exactly ``1e9 / period_ns`` compositions a second on average.  The phase is
     re-anchored at ``now_ns`` only when a whole period or more was missed (a starved thread or an
     idle spell: a commit after a quiet spell is composed at once, and missed slots are not made

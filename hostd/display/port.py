@@ -17,10 +17,10 @@ Who may touch which memory:
   meanwhile has its unmap deferred (``close_region``), so the compositor never reads freed pages;
 * a committed picture may be read ahead of the tick (``prescale``, set by the service: the
   compositor scales it as soon as it is committed).  While that read runs the region stays
-  pinned, and every flip that releases the picture's buffer (DROPPED when a newer commit
-  replaces it, RELEASED when a newer one is latched) and a DISPLAY_CLOSE's completion wait for
-  it: a read not yet started is cancelled, a running one ends with ``read_done`` (posted to
-  this thread by the job after it dropped its views).
+  pinned and the commit stays pending (``tick`` does not latch it), and a flip that gives the
+  buffer back (DROPPED when a newer commit replaces it) and a DISPLAY_CLOSE's completion wait
+  for it: a read not yet started is cancelled, a running one ends with ``read_done`` (posted to
+  this thread by the job after it dropped its views), which wakes the compositor.
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ class DisplayPort:
     def run(self, vm: int, slot: int, prog: Program, now_ns: int) -> None:
         """Run a validated display task of guest ``vm`` (its buffers lie in its heap)."""
         self.tasks += 1
-        self.changed.set()
+        if prog.opcode != Op.DISPLAY_COMMIT:
+            self.changed.set()  # a commit sets it when its picture is ready (_start_read, read_done)
         mem = self._mem.get(vm)
         if mem is None:
             self._complete(vm, slot, prog.opcode, ErrorCode.DEVICE_GONE, 0, 0)
@@ -243,20 +244,25 @@ class DisplayPort:
 
     # --- reads ahead of the tick ---------------------------------------------------------------
     def _start_read(self, vm: int, key: ReadKey, frame: FrameRef) -> None:
+        """Hand a new commit's picture to the prescaler; if none reads it, the commit is ready
+        for the next tick now (else when its read_done comes)."""
         mem = self._mem.get(vm)
         viewport = self.core.viewport_of(vm)
-        if self.prescale is None or mem is None or viewport is None:
+        reading = None
+        if self.prescale is not None and mem is not None and viewport is not None:
+            reading = self.prescale(PrescaleRequest(key, frame, viewport, np.frombuffer(mem, np.uint8)))
+        if reading is None:
+            self.changed.set()
             return
-        reading = self.prescale(PrescaleRequest(key, frame, viewport, np.frombuffer(mem, np.uint8)))
-        if reading is not None:
-            self._reads[key] = _Read(reading)
-            self._pin(vm)
+        self._reads[key] = _Read(reading)
+        self._pin(vm)
 
     def read_done(self, key: ReadKey) -> None:
         """The read of ``key``'s picture ended and dropped its views (posted by its job)."""
         r = self._reads.pop(key, None)
         if r is None:
             return
+        self.changed.set()  # a pending commit held for this read may be latched now
         self._unpin(key[0])
         for w in r.waiters:
             w.left -= 1
@@ -309,8 +315,12 @@ class DisplayPort:
 
     # --- the compositor's half --------------------------------------------------------------
     def tick(self, now_ns: int) -> Frame:
-        """Latch the pending commits; pin the regions the scene reads until ``deliver``."""
-        t = self.core.tick(now_ns)
+        """Latch the pending commits whose pictures are not being read ahead; pin the regions the
+        scene reads until ``deliver``."""
+        # A commit whose picture is still being scaled ahead stays pending: the composition
+        # would wait for that job, and every picture it latches with it.  Its read_done sets
+        # ``changed`` and the next tick takes it.
+        t = self.core.tick(now_ns, self._reads)
         regions: dict[int, NDArray[np.uint8]] = {}
         for item in t.scene:
             if item.frame is not None and item.vm in self._mem:
@@ -324,13 +334,9 @@ class DisplayPort:
         vms = list(frame.regions)
         frame.regions.clear()  # the last views: an mmap with views exported cannot be closed
         for ev in frame.tick.events:
-            f = ev.flip
-            if f.flags & FlipFlag.RELEASED:
-                # The composition showed the new picture; the released one may still be read
-                # ahead (a layout change made its prescaled image unused): wait for that read.
-                self._after_reads([(ev.vm, f.output, f.released_seq)], partial(self._flip, ev.vm, f, f.front_seq))
-            else:
-                self._flip(ev.vm, f, f.front_seq)
+            # No read of either picture runs: tick() latched only commits whose read had ended,
+            # and a read starts only at its commit.  The released buffer is the guest's now.
+            self._flip(ev.vm, ev.flip, ev.flip.front_seq)
         for vm in vms:
             self._unpin(vm)
 

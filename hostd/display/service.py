@@ -1,19 +1,23 @@
-"""The compositor thread: when the scene changed, at most at the refresh rate, latch the commits
-and compose the shared screen.
-
-Each composition: ``tick`` on the device thread (``DisplayPort.tick``: the pending commits become the
-front ones, their regions are pinned), compose the scene here (swscale releases the GIL; this
-thread is off the codec's path), publish a new screen array, then ``deliver`` on the device thread
-(the flips complete, the regions are unpinned).  The flips that release buffers are therefore
-written only after the composition that read them: no guest draws into a buffer being composed.
+"""The compositor thread: as soon as a new picture is ready (or the scene changed otherwise),
+latch it and compose the shared screen; at most ``max_compose_hz`` compositions a second.
 
 A commit's picture is scaled as soon as it arrives (``DisplayPort.prescale`` is set to
-``_prescale``: the device thread hands the commit to the compositor's scaling workers), so the
-composition at the refresh that latches it is mostly copies of scaled images.  The port holds
-back the flips that release a picture still being read ahead (hostd/display/port.py).
+``_prescale``: the device thread hands the commit to the compositor's scaling workers).  The
+port keeps the commit pending until that read ended; the read's end wakes this thread, whose
+composition then only copies the scaled image into the screen (only the rectangles that
+changed since that screen array was last composed).
 
-Refreshes keep their phase (``core.refresh_slot``): slot n+1 is slot n plus one period, not one
-period after the composition of slot n actually started.
+Each composition: ``tick`` on the device thread (``DisplayPort.tick``: the pending commits whose
+pictures are scaled become the front ones, their regions are pinned), compose the scene here
+(off the codec's path), publish the screen array, then ``deliver`` on the device thread (the
+flips complete, the regions are unpinned).  The flips that release buffers are therefore written
+only after the composition that read them: no guest draws into a buffer being composed, and a
+commit's completion means its picture is on the screen.
+
+The screen is *shown* at ``refresh_hz`` (the live page and the recorder sample it); composition
+does not wait for that rate, so a commit is composed within its scaling time, not a refresh.
+Compositions keep a phase under a flood (``core.compose_slot``): slot n+1 is slot n plus one
+``1 / max_compose_hz`` period.
 
 Readers (the live page, the control socket's snapshot and record commands) get read-only screen
 arrays: a published screen is composed into again only once no reader references it.
@@ -33,8 +37,8 @@ import structlog
 from numpy.typing import NDArray
 
 from hostd.display import layout as lay
-from hostd.display.compose import Compositor, Source, items_from_scene, plane_views
-from hostd.display.core import refresh_slot
+from hostd.display.compose import Compositor, Shown, Source, items_from_scene, plane_views
+from hostd.display.core import compose_slot
 from hostd.display.port import DisplayPort, Frame, PrescaleRequest, Reading
 from vmediad.shm import monotonic_ns
 
@@ -56,22 +60,22 @@ class DeviceThread(Protocol):
 class DisplayStats(TypedDict):
     width: int
     height: int
-    refresh_hz: float
+    refresh_hz: float  # the rate the screen is shown at (live page, recorder)
+    max_compose_hz: float
     interpolation: str
     screen_seq: int
     compositions: int
     skipped: int  # ticks that found nothing to compose (e.g. a rejected commit)
-    late: int  # ticks that started more than a period after they were due (CPU starved)
-    screen_fps: float  # compositions over the last second
+    late: int  # ticks that started more than a 1/max_compose_hz period late (CPU starved)
+    screen_fps: float  # compositions over the last second (the screen's content changed)
     compose_ms_p50: float
     compose_ms_p99: float
-    tick_lag_ms_p50: float  # from a composition's refresh slot to its latch on the device thread
+    tick_lag_ms_p50: float  # from a composition's slot to its latch on the device thread
     tick_lag_ms_p99: float
     compose_cpu_s: float  # CPU time of the compositions and of the scaling done ahead of them, in total
-    scaled: int  # pictures scaled (at a refresh or ahead of it)
+    scaled: int  # pictures scaled (when committed, or by a composition)
     reused: int
-    copied: int
-    prescaled: int  # ... of them scaled when they were committed, ahead of the refresh
+    prescaled: int  # ... of them scaled when they were committed
     prescale_shown: int  # ... that a composition showed (the others were superseded first)
 
 
@@ -79,10 +83,11 @@ class DisplayService:
     """The compositor thread and the published screen (a ``hostd.display.http.ScreenSource``)."""
 
     def __init__(self, device: DeviceThread, port: DisplayPort, *, refresh_hz: float = 30.0,
-                 interpolation: str = "bilinear", workers: int = 1) -> None:
+                 max_compose_hz: float = 1000.0, interpolation: str = "bilinear", workers: int = 1) -> None:
         self._device = device
         self._port = port
         self._hz = refresh_hz
+        self._max_hz = max_compose_hz
         self._interp = interpolation.upper()
         self.compositor = Compositor(interpolation=self._interp, workers=workers)
         core = port.core
@@ -96,7 +101,10 @@ class DisplayService:
         # start (the soak run holds hostd's RSS flat after warm-up).
         self._latest: Screen = _touched(self.height, self.width)
         self._latest.flags.writeable = False
-        self._retired: list[Screen] = [_touched(self.height, self.width)]
+        # What each screen shows (None: unknown), so that composing into it again draws only
+        # what changed since (Compositor.compose's ``was``).
+        self._latest_shown: Shown | None = None
+        self._retired: list[tuple[Screen, Shown | None]] = [(_touched(self.height, self.width), None)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
@@ -128,7 +136,7 @@ class DisplayService:
         post, port = self._device.post, self._port
 
         def source() -> Source:
-            return Source(ref.fmt, ref.width, ref.height, plane_views(region, ref), key, ref.packed)
+            return Source(ref.fmt, ref.width, ref.height, plane_views(region, ref), key)
 
         def done() -> None:  # on the worker, after the job dropped its views
             post(lambda: port.read_done(key))
@@ -144,11 +152,11 @@ class DisplayService:
             log.exception("compositor crashed")
 
     def _run(self) -> None:
-        """Compose when the scene may have changed, at most ``refresh_hz`` times a second.  A
-        commit that arrives after a quiet spell is composed at once; under a stream of commits
-        compositions fall on slots one period apart (``refresh_slot``) and each latches the
-        newest commit of every VM."""
-        period = round(1e9 / self._hz)
+        """Compose when the scene may have changed, at most ``max_compose_hz`` times a second.
+        A change after a quiet spell is composed at once; under a flood compositions fall on
+        slots one period apart (``compose_slot``) and each latches the newest scaled commit of
+        every VM."""
+        period = round(1e9 / self._max_hz)
         changed = self._port.changed
         anchor: int | None = None  # the slot of the last composition
         next_ns: int | None = None
@@ -157,12 +165,11 @@ class DisplayService:
             if not changed.wait(wait) and (next_ns is None or monotonic_ns() < next_ns):
                 continue  # nothing changed (the wait is bounded only to notice stop())
             seen = monotonic_ns()
-            slot = refresh_slot(anchor, seen, period)
+            slot = compose_slot(anchor, seen, period)
             if seen < slot:
-                self._stop.wait((slot - seen) / 1e9)  # the rate cap: commits meanwhile replace each other
+                self._stop.wait((slot - seen) / 1e9)  # the cap: commits meanwhile replace each other
             if monotonic_ns() - max(seen, slot) > period:
                 self._late += 1  # this thread got the CPU more than a period after it was due
-            anchor = slot
             changed.clear()  # before the tick: a change the tick misses sets it again
             frame: Frame | None = self._device.call(lambda: self._port.tick(monotonic_ns()), timeout=5.0)
             if frame is None:
@@ -172,6 +179,7 @@ class DisplayService:
             next_ns = frame.next_ns
             try:
                 if frame.tick.changed:
+                    anchor = slot  # only a composition takes a slot
                     self._compose(frame)
                 else:
                     self._skipped += 1
@@ -182,30 +190,32 @@ class DisplayService:
     def _compose(self, frame: Frame) -> None:
         items = items_from_scene(frame.tick.scene, frame.region_of)
         t0 = time.perf_counter()
-        screen = self._free_screen()
-        self.compositor.compose(screen, items)
+        screen, was = self._free_screen()
+        shown = self.compositor.compose(screen, items, was).shown
         del items  # the views of guest regions: deliver() unmaps departed ones
         screen.flags.writeable = False
         self._costs.append(time.perf_counter() - t0)
         with self._cond:
             self._seq += 1
-            self._retired.append(self._latest)
-            self._latest = screen
+            self._retired.append((self._latest, self._latest_shown))
+            self._latest, self._latest_shown = screen, shown
             self._times.append(monotonic_ns())
             self._cond.notify_all()
 
-    def _free_screen(self) -> Screen:
-        """A screen array no reader holds (reused), else a new one."""
+    def _free_screen(self) -> tuple[Screen, Shown | None]:
+        """A screen array no reader holds (reused) and what it shows, else a new one."""
         with self._cond:
             retired, self._retired = self._retired, []
-        free = None
-        for old in retired:
-            # Held by ``retired`` and by getrefcount's argument only: nobody reads it any more.
-            if free is None and sys.getrefcount(old) <= 3:
+        free: tuple[Screen, Shown | None] | None = None
+        while retired:
+            old = retired.pop()
+            # Held by ``old`` and by getrefcount's argument only: nobody reads it any more.
+            if free is None and sys.getrefcount(old[0]) <= 2:
                 free = old
+            del old
         if free is None:
-            return np.empty((self.height, self.width, 4), np.uint8)
-        free.flags.writeable = True
+            return np.empty((self.height, self.width, 4), np.uint8), None
+        free[0].flags.writeable = True
         return free
 
     # --- readers (any thread) -----------------------------------------------------------------
@@ -262,11 +272,12 @@ class DisplayService:
             recent = sum(1 for t in self._times if now - t < 1_000_000_000)
             seq = self._seq
         return DisplayStats(
-            width=self.width, height=self.height, refresh_hz=self._hz, interpolation=self._interp.lower(),
+            width=self.width, height=self.height, refresh_hz=self._hz, max_compose_hz=self._max_hz,
+            interpolation=self._interp.lower(),
             screen_seq=seq, compositions=c.frames, skipped=self._skipped, late=self._late,
             screen_fps=float(recent), compose_ms_p50=_pct(costs, 0.5) * 1e3, compose_ms_p99=_pct(costs, 0.99) * 1e3,
             tick_lag_ms_p50=_pct(lags, 0.5) / 1e6, tick_lag_ms_p99=_pct(lags, 0.99) / 1e6,
-            compose_cpu_s=round(c.cpu_s, 6), scaled=c.scaled, reused=c.reused, copied=c.copied,
+            compose_cpu_s=round(c.cpu_s, 6), scaled=c.scaled, reused=c.reused,
             prescaled=c.prescaled, prescale_shown=c.prescale_shown)
 
 

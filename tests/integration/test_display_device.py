@@ -71,7 +71,7 @@ def _gradient(w: int, h: int, seed: int) -> NDArray[np.uint8]:
 def _reference(items: list[tuple[int, Rect, PixFmt, tuple[NDArray[np.uint8], ...], int, int]]) -> NDArray[np.uint8]:
     """The same composition in-process: same swscale filter, same rects, bottom to top."""
     screen = np.zeros((H, W, 4), np.uint8)
-    srcs = [comp.Item(slot, rect, Aspect.FIT, comp.Source(fmt, w, h, planes, None, False))
+    srcs = [comp.Item(slot, rect, Aspect.FIT, comp.Source(fmt, w, h, planes, None))
             for slot, rect, fmt, planes, w, h in items]
     comp.Compositor().compose(screen, srcs)
     return screen
@@ -126,18 +126,18 @@ def test_two_vms_bgra_and_yuv_compose_bit_exact_with_layout_change(make_hostd: C
 
 
 def test_flips_release_buffers_in_order_and_mailbox_drops(make_hostd: Callable[..., Hostd]) -> None:
-    h = make_hostd(display_width=W, display_height=H, display_refresh_hz=1.0)
+    h = make_hostd(display_width=W, display_height=H, display_max_compose_hz=1.0)
     with guestlib.attach(h.socket_path, name="m") as dev:
         disp = dev.display(64, 64, "bgra", 3)
         assert disp.held == {0, 1, 2}
         # A commit after a quiet spell is composed at once; the next composition may start only
-        # a refresh (1 s) later.  Three commits inside that second (forced by the rate cap): the
+        # 1 s later (max_compose_hz).  Three commits inside that second (forced by the cap): the
         # first two never reach the screen (DROPPED), each giving its buffer back at once; nothing
         # waits.
         f = disp.back()
         f.planes[0][...] = (5, 5, 5, 255)
         _settled(h)  # what the attach and open changed is composed ...
-        time.sleep(1.1)  # ... more than a refresh ago: a quiet spell
+        time.sleep(1.1)  # ... more than a period ago: a quiet spell
         t0 = time.monotonic()
         assert disp.commit(f).completion(0.5).status == abi.Status.DONE  # composed at once
         assert time.monotonic() - t0 < 0.5 and disp.presented == 0
@@ -147,7 +147,7 @@ def test_flips_release_buffers_in_order_and_mailbox_drops(make_hostd: Callable[.
             f = disp.back()
             f.planes[0][...] = (colour, colour, colour, 255)
             tasks.append(disp.commit(f))
-        first_two = [t.completion(0.5) for t in tasks[:2]]  # they end long before the next refresh
+        first_two = [t.completion(0.5) for t in tasks[:2]]  # they end long before the next composition
         last = tasks[2]
         # One buffer on screen, one pending, one the guest's.
         assert not last.done() and len(disp.held) == 1 and (disp.dropped, disp.presented) == (2, 1)
@@ -168,7 +168,7 @@ def test_a_newer_commit_while_the_older_is_prescaled(make_hostd: Callable[..., H
     """A commit's picture is scaled as soon as it arrives.  Commit B's scaling is held inside
     its job (it is reading B's buffer) when commit C replaces B: B's DROPPED flip, which gives
     its buffer back, must wait until that read ended; C is what the screen shows."""
-    h = make_hostd(display_width=W, display_height=H, display_refresh_hz=1.0, display_threads=2)
+    h = make_hostd(display_width=W, display_height=H, display_max_compose_hz=1.0, display_threads=2)
     gate, reading = threading.Event(), threading.Event()
     real = h.display.compositor.prescale
 
@@ -204,7 +204,7 @@ def test_a_newer_commit_while_the_older_is_prescaled(make_hostd: Callable[..., H
             time.sleep(0.1)
             assert not b.done()  # B's buffer is still read: not given back
             gate.set()
-            assert b.completion(3).status == abi.Status.DONE and not c.done()  # long before the next refresh
+            assert b.completion(3).status == abi.Status.DONE and not c.done()  # long before the next composition
             assert c.completion(3).status == abi.Status.DONE
             assert len(disp.held) == 2 and (disp.presented, disp.dropped) == (2, 1)  # held reaps the flips
             _, screen = _settled(h)

@@ -143,8 +143,7 @@ def test_buffer_layout_strides_and_sizes() -> None:
     commit(core, a.output, 0)
     commit(core, b.output, 1, vm=1)
     frames = {s.vm: s.frame for s in core.tick(1).scene}
-    assert frames[0] is not None and frames[0].packed  # swscale can read it in place
-    assert frames[1] is not None and not frames[1].packed  # odd size: copied before scaling
+    assert frames[0] is not None and frames[1] is not None
     assert [(p.offset - b.allocation, p.stride, p.rows, p.row_bytes) for p in frames[1].planes] == [
         (1196032, 1024, 777, 1001), (1196032 + 795648, 512, 389, 501), (1196032 + 994816, 512, 389, 501)]
 
@@ -218,6 +217,24 @@ def test_mailbox_every_transition() -> None:
     stats = core.statistics(6000)["vms"][0]  # type: ignore[index]
     assert (stats["commits"], stats["presented"], stats["dropped"], stats["rejected"]) == (3, 2, 1, 2)
     assert stats["latency_p50_ms"] == pytest.approx(0.002)  # 3000 -> 5000 ns
+
+
+def test_a_held_commit_stays_pending_and_others_are_latched() -> None:
+    core, _ = make(2)
+    out0, out1 = open_(core, vm=0).output, open_(core, vm=1).output
+    core.tick(0)
+    commit(core, out0, 0, vm=0, now=100)
+    commit(core, out1, 0, vm=1, now=100)
+    t = core.tick(1000, hold={(0, out0, 1)})  # vm0's picture is still being scaled
+    assert [(e.vm, e.flip.front_seq) for e in t.events] == [(1, 1)] and t.changed
+    assert core.buffer_states(out0) == {0: "pending", 1: "guest", 2: "guest"}
+    # a newer commit still replaces the held one (mailbox), and is itself held or latched
+    c = commit(core, out0, 1, vm=0, now=2000)
+    assert isinstance(c, Committed) and c.dropped is not None and c.dropped.released_seq == 1
+    t = core.tick(3000, hold={(0, out0, 1)})  # a stale key holds nothing
+    assert [(e.vm, e.flip.front_seq, e.flip.composed_ns) for e in t.events] == [(0, 2, 3000)]
+    stats = {v["name"]: v for v in core.statistics(3000)["vms"]}  # type: ignore[attr-defined]
+    assert stats["vm0"]["latency_p50_ms"] == pytest.approx(0.001)  # 2000 -> 3000 ns
 
 
 def test_two_buffers_the_guest_waits_for_its_flip() -> None:
@@ -294,7 +311,7 @@ def test_external_picture_zero_copy_commit() -> None:
     (ev,) = core.tick(1).events
     assert ev.flip.front_buffer == BUFFER_EXTERNAL
     frame = core.scene()[0].frame
-    assert frame is not None and not frame.packed  # a decoder's padded planes: copied before scaling
+    assert frame is not None  # a decoder's padded planes, read where they lie
     assert [(p.offset, p.stride, p.rows, p.row_bytes) for p in frame.planes] == [
         (1 << 20, 704, 360, 640), ((1 << 20) + 0x40000, 352, 180, 320), ((1 << 20) + 0x50000, 352, 180, 320)]
     packed = ext(planes=(0, 704 * 360, 704 * 360 + 352 * 180))
@@ -302,7 +319,8 @@ def test_external_picture_zero_copy_commit() -> None:
     (ev,) = core.tick(2).events
     assert (ev.flip.released_buffer, ev.flip.released_seq) == (BUFFER_EXTERNAL, 1)
     f2 = core.scene()[0].frame
-    assert f2 is not None and f2.packed
+    assert f2 is not None and [p.offset for p in f2.planes] == [1 << 20, (1 << 20) + 704 * 360,
+                                                               (1 << 20) + 704 * 360 + 352 * 180]
     commit(core, out, 0)  # back to an allocated buffer: the external one is released at the next tick
     (ev,) = core.tick(3).events
     assert (ev.flip.front_buffer, ev.flip.released_buffer) == (0, BUFFER_EXTERNAL)

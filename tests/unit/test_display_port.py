@@ -1,6 +1,7 @@
-"""The display port's reads ahead of the tick, driven step by step on one thread: a flip that gives
-a buffer back (DROPPED, RELEASED) and a close's completion wait for every read of that buffer's
-picture; a read not started yet is cancelled instead.  Also the refresh slots' phase."""
+"""The display port's reads ahead of the tick, driven step by step on one thread: a commit is
+latched only once the read of its picture ended; a flip that gives a buffer back (DROPPED) and a
+close's completion wait for every read of that buffer's picture; a read not started yet is
+cancelled instead.  Also the composition slots' phase."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from hostd.core.validate import Program
 from hostd.display import layout as lay
-from hostd.display.core import NS, refresh_slot
+from hostd.display.core import NS, compose_slot
 from hostd.display.port import DisplayPort, PrescaleRequest
 from vmediad import abi
 from vmediad.abi import DisplayCommit, DisplayFlip, DisplayOpen, ErrorCode, FlipFlag, Op, PixFmt
@@ -113,10 +114,17 @@ def test_superseded_while_read_the_dropped_flip_waits_for_the_read() -> None:
     f = r.flip_at(a)
     assert (f.flags, f.released_buffer, f.released_seq) == (DROPPED | RELEASED, 0, 1)
     assert r.port._pins == {0: 1}  # the newer commit's read still pins the region
+    r.reads[1].running = True
     frame = r.port.tick(5)
-    assert [e.flip.front_seq for e in frame.tick.events] == [2]
+    assert frame.tick.events == ()  # its picture is still being scaled: it stays pending
     r.port.deliver(frame)
-    assert r.slots_done() == [10, 11]
+    r.port.changed.clear()
+    r.port.read_done(r.reads[1].req.key)
+    assert r.port.changed.is_set()  # the read's end wakes the compositor ...
+    frame = r.port.tick(6)
+    assert [e.flip.front_seq for e in frame.tick.events] == [2]  # ... whose tick takes the commit
+    r.port.deliver(frame)
+    assert r.slots_done() == [10, 11] and r.port._pins == {}
 
 
 def test_superseded_before_its_read_started_is_cancelled_and_dropped_at_once() -> None:
@@ -130,26 +138,27 @@ def test_superseded_before_its_read_started_is_cancelled_and_dropped_at_once() -
     assert r.port._pins == {0: 1} and r.slots_done() == [10]
 
 
-def test_release_of_the_old_front_waits_for_a_read_of_it() -> None:
+def test_a_commit_is_latched_only_after_its_read_and_then_releases_the_old_front() -> None:
     r = rig()
     a = r.commit(0, 10)
     r.port.read_done(r.reads[0].req.key)
     r.port.deliver(r.port.tick(1))  # buffer 0 on screen
     assert r.slots_done() == [10] and r.flip_at(a).flags == PRESENTED
     b = r.commit(1, 11)
-    r.reads[1].running = True  # (its image then went unused, e.g. the layout changed)
-    frame = r.port.tick(2)  # buffer 1 latched, buffer 0 released by this flip
+    r.reads[1].running = True
+    frame = r.port.tick(2)
+    assert frame.tick.events == () and not frame.tick.changed  # buffer 1 is read: nothing to compose
     r.port.deliver(frame)
-    # Buffer 1's flip also gives buffer 0 back: written at once (buffer 0 is not being read).
-    assert r.slots_done() == [10, 11] and r.flip_at(b).flags == PRESENTED | RELEASED
-    c = r.commit(2, 12)
-    r.port.read_done(r.reads[2].req.key)
-    r.port.deliver(r.port.tick(3))  # buffer 2 latched: buffer 1, still read, must wait
-    assert r.slots_done() == [10, 11]
+    assert r.port.core.buffer_states(r.output) == {0: "front", 1: "pending", 2: "guest"}
     r.port.read_done(r.reads[1].req.key)
-    assert r.slots_done() == [10, 11, 12]
-    f = r.flip_at(c)
-    assert (f.flags, f.front_buffer, f.released_buffer) == (PRESENTED | RELEASED, 2, 1)
+    frame = r.port.tick(3)
+    assert [e.flip.front_seq for e in frame.tick.events] == [2]
+    assert r.slots_done() == [10]  # written only once the composition is done ...
+    r.port.deliver(frame)
+    assert r.slots_done() == [10, 11]  # ... and then it gives buffer 0 back at once
+    f = r.flip_at(b)
+    assert (f.flags, f.front_buffer, f.released_buffer) == (PRESENTED | RELEASED, 1, 0)
+    assert r.port.core.buffer_states(r.output) == {0: "guest", 1: "front", 2: "guest"}
 
 
 def test_close_completes_after_the_reads_of_its_buffers() -> None:
@@ -188,8 +197,8 @@ def test_no_read_for_a_hidden_viewport_and_release_all_cancels() -> None:
     assert r.reads[0].cancelled and r.port._pins == {}
 
 
-# --- refresh slots ----------------------------------------------------------------------------
-def test_refresh_slots_keep_their_phase_under_late_starts() -> None:
+# --- composition slots ----------------------------------------------------------------------------
+def test_compose_slots_keep_their_phase_under_late_starts() -> None:
     """A stream of commits: each composition wants its slot and starts up to 0.9 period late
     (CPU contention).  The slots stay one period apart: exactly 60 a second, none lost."""
     period = round(NS / 60)
@@ -198,7 +207,7 @@ def test_refresh_slots_keep_their_phase_under_late_starts() -> None:
     now = 0
     starts = []
     for _ in range(600):
-        slot = refresh_slot(anchor, now, period)
+        slot = compose_slot(anchor, now, period)
         start = max(now, slot) + rnd.randrange(0, period * 9 // 10)
         starts.append(start)
         anchor = slot
@@ -223,5 +232,5 @@ def test_refresh_slots_keep_their_phase_under_late_starts() -> None:
     (1000, 1200, 1200),  # a whole period missed: re-anchor at now
     (1000, 9000, 9000),  # after a quiet spell: at once
 ])
-def test_refresh_slot_cases(anchor: int | None, now: int, want: int) -> None:
-    assert refresh_slot(anchor, now, 100) == want
+def test_compose_slot_cases(anchor: int | None, now: int, want: int) -> None:
+    assert compose_slot(anchor, now, 100) == want

@@ -72,7 +72,8 @@ def main() -> None:
 @click.option("--display-http", metavar="[HOST:]PORT",
               help="serve the shared screen's live page, e.g. 8080 (loopback) or 0.0.0.0:8080")
 @click.option("--display-size", metavar="WxH", help="the shared screen's size [default: 1280x720]")
-@click.option("--display-refresh", type=float, metavar="HZ", help="the compositor's refresh [default: 30]")
+@click.option("--display-refresh", type=float, metavar="HZ",
+              help="the rate the screen is shown at (live page, recorder) [default: 30]")
 @click.option("--display-layout", metavar="WORDS", help="the layout at start, e.g. \"main vm0\" [default: grid]")
 def hostd(socket_path: Path | None, channels: int | None, config_path: Path | None, policy: str | None,
           metrics: str | None, log_level: str, fault_injection: bool | None, ivshmem_dir: Path | None,
