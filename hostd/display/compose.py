@@ -204,15 +204,15 @@ class Scaler:
 
     def __init__(self) -> None:
         self._ctx = (sws.Context(), sws.Context(), sws.Context())
-        self._planar: NDArray[np.uint8] | None = None  # (3, h, w): the unpacked picture
-        self._scaled: NDArray[np.uint8] | None = None  # (3, h, w): its planes scaled
+        self._planar: tuple[NDArray[np.uint8], ...] | None = None  # the unpacked picture's planes
+        self._scaled: tuple[NDArray[np.uint8], ...] | None = None  # ... scaled
 
     def scale(self, src: Source, crop: Rect, width: int, height: int, interpolation: str | int) -> NDArray[np.uint8]:
         """A new ``(height, width, 4)`` opaque bgra image of ``crop`` of ``src`` (never a view of
         the picture: swscale writes alpha 255 from planar or yuv input)."""
         flags = sws.flags_of(interpolation)
-        out = np.empty((height, width, 4), np.uint8)
-        packed = (out.reshape(height, 4 * width),)
+        packed = (sws.padded(height, 4 * width),)
+        out = _pixels(packed[0])
         if src.fmt != PixFmt.BGRA:
             planes = _crop_planes(src, crop)
             self._ctx[0].scale(planes, _SWS[src.fmt], crop.w, crop.h, packed, _SWS[PixFmt.BGRA], width, height, flags)
@@ -222,16 +222,25 @@ class Scaler:
         scaled = self._scaled = _buffer(self._scaled, height, width)
         # gbrp's plane order is G, B, R: the same three planes are named Y, U, V for the middle
         # step, which swscale then scales alike and leaves unconverted.
-        self._ctx[0].scale((view,), _SWS[PixFmt.BGRA], crop.w, crop.h, tuple(planar), _GBRP, crop.w, crop.h, flags)
-        self._ctx[1].scale(tuple(planar), _YUV444P, crop.w, crop.h, tuple(scaled), _YUV444P, width, height, flags)
-        self._ctx[2].scale(tuple(scaled), _GBRP, width, height, packed, _SWS[PixFmt.BGRA], width, height, flags)
+        self._ctx[0].scale((view,), _SWS[PixFmt.BGRA], crop.w, crop.h, planar, _GBRP, crop.w, crop.h, flags)
+        self._ctx[1].scale(planar, _YUV444P, crop.w, crop.h, scaled, _YUV444P, width, height, flags)
+        self._ctx[2].scale(scaled, _GBRP, width, height, packed, _SWS[PixFmt.BGRA], width, height, flags)
         return out
 
 
-def _buffer(have: NDArray[np.uint8] | None, height: int, width: int) -> NDArray[np.uint8]:
-    if have is not None and have.shape == (3, height, width):
+def _buffer(have: tuple[NDArray[np.uint8], ...] | None, height: int, width: int) -> tuple[NDArray[np.uint8], ...]:
+    """Three planes of ``height`` x ``width`` swscale may write (``swscale.padded``)."""
+    if have is not None and have[0].shape == (height, width):
         return have
-    return np.empty((3, height, width), np.uint8)
+    return tuple(sws.padded(height, width) for _ in range(3))
+
+
+def _pixels(plane: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """A ``(rows, 4 * width)`` plane as ``(rows, width, 4)``, sharing its memory and row stride."""
+    rows, nbytes = plane.shape
+    out: NDArray[np.uint8] = np.lib.stride_tricks.as_strided(
+        plane, shape=(rows, nbytes // 4, 4), strides=(plane.strides[0], 4, 1))
+    return out
 
 
 def _crop_planes(src: Source, crop: Rect) -> tuple[NDArray[np.uint8], ...]:
@@ -336,14 +345,24 @@ def draw_cleared(screen: Screen, rect: Rect, label: str | None) -> None:
 # --- pictures in regions ---------------------------------------------------------------------
 def plane_views(region: NDArray[np.uint8], ref: FrameRef) -> tuple[NDArray[np.uint8], ...]:
     """The planes of ``ref`` as ``(rows, row bytes)`` views of ``region`` (a 1-D uint8 array of the
-    whole region; the core validated every plane lies in it)."""
+    whole mapped region; the core validated every plane lies in it).
+
+    swscale's SIMD loads read up to a few dozen bytes past a plane's last byte: a plane that
+    ends less than ``swscale.INPUT_SLACK`` bytes before the end of the mapping (a guest may
+    place a picture there) is handed over as a padded copy, never as a view, or those loads
+    would fault past the mapping and kill hostd."""
     out = []
     for p in ref.planes:
         extent = (p.rows - 1) * p.stride + p.row_bytes
         if p.offset + extent > region.shape[0]:
             raise ValueError(f"plane at {p.offset:#x} (+{extent}) is past the region's {region.shape[0]} bytes")
         base = region[p.offset:p.offset + extent]
-        out.append(np.lib.stride_tricks.as_strided(base, shape=(p.rows, p.row_bytes), strides=(p.stride, 1)))
+        view = np.lib.stride_tricks.as_strided(base, shape=(p.rows, p.row_bytes), strides=(p.stride, 1))
+        if p.offset + extent + sws.INPUT_SLACK > region.shape[0]:
+            copy = sws.padded(p.rows, p.row_bytes)
+            copy[:] = view
+            view = copy
+        out.append(view)
     return tuple(out)
 
 

@@ -80,6 +80,26 @@ def flags_of(interpolation: str | int) -> int:
 
 Planes = tuple[NDArray[np.uint8], ...]  # 2-D uint8 views, rows possibly strided, pixels packed
 
+# swscale's SIMD loads read past the end of an input plane: an NV12 picture whose chroma ended
+# 24 bytes before an unmapped page faulted, 32 did not (AVX-512 here); four times that is kept.
+INPUT_SLACK = 256
+
+# swscale's SIMD stores run past the end of a row (a 2x2 picture scaled to 5x7 bgra corrupted
+# the heap after a tight numpy array): what it writes must be laid out as av_frame_get_buffer
+# lays frames out, rows aligned and padded.
+ALIGN = 64
+
+
+def padded(rows: int, row_bytes: int) -> NDArray[np.uint8]:
+    """A ``(rows, row_bytes)`` uint8 array for swscale to write: it starts on an ALIGN boundary,
+    its rows are ALIGN-aligned with at least ALIGN spare bytes each, and a spare row follows."""
+    stride = -(-(row_bytes + ALIGN) // ALIGN) * ALIGN
+    buf = np.empty((rows + 1) * stride + ALIGN, np.uint8)
+    start = -buf.ctypes.data % ALIGN
+    out: NDArray[np.uint8] = np.lib.stride_tricks.as_strided(buf[start:], shape=(rows, row_bytes),
+                                                             strides=(stride, 1))
+    return out
+
 
 class Context:
     """One swscale context (re-made only when the geometry, formats or flags change).  Not

@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from hostd.display import compose as comp
 from hostd.display import layout as lay
 from hostd.display.core import Committed, DisplayCore, FrameRef, Opened, Tick
+from hostd.display.core import Plane as core_plane
 from hostd.display.layout import Aspect, Kind, LayoutSpec, Rect, RectSpec
 from vmediad import abi
 from vmediad.abi import DisplayCommit, DisplayOpen, DisplayReply, FlipFlag, PixFmt
@@ -578,7 +579,7 @@ def _scene(draw: Callable[[Any], Any], n_items: int) -> list[comp.Item]:
 
 def _pics() -> list[tuple[int, int, tuple[NDArray[np.uint8], ...]]]:
     rng = np.random.default_rng(5)
-    out = []
+    out: list[tuple[int, int, tuple[NDArray[np.uint8], ...]]] = []
     for w, h in ((24, 16), (24, 16), (24, 16), (30, 22)):
         out.append((w, h, (rng.integers(0, 256, (h, 4 * w), dtype=np.uint8),)))
     return out
@@ -639,3 +640,53 @@ def test_a_new_picture_redraws_only_its_viewport() -> None:
     # a layout change (here: one viewport moved) draws the whole screen again
     moved = [comp.Item(0, Rect(1, 1, 30, 20), Aspect.STRETCH, scene(1)[0].source), *scene(1)[1:]]
     assert c.compose(screen, moved, again.shown).drawn_px == SW * SH
+
+
+# --- pictures flush with the end of a region ---------------------------------------------------
+def _flush_scan(out: Any) -> None:
+    """In a child: pictures whose last plane ends exactly where the mapping ends (an unmapped
+    page follows) are scaled as the compositor does; each image must equal the same picture's
+    scaled away from the end.  A load past the mapping kills this process (SIGSEGV)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    page = mmap.PAGESIZE
+    rng = np.random.default_rng(9)
+    n = 0
+    for w, h in ((2, 2), (3, 3), (6, 2), (17, 11), (130, 97), (641, 359)):
+        for fmt in FORMATS:
+            cw, ch = (w + 1) // 2, (h + 1) // 2
+            size = 4 * w * h if fmt == PixFmt.BGRA else w * h + 2 * cw * ch
+            pages = -(-size // page) + 1
+            mm = mmap.mmap(-1, pages * page)
+            at = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            assert libc.mprotect(ctypes.c_void_p(at + (pages - 1) * page), page, 0) == 0
+            region = np.frombuffer(mm, np.uint8, count=(pages - 1) * page)
+            start = region.shape[0] - size
+            region[start:] = rng.integers(0, 256, size, dtype=np.uint8)
+            planes = [(start, 4 * w, h, 4 * w)] if fmt == PixFmt.BGRA else [(start, w, h, w)] + (
+                [(start + w * h, 2 * cw, ch, 2 * cw)] if fmt == PixFmt.NV12 else
+                [(start + w * h, cw, ch, cw), (start + w * h + cw * ch, cw, ch, cw)])
+            ref = FrameRef(0, fmt, w, h, tuple(core_plane(*p) for p in planes))
+            views = comp.plane_views(region, ref)
+            inner = tuple(np.array(v) for v in views)  # the same pixels, far from any end
+            for dw, dh in ((1, 1), (2 * w + 1, 2 * h + 3), (max(1, w // 3), max(1, h // 3))):
+                for interp in ("BILINEAR", "BICUBIC", "LANCZOS", "POINT"):
+                    got = comp.Scaler().scale(comp.Source(fmt, w, h, views), Rect(0, 0, w, h), dw, dh, interp)
+                    want = comp.Scaler().scale(comp.Source(fmt, w, h, inner), Rect(0, 0, w, h), dw, dh, interp)
+                    assert np.array_equal(got, want), (w, h, fmt, dw, dh, interp)
+                    n += 1
+            del views, region
+    out.put(n)
+
+
+def test_pictures_flush_with_the_region_end_are_scaled_without_a_fault() -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_flush_scan, args=(q,))
+    p.start()
+    p.join(120)
+    assert p.exitcode == 0, f"the scan died with {p.exitcode} (-11: a load past the mapping)"
+    assert q.get(timeout=5) == 6 * 3 * 3 * 4
