@@ -132,6 +132,23 @@ def _draw_over(screen: Screen, start: int, area: Rect, plans: Sequence[tuple[Ite
 
 
 @dataclass(frozen=True, slots=True)
+class Prepared:
+    """A composition between ``Compositor.prepare`` and ``Compositor.draw``: per item its plan
+    (placement, visible rect) and image; the items keep their views of guest memory."""
+
+    items: tuple[Item, ...]
+    plans: tuple[tuple[Item, Placement, Rect] | None, ...]
+    images: tuple[NDArray[np.uint8] | None, ...]
+    shown: Shown
+    cpu_s: float  # prepare's thread CPU and its pooled scaling
+    pre_cpu_s: float  # the prescaling of the pictures it showed
+    wall_start: float  # perf_counter at prepare's start
+    scaled: int
+    reused: int
+    prescaled: int
+
+
+@dataclass(frozen=True, slots=True)
 class ComposeStats:
     cpu_s: float  # CPU of the composition: its thread, its pooled scaling, the prescaling it showed
     wall_s: float
@@ -511,12 +528,18 @@ class Compositor:
         ``was``: what ``screen`` showed when it was composed last.  When the scene differs from
         it only in pictures that replace pictures of the same size and place, only those
         pictures' rectangles are drawn again (and what lies over them); else the whole screen."""
-        t0, w0 = time.thread_time(), time.perf_counter()
         if screen.dtype != np.uint8 or screen.ndim != 3 or screen.shape[2] != 4 or screen.strides[1:] != (4, 1):
             raise ValueError(f"screen must be (H, W, 4) uint8 with whole pixels, got {screen.shape} {screen.dtype}")
+        return self.draw(screen, self.prepare(items, screen.shape[1], screen.shape[0]), was)
+
+    def prepare(self, items: Sequence[Item], width: int, height: int) -> Prepared:
+        """The first half of ``compose``: every picture of ``items`` scaled for a ``width`` x
+        ``height`` screen (or its kept or prescaled image taken).  The result holds the items'
+        views of guest memory until it is dropped."""
+        t0, w0 = time.thread_time(), time.perf_counter()
         if len({i.slot for i in items}) != len(items):
             raise ValueError("two compose items share a slot")
-        full = Rect(0, 0, screen.shape[1], screen.shape[0])
+        full = Rect(0, 0, width, height)
         plans: list[tuple[Item, Placement, Rect] | None] = []
         jobs: dict[int, tuple[Source, Placement]] = {}
         ahead: dict[int, tuple[Prescale, Source, Placement]] = {}
@@ -580,32 +603,43 @@ class Compositor:
             # A picture without a key never equals what a screen showed before (object()).
             marks.append(("picture", src.key if src.key is not None else object(), p, self.interpolation))
         now = Shown(full, tuple((i.slot, i.rect, i.aspect, m) for i, m in zip(items, marks, strict=True)))
-        damage = _damage(was, now, plans) if was is not None else None
-        if damage is None:
-            labelled = self._draw_all(screen, items, plans, images, full)
-            damaged = full.w * full.h
-        else:
-            labelled = 0
-            damaged = sum(r.w * r.h for _, r in damage)
-            for start, area in damage:
-                _draw_over(screen, start, area, plans, images)
         live = {i.slot for i in items}
         with self._lock:
             known = set(self._scalers) | set(self._ready) | set(self._images)
         for gone in [s for s in known if s not in live]:
             self.forget(gone)
-        scaled = len(done) - shown
         cpu = time.thread_time() - t0 + job_cpu  # the prescale jobs added their own CPU already
-        wall = time.perf_counter() - w0
+        return Prepared(tuple(items), tuple(plans), tuple(images), now, cpu, pre_cpu, w0, len(done) - shown,
+                        reused, shown)
+
+    def draw(self, screen: Screen, prep: Prepared, was: Shown | None = None) -> ComposeStats:
+        """The second half of ``compose``: copy what ``prep`` holds into ``screen`` (all of it,
+        or only what changed since ``was``; see ``compose``).  Nothing is scaled here."""
+        t0 = time.thread_time()
+        full = prep.shown.full
+        if screen.shape != (full.h, full.w, 4):
+            raise ValueError(f"a {full.w}x{full.h} composition cannot be drawn on a {screen.shape} screen")
+        damage = _damage(was, prep.shown, prep.plans) if was is not None else None
+        if damage is None:
+            labelled = self._draw_all(screen, prep.items, prep.plans, prep.images, full)
+            damaged = full.w * full.h
+        else:
+            labelled = 0
+            damaged = sum(r.w * r.h for _, r in damage)
+            for start, area in damage:
+                _draw_over(screen, start, area, prep.plans, prep.images)
+        cpu = prep.cpu_s + time.thread_time() - t0
+        wall = time.perf_counter() - prep.wall_start
         with self._lock:
             self.frames += 1
             self.cpu_s += cpu
-            self.last_cpu_s = cpu + pre_cpu
-            self.max_cpu_s = max(self.max_cpu_s, cpu + pre_cpu)
-            self.scaled += scaled
-            self.reused += reused
-            self.prescale_shown += shown
-        return ComposeStats(cpu + pre_cpu, wall, scaled, reused, labelled, shown, now, damaged)
+            self.last_cpu_s = cpu + prep.pre_cpu_s
+            self.max_cpu_s = max(self.max_cpu_s, cpu + prep.pre_cpu_s)
+            self.scaled += prep.scaled
+            self.reused += prep.reused
+            self.prescale_shown += prep.prescaled
+        return ComposeStats(cpu + prep.pre_cpu_s, wall, prep.scaled, prep.reused, labelled, prep.prescaled,
+                            prep.shown, damaged)
 
     @staticmethod
     def _draw_all(screen: Screen, items: Sequence[Item], plans: Sequence[tuple[Item, Placement, Rect] | None],

@@ -190,17 +190,36 @@ class DisplayService:
     def _compose(self, frame: Frame) -> None:
         items = items_from_scene(frame.tick.scene, frame.region_of)
         t0 = time.perf_counter()
-        screen, was = self._free_screen()
-        shown = self.compositor.compose(screen, items, was).shown
-        del items  # the views of guest regions: deliver() unmaps departed ones
-        screen.flags.writeable = False
-        self._costs.append(time.perf_counter() - t0)
+        prep = self.compositor.prepare(items, self.width, self.height)
+        del items
         with self._cond:
-            self._seq += 1
+            # The published screen itself, when no reader holds it: readers take it only under
+            # this lock, so none sees it half drawn, and only what changed is copied (one
+            # picture's rectangle per commit, not that and the one before as into a retired
+            # screen).  Held by self._latest, ``latest`` and getrefcount's argument only.
+            latest = self._latest
+            if self._latest_shown is not None and sys.getrefcount(latest) <= 3:
+                latest.flags.writeable = True
+                self._latest_shown = self.compositor.draw(latest, prep, self._latest_shown).shown
+                latest.flags.writeable = False
+                self._published(t0)
+                return
+            del latest
+        screen, was = self._free_screen()
+        shown = self.compositor.draw(screen, prep, was).shown
+        del prep  # the views of guest regions: deliver() unmaps departed ones
+        screen.flags.writeable = False
+        with self._cond:
             self._retired.append((self._latest, self._latest_shown))
             self._latest, self._latest_shown = screen, shown
-            self._times.append(monotonic_ns())
-            self._cond.notify_all()
+            self._published(t0)
+
+    def _published(self, t0: float) -> None:
+        """A new screen is out (the caller holds ``_cond``)."""
+        self._costs.append(time.perf_counter() - t0)
+        self._seq += 1
+        self._times.append(monotonic_ns())
+        self._cond.notify_all()
 
     def _free_screen(self) -> tuple[Screen, Shown | None]:
         """A screen array no reader holds (reused) and what it shows, else a new one."""

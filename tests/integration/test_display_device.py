@@ -125,6 +125,33 @@ def test_two_vms_bgra_and_yuv_compose_bit_exact_with_layout_change(make_hostd: C
         disp_b.close()
 
 
+def test_a_screen_a_reader_holds_is_never_drawn_into(make_hostd: Callable[..., Hostd]) -> None:
+    """Compositions draw into the published screen itself only while no reader holds it."""
+    h = _hostd(make_hostd)
+    with guestlib.attach(h.socket_path, name="r") as dev:
+        disp = dev.display(64, 64, "bgra", 2)
+
+        def show(colour: int) -> None:
+            f = disp.back()
+            f.planes[0][...] = (colour, colour, colour, 255)
+            assert disp.commit(f).completion(3).status == abi.Status.DONE
+
+        show(10)
+        seq, held = h.display.latest()  # this test is now a reader of that screen
+        before = held.copy()
+        show(20)
+        seq2, now = h.display.latest()
+        assert seq2 > seq and now is not held and not held.flags.writeable
+        assert np.array_equal(held, before)  # not one pixel of the held screen changed
+        assert (now[H // 2, W // 2, :3] == 20).all()
+        ident = id(now)
+        del held, now  # no reader left: the next picture is drawn into the published screen
+        show(30)
+        seq3, again = h.display.latest()
+        assert seq3 > seq2 and id(again) == ident and (again[H // 2, W // 2, :3] == 30).all()
+        disp.close()
+
+
 def test_flips_release_buffers_in_order_and_mailbox_drops(make_hostd: Callable[..., Hostd]) -> None:
     h = make_hostd(display_width=W, display_height=H, display_max_compose_hz=1.0)
     with guestlib.attach(h.socket_path, name="m") as dev:

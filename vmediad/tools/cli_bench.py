@@ -230,8 +230,8 @@ def bench_display(quick: bool, seconds: float | None, json_out: Path | None) -> 
     t.add_row("commit -> latched (tick) p50 / p99", f"{ll['p50_ms']:.2f} / {ll['p99_ms']:.2f} ms", "", "")
     t.add_row("compose wall p50 / p99", f"{e2e['compose_wall_ms_p50']:.2f} / {e2e['compose_wall_ms_p99']:.2f} ms",
               "", "")
-    t.add_row("compositor CPU per screen frame", f"{e2e['compose_cpu_ms_per_frame']:.2f} ms", "", "")
-    t.add_row("late refreshes / skipped", f"{e2e['late']} / {e2e['skipped']}", "", "")
+    t.add_row("compositor CPU per composition", f"{e2e['compose_cpu_ms_per_frame']:.2f} ms", "", "")
+    t.add_row("late / skipped ticks", f"{e2e['late']} / {e2e['skipped']}", "", "")
     t.add_row("commits: presented + dropped", f"{e2e['commits']}: {e2e['presented']} + {e2e['dropped']}", "", "")
     t.add_row("hostd process CPU", f"{e2e['hostd_process_cpu_percent']:.1f} %", "", "")
     cmp = res["end_to_end_compare"]
@@ -243,7 +243,8 @@ def bench_display(quick: bool, seconds: float | None, json_out: Path | None) -> 
               f"{alt['screen_fps']:.2f}; {al['p50_ms']:.2f} / {al['p99_ms']:.2f} ms",
               f"{ag['screen_fps']['goal']}; {ag['latency_p99']['goal']} (p99)",
               met(ag["screen_fps"]["met"] and ag["latency_p99"]["met"]))
-    t.add_row("pictures scaled at commit / at a refresh", f"{e2e['prescaled']} / {e2e['scaled_at_refresh']}", "", "")
+    t.add_row("pictures scaled at commit / by a composition", f"{e2e['prescaled']} / {e2e['scaled_at_refresh']}",
+              "", "")
     t.add_row("tick lag (slot -> latch) p50 / p99", f"{e2e['tick_lag_ms_p50']:.2f} / {e2e['tick_lag_ms_p99']:.2f} ms",
               "", "")
     console.print(t)

@@ -6,19 +6,20 @@ Three parts, every figure against a floor or a goal measured or stated in the sa
    ``hostd.display.compose.compose_floor_vs_core``: the floor is the very swscale calls
    ``Compositor.compose`` makes, in-process on the same pictures; ``compose_ms`` when every
    picture is new, ``kept_ms`` when none is (kept scaled images); ``max_fps`` = 1000 / compose_ms.
-2. ``end_to_end``: a hostd whose screen refreshes at ``refresh_hz``, and guest *processes*
-   (multiprocessing "spawn") that each open a bgra display of ``buffers`` buffers, fill the back
-   buffer with a changing colour and commit it at ``guest_fps``, their phases spread evenly over
-   a frame (guest i starts i/n of a frame late: VMs are not in step, and a screen refreshing
-   at twice their rate then has new pictures at every refresh).  Each guest waits for its
-   commits' tasks in commit order between its frames, so it sees each completion when it
-   happens (a futex wake), never later than its next frame.  Latency ``complete`` is from the
-   ``commit()`` call to the task's completion (the flip is written after the composition that
-   showed it); ``latch`` is from the same instant to the tick that latched it
-   (``DisplayFlip.composed_ns``, the same CLOCK_MONOTONIC).  The first ``warm_s`` seconds
-   (scalers being built) are not counted.  The goals are judged on the run with ``threads``
-   scaling threads; a second run with ``compare_threads`` is reported next to it, and a third
-   (``threads``) at ``alt_refresh_hz``, hostd's default refresh, whose interval is its goal.
+2. ``end_to_end``: a hostd whose screen is shown at ``refresh_hz`` (each picture is composed as
+   soon as it is scaled; the refresh paces only the page and the recorder, and its interval is
+   the latency goal), and guest *processes* (multiprocessing "spawn") that each open a bgra
+   display of ``buffers`` buffers, fill the back buffer with a changing colour and commit it at
+   ``guest_fps``, their phases spread evenly over a frame (guest i starts i/n of a frame late:
+   VMs are not in step).  Each guest waits for its commits' tasks in commit order between its
+   frames, so it sees each completion when it happens (a futex wake), never later than its next
+   frame.  Latency ``complete`` is from the ``commit()`` call to the task's completion (the flip
+   is written after the composition that showed it); ``latch`` is from the same instant to the
+   tick that latched it (``DisplayFlip.composed_ns``, the same CLOCK_MONOTONIC).  The first
+   ``warm_s`` seconds (scalers being built) are not counted.  The goals are judged on the run
+   with ``threads`` scaling threads; a second run with ``compare_threads`` is reported next to
+   it, and a third (``threads``) at ``alt_refresh_hz``, hostd's default refresh, whose interval
+   is its goal.
 3. ``codec``: one decode case of ``vmediad.tools.bench.codec`` (its pictures, its direct PyAV
    floor and its device path) against a hostd whose screen refreshes at 30 Hz, with the display
    idle and with guest processes committing 1080p at 30 fps; the conditions alternate round by
@@ -68,11 +69,11 @@ class Plan:
     codec_refresh_hz: float
 
 
-FULL = Plan(screen=(1920, 1080), guest=(1920, 1080), vms=4, guest_fps=30.0, refresh_hz=60.0, threads=2,
-            compare_threads=1, alt_refresh_hz=30.0, buffers=3, seconds=20.0, warm_s=2.0, compose_frames=30,
+FULL = Plan(screen=(1920, 1080), guest=(1920, 1080), vms=4, guest_fps=30.0, refresh_hz=60.0, threads=1,
+            compare_threads=2, alt_refresh_hz=30.0, buffers=3, seconds=20.0, warm_s=2.0, compose_frames=30,
             codec_case=("h264", 1280, 720), codec_frames=300, codec_rounds=8, codec_guests=2, codec_refresh_hz=30.0)
-QUICK = Plan(screen=(320, 180), guest=(160, 96), vms=4, guest_fps=30.0, refresh_hz=60.0, threads=2,
-             compare_threads=1, alt_refresh_hz=30.0, buffers=3, seconds=1.5, warm_s=0.3, compose_frames=3,
+QUICK = Plan(screen=(320, 180), guest=(160, 96), vms=4, guest_fps=30.0, refresh_hz=60.0, threads=1,
+             compare_threads=2, alt_refresh_hz=30.0, buffers=3, seconds=1.5, warm_s=0.3, compose_frames=3,
              codec_case=("h264", 320, 240), codec_frames=24, codec_rounds=1, codec_guests=2, codec_refresh_hz=30.0)
 
 
