@@ -119,7 +119,8 @@ class Context:
         if key != self._key:
             ctx = lib.sws_getCachedContext(self._ctx, width, height, src_fmt, dst_w, dst_h, dst_fmt, flags,
                                            _ffi.NULL, _ffi.NULL, _ffi.NULL)
-            if ctx == _ffi.NULL:
+            if ctx == _ffi.NULL:  # the old context was freed by the call
+                self._ctx, self._key = _ffi.NULL, None
                 raise ValueError(f"swscale refused {width}x{height} fmt {src_fmt} -> {dst_w}x{dst_h} fmt {dst_fmt}")
             self._ctx, self._key = ctx, key
         sp = _ffi.new("const uint8_t *[4]", [_ffi.cast("const uint8_t *", p.ctypes.data) for p in src])
@@ -131,9 +132,10 @@ class Context:
             raise ValueError(f"sws_scale wrote {rows} rows of {dst_h}")
 
     def close(self) -> None:
-        if self._ctx != _ffi.NULL:
-            _lib()[0].sws_freeContext(self._ctx)
-            self._ctx, self._key = _ffi.NULL, None
+        libs = _libs  # set by the first scale, which made the context (never loaded here)
+        if self._ctx != _ffi.NULL and libs is not None:
+            libs[0].sws_freeContext(self._ctx)
+        self._ctx, self._key = _ffi.NULL, None
 
     def __del__(self) -> None:
         self.close()
