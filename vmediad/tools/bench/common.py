@@ -80,8 +80,20 @@ def cpu_seconds(pid: int | None = None, tid: int | None = None) -> float:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-            "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    return {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+            "kernel": platform.release(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def _cpu_model() -> str:
+    """The first "model name" of /proc/cpuinfo ("" where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 def save(results: dict[str, Any], path: Path | None) -> None:
