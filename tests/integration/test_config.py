@@ -230,6 +230,13 @@ BAD = [
     ("[limits]\nregion_min = 1000", "limits.region_min"),
     ("[limits]\nregion_max = 0", "limits.region_max"),
     ("[limits]\nregion_default = 2147483648", "limits.region_default"),
+    # the shared screen
+    ("[display]\nrefresh_hz = 0", "display.refresh_hz"),
+    ("[display]\nmax_compose_hz = 0.5", "display.max_compose_hz"),
+    ("[display]\nmax_compose_hz = 1001", "display.max_compose_hz"),
+    ("[display]\nmax_compose_hz = \"fast\"", "display.max_compose_hz"),
+    ("[display]\nthreads = 0", "display.threads"),
+    ("[display]\ninterpolation = \"nearest\"", "display.interpolation"),
     # scheduler
     ("[scheduler]\npolicy = \"lottery\"", "scheduler.policy"),
     ("[scheduler]\npolicy = \"FIFO\"", "scheduler.policy"),
