@@ -160,6 +160,7 @@ class _Vm:
     state: VmState = VmState.ATTACHED
     gone_ns: int = 0
     output: _Output | None = None
+    shown: bool = False  # it sent a display task: it has a viewport from then on
     commits: int = 0
     presented: int = 0
     dropped: int = 0
@@ -206,14 +207,16 @@ class DisplayCore:
             raise ValueError(f"vm {vm} is already known to the display")
         if not 0 <= heap_lo <= heap_hi:
             raise ValueError(f"bad heap [{heap_lo}, {heap_hi}) for vm {vm}")
-        self._vms[vm] = _Vm(vm, name, heap_lo, heap_hi)
-        self._relayout()
+        self._vms[vm] = _Vm(vm, name, heap_lo, heap_hi)  # on the screen once it opens an output
 
     def detach(self, vm: int, now_ns: int, *, died: bool = False) -> None:
         """The guest detached or died: its output is gone (its region with it: nothing is freed)
         and from the next tick its viewport is cleared and labelled, never its last picture."""
         v = self._vms.get(vm)
         if v is None or v.state is not VmState.ATTACHED:
+            return
+        if not v.shown:  # never on the screen: nothing to clear
+            del self._vms[vm]
             return
         v.state = VmState.DIED if died else VmState.DETACHED
         v.gone_ns = now_ns
@@ -230,12 +233,23 @@ class DisplayCore:
         if v is not None:
             self._relayout()
 
+    def _user(self, vm: int) -> _Vm | None:
+        """The attached VM sending a display task (None: gone).  Its first one puts it on the
+        screen: a guest that only uses the codec, or records the screen, takes no place on it."""
+        v = self._vms.get(vm)
+        if v is None or v.state is not VmState.ATTACHED:
+            return None
+        if not v.shown:
+            v.shown = True
+            self._relayout()
+        return v
+
     # --- outputs ----------------------------------------------------------------------------
     def open_output(self, vm: int, raw: bytes | bytearray | memoryview) -> Opened | ErrorCode:
         """DISPLAY_OPEN with the record copied from the guest.  One output per VM (BUSY while
         one is open)."""
-        v = self._vms.get(vm)
-        if v is None or v.state is not VmState.ATTACHED:
+        v = self._user(vm)
+        if v is None:
             return ErrorCode.DEVICE_GONE
         try:
             req = DisplayOpen.unpack(raw)
@@ -289,8 +303,8 @@ class DisplayCore:
     def close_output(self, vm: int, output: int) -> ErrorCode:
         """DISPLAY_CLOSE: the buffers go back to the allocator; the viewport is cleared from the
         next tick.  Every buffer is the guest's again (no flip records follow)."""
-        v = self._vms.get(vm)
-        if v is None or v.state is not VmState.ATTACHED:
+        v = self._user(vm)
+        if v is None:
             return ErrorCode.DEVICE_GONE
         out = self._outputs.get(output)
         if out is None or out.vm != vm:
@@ -314,8 +328,8 @@ class DisplayCore:
         """DISPLAY_COMMIT with the record copied from the guest.  Never waits: the commit
         becomes the pending one; a pending commit it replaces is released at once (its DROPPED
         flip is in the result)."""
-        v = self._vms.get(vm)
-        if v is None or v.state is not VmState.ATTACHED:
+        v = self._user(vm)
+        if v is None:
             return ErrorCode.DEVICE_GONE
         try:
             req = DisplayCommit.unpack(raw)
@@ -427,7 +441,7 @@ class DisplayCore:
 
     def scene(self) -> tuple[SceneItem, ...]:
         items = []
-        for vp in lay.z_sorted(self._viewports[vm] for vm in self._vms):
+        for vp in lay.z_sorted(self._viewports.values()):
             v = self._vms[vp.vm]
             out = v.output
             front = out.front if out is not None else None
@@ -456,10 +470,12 @@ class DisplayCore:
         return self._spec
 
     def viewports(self) -> tuple[lay.Viewport, ...]:
-        return tuple(self._viewports[vm] for vm in self._vms)
+        return tuple(self._viewports.values())
 
     def _relayout(self) -> None:
-        vps = lay.compute(self._spec, [(v.id, v.name) for v in self._vms.values()], self.width, self.height)
+        """Viewports for the VMs that sent a display task (``_user``)."""
+        shown = [(v.id, v.name) for v in self._vms.values() if v.shown]
+        vps = lay.compute(self._spec, shown, self.width, self.height)
         self._viewports = {vp.vm: vp for vp in vps}
         self._dirty = True
 
@@ -478,6 +494,8 @@ class DisplayCore:
     def statistics(self, now_ns: int) -> dict[str, object]:
         vms = []
         for v in self._vms.values():
+            if not v.shown:
+                continue
             recent = sum(1 for t in v.commit_times if now_ns - t < RATE_WINDOW_NS)
             lat = sorted(v.latencies)
             out = v.output

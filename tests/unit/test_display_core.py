@@ -361,6 +361,7 @@ def _rest(e: ExternalBuffer) -> tuple[int, int, int, int, tuple[int, int, int], 
 def test_detach_clears_and_labels_then_leaves_after_linger() -> None:
     core, alloc = make(2, linger_ns=10_000)
     out = open_(core, 0).output
+    open_(core, 1)
     commit(core, out, 0)
     assert core.tick(1).scene[0].frame is not None
     core.detach(0, now_ns=100, died=True)
@@ -394,6 +395,8 @@ def test_close_frees_and_a_stale_handle_is_refused() -> None:
 
 def test_layout_changes_at_run_time() -> None:
     core, _ = make(3)
+    for vm in range(3):
+        open_(core, vm, 64, 64)
     vps = core.set_layout(lay.LayoutSpec(lay.Kind.MAIN, main="vm2"))
     assert [(v.vm, v.rect) for v in vps] == [(0, lay.Rect(480, 810, 480, 270)), (1, lay.Rect(960, 810, 480, 270)),
                                             (2, lay.Rect(0, 0, 1920, 810))]
@@ -406,6 +409,23 @@ def test_layout_changes_at_run_time() -> None:
     with pytest.raises(lay.LayoutError):
         core.set_layout(lay.LayoutSpec(lay.Kind.RECTS, rects={"vm0": lay.RectSpec(0, 0, 1921, 10)}))
     assert core.layout_spec == spec and not core.tick(2).changed
+
+
+def test_a_vm_is_on_the_screen_from_its_first_display_task() -> None:
+    """A guest that only uses the codec (or records the screen) takes no place on it; its first
+    display task, even a refused one, gives it a viewport; leaving without one leaves nothing."""
+    core, _ = make(3)
+    assert core.tick(0).scene == () and core.statistics(0)["vms"] == [] and core.viewports() == ()
+    assert core.open_output(1, DisplayOpen(0, 0, PixFmt.BGRA, 2).pack()) is ErrorCode.BAD_ARG
+    t = core.tick(1)
+    assert t.changed and [(s.vm, s.viewport.rect, s.label) for s in t.scene] == [
+        (1, lay.Rect(0, 0, 1920, 1080), "vm1\nno picture")]
+    vms = core.statistics(1)["vms"]
+    assert isinstance(vms, list) and [(v["name"], v["rejected"]) for v in vms] == [("vm1", 1)]
+    core.detach(2, now_ns=2)  # never shown: nothing to clear, and its place is not kept
+    assert not core.tick(3).changed and core.next_expiry() is None
+    open_(core, 0)
+    assert [s.vm for s in core.tick(4).scene] == [0, 1]
 
 
 def test_statistics_commit_rate() -> None:
