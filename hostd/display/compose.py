@@ -124,9 +124,13 @@ def _draw_over(screen: Screen, start: int, area: Rect, plans: Sequence[tuple[Ite
         if plan is None or img is None:
             continue
         _, p, dst = plan
-        r = dst.intersect(area)
-        if r.empty:
-            continue
+        _blit(screen, img, p, dst.intersect(area))
+
+
+def _blit(screen: Screen, img: NDArray[np.uint8], p: Placement, r: Rect) -> None:
+    """Copy the part of ``img`` (scaled for ``p.dst``) that lands on screen rect ``r``.  Every
+    scaled image is opaque (``Scaler``), so this is a plain copy."""
+    if not r.empty:
         sy, sx = r.y - p.dst.y, r.x - p.dst.x
         screen[r.y:r.bottom, r.x:r.right] = img[sy:sy + r.h, sx:sx + r.w]
 
@@ -658,10 +662,7 @@ class Compositor:
                     labelled += 1
                 continue
             assert img is not None
-            _, p, dst = plan
-            sy, sx = dst.y - p.dst.y, dst.x - p.dst.x
-            # Every scaled image is opaque (_scale), so this is a plain copy.
-            screen[dst.y:dst.bottom, dst.x:dst.right] = img[sy:sy + dst.h, sx:sx + dst.w]
+            _blit(screen, img, plan[1], plan[2])
         return labelled
 
     def _run(self, jobs: dict[int, tuple[Source, Placement]]) -> dict[int, _Scaled]:
